@@ -1,0 +1,292 @@
+//! Configuration: what the operator wrote, checked and resolved into what the gateway runs.
+//!
+//! Loading happens in layers (see [`load`]): built-in defaults or the YAML file, then
+//! `SLUICE_…` environment overrides (a `.env` file feeds the environment), then CLI flags.
+//! The merged document is deserialised section by section so that `sluice check` can
+//! report *every* problem with its path, not just the first one serde meets.
+//!
+//! Secrets (upstream keys, gateway keys) are held in [`Secret`], whose `Debug` never shows
+//! the value, so a stray `{:?}` cannot leak one into a log.
+
+pub mod load;
+mod raw;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+pub use load::{EnvMap, LoadOptions, Loaded, load};
+
+/// One thing wrong with a config, located by its path (`upstreams[1].keys[0]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// A credential. Its `Debug` shows only a masked form.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Self(value.into())
+    }
+
+    /// The clear value, for the one place that needs it: the outgoing request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A form safe to log or show: `sk-…a1b2`. Short secrets are hidden entirely.
+    pub fn masked(&self) -> String {
+        mask(&self.0)
+    }
+}
+
+/// Masks a credential for display: the first three and last four characters of a long
+/// one, nothing of a short one.
+pub fn mask(value: &str) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    if chars.len() < 12 {
+        return "…".to_string();
+    }
+    let head: String = chars[..3].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({})", self.masked())
+    }
+}
+
+/// The names a key may use or an upstream serves; `*` means any.
+#[derive(Debug, Clone, Default)]
+pub struct ModelSet {
+    pub any: bool,
+    pub names: Vec<String>,
+}
+
+impl ModelSet {
+    pub fn from_list(list: &[String]) -> Self {
+        Self {
+            any: list.iter().any(|m| m == "*"),
+            names: list.iter().filter(|m| *m != "*").cloned().collect(),
+        }
+    }
+
+    pub fn any() -> Self {
+        Self {
+            any: true,
+            names: Vec::new(),
+        }
+    }
+
+    pub fn contains(&self, model: &str) -> bool {
+        self.any || self.names.iter().any(|m| m == model)
+    }
+}
+
+/// The resolved configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub access: Access,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// Normalised: empty, or `/segment` without a trailing slash.
+    pub route_prefix: String,
+    pub max_body: u64,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub ip_allow: Vec<IpNet>,
+    pub ip_deny: Vec<IpNet>,
+    pub passthrough: bool,
+    pub keys: Vec<GatewayKey>,
+}
+
+/// A key handed to clients in place of a real upstream key.
+#[derive(Debug, Clone)]
+pub struct GatewayKey {
+    pub name: String,
+    pub key: Secret,
+    pub models: ModelSet,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    /// Scheme, host and optional base path, without a trailing slash.
+    pub base_url: String,
+    pub keys: Vec<Secret>,
+    pub models: ModelSet,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub proxy: Option<String>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From sending the request to the response head. For a non-streamed completion this
+    /// covers the whole generation, hence the generous default.
+    pub first_byte: Duration,
+    /// Longest gap between two chunks of a response body.
+    pub idle: Duration,
+    /// Whole exchange, if set.
+    pub total: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(600),
+            idle: Duration::from_secs(120),
+            total: None,
+        }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+pub const DEFAULT_MAX_BODY: u64 = 32 * 1024 * 1024;
+
+impl Config {
+    /// Whether an address is inside any of the networks.
+    pub fn ip_in(nets: &[IpNet], ip: IpAddr) -> bool {
+        nets.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Every gateway key name, to spot duplicates and for `/v1/status`.
+    pub fn key_names(&self) -> HashSet<&str> {
+        self.access.keys.iter().map(|k| k.name.as_str()).collect()
+    }
+}
+
+/// Parses `32MiB`, `512KB`, `1048576` into bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+/// Parses `5s`, `2m`, `1h 30m`, `250ms` (humantime), or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    humantime::parse_duration(text).ok()
+}
+
+/// Parses `10.0.0.0/8` or a bare address (a /32 or /128 network).
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("32MiB"), Some(32 * 1024 * 1024));
+        assert_eq!(parse_size("10 KB"), Some(10_000));
+        assert_eq!(parse_size("77"), Some(77));
+        assert_eq!(parse_size("12 parsecs"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("-1"), None);
+    }
+
+    #[test]
+    fn nets() {
+        assert!(
+            parse_net("10.0.0.0/8")
+                .unwrap()
+                .contains(&"10.1.2.3".parse::<IpAddr>().unwrap())
+        );
+        assert!(
+            parse_net("127.0.0.1")
+                .unwrap()
+                .contains(&"127.0.0.1".parse::<IpAddr>().unwrap())
+        );
+        assert!(parse_net("::1").is_some());
+        assert!(parse_net("10.0.0.0/33").is_none());
+    }
+
+    #[test]
+    fn masking_hides_short_secrets_and_keeps_ends_of_long_ones() {
+        assert_eq!(mask("sk-abcdefghijklmnop1234"), "sk-…1234");
+        assert_eq!(mask("short"), "…");
+        assert_eq!(
+            format!("{:?}", Secret::new("sk-abcdefghijklmnop1234")),
+            "Secret(sk-…1234)"
+        );
+    }
+
+    #[test]
+    fn model_sets() {
+        let set = ModelSet::from_list(&["gpt-4o".into()]);
+        assert!(set.contains("gpt-4o"));
+        assert!(!set.contains("gpt-4"));
+        assert!(ModelSet::from_list(&["*".into()]).contains("anything"));
+    }
+}

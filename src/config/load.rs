@@ -1,0 +1,810 @@
+//! Layered loading: file (or built-in defaults) → `SLUICE_…` environment → CLI flags, then
+//! section-by-section deserialisation and validation that collects every problem.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use http::{HeaderName, HeaderValue};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::raw::{RawAccess, RawGatewayKey, RawServer, RawTimeouts, RawUpstream, Scalar};
+use super::{
+    Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, Secret,
+    Server, Timeouts, Upstream, parse_duration, parse_net, parse_size,
+};
+
+/// A snapshot of environment variables. Tests build one from a map instead of touching the
+/// process environment.
+#[derive(Debug, Clone, Default)]
+pub struct EnvMap(pub BTreeMap<String, String>);
+
+impl EnvMap {
+    pub fn from_process() -> Self {
+        Self(std::env::vars().collect())
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// What the CLI contributes.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub path: Option<PathBuf>,
+    pub listen: Option<String>,
+}
+
+/// A loaded config and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// The file read, or `None` for the built-in no-file defaults.
+    pub path: Option<PathBuf>,
+}
+
+/// Environment variables sluice reads itself rather than as config overrides.
+const NOT_OVERRIDES: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG"];
+const SECTIONS: &[&str] = &["server", "access", "upstreams"];
+
+/// Loads and checks the configuration. On failure, returns every problem found.
+pub fn load(options: &LoadOptions, env: &EnvMap) -> Result<Loaded, Vec<Problem>> {
+    let path = options
+        .path
+        .clone()
+        .or_else(|| env.get("SLUICE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            Path::new("sluice.yaml")
+                .exists()
+                .then(|| PathBuf::from("sluice.yaml"))
+        });
+    let mut document = match &path {
+        Some(path) => read_file(path)?,
+        None => defaults_without_file(env),
+    };
+    apply_env_overrides(&mut document, env)?;
+    if let Some(listen) = &options.listen {
+        set_path(
+            &mut document,
+            &["server", "listen"],
+            Value::String(listen.clone()),
+        )
+        .map_err(|problem| vec![problem])?;
+    }
+    let config = resolve(&document, env)?;
+    Ok(Loaded { config, path })
+}
+
+/// Parses a YAML document from text; used by `load` and by tests.
+pub fn parse_document(text: &str) -> Result<Value, Problem> {
+    let value: Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| Problem::new("", format!("not valid YAML: {e}")))?;
+    Ok(if value.is_null() {
+        Value::Object(Map::new())
+    } else {
+        value
+    })
+}
+
+fn read_file(path: &Path) -> Result<Value, Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Problem::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )]
+    })?;
+    parse_document(&text).map_err(|p| vec![p])
+}
+
+/// With no config file sluice forwards to OpenAI (or `OPENAI_BASE_URL`) with the keys in
+/// `OPENAI_API_KEY`, and lets a client's own key through, like openai-forward.
+fn defaults_without_file(env: &EnvMap) -> Value {
+    let base_url = env
+        .get("OPENAI_BASE_URL")
+        .unwrap_or("https://api.openai.com");
+    let mut upstream = serde_json::json!({
+        "name": "openai",
+        "base_url": base_url.trim_end_matches("/v1").trim_end_matches('/'),
+        "models": ["*"],
+    });
+    if env.get("OPENAI_API_KEY").is_some() {
+        upstream["keys_env"] = Value::String("OPENAI_API_KEY".into());
+    }
+    serde_json::json!({ "access": { "passthrough": true }, "upstreams": [upstream] })
+}
+
+/// `SLUICE_SERVER__LISTEN=…` sets `server.listen`; `__` separates path segments, numeric
+/// segments index lists (`SLUICE_UPSTREAMS__0__BASE_URL`), and values are read as YAML so
+/// `[a, b]` is a list and `60` a number.
+pub fn apply_env_overrides(document: &mut Value, env: &EnvMap) -> Result<(), Vec<Problem>> {
+    let mut problems = Vec::new();
+    for (name, raw_value) in &env.0 {
+        let Some(rest) = name.strip_prefix("SLUICE_") else {
+            continue;
+        };
+        if NOT_OVERRIDES.contains(&name.as_str()) || rest.is_empty() {
+            continue;
+        }
+        let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let segment_refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let value = serde_yaml_ng::from_str::<Value>(raw_value)
+            .unwrap_or_else(|_| Value::String(raw_value.clone()));
+        if let Err(mut problem) = set_path(document, &segment_refs, value) {
+            problem.path = format!("{name} ({})", problem.path);
+            problems.push(problem);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn set_path(document: &mut Value, segments: &[&str], value: Value) -> Result<(), Problem> {
+    let mut node = document;
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let here = segments[..=i].join(".");
+        if node.is_null() {
+            *node = Value::Object(Map::new());
+        }
+        node = match node {
+            Value::Object(map) => {
+                if last {
+                    map.insert(segment.to_string(), value);
+                    return Ok(());
+                }
+                map.entry(segment.to_string()).or_insert(Value::Null)
+            }
+            Value::Array(list) => {
+                let index: usize = segment
+                    .parse()
+                    .map_err(|_| Problem::new(here.clone(), "expected a list index"))?;
+                if index > list.len() {
+                    return Err(Problem::new(
+                        here,
+                        format!("list has {} elements", list.len()),
+                    ));
+                }
+                if index == list.len() {
+                    list.push(Value::Null);
+                }
+                if last {
+                    list[index] = value;
+                    return Ok(());
+                }
+                &mut list[index]
+            }
+            _ => return Err(Problem::new(here, "cannot set a field inside a scalar")),
+        };
+    }
+    Ok(())
+}
+
+/// Turns a merged document into a [`Config`], collecting every problem.
+pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let Some(top) = document.as_object() else {
+        return Err(vec![Problem::new(
+            "",
+            "the config must be a mapping of sections",
+        )]);
+    };
+    for key in top.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            problems.push(Problem::new(
+                key.clone(),
+                format!("unknown section, expected one of: {}", SECTIONS.join(", ")),
+            ));
+        }
+    }
+
+    let raw_server: RawServer =
+        section(top.get("server"), "server", &mut problems).unwrap_or_default();
+    let server = resolve_server(raw_server, &mut problems);
+
+    let raw_access: RawAccess =
+        section(top.get("access"), "access", &mut problems).unwrap_or_default();
+    let access = resolve_access(raw_access, env, &mut problems);
+
+    let upstreams = match top.get("upstreams") {
+        None | Some(Value::Null) => {
+            problems.push(Problem::new(
+                "upstreams",
+                "at least one upstream is required",
+            ));
+            Vec::new()
+        }
+        Some(Value::Array(list)) => {
+            if list.is_empty() {
+                problems.push(Problem::new(
+                    "upstreams",
+                    "at least one upstream is required",
+                ));
+            }
+            let mut names = HashSet::new();
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, value)| {
+                    let path = format!("upstreams[{i}]");
+                    let raw: RawUpstream = section(Some(value), &path, &mut problems)?;
+                    if !names.insert(raw.name.clone()) {
+                        problems.push(Problem::new(
+                            format!("{path}.name"),
+                            format!("duplicate upstream name {:?}", raw.name),
+                        ));
+                    }
+                    resolve_upstream(raw, &path, env, &mut problems)
+                })
+                .collect()
+        }
+        Some(_) => {
+            problems.push(Problem::new("upstreams", "expected a list of upstreams"));
+            Vec::new()
+        }
+    };
+
+    if problems.is_empty() {
+        Ok(Config {
+            server,
+            access,
+            upstreams,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+/// Deserialises one section, recording its problem with the full path on failure.
+fn section<T: DeserializeOwned>(
+    value: Option<&Value>,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    let value = match value {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v) => v.clone(),
+    };
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            let inner = error.path().to_string();
+            let full = if inner == "." || inner.is_empty() {
+                path.to_string()
+            } else if inner.starts_with('[') {
+                format!("{path}{inner}")
+            } else {
+                format!("{path}.{inner}")
+            };
+            problems.push(Problem::new(
+                full,
+                redact_quoted(&error.into_inner().to_string()),
+            ));
+            None
+        }
+    }
+}
+
+/// serde quotes offending string values in its messages (`invalid type: string "sk-…"`);
+/// such a value may be a secret, so it is replaced before the message is shown.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find("string \"") {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        let after = &rest[start + "string \"".len()..];
+        rest = match after.find('"') {
+            Some(end) => &after[end + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
+    let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
+        problems.push(Problem::new(
+            "server.listen",
+            format!("{listen_text:?} is not an address like 0.0.0.0:8000"),
+        ));
+        SocketAddr::from(([0, 0, 0, 0], 8000))
+    });
+    let route_prefix = match raw.route_prefix.as_deref().map(str::trim) {
+        None | Some("") | Some("/") => String::new(),
+        Some(prefix) if prefix.starts_with('/') && !prefix.contains(['?', '#', ' ']) => {
+            prefix.trim_end_matches('/').to_string()
+        }
+        Some(prefix) => {
+            problems.push(Problem::new(
+                "server.route_prefix",
+                format!("{prefix:?} must start with '/'"),
+            ));
+            String::new()
+        }
+    };
+    let max_body = match raw.max_body {
+        None => DEFAULT_MAX_BODY,
+        Some(value) => parse_size(&value.as_text()).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                "server.max_body",
+                format!("{:?} is not a size like 32MiB", value.as_text()),
+            ));
+            DEFAULT_MAX_BODY
+        }),
+    };
+    let trusted_proxies = nets(&raw.trusted_proxies, "server.trusted_proxies", problems);
+    Server {
+        listen,
+        route_prefix,
+        max_body,
+        trusted_proxies,
+    }
+}
+
+fn nets(list: &[String], path: &str, problems: &mut Vec<Problem>) -> Vec<ipnet::IpNet> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let net = parse_net(text);
+            if net.is_none() {
+                problems.push(Problem::new(
+                    format!("{path}[{i}]"),
+                    format!("{text:?} is not an address or CIDR"),
+                ));
+            }
+            net
+        })
+        .collect()
+}
+
+fn resolve_access(raw: RawAccess, env: &EnvMap, problems: &mut Vec<Problem>) -> Access {
+    let ip_allow = nets(&raw.ip_allow, "access.ip_allow", problems);
+    let ip_deny = nets(&raw.ip_deny, "access.ip_deny", problems);
+    let mut names = HashSet::new();
+    let mut values = HashSet::new();
+    let mut keys = Vec::new();
+    for (i, value) in raw.keys.iter().enumerate() {
+        let path = format!("access.keys[{i}]");
+        let Some(raw_key): Option<RawGatewayKey> = section(Some(value), &path, problems) else {
+            continue;
+        };
+        if raw_key.name.trim().is_empty() {
+            problems.push(Problem::new(format!("{path}.name"), "must not be empty"));
+        } else if !names.insert(raw_key.name.clone()) {
+            problems.push(Problem::new(
+                format!("{path}.name"),
+                format!("duplicate key name {:?}", raw_key.name),
+            ));
+        }
+        let secret = match (&raw_key.key, &raw_key.key_env) {
+            (Some(_), Some(_)) => {
+                problems.push(Problem::new(
+                    path.clone(),
+                    "set either key or key_env, not both",
+                ));
+                None
+            }
+            (None, None) => {
+                problems.push(Problem::new(path.clone(), "needs key or key_env"));
+                None
+            }
+            (Some(key), None) => Some((key.clone(), format!("{path}.key"))),
+            (None, Some(var)) => match env.get(var) {
+                Some(key) => Some((key.to_string(), format!("{path}.key_env"))),
+                None => {
+                    problems.push(Problem::new(
+                        format!("{path}.key_env"),
+                        format!("environment variable {var} is not set"),
+                    ));
+                    None
+                }
+            },
+        };
+        let Some((secret, secret_path)) = secret else {
+            continue;
+        };
+        if let Some(problem) = check_credential(&secret, &secret_path) {
+            problems.push(problem);
+            continue;
+        }
+        if !values.insert(secret.clone()) {
+            problems.push(Problem::new(
+                secret_path,
+                "the same key is given to two names",
+            ));
+            continue;
+        }
+        let models = raw_key.models.unwrap_or_else(|| vec!["*".to_string()]);
+        if models.is_empty() {
+            problems.push(Problem::new(
+                format!("{path}.models"),
+                "an empty list allows nothing; use [\"*\"] for every model",
+            ));
+        }
+        keys.push(GatewayKey {
+            name: raw_key.name,
+            key: Secret::new(secret),
+            models: ModelSet::from_list(&models),
+        });
+    }
+    Access {
+        ip_allow,
+        ip_deny,
+        passthrough: raw.passthrough,
+        keys,
+    }
+}
+
+/// A credential must fit in an HTTP header; never echo it.
+fn check_credential(value: &str, path: &str) -> Option<Problem> {
+    if value.trim().is_empty() {
+        return Some(Problem::new(path, "must not be empty"));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control())
+        || HeaderValue::from_str(value).is_err()
+    {
+        return Some(Problem::new(
+            path,
+            "contains whitespace or characters not allowed in an HTTP header",
+        ));
+    }
+    None
+}
+
+/// Splits a list of keys held in one variable: separated by commas and/or whitespace.
+pub fn split_keys(text: &str) -> Vec<String> {
+    text.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn resolve_upstream(
+    raw: RawUpstream,
+    path: &str,
+    env: &EnvMap,
+    problems: &mut Vec<Problem>,
+) -> Option<Upstream> {
+    let before = problems.len();
+    if raw.name.trim().is_empty() {
+        problems.push(Problem::new(format!("{path}.name"), "must not be empty"));
+    }
+    let base_url = raw.base_url.trim().trim_end_matches('/').to_string();
+    match reqwest::Url::parse(&base_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+        _ => problems.push(Problem::new(
+            format!("{path}.base_url"),
+            format!("{base_url:?} is not an http:// or https:// URL"),
+        )),
+    }
+
+    let mut keys = Vec::new();
+    for (i, key) in raw.keys.iter().enumerate() {
+        match check_credential(key, &format!("{path}.keys[{i}]")) {
+            Some(problem) => problems.push(problem),
+            None => keys.push(Secret::new(key.as_str())),
+        }
+    }
+    if let Some(var) = &raw.keys_env {
+        match env.get(var) {
+            Some(text) => {
+                for (i, key) in split_keys(text).iter().enumerate() {
+                    match check_credential(key, &format!("{path}.keys_env ({var}, key {})", i + 1))
+                    {
+                        Some(problem) => problems.push(problem),
+                        None => keys.push(Secret::new(key.as_str())),
+                    }
+                }
+            }
+            None => problems.push(Problem::new(
+                format!("{path}.keys_env"),
+                format!("environment variable {var} is not set"),
+            )),
+        }
+    }
+
+    let model_list = raw.models.unwrap_or_else(|| vec!["*".to_string()]);
+    if model_list.is_empty() {
+        problems.push(Problem::new(
+            format!("{path}.models"),
+            "an empty list serves nothing; use [\"*\"] for any model",
+        ));
+    }
+
+    let mut headers = Vec::new();
+    for (name, value) in &raw.headers {
+        let header_path = format!("{path}.headers.{name}");
+        let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
+            problems.push(Problem::new(header_path, "not a valid header name"));
+            continue;
+        };
+        match expand_env(value, env) {
+            Err(var) => problems.push(Problem::new(
+                header_path,
+                format!("environment variable {var} is not set"),
+            )),
+            Ok(expanded) => match HeaderValue::from_str(&expanded) {
+                Ok(mut header_value) => {
+                    header_value.set_sensitive(true);
+                    headers.push((header_name, header_value));
+                }
+                Err(_) => problems.push(Problem::new(
+                    header_path,
+                    "value has characters not allowed in a header",
+                )),
+            },
+        }
+    }
+
+    if let Some(proxy) = &raw.proxy {
+        match reqwest::Url::parse(proxy) {
+            Ok(url)
+                if matches!(url.scheme(), "http" | "https" | "socks5" | "socks5h")
+                    && url.host().is_some() => {}
+            Ok(url) => problems.push(Problem::new(
+                format!("{path}.proxy"),
+                format!(
+                    "scheme {:?} is not one of http, https, socks5, socks5h",
+                    url.scheme()
+                ),
+            )),
+            Err(_) => problems.push(Problem::new(
+                format!("{path}.proxy"),
+                "not a URL like socks5://127.0.0.1:1080",
+            )),
+        }
+    }
+
+    let timeouts = resolve_timeouts(&raw.timeouts, &format!("{path}.timeouts"), problems);
+
+    (problems.len() == before).then(|| Upstream {
+        name: raw.name,
+        base_url,
+        keys,
+        models: ModelSet::from_list(&model_list),
+        headers,
+        proxy: raw.proxy,
+        timeouts,
+    })
+}
+
+fn resolve_timeouts(raw: &RawTimeouts, path: &str, problems: &mut Vec<Problem>) -> Timeouts {
+    let defaults = Timeouts::default();
+    let mut one = |value: &Option<Scalar>, field: &str| -> Option<std::time::Duration> {
+        let text = value.as_ref()?.as_text();
+        match parse_duration(&text) {
+            Some(d) if !d.is_zero() => Some(d),
+            _ => {
+                problems.push(Problem::new(
+                    format!("{path}.{field}"),
+                    format!("{text:?} is not a duration like 30s"),
+                ));
+                None
+            }
+        }
+    };
+    Timeouts {
+        connect: one(&raw.connect, "connect").unwrap_or(defaults.connect),
+        first_byte: one(&raw.first_byte, "first_byte").unwrap_or(defaults.first_byte),
+        idle: one(&raw.idle, "idle").unwrap_or(defaults.idle),
+        total: one(&raw.total, "total"),
+    }
+}
+
+/// Expands `${VAR}` references from the environment; returns the missing variable's name.
+fn expand_env(text: &str, env: &EnvMap) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        out.push_str(env.get(name).ok_or_else(|| name.to_string())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(yaml: &str, env: &[(&str, &str)]) -> Result<Config, Vec<Problem>> {
+        let env = EnvMap::from_pairs(env.iter().copied());
+        let mut document = parse_document(yaml).map_err(|p| vec![p])?;
+        apply_env_overrides(&mut document, &env)?;
+        resolve(&document, &env)
+    }
+
+    fn problems(yaml: &str) -> Vec<String> {
+        check(yaml, &[])
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = check(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9/'}]",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.server.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(config.upstreams[0].base_url, "http://127.0.0.1:9");
+        assert!(config.upstreams[0].models.any);
+        assert!(!config.access.passthrough);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let found = problems(
+            "
+server: {listen: nowhere, max_body: lots}
+access:
+  ip_allow: [10.0.0.0/8, not-an-ip]
+  keys:
+    - {name: a, key: fk-aaaaaaaaaaaa}
+    - {name: a, key: 'has space'}
+    - {name: b, key_env: MISSING_VAR}
+upstreams:
+  - {name: x, base_url: 'ftp://host'}
+  - {name: y, base_url: 'http://h', proxy: 'gopher://p:1', timeouts: {connect: forever}}
+",
+        );
+        let expected = [
+            "server.listen:",
+            "server.max_body:",
+            "access.ip_allow[1]:",
+            "access.keys[1].name: duplicate",
+            "access.keys[1].key:",
+            "access.keys[2].key_env: environment variable MISSING_VAR",
+            "upstreams[0].base_url:",
+            "upstreams[1].proxy: scheme \"gopher\"",
+            "upstreams[1].timeouts.connect:",
+        ];
+        for prefix in expected {
+            assert!(
+                found.iter().any(|p| p.starts_with(prefix)),
+                "missing {prefix:?} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_their_path() {
+        let found =
+            problems("upstreams: [{name: a, base_url: 'http://h', modles: [x]}]\nsurprise: 1");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("upstreams[0]") && p.contains("unknown field `modles`")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("surprise: unknown section")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn problems_never_show_secret_values() {
+        let found = problems(
+            "access: {keys: [{name: a, key: [fk-secret-value-1]}]}\nupstreams: [{name: a, base_url: 'http://h', keys: fk-secret-value-2}]",
+        );
+        assert!(!found.is_empty());
+        for problem in &found {
+            assert!(!problem.contains("fk-secret-value"), "{problem}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_set_nested_fields_and_list_elements() {
+        let config = check(
+            "upstreams: [{name: a, base_url: 'http://h'}]",
+            &[
+                ("SLUICE_SERVER__LISTEN", "127.0.0.1:9999"),
+                ("SLUICE_ACCESS__PASSTHROUGH", "true"),
+                (
+                    "SLUICE_UPSTREAMS__0__KEYS",
+                    "[sk-one-111111111, sk-two-22222222]",
+                ),
+                ("SLUICE_ACCESS__KEYS", "[{name: alice, key_env: ALICE}]"),
+                ("ALICE", "fk-alice-123"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:9999");
+        assert!(config.access.passthrough);
+        assert_eq!(config.upstreams[0].keys.len(), 2);
+        assert_eq!(config.access.keys[0].key.expose(), "fk-alice-123");
+    }
+
+    #[test]
+    fn keys_env_holds_several_keys() {
+        let config = check(
+            "upstreams: [{name: a, base_url: 'http://h', keys_env: KEYS}]",
+            &[("KEYS", "sk-1, sk-2 sk-3")],
+        )
+        .unwrap();
+        let keys: Vec<&str> = config.upstreams[0]
+            .keys
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(keys, ["sk-1", "sk-2", "sk-3"]);
+    }
+
+    #[test]
+    fn header_values_expand_env() {
+        let config = check(
+            "upstreams: [{name: a, base_url: 'http://h', headers: {X-Token: 'Bearer ${TOKEN}'}}]",
+            &[("TOKEN", "t0k")],
+        )
+        .unwrap();
+        assert_eq!(config.upstreams[0].headers[0].1, "Bearer t0k");
+        assert!(
+            check(
+                "upstreams: [{name: a, base_url: 'http://h', headers: {X-Token: '${NOPE}'}}]",
+                &[]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn no_file_defaults_forward_to_openai_with_env_keys() {
+        let env = EnvMap::from_pairs([("OPENAI_API_KEY", "sk-a sk-b")]);
+        let config = resolve(&defaults_without_file(&env), &env).unwrap();
+        assert_eq!(config.upstreams[0].base_url, "https://api.openai.com");
+        assert_eq!(config.upstreams[0].keys.len(), 2);
+        assert!(config.access.passthrough);
+        let bare = EnvMap::default();
+        assert!(
+            resolve(&defaults_without_file(&bare), &bare)
+                .unwrap()
+                .upstreams[0]
+                .keys
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn route_prefix_is_normalised() {
+        let config = check(
+            "server: {route_prefix: /openai/}\nupstreams: [{name: a, base_url: 'http://h'}]",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.server.route_prefix, "/openai");
+    }
+}

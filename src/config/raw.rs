@@ -1,0 +1,77 @@
+//! The config file's shape, exactly as written: every section rejects unknown fields so a
+//! typo is an error rather than a silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// A number or a string with a unit (`32MiB`, `5s`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Number(f64),
+    Text(String),
+}
+
+impl Scalar {
+    pub fn as_text(&self) -> String {
+        match self {
+            Scalar::Number(n) if n.fract() == 0.0 && *n >= 0.0 => format!("{}", *n as u64),
+            Scalar::Number(n) => n.to_string(),
+            Scalar::Text(t) => t.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub route_prefix: Option<String>,
+    pub max_body: Option<Scalar>,
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccess {
+    pub ip_allow: Vec<String>,
+    pub ip_deny: Vec<String>,
+    pub passthrough: bool,
+    /// Each element is deserialised on its own, so one bad key does not hide the others.
+    pub keys: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGatewayKey {
+    pub name: String,
+    pub key: Option<String>,
+    pub key_env: Option<String>,
+    pub models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: String,
+    pub base_url: String,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    pub keys_env: Option<String>,
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub proxy: Option<String>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    pub connect: Option<Scalar>,
+    pub first_byte: Option<Scalar>,
+    pub idle: Option<Scalar>,
+    pub total: Option<Scalar>,
+}

@@ -1,0 +1,27 @@
+//! sluice: a fast, single-binary gateway for OpenAI-compatible LLM APIs.
+//!
+//! # Layout
+//! - [`config`]: the YAML file, `SLUICE_…` overrides and validation into a [`config::Config`].
+//! - [`gateway`]: run-time state built from a config, and model → upstream routing.
+//! - [`server`]: the listener and the dispatch of one request.
+//! - [`access`]: client IP, allow/deny lists, gateway keys and passthrough.
+//! - [`proxy`]: forwarding to an upstream and relaying its streamed answer.
+//! - [`models`]: `GET /v1/models`.
+//! - [`upstream`]: an upstream's HTTP client and key pool.
+//! - [`mock`]: the mock OpenAI upstream used by tests, benchmarks and the quick start.
+//!
+//! ARCHITECTURE.md at the repository root follows one request through these modules.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod headers;
+pub mod mock;
+pub mod models;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

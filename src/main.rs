@@ -1,0 +1,272 @@
+//! The `sluice` command: `serve`, `check` and `mock-upstream`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice::config::{self, EnvMap, LoadOptions};
+use sluice::gateway::Gateway;
+use sluice::mock::{self, Fault, MockOptions};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A fast gateway for OpenAI-compatible LLM APIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default command).
+    Serve {
+        /// Config file; default: $SLUICE_CONFIG, else ./sluice.yaml if present, else built-in
+        /// defaults forwarding to OpenAI with the keys in $OPENAI_API_KEY.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address to listen on, overriding server.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a config and print every problem with its path.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a mock OpenAI upstream for trying sluice out, tests and benchmarks.
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Content chunks per streamed reply (and words per plain reply).
+        #[arg(long, default_value_t = 8)]
+        chunks: usize,
+        /// Pause between streamed chunks, e.g. 20ms.
+        #[arg(long, default_value = "0ms")]
+        interval: String,
+        /// Fault for every request: 500, 429[:secs], slow[:2s], drop, stall, cut.
+        #[arg(long)]
+        fault: Option<String>,
+        /// Accept only these keys (comma separated); default accepts any.
+        #[arg(long, value_delimiter = ',')]
+        keys: Vec<String>,
+        /// Keep the last 1000 requests, listed at /_mock/requests.
+        #[arg(long)]
+        record: bool,
+        /// Name reported in the x-mock-upstream header.
+        #[arg(long, default_value = "mock")]
+        name: String,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    // A .env file in the working directory feeds the environment; real variables win.
+    let _ = dotenvy::dotenv();
+    init_tracing();
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: None,
+        listen: None,
+        workers: None,
+    });
+    let result = match command {
+        Command::Check { config } => return check(config),
+        Command::Serve {
+            config,
+            listen,
+            workers,
+        } => runtime(workers).and_then(|rt| {
+            rt.block_on(serve(LoadOptions {
+                path: config,
+                listen,
+            }))
+        }),
+        Command::MockUpstream {
+            listen,
+            chunks,
+            interval,
+            fault,
+            keys,
+            record,
+            name,
+            workers,
+        } => {
+            let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name);
+            options.and_then(|options| {
+                runtime(workers).and_then(|rt| rt.block_on(mock_upstream(&listen, options)))
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(workers) = workers.filter(|w| *w > 0) {
+        builder.worker_threads(workers);
+    }
+    builder.build().context("cannot start the async runtime")
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    match config::load(&LoadOptions { path, listen: None }, &EnvMap::from_process()) {
+        Ok(loaded) => {
+            let source = loaded.path.map_or_else(
+                || "built-in defaults".to_string(),
+                |p| p.display().to_string(),
+            );
+            let config = loaded.config;
+            println!(
+                "{source}: OK ({} upstream(s), {} gateway key(s), listening on {})",
+                config.upstreams.len(),
+                config.access.keys.len(),
+                config.server.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for problem in &problems {
+                println!("{problem}");
+            }
+            println!("{} problem(s) found", problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(options: LoadOptions) -> anyhow::Result<()> {
+    let loaded = config::load(&options, &EnvMap::from_process()).map_err(|problems| {
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!(
+            "the config has problems (run `sluice check`):\n  {}",
+            lines.join("\n  ")
+        )
+    })?;
+    let config = loaded.config;
+    let listen = config.server.listen;
+    let gateway = Arc::new(Gateway::new(config)?);
+    warn_if_open(&gateway);
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let source = loaded.path.map_or_else(
+        || "built-in defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    let prefix = &gateway.config.server.route_prefix;
+    tracing::info!(config = %source, "sluice {} listening on http://{}{prefix}/v1", env!("CARGO_PKG_VERSION"), listener.local_addr()?);
+    for upstream in &gateway.upstreams {
+        tracing::info!(
+            upstream = %upstream.config.name,
+            base_url = %upstream.config.base_url,
+            keys = upstream.config.keys.len(),
+            "upstream ready"
+        );
+    }
+    sluice::server::serve(listener, gateway, shutdown_signal()).await
+}
+
+/// Warns when anyone who reaches the port would spend the upstream keys.
+fn warn_if_open(gateway: &Gateway) {
+    let exposed = !gateway.config.server.listen.ip().is_loopback();
+    let spends_keys = gateway.upstreams.iter().any(|u| !u.config.keys.is_empty());
+    if gateway.guard.is_open() && exposed && spends_keys {
+        tracing::warn!(
+            "no gateway keys (access.keys) are configured: anyone who can reach {} uses the upstream keys",
+            gateway.config.server.listen
+        );
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: no new connections, finishing open requests");
+}
+
+fn mock_options(
+    chunks: usize,
+    interval: &str,
+    fault: Option<&str>,
+    keys: Vec<String>,
+    record: bool,
+    name: String,
+) -> anyhow::Result<MockOptions> {
+    let interval: Duration = config::parse_duration(interval)
+        .with_context(|| format!("--interval {interval:?} is not a duration"))?;
+    let fault = match fault {
+        Some(text) => Some(Fault::parse(text).with_context(|| {
+            format!("--fault {text:?}: expected 500, 429[:secs], slow[:dur], drop, stall or cut")
+        })?),
+        None => None,
+    };
+    Ok(MockOptions {
+        name,
+        chunks,
+        interval,
+        fault,
+        keys,
+        record,
+        ..MockOptions::default()
+    })
+}
+
+async fn mock_upstream(listen: &str, options: MockOptions) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(
+        "mock upstream listening on http://{}",
+        listener.local_addr()?
+    );
+    let state = mock::MockState::new(options);
+    tokio::select! {
+        () = mock::run(listener, state) => {}
+        () = shutdown_signal() => {}
+    }
+    Ok(())
+}

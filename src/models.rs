@@ -1,0 +1,100 @@
+//! `GET /v1/models`: the models this gateway serves.
+//!
+//! Upstreams that declare their models contribute those names; an upstream that serves
+//! anything (`"*"`) contributes its own list, fetched live. With a single upstream that
+//! serves anything and a caller free to use any model, the request is simply forwarded.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::access::Caller;
+use crate::body::{Body, json_response};
+use crate::gateway::Gateway;
+use crate::proxy;
+use crate::upstream::UpstreamRuntime;
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn list(
+    gateway: &Gateway,
+    caller: Caller,
+    parts: Parts,
+    body: Incoming,
+    path: &str,
+) -> Response<Body> {
+    if let [only] = gateway.upstreams.as_slice() {
+        if only.config.models.any && !caller.restricts_models() {
+            return proxy::forward(gateway, caller, parts, body, path).await;
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut data = Vec::new();
+    for upstream in &gateway.upstreams {
+        let entries = if upstream.config.models.any {
+            fetch(upstream, &caller).await
+        } else {
+            upstream
+                .config
+                .models
+                .names
+                .iter()
+                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": upstream.config.name}))
+                .collect()
+        };
+        for entry in entries {
+            let Some(id) = entry.get("id").and_then(Value::as_str) else {
+                continue;
+            };
+            if caller.may_use(id) && seen.insert(id.to_string()) {
+                data.push(entry);
+            }
+        }
+    }
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// An upstream's own model list; on failure, nothing (the other upstreams still answer).
+async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
+    let mut request = upstream.client.get(upstream.url("/v1/models", None));
+    match caller {
+        Caller::Passthrough(value) => {
+            request = request.header(header::AUTHORIZATION, value.clone())
+        }
+        _ => {
+            if let Some((_, value)) = upstream.next_key() {
+                request = request.header(header::AUTHORIZATION, value.clone());
+            }
+        }
+    }
+    for (name, value) in &upstream.config.headers {
+        request = request.header(name.clone(), value.clone());
+    }
+    let timeout = upstream.config.timeouts.first_byte.min(FETCH_TIMEOUT);
+    let result = tokio::time::timeout(timeout, async {
+        let response = request.send().await?.error_for_status()?;
+        response.bytes().await
+    })
+    .await;
+    match result {
+        Ok(Ok(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(mut object)) => match object.remove("data") {
+                Some(Value::Array(list)) => list,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        },
+        Ok(Err(error)) => {
+            tracing::warn!(upstream = %upstream.config.name, "cannot list the upstream's models: {}", error.without_url());
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!(upstream = %upstream.config.name, "listing the upstream's models timed out");
+            Vec::new()
+        }
+    }
+}
