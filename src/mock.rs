@@ -9,6 +9,8 @@
 mod multipart;
 mod responses;
 
+pub use responses::speech_bytes;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -108,11 +108,20 @@ async fn forward_inner(
         Caller::Passthrough(value) => {
             headers.insert(header::AUTHORIZATION, value.clone());
         }
-        Caller::Gateway(_) | Caller::Open => {
-            if let Some((_, value)) = upstream.next_key() {
+        Caller::Gateway(_) | Caller::Open => match upstream.next_key() {
+            Some((_, value)) => {
                 headers.insert(header::AUTHORIZATION, value.clone());
             }
-        }
+            // Passthrough makes client keys the credential; with none sent and none of
+            // the upstream's own to use, there is nothing to authenticate with.
+            None if matches!(caller, Caller::Open) && gateway.config.access.passthrough => {
+                return Err(ApiError::unauthorized(
+                    "missing_api_key",
+                    "You didn't provide an API key. Send it in an Authorization header: Bearer YOUR_KEY.",
+                ));
+            }
+            None => {}
+        },
     }
     for (name, value) in &upstream.config.headers {
         headers.insert(name.clone(), value.clone());

@@ -282,7 +282,9 @@ fn embeddings(body: &Value) -> Response<Body> {
                 .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
             let vector: Vec<f32> = (0..dimensions)
                 .map(|d| {
-                    ((seed.wrapping_add(d as u32 * 2_654_435_761) % 2000) as f32 / 1000.0) - 1.0
+                    ((seed.wrapping_add((d as u32).wrapping_mul(2_654_435_761)) % 2000) as f32
+                        / 1000.0)
+                        - 1.0
                 })
                 .collect();
             let embedding = if base64 {

@@ -1,0 +1,199 @@
+//! The `sluice` binary as an operator runs it: `check`, and `serve` with no config file.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+fn sluice() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("SLUICE_CONFIG")
+        .env("SLUICE_LOG", "info");
+    command
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `sluice serve` and returns it with the address it announced.
+fn serve(mut command: Command) -> (Running, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("sluice starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let running = Running(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("sluice announced its address")
+            .expect("line");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split('/').next().unwrap_or_default().to_string();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (running, address)
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(
+        &path,
+        "upstreams: [{name: a, base_url: 'http://127.0.0.1:1', keys: [sk-good-key-123456]}]",
+    )
+    .unwrap();
+    let output = sluice()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("OK (1 upstream(s)"), "{stdout}");
+    assert!(!stdout.contains("sk-good-key"), "{stdout}");
+}
+
+#[test]
+fn check_lists_every_problem_with_its_path_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "
+server: {listen: 'not an address'}
+access:
+  keys:
+    - {name: alice, key: 'fk alice has spaces'}
+    - {name: bob, key: fk-bob-secret-99, colour: blue}
+upstreams:
+  - {name: a, base_url: 'http://ok', keys: [sk-secret-in-file-1]}
+  - {name: b, base_url: 'ftp://bad', keys: ['sk-secret with space']}
+",
+    )
+    .unwrap();
+    let output = sluice().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    for expected in [
+        "server.listen:",
+        "access.keys[0].key:",
+        "access.keys[1].colour: unknown field `colour`",
+        "upstreams[1].base_url:",
+        "upstreams[1].keys[0]:",
+        "5 problem(s) found",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    for secret in ["fk alice", "fk-bob-secret", "sk-secret"] {
+        assert!(
+            !stdout.contains(secret),
+            "secret {secret:?} shown in:\n{stdout}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_no_config_file_it_forwards_with_keys_from_env_and_dotenv() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        format!(
+            "OPENAI_BASE_URL={}/v1\nSLUICE_SERVER__LISTEN=127.0.0.1:0\n",
+            mock.url()
+        ),
+    )
+    .unwrap();
+    let mut command = sluice();
+    command
+        .current_dir(dir.path())
+        .arg("serve")
+        .env("OPENAI_API_KEY", "sk-env-one-1111, sk-env-two-2222");
+    let (_running, address) = serve(command);
+
+    let client = client();
+    for _ in 0..2 {
+        let response = client
+            .get(format!("http://{address}/v1/batches"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let keys: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ["Bearer sk-env-one-1111", "Bearer sk-env-two-2222"]);
+
+    // A client's own key goes through as is, like openai-forward.
+    let own = client
+        .get(format!("http://{address}/v1/batches"))
+        .header("authorization", "Bearer sk-client-own")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(
+        mock.last().unwrap().header("authorization"),
+        Some("Bearer sk-client-own")
+    );
+}
+
+#[tokio::test]
+async fn with_no_config_and_no_key_a_request_without_a_key_gets_401() {
+    let mock = mock().await;
+    let mut command = sluice();
+    let dir = tempfile::tempdir().unwrap();
+    command
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("OPENAI_BASE_URL", mock.url());
+    let (_running, address) = serve(command);
+    let response = client()
+        .get(format!("http://{address}/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 401, "missing_api_key").await;
+    assert!(mock.requests().is_empty());
+}
+
+#[test]
+fn serve_refuses_a_bad_config_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "upstreams: []").unwrap();
+    let output = sluice()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("upstreams: at least one upstream is required"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,121 @@
+//! Shared test harness: a real gateway on an ephemeral port in front of in-process mocks.
+
+#![allow(dead_code)]
+
+use std::future::pending;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::config::{EnvMap, load};
+use sluice::gateway::Gateway;
+use sluice::mock::{MockOptions, MockServer};
+use tokio::net::TcpListener;
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// Starts a gateway from YAML (with `{mock}`-style placeholders already filled in).
+pub async fn gateway(yaml: &str) -> TestGateway {
+    gateway_with_env(yaml, &[]).await
+}
+
+pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
+    let env = EnvMap::from_pairs(env.iter().copied());
+    let mut document = load::parse_document(yaml).expect("test config is YAML");
+    load::apply_env_overrides(&mut document, &env).expect("env overrides apply");
+    let config = load::resolve(&document, &env)
+        .unwrap_or_else(|problems| panic!("test config invalid: {problems:?}"));
+    let gateway = Arc::new(Gateway::new(config).expect("gateway builds"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sluice::server::serve(listener, gateway.clone(), pending()));
+    TestGateway { addr, gateway }
+}
+
+pub async fn mock() -> MockServer {
+    mock_with(MockOptions::default()).await
+}
+
+pub async fn mock_with(options: MockOptions) -> MockServer {
+    MockServer::start(options).await.expect("mock starts")
+}
+
+/// A one-upstream config in front of `mock`, with gateway key `fk-alice-0001` and upstream
+/// keys `sk-up-one-00001`, `sk-up-two-00002`.
+pub fn simple_config(mock: &MockServer) -> String {
+    format!(
+        "access:
+  keys:
+    - {{name: alice, key: fk-alice-0001}}
+upstreams:
+  - name: main
+    base_url: {}
+    keys: [sk-up-one-00001, sk-up-two-00002]
+",
+        mock.url()
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+pub async fn json(response: reqwest::Response) -> serde_json::Value {
+    let bytes = response.bytes().await.expect("body");
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))
+}
+
+/// Asserts an OpenAI-shaped error with this status and code.
+pub async fn assert_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "errors are JSON"
+    );
+    let body = json(response).await;
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["error"]["type"].is_string(), "{body}");
+    body
+}
+
+/// Waits until `check` holds, for at most `limit`.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
+
+pub fn chat_body(model: &str, stream: bool) -> String {
+    serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).to_string()
+}
