@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: Rust unit and integration tests, then the end-to-end tests that
+# drive sluice with the official OpenAI Python SDK. Installs what it needs on first run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+venv=.venv
+if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  echo "== setting up the Python test environment in $venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet -r tests/e2e/requirements.txt
+fi
+
+echo "== cargo test"
+cargo test --all-targets
+
+echo "== OpenAI SDK end-to-end tests"
+cargo build --quiet --bin sluice
+SLUICE_BIN="$PWD/target/debug/sluice" "$venv/bin/pytest" -q tests/e2e
