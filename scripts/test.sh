@@ -18,4 +18,4 @@ cargo test --all-targets
 
 echo "== OpenAI SDK end-to-end tests"
 cargo build --quiet --bin sluice
-SLUICE_BIN="$PWD/target/debug/sluice" "$venv/bin/pytest" -q tests/e2e
+SLUICE_TEST_BIN="$PWD/target/debug/sluice" "$venv/bin/pytest" -q tests/e2e

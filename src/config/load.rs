@@ -140,6 +140,11 @@ pub fn apply_env_overrides(document: &mut Value, env: &EnvMap) -> Result<(), Vec
             continue;
         }
         let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        // `SLUICE_X` without `__` is an override only if X is a section; other such
+        // variables belong to scripts and tools, not to the config.
+        if segments.len() == 1 && !SECTIONS.contains(&segments[0].as_str()) {
+            continue;
+        }
         let segment_refs: Vec<&str> = segments.iter().map(String::as_str).collect();
         let value = serde_yaml_ng::from_str::<Value>(raw_value)
             .unwrap_or_else(|_| Value::String(raw_value.clone()));
@@ -740,6 +745,7 @@ upstreams:
                 ),
                 ("SLUICE_ACCESS__KEYS", "[{name: alice, key_env: ALICE}]"),
                 ("ALICE", "fk-alice-123"),
+                ("SLUICE_TEST_HELPER", "not a config field"),
             ],
         )
         .unwrap();
@@ -747,6 +753,12 @@ upstreams:
         assert!(config.access.passthrough);
         assert_eq!(config.upstreams[0].keys.len(), 2);
         assert_eq!(config.access.keys[0].key.expose(), "fk-alice-123");
+    }
+
+    #[test]
+    fn a_misspelt_env_override_is_an_error() {
+        let found = check("upstreams: [{name: a, base_url: 'http://h'}]", &[("SLUICE_SERVR__LISTEN", "x")]).unwrap_err();
+        assert!(found[0].to_string().contains("servr: unknown section"), "{found:?}");
     }
 
     #[test]

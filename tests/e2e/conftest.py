@@ -11,7 +11,7 @@ import openai
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-BIN = os.environ.get("SLUICE_BIN", str(ROOT / "target" / "debug" / "sluice"))
+BIN = os.environ.get("SLUICE_TEST_BIN", str(ROOT / "target" / "debug" / "sluice"))
 
 GATEWAY_KEY = "fk-e2e-alice-0001"
 UPSTREAM_KEY = "sk-e2e-upstream-0001"
