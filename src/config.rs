@@ -11,7 +11,7 @@
 pub mod load;
 mod raw;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,6 +118,73 @@ pub struct Config {
     pub server: Server,
     pub access: Access,
     pub upstreams: Vec<Upstream>,
+    pub routing: Routing,
+}
+
+/// How a request picks its upstream and what happens when one fails.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub strategy: Strategy,
+    /// Further tries after the first, on other keys or upstreams.
+    pub retries: u32,
+    pub retry_on: RetryOn,
+    /// How long a failing upstream or key rests.
+    pub cooldown: Duration,
+    /// Pause before the n-th retry: `backoff * 2^(n-1)`, at most 2 s.
+    pub backoff: Duration,
+    /// Keep a session (`X-Session-Id` or the body's `user`) on one upstream and key.
+    pub session_ttl: Option<Duration>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::RoundRobin,
+            retries: 2,
+            retry_on: RetryOn::default(),
+            cooldown: Duration::from_secs(30),
+            backoff: Duration::from_millis(50),
+            session_ttl: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    RoundRobin,
+    Random,
+    Weighted,
+    LeastBusy,
+    LowestLatency,
+}
+
+impl Strategy {
+    pub const NAMES: [&'static str; 5] = ["round_robin", "random", "weighted", "least_busy", "lowest_latency"];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "round_robin" => Self::RoundRobin,
+            "random" => Self::Random,
+            "weighted" => Self::Weighted,
+            "least_busy" => Self::LeastBusy,
+            "lowest_latency" => Self::LowestLatency,
+            _ => return None,
+        })
+    }
+}
+
+/// Which failures are worth another try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect: bool,
+    pub timeout: bool,
+    pub statuses: Vec<u16>,
+}
+
+impl Default for RetryOn {
+    fn default() -> Self {
+        Self { connect: true, timeout: true, statuses: vec![429, 500, 502, 503, 504] }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +222,56 @@ pub struct Upstream {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub proxy: Option<String>,
     pub timeouts: Timeouts,
+    /// Client-facing model name → the upstream's name for it.
+    pub model_map: HashMap<String, String>,
+    /// JSON field renames applied recursively to request bodies (`model` → `model_id`).
+    pub field_aliases: Vec<(String, String)>,
+    /// Gateway path → upstream path, replacing the path after `base_url`.
+    pub paths: HashMap<String, String>,
+    pub weight: u32,
+    pub token: Option<TokenSource>,
+}
+
+impl Upstream {
+    /// Whether this upstream serves a client-facing model name.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.contains(model) || self.model_map.contains_key(model)
+    }
+
+    /// The upstream's name for a client-facing model.
+    pub fn upstream_model<'a>(&'a self, model: &'a str) -> &'a str {
+        self.model_map.get(model).map_or(model, String::as_str)
+    }
+
+    /// Whether request bodies must be rewritten for this upstream.
+    pub fn rewrites_bodies(&self) -> bool {
+        !self.model_map.is_empty() || !self.field_aliases.is_empty()
+    }
+}
+
+/// A token endpoint: sluice fetches a short-lived bearer token, caches it and refreshes
+/// it before it expires and once on a 401 (OAuth2 client credentials has this shape).
+#[derive(Debug, Clone)]
+pub struct TokenSource {
+    pub url: String,
+    pub method: http::Method,
+    pub body: TokenBody,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Dotted path to the token in the JSON answer (`data.token`).
+    pub token_path: String,
+    /// Dotted path to a lifetime in seconds (`expires_in`), if the answer has one.
+    pub expires_in_path: Option<String>,
+    /// Lifetime when the answer gives none.
+    pub ttl: Duration,
+    /// Refresh this long before expiry.
+    pub refresh_before: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum TokenBody {
+    None,
+    Json(serde_json::Value),
+    Form(Vec<(String, String)>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,12 +1,12 @@
 //! The gateway's run-time state, built once from a [`Config`]: the access guard, the
-//! upstream runtimes and the routing of a model name to an upstream.
+//! upstream runtimes and the router.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::access::Guard;
+use crate::access::{Caller, Guard};
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::routing::Router;
 use crate::upstream::UpstreamRuntime;
 
 #[derive(Debug)]
@@ -14,10 +14,11 @@ pub struct Gateway {
     pub config: Config,
     pub guard: Guard,
     pub upstreams: Vec<Arc<UpstreamRuntime>>,
-    /// Whether picking an upstream depends on the request's model, so JSON bodies must be
-    /// read. With one upstream that serves anything, bodies stream straight through.
-    pub routing_needs_model: bool,
-    next_upstream: AtomicUsize,
+    pub router: Router,
+    /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
+    /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
+    /// of these, bodies stream straight through.
+    read_json_always: bool,
 }
 
 impl Gateway {
@@ -27,44 +28,37 @@ impl Gateway {
             .iter()
             .map(|u| UpstreamRuntime::new(u.clone()).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let routing_needs_model =
-            upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
-        Ok(Self {
-            guard: Guard::new(&config.access),
-            config,
-            upstreams,
-            routing_needs_model,
-            next_upstream: AtomicUsize::new(0),
-        })
+        let routing = &config.routing;
+        let routing_needs_model = upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
+        let rewrites = upstreams.iter().any(|u| u.config.rewrites_bodies());
+        let can_retry = routing.retries > 0
+            && (upstreams.len() > 1 || upstreams.iter().any(|u| u.key_count() > 1 || u.token.is_some()));
+        let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
+        let read_json_always = routing_needs_model || rewrites || can_retry || router.sessions_enabled();
+        Ok(Self { guard: Guard::new(&config.access), config, upstreams, router, read_json_always })
     }
 
-    /// The upstream for a request: among those serving `model` (or, without a model, those
-    /// serving anything, else all), taken in turn.
-    pub fn route(&self, model: Option<&str>) -> Result<&Arc<UpstreamRuntime>, ApiError> {
-        if let [only] = self.upstreams.as_slice() {
-            return match model {
-                Some(m) if !only.config.models.contains(m) => Err(model_not_found(m)),
-                _ => Ok(only),
-            };
-        }
-        let turn = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        let pick = |serves: &dyn Fn(&UpstreamRuntime) -> bool| {
-            let candidates: Vec<&Arc<UpstreamRuntime>> =
-                self.upstreams.iter().filter(|u| serves(u)).collect();
-            (!candidates.is_empty()).then(|| candidates[turn % candidates.len()])
-        };
+    /// Whether a JSON request body from this caller must be read before forwarding.
+    pub fn must_read_json(&self, caller: &Caller) -> bool {
+        self.read_json_always || caller.restricts_models()
+    }
+
+    /// Upstreams that can serve `model`; without a model, those serving anything (or all).
+    pub fn candidates(&self, model: Option<&str>) -> Result<Vec<usize>, ApiError> {
+        let indexes = 0..self.upstreams.len();
         match model {
-            Some(m) => pick(&|u| u.config.models.contains(m)).ok_or_else(|| model_not_found(m)),
-            None => pick(&|u| u.config.models.any)
-                .or_else(|| pick(&|_| true))
-                .ok_or_else(|| ApiError::internal("no upstream is configured")),
+            Some(model) => {
+                let serving: Vec<usize> = indexes.filter(|&i| self.upstreams[i].config.serves(model)).collect();
+                if serving.is_empty() { Err(model_not_found(model)) } else { Ok(serving) }
+            }
+            None => {
+                let any: Vec<usize> = indexes.clone().filter(|&i| self.upstreams[i].config.models.any).collect();
+                Ok(if any.is_empty() { indexes.collect() } else { any })
+            }
         }
     }
 }
 
 pub fn model_not_found(model: &str) -> ApiError {
-    ApiError::not_found(
-        "model_not_found",
-        format!("The model `{model}` does not exist or you do not have access to it."),
-    )
+    ApiError::not_found("model_not_found", format!("The model `{model}` does not exist or you do not have access to it."))
 }

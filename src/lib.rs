@@ -7,7 +7,10 @@
 //! - [`access`]: client IP, allow/deny lists, gateway keys and passthrough.
 //! - [`proxy`]: forwarding to an upstream and relaying its streamed answer.
 //! - [`models`]: `GET /v1/models`.
-//! - [`upstream`]: an upstream's HTTP client and key pool.
+//! - [`routing`]: strategies, health, cooldowns and sessions: which upstream and key.
+//! - [`rewrite`], [`shape`]: request rewrites and response shaping (model aliases).
+//! - [`token`]: short-lived bearer tokens from a token endpoint.
+//! - [`upstream`]: an upstream's HTTP client, credentials and health figures.
 //! - [`mock`]: the mock OpenAI upstream used by tests, benchmarks and the quick start.
 //!
 //! ARCHITECTURE.md at the repository root follows one request through these modules.
@@ -16,6 +19,7 @@
 
 pub mod access;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod gateway;
@@ -23,5 +27,9 @@ pub mod headers;
 pub mod mock;
 pub mod models;
 pub mod proxy;
+pub mod rewrite;
+pub mod routing;
 pub mod server;
+pub mod shape;
+pub mod token;
 pub mod upstream;

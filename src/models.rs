@@ -28,24 +28,21 @@ pub async fn list(
     path: &str,
 ) -> Response<Body> {
     if let [only] = gateway.upstreams.as_slice() {
-        if only.config.models.any && !caller.restricts_models() {
+        if only.config.models.any && only.config.model_map.is_empty() && !caller.restricts_models() {
             return proxy::forward(gateway, caller, parts, body, path).await;
         }
     }
     let mut seen = HashSet::new();
     let mut data = Vec::new();
     for upstream in &gateway.upstreams {
-        let entries = if upstream.config.models.any {
-            fetch(upstream, &caller).await
-        } else {
-            upstream
-                .config
-                .models
-                .names
-                .iter()
-                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": upstream.config.name}))
-                .collect()
-        };
+        let config = &upstream.config;
+        let mut entries = if config.models.any { fetch(upstream, &caller).await } else { Vec::new() };
+        // Declared names and aliases, in a stable order.
+        let mut declared: Vec<&String> = config.models.names.iter().chain(config.model_map.keys()).collect();
+        declared.sort_unstable();
+        entries.extend(
+            declared.into_iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": config.name})),
+        );
         for entry in entries {
             let Some(id) = entry.get("id").and_then(Value::as_str) else {
                 continue;
@@ -65,11 +62,14 @@ async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
         Caller::Passthrough(value) => {
             request = request.header(header::AUTHORIZATION, value.clone())
         }
-        _ => {
-            if let Some((_, value)) = upstream.next_key() {
-                request = request.header(header::AUTHORIZATION, value.clone());
+        _ => match upstream.own_credential().await {
+            Ok(Some(value)) => request = request.header(header::AUTHORIZATION, value),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(upstream = %upstream.config.name, "cannot list the upstream's models: {}", error.message);
+                return Vec::new();
             }
-        }
+        },
     }
     for (name, value) in &upstream.config.headers {
         request = request.header(name.clone(), value.clone());

@@ -1,17 +1,21 @@
 //! Forwarding one request to an upstream and relaying its answer.
 //!
 //! The body is read only when something must look inside it (the model decides the route,
-//! or the caller's key is limited to some models); otherwise it streams through. Responses
-//! always stream: each chunk is handed to the client as soon as the upstream sends it.
+//! a rewrite applies, a retry may resend it); otherwise it streams through. Then up to
+//! `1 + retries` tries go out, each to the upstream and key the router picks, until one
+//! answers with something other than a retryable failure. Responses always stream: each
+//! chunk is handed to the client as soon as the upstream sends it, so once the head is
+//! relayed nothing is retried.
 
 use std::borrow::Cow;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Method, Response, header};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -23,29 +27,63 @@ use crate::body::{Body, BoxError};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::headers::{strip_hop_by_hop, upstream_request_headers};
+use crate::rewrite;
+use crate::routing::{Choice, Tried};
+use crate::shape::{ModelRename, Shaper};
+use crate::upstream::{InFlight, UpstreamRuntime};
 
 /// The response header naming the upstream that answered.
 pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";
+/// The response header counting the tries a request took.
+pub const TRIES_HEADER: &str = "x-sluice-tries";
+/// The request header that pins a conversation to one upstream and key.
+pub const SESSION_HEADER: &str = "x-session-id";
 
-/// Only the field routing needs; everything else is skipped (but still checked as JSON).
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Only the fields routing needs; everything else is skipped (but still checked as JSON).
 #[derive(Deserialize)]
-struct ModelPeek<'a> {
+struct Peek<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+}
+
+/// One try at an upstream, as the request log records it.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub upstream: String,
+    pub key: Option<String>,
+    /// The upstream's status, or `None` if no response came.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub elapsed: Duration,
 }
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
-pub async fn forward(
-    gateway: &Gateway,
-    caller: Caller,
-    parts: Parts,
-    body: Incoming,
-    path: &str,
-) -> Response<Body> {
+pub async fn forward(gateway: &Gateway, caller: Caller, parts: Parts, body: Incoming, path: &str) -> Response<Body> {
     match forward_inner(gateway, caller, parts, body, path).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
+}
+
+/// How one try ended.
+enum Outcome {
+    /// Relay this response to the client.
+    Answer(reqwest::Response),
+    /// A failure worth another try elsewhere; kept in case no other try is possible.
+    Retryable(Failure),
+    /// A failure to report as it is.
+    Final(Failure),
+    /// The token was refused: fetch a new one and try the same choice again.
+    RefreshToken,
+}
+
+enum Failure {
+    Response(reqwest::Response),
+    Error(ApiError),
 }
 
 async fn forward_inner(
@@ -60,142 +98,332 @@ async fn forward_inner(
     if declared_length.is_some_and(|len| len > limit) {
         return Err(ApiError::payload_too_large(limit));
     }
-    let has_body = declared_length.is_some_and(|len| len > 0)
-        || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let has_body = declared_length.is_some_and(|len| len > 0) || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let must_read = has_body && parts.method == Method::POST && is_json(&parts.headers) && gateway.must_read_json(&caller);
 
-    let must_read = has_body
-        && parts.method == Method::POST
-        && is_json(&parts.headers)
-        && (gateway.routing_needs_model || caller.restricts_models());
-    let (upstream_body, model) = if must_read {
+    let (buffered, mut streamed, model, user) = if must_read {
         let bytes = read_body(body, limit).await?;
-        let peek: ModelPeek = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_json",
-                format!("the request body is not valid JSON: {e}"),
-            )
+        let peek: Peek = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}"))
         })?;
         let model = peek.model.map(Cow::into_owned);
-        (Some(reqwest::Body::from(bytes)), model)
+        let user = peek.user.map(Cow::into_owned);
+        (Some(bytes), None, model, user)
     } else {
-        let streamed = has_body.then(|| {
-            reqwest::Body::wrap(Limited::new(
-                body,
-                usize::try_from(limit).unwrap_or(usize::MAX),
-            ))
-        });
-        (
-            streamed,
-            model_in_path(&parts.method, path).map(str::to_string),
-        )
+        let streamed = has_body.then(|| reqwest::Body::wrap(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))));
+        (None, streamed, model_in_path(&parts.method, path).map(str::to_string), None)
     };
-
     if let Some(model) = &model {
         if !caller.may_use(model) {
-            return Err(ApiError::forbidden(
-                "model_not_allowed",
-                format!("this API key may not use the model `{model}`"),
-            ));
+            return Err(ApiError::forbidden("model_not_allowed", format!("this API key may not use the model `{model}`")));
         }
     }
-    let upstream = gateway.route(model.as_deref())?;
-    let timeouts = upstream.config.timeouts;
-    let started = Instant::now();
-    let deadline = timeouts.total.map(|total| started + total);
+    let candidates = gateway.candidates(model.as_deref())?;
+    let session = parts
+        .headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(user)
+        .filter(|_| gateway.router.sessions_enabled());
 
-    let mut headers = upstream_request_headers(parts.headers);
-    match &caller {
-        Caller::Passthrough(value) => {
-            headers.insert(header::AUTHORIZATION, value.clone());
-        }
-        Caller::Gateway(_) | Caller::Open => match upstream.next_key() {
-            Some((_, value)) => {
+    let base_headers = upstream_request_headers(parts.headers);
+    let routing = &gateway.config.routing;
+    let replayable = streamed.is_none();
+    let mut tried = Tried::default();
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut last_failure: Option<Failure> = None;
+    let mut token_refreshed = false;
+    let mut retry_choice: Option<Choice> = None;
+
+    loop {
+        let choice = match retry_choice.take() {
+            Some(choice) => choice,
+            None => match gateway.router.choose(&gateway.upstreams, &candidates, &tried, session.as_deref()) {
+                Some(choice) => choice,
+                None => break,
+            },
+        };
+        let Some(upstream) = gateway.upstreams.get(choice.upstream) else { break };
+        let started = Instant::now();
+
+        let mut headers = base_headers.clone();
+        let mut token_generation = None;
+        match &caller {
+            Caller::Passthrough(value) => {
                 headers.insert(header::AUTHORIZATION, value.clone());
             }
-            // Passthrough makes client keys the credential; with none sent and none of
-            // the upstream's own to use, there is nothing to authenticate with.
-            None if matches!(caller, Caller::Open) && gateway.config.access.passthrough => {
-                return Err(ApiError::unauthorized(
-                    "missing_api_key",
-                    "You didn't provide an API key. Send it in an Authorization header: Bearer YOUR_KEY.",
-                ));
+            Caller::Gateway(_) | Caller::Open => {
+                if let Some(cache) = &upstream.token {
+                    let token = cache.get().await?;
+                    token_generation = Some(token.generation);
+                    headers.insert(header::AUTHORIZATION, token.header);
+                } else if let Some(value) = choice.key.and_then(|k| upstream.auth_header(k)) {
+                    headers.insert(header::AUTHORIZATION, value.clone());
+                } else if matches!(caller, Caller::Open) && gateway.config.access.passthrough {
+                    // Passthrough makes client keys the credential; with none sent and none
+                    // of the upstream's own to use, there is nothing to authenticate with.
+                    return Err(ApiError::unauthorized(
+                        "missing_api_key",
+                        "You didn't provide an API key. Send it in an Authorization header: Bearer YOUR_KEY.",
+                    ));
+                }
             }
-            None => {}
-        },
-    }
-    for (name, value) in &upstream.config.headers {
-        headers.insert(name.clone(), value.clone());
-    }
+        }
+        for (name, value) in &upstream.config.headers {
+            headers.insert(name.clone(), value.clone());
+        }
 
-    let url = upstream.url(path, parts.uri.query());
-    let mut request = upstream.client.request(parts.method, url).headers(headers);
-    if let Some(body) = upstream_body {
-        request = request.body(body);
-    }
+        let url = upstream.url(path, parts.uri.query());
+        let mut request = upstream.client.request(parts.method.clone(), url).headers(headers);
+        if let Some(bytes) = &buffered {
+            let rewritten = rewrite::request_body(bytes, model.as_deref(), &upstream.config)
+                .map_err(|e| ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}")))?;
+            request = request.body(rewritten.unwrap_or_else(|| bytes.clone()));
+        } else if let Some(body) = streamed.take() {
+            request = request.body(body);
+        }
 
-    let first_byte = deadline.map_or(timeouts.first_byte, |d| {
-        timeouts.first_byte.min(d - started)
-    });
+        let in_flight = InFlight::new(upstream);
+        let outcome = send(gateway, upstream, &caller, choice, request, token_generation, token_refreshed).await;
+        let elapsed = started.elapsed();
+        let mut attempt = Attempt {
+            upstream: upstream.config.name.clone(),
+            key: choice.key.and_then(|k| upstream.masked_key(k)),
+            status: None,
+            error: None,
+            elapsed,
+        };
+        let failure = match outcome {
+            Outcome::Answer(response) => {
+                attempt.status = Some(response.status().as_u16());
+                attempts.push(attempt);
+                if let Some(session) = &session {
+                    gateway.router.remember(session, choice);
+                }
+                return Ok(relay(response, upstream, model.as_deref(), attempts.len(), Some(in_flight)));
+            }
+            Outcome::RefreshToken => {
+                attempt.status = Some(401);
+                attempts.push(attempt);
+                token_refreshed = true;
+                retry_choice = Some(choice);
+                if !replayable {
+                    return Err(ApiError::bad_gateway("the upstream refused its token and the request body cannot be resent"));
+                }
+                continue;
+            }
+            Outcome::Retryable(failure) => {
+                note_failure(&mut attempt, &failure);
+                attempts.push(attempt);
+                failure
+            }
+            Outcome::Final(failure) => {
+                note_failure(&mut attempt, &failure);
+                attempts.push(attempt);
+                return Ok(answer_failure(failure, upstream, model.as_deref(), attempts.len()));
+            }
+        };
+        drop(in_flight);
+        let retries_used = attempts.len().saturating_sub(1 + usize::from(token_refreshed));
+        if !replayable || retries_used >= routing.retries as usize {
+            return Ok(answer_failure(failure, upstream, model.as_deref(), attempts.len()));
+        }
+        tracing::debug!(upstream = %upstream.config.name, tries = attempts.len(), "trying another upstream or key");
+        last_failure = Some(failure);
+        let exponent = u32::try_from(retries_used).unwrap_or(16).min(16);
+        tokio::time::sleep(routing.backoff.saturating_mul(1 << exponent).min(MAX_BACKOFF)).await;
+        if choice.key.is_some() && is_key_failure(last_failure.as_ref()) {
+            tried.exclude_key(choice.upstream, choice.key.unwrap_or_default());
+        } else {
+            tried.exclude_upstream(choice.upstream);
+        }
+    }
+    // Nothing left to try: report the last failure as it happened.
+    match last_failure {
+        Some(Failure::Response(response)) => {
+            let name = response
+                .headers()
+                .get(UPSTREAM_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let upstream = name
+                .and_then(|n| gateway.upstreams.iter().find(|u| u.config.name == n))
+                .or_else(|| attempts.last().and_then(|a| gateway.upstreams.iter().find(|u| u.config.name == a.upstream)));
+            match upstream {
+                Some(upstream) => Ok(relay(response, upstream, model.as_deref(), attempts.len(), None)),
+                None => Err(ApiError::bad_gateway("no upstream could serve the request")),
+            }
+        }
+        Some(Failure::Error(error)) => Err(error),
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            "no_upstream_available",
+            "no upstream is available for this request",
+        )),
+    }
+}
+
+fn note_failure(attempt: &mut Attempt, failure: &Failure) {
+    match failure {
+        Failure::Response(response) => attempt.status = Some(response.status().as_u16()),
+        Failure::Error(error) => attempt.error = Some(error.message.clone()),
+    }
+}
+
+fn is_key_failure(failure: Option<&Failure>) -> bool {
+    matches!(failure, Some(Failure::Response(r)) if matches!(r.status().as_u16(), 401 | 403 | 429))
+}
+
+/// Sends one try and judges the result: who is at fault, whether it rests, whether
+/// another try may help.
+async fn send(
+    gateway: &Gateway,
+    upstream: &UpstreamRuntime,
+    caller: &Caller,
+    choice: Choice,
+    request: reqwest::RequestBuilder,
+    token_generation: Option<u64>,
+    token_refreshed: bool,
+) -> Outcome {
+    let routing = &gateway.config.routing;
+    let timeouts = upstream.config.timeouts;
+    let first_byte = timeouts.total.map_or(timeouts.first_byte, |total| timeouts.first_byte.min(total));
     let name = &upstream.config.name;
+    let started = Instant::now();
     let response = match tokio::time::timeout(first_byte, request.send()).await {
         Err(_) => {
-            return Err(ApiError::gateway_timeout(format!(
+            upstream.record_failure(routing.cooldown);
+            let error = ApiError::gateway_timeout(format!(
                 "upstream `{name}` sent no response within {}",
                 humantime::format_duration(first_byte)
-            )));
+            ));
+            return if routing.retry_on.timeout { Outcome::Retryable(Failure::Error(error)) } else { Outcome::Final(Failure::Error(error)) };
         }
-        Ok(Err(error)) => return Err(classify(&error, name, limit)),
+        Ok(Err(error)) => {
+            let limit = gateway.config.server.max_body;
+            let api_error = classify(&error, name, limit);
+            if api_error.status == StatusCode::PAYLOAD_TOO_LARGE {
+                return Outcome::Final(Failure::Error(api_error));
+            }
+            upstream.record_failure(routing.cooldown);
+            let retry = if error.is_timeout() { routing.retry_on.timeout } else { routing.retry_on.connect };
+            return if retry { Outcome::Retryable(Failure::Error(api_error)) } else { Outcome::Final(Failure::Error(api_error)) };
+        }
         Ok(Ok(response)) => response,
     };
+    let status = response.status().as_u16();
+    let pooled = !matches!(caller, Caller::Passthrough(_));
+    if status == 401 && pooled && !token_refreshed {
+        if let (Some(cache), Some(generation)) = (&upstream.token, token_generation) {
+            cache.invalidate(generation);
+            return Outcome::RefreshToken;
+        }
+    }
+    let retry_listed = routing.retry_on.statuses.contains(&status);
+    match status {
+        401 | 403 | 429 if pooled && choice.key.is_some() => {
+            let rest = retry_after(response.headers()).filter(|_| status == 429).unwrap_or(routing.cooldown);
+            if let Some(key) = choice.key {
+                upstream.cool_key(key, rest);
+                tracing::warn!(upstream = %name, key = %upstream.masked_key(key).unwrap_or_default(), status, "key rests for {}", humantime::format_duration(rest));
+            }
+            // Another key of the pool may well work where this one was refused.
+            if retry_listed || status != 429 { Outcome::Retryable(Failure::Response(response)) } else { Outcome::Final(Failure::Response(response)) }
+        }
+        429 => {
+            if let Some(rest) = retry_after(response.headers()).filter(|_| pooled) {
+                upstream.record_failure(rest);
+            }
+            if retry_listed { Outcome::Retryable(Failure::Response(response)) } else { Outcome::Final(Failure::Response(response)) }
+        }
+        500..=599 => {
+            upstream.record_failure(retry_after(response.headers()).unwrap_or(routing.cooldown));
+            if retry_listed { Outcome::Retryable(Failure::Response(response)) } else { Outcome::Final(Failure::Response(response)) }
+        }
+        _ => {
+            upstream.record_success(started.elapsed());
+            Outcome::Answer(response)
+        }
+    }
+}
 
+/// `Retry-After` in seconds (the HTTP-date form is rare from APIs and ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds: f64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)))
+}
+
+fn answer_failure(failure: Failure, upstream: &Arc<UpstreamRuntime>, model: Option<&str>, tries: usize) -> Response<Body> {
+    match failure {
+        Failure::Response(response) => relay(response, upstream, model, tries, None),
+        Failure::Error(error) => {
+            let mut response = error.into_response();
+            response.headers_mut().insert(UPSTREAM_HEADER, upstream.name_header.clone());
+            response.headers_mut().insert(TRIES_HEADER, HeaderValue::from(tries));
+            response
+        }
+    }
+}
+
+/// Turns an upstream response into the client's: head relayed, body streamed.
+fn relay(
+    response: reqwest::Response,
+    upstream: &Arc<UpstreamRuntime>,
+    client_model: Option<&str>,
+    tries: usize,
+    in_flight: Option<InFlight>,
+) -> Response<Body> {
+    let timeouts = upstream.config.timeouts;
+    let deadline = timeouts.total.map(|total| Instant::now() + total);
     let status = response.status();
-    let mut response_headers = response.headers().clone();
-    strip_hop_by_hop(&mut response_headers);
-    let is_sse = is_event_stream(&response_headers);
-    response_headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
-    let relay = RelayBody::new(
-        reqwest::Body::from(response),
-        timeouts.idle,
+    let mut headers = response.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    let sse = is_event_stream(&headers);
+    let rename = client_model
+        .filter(|m| upstream.config.upstream_model(m) != *m)
+        .filter(|_| sse || is_json(&headers))
+        .map(|m| ModelRename { to: m.to_string() });
+    if rename.is_some() {
+        // The body changes length when the name does.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
+    headers.insert(TRIES_HEADER, HeaderValue::from(tries));
+    let relay = RelayBody {
+        inner: reqwest::Body::from(response),
+        idle: timeouts.idle,
         deadline,
-        is_sse,
-        name,
-    );
+        timer: Box::pin(tokio::time::sleep_until(RelayBody::next_wake(timeouts.idle, deadline))),
+        sse,
+        upstream: upstream.config.name.clone(),
+        done: false,
+        shaper: rename.map(|r| Shaper::new(sse, r)),
+        _in_flight: in_flight,
+    };
     let mut out = Response::new(relay.boxed_unsync());
     *out.status_mut() = status;
-    *out.headers_mut() = response_headers;
-    Ok(out)
+    *out.headers_mut() = headers;
+    out
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        })
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        })
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
 }
 
 /// `GET /v1/models/{id}` and `DELETE /v1/models/{id}` name their model in the path.
@@ -208,16 +436,10 @@ fn model_in_path<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
 
 /// Reads a whole request body, refusing more than `limit` bytes.
 pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
-    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
-        .await
-    {
+    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
-        Err(_) => Err(ApiError::bad_request(
-            "body_read_error",
-            "the request body could not be read",
-        )),
+        Err(_) => Err(ApiError::bad_request("body_read_error", "the request body could not be read")),
     }
 }
 
@@ -236,9 +458,7 @@ fn classify(error: &reqwest::Error, upstream: &str, limit: u64) -> ApiError {
     if error.is_timeout() {
         ApiError::gateway_timeout(format!("upstream `{upstream}` timed out: {deepest}"))
     } else if error.is_connect() {
-        ApiError::bad_gateway(format!(
-            "cannot connect to upstream `{upstream}`: {deepest}"
-        ))
+        ApiError::bad_gateway(format!("cannot connect to upstream `{upstream}`: {deepest}"))
     } else {
         ApiError::bad_gateway(format!("upstream `{upstream}` failed: {deepest}"))
     }
@@ -256,28 +476,12 @@ struct RelayBody {
     sse: bool,
     upstream: String,
     done: bool,
+    shaper: Option<Shaper>,
+    /// Keeps the upstream's in-flight count up until the body ends or the client leaves.
+    _in_flight: Option<InFlight>,
 }
 
 impl RelayBody {
-    fn new(
-        inner: reqwest::Body,
-        idle: Duration,
-        deadline: Option<Instant>,
-        sse: bool,
-        upstream: &str,
-    ) -> Self {
-        let first = Self::next_wake(idle, deadline);
-        Self {
-            inner,
-            idle,
-            deadline,
-            timer: Box::pin(tokio::time::sleep_until(first)),
-            sse,
-            upstream: upstream.to_string(),
-            done: false,
-        }
-    }
-
     fn next_wake(idle: Duration, deadline: Option<Instant>) -> Instant {
         let wake = Instant::now() + idle;
         deadline.map_or(wake, |d| d.min(wake))
@@ -285,6 +489,7 @@ impl RelayBody {
 
     fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.done = true;
+        self._in_flight = None;
         if self.sse {
             let event = format!("data: {}\n\n", error.to_json());
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
@@ -298,79 +503,73 @@ impl HttpBody for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let wake = Self::next_wake(this.idle, this.deadline);
-                this.timer.as_mut().reset(wake);
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if this.done {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(error))) => {
-                let message = format!(
-                    "upstream `{}` broke off the response: {error}",
-                    this.upstream
-                );
-                tracing::warn!(upstream = %this.upstream, "{message}");
-                this.fail(ApiError::bad_gateway(message))
-            }
-            Poll::Ready(None) => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let message = if this.deadline.is_some_and(|d| Instant::now() >= d) {
-                        format!("upstream `{}` exceeded the total timeout", this.upstream)
-                    } else {
-                        format!(
-                            "upstream `{}` sent nothing for {}",
-                            this.upstream,
-                            humantime::format_duration(this.idle)
-                        )
-                    };
-                    tracing::warn!(upstream = %this.upstream, "{message}");
-                    this.fail(ApiError::gateway_timeout(message))
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let wake = Self::next_wake(this.idle, this.deadline);
+                    this.timer.as_mut().reset(wake);
+                    let Some(shaper) = this.shaper.as_mut() else { return Poll::Ready(Some(Ok(frame))) };
+                    match frame.into_data() {
+                        Ok(data) => {
+                            let out = shaper.push(data);
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                        }
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    }
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                Poll::Ready(Some(Err(error))) => {
+                    let message = format!("upstream `{}` broke off the response: {error}", this.upstream);
+                    tracing::warn!(upstream = %this.upstream, "{message}");
+                    return this.fail(ApiError::bad_gateway(message));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this._in_flight = None;
+                    let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
+                    return if rest.is_empty() { Poll::Ready(None) } else { Poll::Ready(Some(Ok(Frame::data(rest)))) };
+                }
+                Poll::Pending => {
+                    return match this.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            let message = if this.deadline.is_some_and(|d| Instant::now() >= d) {
+                                format!("upstream `{}` exceeded the total timeout", this.upstream)
+                            } else {
+                                format!("upstream `{}` sent nothing for {}", this.upstream, humantime::format_duration(this.idle))
+                            };
+                            tracing::warn!(upstream = %this.upstream, "{message}");
+                            this.fail(ApiError::gateway_timeout(message))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.done || (self.shaper.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sse {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
-        }
+        if self.sse || self.shaper.is_some() { SizeHint::default() } else { self.inner.size_hint() }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn model_is_read_from_model_paths_only() {
-        assert_eq!(
-            model_in_path(&Method::GET, "/v1/models/gpt-4o"),
-            Some("gpt-4o")
-        );
-        assert_eq!(
-            model_in_path(&Method::DELETE, "/v1/models/ft:x"),
-            Some("ft:x")
-        );
+        assert_eq!(model_in_path(&Method::GET, "/v1/models/gpt-4o"), Some("gpt-4o"));
+        assert_eq!(model_in_path(&Method::DELETE, "/v1/models/ft:x"), Some("ft:x"));
         assert_eq!(model_in_path(&Method::GET, "/v1/models/"), None);
         assert_eq!(model_in_path(&Method::POST, "/v1/models/x"), None);
         assert_eq!(model_in_path(&Method::GET, "/v1/files/x"), None);
@@ -379,16 +578,19 @@ mod tests {
     #[test]
     fn content_types() {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("Application/JSON; charset=utf-8"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("Application/JSON; charset=utf-8"));
         assert!(is_json(&headers));
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
         assert!(is_event_stream(&headers));
         assert!(!is_json(&headers));
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&headers), None);
     }
 }

@@ -1,13 +1,17 @@
 //! One upstream at run time: its HTTP client (connection pool, connect timeout, outbound
-//! proxy) and its key pool, used in turn.
+//! proxy), its credentials (a key pool used in turn, or a token endpoint) and the health
+//! figures routing reads (requests in flight, time to first byte, cooldowns).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use http::HeaderValue;
 
-use crate::config::{Secret, Upstream};
+use crate::clock::now_ms;
+use crate::config::Upstream;
+use crate::token::TokenCache;
 
 #[derive(Debug)]
 pub struct UpstreamRuntime {
@@ -20,82 +24,159 @@ pub struct UpstreamRuntime {
     pub name_header: HeaderValue,
     /// Whether `base_url` already ends in `/v1`, so `/v1/...` paths drop their own.
     base_has_version: bool,
+    pub token: Option<TokenCache>,
+    /// Requests sent and not yet finished (for `least_busy`).
+    pub in_flight: AtomicUsize,
+    /// Moving average of time to first byte in µs; 0 until the first answer.
+    pub latency_us: AtomicU64,
+    /// The upstream rests until this [`now_ms`] instant; 0 = healthy.
+    pub cooldown_until: AtomicU64,
+    /// Failures in a row.
+    pub failures: AtomicU64,
+    /// Per key: rests until this instant.
+    key_cooldown_until: Vec<AtomicU64>,
+}
+
+/// Counts a request in flight on an upstream until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<UpstreamRuntime>);
+
+impl InFlight {
+    pub fn new(upstream: &Arc<UpstreamRuntime>) -> Self {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(upstream.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl UpstreamRuntime {
     pub fn new(config: Upstream) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.timeouts.connect)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            // A gateway relays redirects to the client instead of following them.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
-        builder = match &config.proxy {
-            Some(url) => builder.proxy(
-                reqwest::Proxy::all(url.as_str())
-                    .with_context(|| format!("upstream {}: bad proxy URL", config.name))?,
-            ),
-            // Only the configured proxy is used, never one picked up from the environment.
-            None => builder.no_proxy(),
-        };
-        let client = builder
-            .build()
-            .with_context(|| format!("upstream {}: cannot build its HTTP client", config.name))?;
-        let base_has_version = config.base_url.ends_with("/v1");
+        let name = config.name.clone();
+        let client = build_client(&config).with_context(|| format!("upstream {name}"))?;
         let auth_headers = config
             .keys
             .iter()
             .map(|key| {
                 let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                    .with_context(|| {
-                        format!(
-                            "upstream {}: a key has characters not allowed in a header",
-                            config.name
-                        )
-                    })?;
+                    .with_context(|| format!("upstream {name}: a key has characters not allowed in a header"))?;
                 value.set_sensitive(true);
                 Ok(value)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let name_header = HeaderValue::from_str(&config.name).with_context(|| {
-            format!(
-                "upstream {}: the name must be usable as a header value",
-                config.name
-            )
-        })?;
+        let name_header = HeaderValue::from_str(&name)
+            .with_context(|| format!("upstream {name}: the name must be usable as a header value"))?;
+        let token = config.token.clone().map(|source| TokenCache::new(source, client.clone()));
         Ok(Self {
+            base_has_version: config.base_url.ends_with("/v1"),
+            key_cooldown_until: config.keys.iter().map(|_| AtomicU64::new(0)).collect(),
             config,
             client,
             next_key: AtomicUsize::new(0),
             auth_headers,
             name_header,
-            base_has_version,
+            token,
+            in_flight: AtomicUsize::new(0),
+            latency_us: AtomicU64::new(0),
+            cooldown_until: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         })
     }
 
-    /// The next key of the pool, round robin; `None` when the upstream needs no key.
-    pub fn next_key(&self) -> Option<(&Secret, &HeaderValue)> {
-        let keys = &self.config.keys;
-        if keys.is_empty() {
-            return None;
+    pub fn key_count(&self) -> usize {
+        self.auth_headers.len()
+    }
+
+    /// The `Authorization` value of key `index`.
+    pub fn auth_header(&self, index: usize) -> Option<&HeaderValue> {
+        self.auth_headers.get(index)
+    }
+
+    /// The masked form of key `index`, for logs and status.
+    pub fn masked_key(&self, index: usize) -> Option<String> {
+        self.config.keys.get(index).map(crate::config::Secret::masked)
+    }
+
+    pub fn is_cooling(&self, now: u64) -> bool {
+        self.cooldown_until.load(Ordering::Relaxed) > now
+    }
+
+    pub fn key_is_cooling(&self, index: usize, now: u64) -> bool {
+        self.key_cooldown_until.get(index).is_some_and(|until| until.load(Ordering::Relaxed) > now)
+    }
+
+    pub fn key_cooldown_until(&self, index: usize) -> u64 {
+        self.key_cooldown_until.get(index).map_or(0, |until| until.load(Ordering::Relaxed))
+    }
+
+    /// The next usable key, round robin, skipping resting keys and `excluded` ones.
+    /// `None` if the upstream has keys and none is usable; `Some(None)` if it has no keys.
+    pub fn pick_key(&self, now: u64, excluded: impl Fn(usize) -> bool) -> Option<Option<usize>> {
+        let count = self.key_count();
+        if count == 0 {
+            return Some(None);
         }
-        let index = self.next_key.fetch_add(1, Ordering::Relaxed) % keys.len();
-        Some((keys.get(index)?, self.auth_headers.get(index)?))
+        let start = self.next_key.fetch_add(1, Ordering::Relaxed);
+        (0..count)
+            .map(|offset| (start + offset) % count)
+            .find(|&index| !excluded(index) && !self.key_is_cooling(index, now))
+            .map(Some)
+    }
+
+    /// The upstream's own credential for a request of sluice's making: its token, or its
+    /// next usable key.
+    pub async fn own_credential(&self) -> Result<Option<HeaderValue>, crate::error::ApiError> {
+        if let Some(cache) = &self.token {
+            return Ok(Some(cache.get().await?.header));
+        }
+        let key = self.pick_key(now_ms(), |_| false).flatten().or_else(|| self.soonest_key());
+        Ok(key.and_then(|k| self.auth_header(k)).cloned())
+    }
+
+    /// When every key rests: the one back soonest.
+    pub fn soonest_key(&self) -> Option<usize> {
+        (0..self.key_count()).min_by_key(|&index| self.key_cooldown_until(index))
+    }
+
+    pub fn cool_key(&self, index: usize, duration: Duration) {
+        if let Some(until) = self.key_cooldown_until.get(index) {
+            until.store(now_ms() + millis(duration), Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure of the upstream itself; it rests for `duration`.
+    pub fn record_failure(&self, duration: Duration) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.cooldown_until.store(now_ms() + millis(duration), Ordering::Relaxed);
+    }
+
+    /// Records an answer: the upstream is healthy, and its first-byte time joins the average.
+    pub fn record_success(&self, first_byte: Duration) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.cooldown_until.load(Ordering::Relaxed) != 0 {
+            self.cooldown_until.store(0, Ordering::Relaxed);
+        }
+        let sample = u64::try_from(first_byte.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { (old * 4 + sample) / 5 };
+        self.latency_us.store(new, Ordering::Relaxed);
     }
 
     /// The upstream URL for a gateway path (`/v1/...`) and optional query string.
+    /// A path listed in `paths` is replaced whole; otherwise it is appended to `base_url`.
     pub fn url(&self, path: &str, query: Option<&str>) -> String {
-        let path = match path.strip_prefix("/v1") {
-            Some(rest) if self.base_has_version && (rest.is_empty() || rest.starts_with('/')) => {
-                rest
-            }
-            _ => path,
+        let path = match self.config.paths.get(path) {
+            Some(mapped) => mapped.as_str(),
+            None => match path.strip_prefix("/v1") {
+                Some(rest) if self.base_has_version && (rest.is_empty() || rest.starts_with('/')) => rest,
+                _ => path,
+            },
         };
-        let mut url = String::with_capacity(
-            self.config.base_url.len() + path.len() + query.map_or(0, |q| q.len() + 1),
-        );
+        let mut url = String::with_capacity(self.config.base_url.len() + path.len() + query.map_or(0, |q| q.len() + 1));
         url.push_str(&self.config.base_url);
         url.push_str(path);
         if let Some(query) = query {
@@ -106,13 +187,34 @@ impl UpstreamRuntime {
     }
 }
 
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2)
+}
+
+fn build_client(config: &Upstream) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.timeouts.connect)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        // A gateway relays redirects to the client instead of following them.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
+    builder = match &config.proxy {
+        Some(url) => builder.proxy(reqwest::Proxy::all(url.as_str()).context("bad proxy URL")?),
+        // Only the configured proxy is used, never one picked up from the environment.
+        None => builder.no_proxy(),
+    };
+    builder.build().context("cannot build its HTTP client")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ModelSet, Timeouts};
+    use crate::config::{ModelSet, Secret, Timeouts};
 
-    fn upstream(base_url: &str, keys: &[&str]) -> UpstreamRuntime {
-        UpstreamRuntime::new(Upstream {
+    pub fn upstream_config(base_url: &str, keys: &[&str]) -> Upstream {
+        Upstream {
             name: "u".into(),
             base_url: base_url.into(),
             keys: keys.iter().map(|k| Secret::new(*k)).collect(),
@@ -120,36 +222,53 @@ mod tests {
             headers: Vec::new(),
             proxy: None,
             timeouts: Timeouts::default(),
-        })
-        .unwrap()
+            model_map: Default::default(),
+            field_aliases: Vec::new(),
+            paths: Default::default(),
+            weight: 1,
+            token: None,
+        }
+    }
+
+    fn upstream(base_url: &str, keys: &[&str]) -> UpstreamRuntime {
+        UpstreamRuntime::new(upstream_config(base_url, keys)).unwrap()
     }
 
     #[test]
-    fn keys_are_used_in_turn() {
+    fn keys_are_used_in_turn_skipping_resting_ones() {
         let u = upstream("http://h", &["a", "b", "c"]);
-        let used: Vec<&str> = (0..6).map(|_| u.next_key().unwrap().0.expose()).collect();
-        assert_eq!(used, ["a", "b", "c", "a", "b", "c"]);
-        assert_eq!(u.next_key().unwrap().1, "Bearer a");
-        assert!(upstream("http://h", &[]).next_key().is_none());
+        let now = now_ms();
+        let used: Vec<usize> = (0..6).map(|_| u.pick_key(now, |_| false).unwrap().unwrap()).collect();
+        assert_eq!(used, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(u.auth_header(0).unwrap(), "Bearer a");
+        u.cool_key(1, Duration::from_secs(60));
+        let used: Vec<usize> = (0..4).map(|_| u.pick_key(now_ms(), |_| false).unwrap().unwrap()).collect();
+        assert!(!used.contains(&1), "{used:?}");
+        assert_eq!(u.pick_key(now_ms(), |i| i != 1), None, "only the resting key is left");
+        assert_eq!(u.soonest_key(), Some(0));
+        assert_eq!(upstream("http://h", &[]).pick_key(now, |_| false), Some(None));
     }
 
     #[test]
     fn urls_join_base_and_path_once() {
-        assert_eq!(
-            upstream("http://h", &[]).url("/v1/models", None),
-            "http://h/v1/models"
-        );
-        assert_eq!(
-            upstream("http://h/api", &[]).url("/v1/x", Some("a=1")),
-            "http://h/api/v1/x?a=1"
-        );
-        assert_eq!(
-            upstream("http://h/v1", &[]).url("/v1/chat/completions", None),
-            "http://h/v1/chat/completions"
-        );
-        assert_eq!(
-            upstream("http://h/v1", &[]).url("/v1beta/x", None),
-            "http://h/v1/v1beta/x"
-        );
+        assert_eq!(upstream("http://h", &[]).url("/v1/models", None), "http://h/v1/models");
+        assert_eq!(upstream("http://h/api", &[]).url("/v1/x", Some("a=1")), "http://h/api/v1/x?a=1");
+        assert_eq!(upstream("http://h/v1", &[]).url("/v1/chat/completions", None), "http://h/v1/chat/completions");
+        assert_eq!(upstream("http://h/v1", &[]).url("/v1beta/x", None), "http://h/v1/v1beta/x");
+        let mut config = upstream_config("http://h", &[]);
+        config.paths.insert("/v1/chat/completions".into(), "/api/projects/X/chat".into());
+        let mapped = UpstreamRuntime::new(config).unwrap();
+        assert_eq!(mapped.url("/v1/chat/completions", Some("q=1")), "http://h/api/projects/X/chat?q=1");
+    }
+
+    #[test]
+    fn latency_is_a_moving_average_and_success_clears_cooldown() {
+        let u = upstream("http://h", &[]);
+        u.record_failure(Duration::from_secs(60));
+        assert!(u.is_cooling(now_ms()));
+        u.record_success(Duration::from_micros(1000));
+        assert!(!u.is_cooling(now_ms()));
+        u.record_success(Duration::from_micros(2000));
+        assert_eq!(u.latency_us.load(Ordering::Relaxed), 1200);
     }
 }

@@ -9,10 +9,10 @@ use http::{HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::raw::{RawAccess, RawGatewayKey, RawServer, RawTimeouts, RawUpstream, Scalar};
+use super::raw::{RawAccess, RawGatewayKey, RawRouting, RawServer, RawTimeouts, RawToken, RawUpstream, Scalar};
 use super::{
-    Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, Secret,
-    Server, Timeouts, Upstream, parse_duration, parse_net, parse_size,
+    Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn, Routing, Secret,
+    Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration, parse_net, parse_size,
 };
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
@@ -59,7 +59,7 @@ pub struct Loaded {
 
 /// Environment variables sluice reads itself rather than as config overrides.
 const NOT_OVERRIDES: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG"];
-const SECTIONS: &[&str] = &["server", "access", "upstreams"];
+const SECTIONS: &[&str] = &["server", "access", "upstreams", "routing"];
 
 /// Loads and checks the configuration. On failure, returns every problem found.
 pub fn load(options: &LoadOptions, env: &EnvMap) -> Result<Loaded, Vec<Problem>> {
@@ -264,12 +264,25 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         }
     };
 
+        let raw_routing: RawRouting = section(top.get("routing"), "routing", &mut problems).unwrap_or_default();
+    let routing = resolve_routing(raw_routing, &mut problems);
+
+    // A key's model that no upstream serves can never be used: almost surely a typo.
+    if !upstreams.is_empty() {
+        for (i, key) in access.keys.iter().enumerate() {
+            for (j, model) in key.models.names.iter().enumerate() {
+                if !upstreams.iter().any(|u| u.serves(model)) {
+                    problems.push(Problem::new(
+                        format!("access.keys[{i}].models[{j}]"),
+                        format!("no upstream serves the model {model:?}"),
+                    ));
+                }
+            }
+        }
+    }
+
     if problems.is_empty() {
-        Ok(Config {
-            server,
-            access,
-            upstreams,
-        })
+        Ok(Config { server, access, upstreams, routing })
     } else {
         Err(problems)
     }
@@ -534,30 +547,7 @@ fn resolve_upstream(
         ));
     }
 
-    let mut headers = Vec::new();
-    for (name, value) in &raw.headers {
-        let header_path = format!("{path}.headers.{name}");
-        let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
-            problems.push(Problem::new(header_path, "not a valid header name"));
-            continue;
-        };
-        match expand_env(value, env) {
-            Err(var) => problems.push(Problem::new(
-                header_path,
-                format!("environment variable {var} is not set"),
-            )),
-            Ok(expanded) => match HeaderValue::from_str(&expanded) {
-                Ok(mut header_value) => {
-                    header_value.set_sensitive(true);
-                    headers.push((header_name, header_value));
-                }
-                Err(_) => problems.push(Problem::new(
-                    header_path,
-                    "value has characters not allowed in a header",
-                )),
-            },
-        }
-    }
+    let headers = resolve_headers(&raw.headers, &format!("{path}.headers"), env, problems);
 
     if let Some(proxy) = &raw.proxy {
         match reqwest::Url::parse(proxy) {
@@ -580,6 +570,29 @@ fn resolve_upstream(
 
     let timeouts = resolve_timeouts(&raw.timeouts, &format!("{path}.timeouts"), problems);
 
+    for (from, to) in &raw.model_map {
+        if from.trim().is_empty() || to.trim().is_empty() {
+            problems.push(Problem::new(format!("{path}.model_map"), "model names must not be empty"));
+        }
+    }
+    for (from, to) in &raw.field_aliases {
+        if from.is_empty() || to.is_empty() {
+            problems.push(Problem::new(format!("{path}.field_aliases"), "field names must not be empty"));
+        }
+    }
+    for (from, to) in &raw.paths {
+        if !from.starts_with('/') || !to.starts_with('/') {
+            problems.push(Problem::new(
+                format!("{path}.paths.{from}"),
+                "both the gateway path and the upstream path must start with '/'",
+            ));
+        }
+    }
+    let token = raw.token.as_ref().and_then(|t| resolve_token(t, &format!("{path}.token"), env, problems));
+    if raw.token.is_some() && !keys.is_empty() {
+        problems.push(Problem::new(format!("{path}.token"), "use keys or a token endpoint, not both"));
+    }
+
     (problems.len() == before).then(|| Upstream {
         name: raw.name,
         base_url,
@@ -588,7 +601,169 @@ fn resolve_upstream(
         headers,
         proxy: raw.proxy,
         timeouts,
+        model_map: raw.model_map.into_iter().collect(),
+        field_aliases: raw.field_aliases.into_iter().collect(),
+        paths: raw.paths.into_iter().collect(),
+        weight: raw.weight.unwrap_or(1),
+        token,
     })
+}
+
+fn resolve_token(raw: &RawToken, path: &str, env: &EnvMap, problems: &mut Vec<Problem>) -> Option<TokenSource> {
+    let before = problems.len();
+    match reqwest::Url::parse(&raw.url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+        _ => problems.push(Problem::new(format!("{path}.url"), "not an http:// or https:// URL")),
+    }
+    let method = match raw.method.as_deref().unwrap_or("POST").to_ascii_uppercase().as_str() {
+        "GET" => http::Method::GET,
+        "POST" => http::Method::POST,
+        "PUT" => http::Method::PUT,
+        other => {
+            problems.push(Problem::new(format!("{path}.method"), format!("{other:?} is not GET, POST or PUT")));
+            http::Method::POST
+        }
+    };
+    let body = match (&raw.body, &raw.form) {
+        (Some(_), Some(_)) => {
+            problems.push(Problem::new(path, "set either body (JSON) or form, not both"));
+            TokenBody::None
+        }
+        (Some(json), None) => match expand_json(json, env) {
+            Ok(value) => TokenBody::Json(value),
+            Err(var) => {
+                problems.push(Problem::new(format!("{path}.body"), format!("environment variable {var} is not set")));
+                TokenBody::None
+            }
+        },
+        (None, Some(form)) => {
+            let mut fields = Vec::new();
+            for (name, value) in form {
+                match expand_env(value, env) {
+                    Ok(value) => fields.push((name.clone(), value)),
+                    Err(var) => problems.push(Problem::new(
+                        format!("{path}.form.{name}"),
+                        format!("environment variable {var} is not set"),
+                    )),
+                }
+            }
+            TokenBody::Form(fields)
+        }
+        (None, None) => TokenBody::None,
+    };
+    let headers = resolve_headers(&raw.headers, &format!("{path}.headers"), env, problems);
+    let token_path = raw.token_path.clone().unwrap_or_else(|| "access_token".to_string());
+    if token_path.trim().is_empty() {
+        problems.push(Problem::new(format!("{path}.token_path"), "must not be empty"));
+    }
+    let mut duration = |value: &Option<Scalar>, field: &str, default: std::time::Duration| match value {
+        None => default,
+        Some(v) => parse_duration(&v.as_text()).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+            problems.push(Problem::new(format!("{path}.{field}"), format!("{:?} is not a duration", v.as_text())));
+            default
+        }),
+    };
+    let ttl = duration(&raw.ttl, "ttl", std::time::Duration::from_secs(3600));
+    let refresh_before = duration(&raw.refresh_before, "refresh_before", std::time::Duration::from_secs(60));
+    (problems.len() == before).then(|| TokenSource {
+        url: raw.url.clone(),
+        method,
+        body,
+        headers,
+        token_path,
+        expires_in_path: Some(raw.expires_in_path.clone().unwrap_or_else(|| "expires_in".to_string())),
+        ttl,
+        refresh_before,
+    })
+}
+
+/// Expands `${VAR}` in every string of a JSON value.
+fn expand_json(value: &Value, env: &EnvMap) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) => Value::String(expand_env(s, env)?),
+        Value::Array(items) => Value::Array(items.iter().map(|v| expand_json(v, env)).collect::<Result<_, _>>()?),
+        Value::Object(map) => Value::Object(
+            map.iter().map(|(k, v)| Ok((k.clone(), expand_json(v, env)?))).collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn resolve_routing(raw: RawRouting, problems: &mut Vec<Problem>) -> Routing {
+    let defaults = Routing::default();
+    let strategy = match raw.strategy.as_deref() {
+        None => defaults.strategy,
+        Some(name) => Strategy::parse(name).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                "routing.strategy",
+                format!("{name:?} is not one of {}", Strategy::NAMES.join(", ")),
+            ));
+            defaults.strategy
+        }),
+    };
+    let retry_on = match raw.retry_on {
+        None => defaults.retry_on.clone(),
+        Some(list) => {
+            let mut retry_on = RetryOn { connect: false, timeout: false, statuses: Vec::new() };
+            for (i, item) in list.iter().enumerate() {
+                match item.as_text().as_str() {
+                    "connect" => retry_on.connect = true,
+                    "timeout" => retry_on.timeout = true,
+                    text => match text.parse::<u16>() {
+                        Ok(code) if (400..600).contains(&code) => retry_on.statuses.push(code),
+                        _ => problems.push(Problem::new(
+                            format!("routing.retry_on[{i}]"),
+                            format!("{text:?} is not connect, timeout or a status from 400 to 599"),
+                        )),
+                    },
+                }
+            }
+            retry_on
+        }
+    };
+    let mut duration = |value: &Option<Scalar>, field: &str| -> Option<std::time::Duration> {
+        let text = value.as_ref()?.as_text();
+        let parsed = parse_duration(&text);
+        if parsed.is_none() {
+            problems.push(Problem::new(format!("routing.{field}"), format!("{text:?} is not a duration like 30s")));
+        }
+        parsed
+    };
+    Routing {
+        strategy,
+        retries: raw.retries.unwrap_or(defaults.retries),
+        retry_on,
+        cooldown: duration(&raw.cooldown, "cooldown").unwrap_or(defaults.cooldown),
+        backoff: duration(&raw.backoff, "backoff").unwrap_or(defaults.backoff),
+        session_ttl: duration(&raw.session_ttl, "session_ttl").filter(|d| !d.is_zero()),
+    }
+}
+
+fn resolve_headers(
+    raw: &BTreeMap<String, String>,
+    path: &str,
+    env: &EnvMap,
+    problems: &mut Vec<Problem>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = Vec::new();
+    for (name, value) in raw {
+        let header_path = format!("{path}.{name}");
+        let Ok(header_name) = HeaderName::from_bytes(name.as_bytes()) else {
+            problems.push(Problem::new(header_path, "not a valid header name"));
+            continue;
+        };
+        match expand_env(value, env) {
+            Err(var) => problems.push(Problem::new(header_path, format!("environment variable {var} is not set"))),
+            Ok(expanded) => match HeaderValue::from_str(&expanded) {
+                Ok(mut header_value) => {
+                    header_value.set_sensitive(true);
+                    headers.push((header_name, header_value));
+                }
+                Err(_) => problems.push(Problem::new(header_path, "value has characters not allowed in a header")),
+            },
+        }
+    }
+    headers
 }
 
 fn resolve_timeouts(raw: &RawTimeouts, path: &str, problems: &mut Vec<Problem>) -> Timeouts {

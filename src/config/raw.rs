@@ -65,6 +65,43 @@ pub struct RawUpstream {
     pub proxy: Option<String>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub model_map: BTreeMap<String, String>,
+    #[serde(default)]
+    pub field_aliases: BTreeMap<String, String>,
+    #[serde(default)]
+    pub paths: BTreeMap<String, String>,
+    pub weight: Option<u32>,
+    pub token: Option<RawToken>,
+}
+
+/// Where an upstream's short-lived bearer token comes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub url: String,
+    pub method: Option<String>,
+    /// Sent as JSON.
+    pub body: Option<serde_json::Value>,
+    /// Sent as `application/x-www-form-urlencoded` (OAuth2 client credentials).
+    pub form: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub token_path: Option<String>,
+    pub expires_in_path: Option<String>,
+    pub ttl: Option<Scalar>,
+    pub refresh_before: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRouting {
+    pub strategy: Option<String>,
+    pub retries: Option<u32>,
+    pub retry_on: Option<Vec<Scalar>>,
+    pub cooldown: Option<Scalar>,
+    pub backoff: Option<Scalar>,
+    pub session_ttl: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

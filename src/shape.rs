@@ -1,0 +1,144 @@
+//! Response shaping for a relayed body: the work that must look inside an upstream's
+//! answer while it streams. Today that is the model alias (the client sees the name it
+//! asked for); SSE bodies are cut into events at blank lines and each event is handled as
+//! soon as it is complete, so nothing is held back longer than one event.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+/// Responses larger than this are relayed unshaped rather than held in memory.
+const JSON_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Puts the client's model name back where the upstream wrote its own.
+#[derive(Debug, Clone)]
+pub struct ModelRename {
+    pub to: String,
+}
+
+impl ModelRename {
+    fn apply(&self, value: &mut Value) -> bool {
+        let mut changed = false;
+        for pointer in ["/model", "/response/model"] {
+            if let Some(slot) = value.pointer_mut(pointer) {
+                if slot.is_string() && slot.as_str() != Some(self.to.as_str()) {
+                    *slot = Value::String(self.to.clone());
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+}
+
+#[derive(Debug)]
+pub struct Shaper {
+    sse: bool,
+    buffer: BytesMut,
+    rename: ModelRename,
+    /// Gave up shaping (too large); the rest passes through.
+    bypass: bool,
+}
+
+impl Shaper {
+    pub fn new(sse: bool, rename: ModelRename) -> Self {
+        Self { sse, buffer: BytesMut::new(), rename, bypass: false }
+    }
+
+    /// Takes a chunk; returns what can be sent now (possibly empty).
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        if self.bypass {
+            return chunk;
+        }
+        self.buffer.extend_from_slice(&chunk);
+        if !self.sse {
+            if self.buffer.len() > JSON_LIMIT {
+                self.bypass = true;
+                return self.buffer.split().freeze();
+            }
+            return Bytes::new();
+        }
+        let Some(end) = last_event_end(&self.buffer) else { return Bytes::new() };
+        let complete = self.buffer.split_to(end).freeze();
+        self.shape_events(&complete)
+    }
+
+    /// The rest, at the end of the body.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.buffer.split().freeze();
+        if self.bypass || rest.is_empty() {
+            return rest;
+        }
+        if self.sse {
+            return self.shape_events(&rest);
+        }
+        let Ok(mut value) = serde_json::from_slice::<Value>(&rest) else { return rest };
+        if self.rename.apply(&mut value) { serde_json::to_vec(&value).map_or(rest, Bytes::from) } else { rest }
+    }
+
+    fn shape_events(&self, events: &Bytes) -> Bytes {
+        let Ok(text) = std::str::from_utf8(events) else { return events.clone() };
+        let mut out = String::with_capacity(text.len() + 16);
+        let mut changed = false;
+        for line in text.split_inclusive('\n') {
+            let shaped = line.strip_prefix("data:").and_then(|data| {
+                let payload = data.trim();
+                if !payload.starts_with('{') {
+                    return None;
+                }
+                let mut value: Value = serde_json::from_str(payload).ok()?;
+                self.rename.apply(&mut value).then(|| value.to_string())
+            });
+            match shaped {
+                Some(json) => {
+                    changed = true;
+                    out.push_str("data: ");
+                    out.push_str(&json);
+                    out.push_str(if line.ends_with("\r\n") { "\r\n" } else { "\n" });
+                }
+                None => out.push_str(line),
+            }
+        }
+        if changed { Bytes::from(out) } else { events.clone() }
+    }
+}
+
+/// The end of the last complete SSE event in `buffer` (just after its blank line).
+fn last_event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer.windows(2).rposition(|w| w == b"\n\n").map(|p| p + 2);
+    let crlf = buffer.windows(4).rposition(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    lf.max(crlf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rename() -> ModelRename {
+        ModelRename { to: "alias".into() }
+    }
+
+    #[test]
+    fn sse_events_are_renamed_as_soon_as_complete() {
+        let mut shaper = Shaper::new(true, rename());
+        let first = shaper.push(Bytes::from_static(b"data: {\"model\":\"real\",\"n\":1}\n\ndata: {\"mod"));
+        assert_eq!(&first[..], b"data: {\"model\":\"alias\",\"n\":1}\n\n");
+        let second = shaper.push(Bytes::from_static(b"el\":\"real\"}\n\ndata: [DONE]\n\n"));
+        assert_eq!(&second[..], b"data: {\"model\":\"alias\"}\n\ndata: [DONE]\n\n");
+        assert!(shaper.finish().is_empty());
+    }
+
+    #[test]
+    fn responses_api_events_carry_the_model_inside_response() {
+        let mut shaper = Shaper::new(true, rename());
+        let out = shaper.push(Bytes::from_static(b"event: response.created\ndata: {\"response\":{\"model\":\"real\"}}\n\n"));
+        assert_eq!(&out[..], b"event: response.created\ndata: {\"response\":{\"model\":\"alias\"}}\n\n");
+    }
+
+    #[test]
+    fn json_bodies_are_renamed_at_the_end() {
+        let mut shaper = Shaper::new(false, rename());
+        assert!(shaper.push(Bytes::from_static(b"{\"model\":")).is_empty());
+        assert!(shaper.push(Bytes::from_static(b"\"real\",\"id\":1}")).is_empty());
+        assert_eq!(&shaper.finish()[..], b"{\"model\":\"alias\",\"id\":1}");
+    }
+}
