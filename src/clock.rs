@@ -10,5 +10,7 @@ fn epoch() -> Instant {
 
 /// Milliseconds since the process first asked; never 0, so 0 can mean "unset".
 pub fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+    u64::try_from(epoch().elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }

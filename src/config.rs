@@ -159,7 +159,13 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const NAMES: [&'static str; 5] = ["round_robin", "random", "weighted", "least_busy", "lowest_latency"];
+    pub const NAMES: [&'static str; 5] = [
+        "round_robin",
+        "random",
+        "weighted",
+        "least_busy",
+        "lowest_latency",
+    ];
 
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
@@ -183,7 +189,11 @@ pub struct RetryOn {
 
 impl Default for RetryOn {
     fn default() -> Self {
-        Self { connect: true, timeout: true, statuses: vec![429, 500, 502, 503, 504] }
+        Self {
+            connect: true,
+            timeout: true,
+            statuses: vec![429, 500, 502, 503, 504],
+        }
     }
 }
 

@@ -29,13 +29,24 @@ impl Gateway {
             .map(|u| UpstreamRuntime::new(u.clone()).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let routing = &config.routing;
-        let routing_needs_model = upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
+        let routing_needs_model =
+            upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
         let rewrites = upstreams.iter().any(|u| u.config.rewrites_bodies());
         let can_retry = routing.retries > 0
-            && (upstreams.len() > 1 || upstreams.iter().any(|u| u.key_count() > 1 || u.token.is_some()));
+            && (upstreams.len() > 1
+                || upstreams
+                    .iter()
+                    .any(|u| u.key_count() > 1 || u.token.is_some()));
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
-        let read_json_always = routing_needs_model || rewrites || can_retry || router.sessions_enabled();
-        Ok(Self { guard: Guard::new(&config.access), config, upstreams, router, read_json_always })
+        let read_json_always =
+            routing_needs_model || rewrites || can_retry || router.sessions_enabled();
+        Ok(Self {
+            guard: Guard::new(&config.access),
+            config,
+            upstreams,
+            router,
+            read_json_always,
+        })
     }
 
     /// Whether a JSON request body from this caller must be read before forwarding.
@@ -48,17 +59,33 @@ impl Gateway {
         let indexes = 0..self.upstreams.len();
         match model {
             Some(model) => {
-                let serving: Vec<usize> = indexes.filter(|&i| self.upstreams[i].config.serves(model)).collect();
-                if serving.is_empty() { Err(model_not_found(model)) } else { Ok(serving) }
+                let serving: Vec<usize> = indexes
+                    .filter(|&i| self.upstreams[i].config.serves(model))
+                    .collect();
+                if serving.is_empty() {
+                    Err(model_not_found(model))
+                } else {
+                    Ok(serving)
+                }
             }
             None => {
-                let any: Vec<usize> = indexes.clone().filter(|&i| self.upstreams[i].config.models.any).collect();
-                Ok(if any.is_empty() { indexes.collect() } else { any })
+                let any: Vec<usize> = indexes
+                    .clone()
+                    .filter(|&i| self.upstreams[i].config.models.any)
+                    .collect();
+                Ok(if any.is_empty() {
+                    indexes.collect()
+                } else {
+                    any
+                })
             }
         }
     }
 }
 
 pub fn model_not_found(model: &str) -> ApiError {
-    ApiError::not_found("model_not_found", format!("The model `{model}` does not exist or you do not have access to it."))
+    ApiError::not_found(
+        "model_not_found",
+        format!("The model `{model}` does not exist or you do not have access to it."),
+    )
 }

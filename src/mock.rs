@@ -80,7 +80,7 @@ pub struct MockOptions {
     pub fault: Option<Fault>,
     /// Keys the mock accepts; empty accepts any (or none).
     pub keys: Vec<String>,
-        /// Keep the last requests for `/_mock/requests` and [`MockServer::requests`].
+    /// Keep the last requests for `/_mock/requests` and [`MockServer::requests`].
     pub record: bool,
     /// Accept only tokens issued by `POST /_mock/token` (and not revoked).
     pub require_token: bool,
@@ -97,7 +97,7 @@ impl Default for MockOptions {
             interval: Duration::ZERO,
             fault: None,
             keys: Vec::new(),
-                        record: true,
+            record: true,
             require_token: false,
             token_ttl: 3600,
             models: [
@@ -142,7 +142,7 @@ pub struct MockState {
     pub options: Mutex<MockOptions>,
     recorded: Mutex<VecDeque<Recorded>>,
     files: Mutex<HashMap<String, StoredFile>>,
-        batches: Mutex<HashMap<String, Value>>,
+    batches: Mutex<HashMap<String, Value>>,
     tokens: Mutex<std::collections::HashSet<String>>,
     /// Tokens issued by `POST /_mock/token`.
     pub tokens_issued: AtomicUsize,
@@ -338,21 +338,21 @@ async fn handle(
         _ => {}
     }
 
-        let presented = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
-    let token_ok = || presented.is_some_and(|t| state.tokens.lock().is_ok_and(|tokens| tokens.contains(t)));
+    let presented = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    let token_ok =
+        || presented.is_some_and(|t| state.tokens.lock().is_ok_and(|tokens| tokens.contains(t)));
     let key_ok = || presented.is_some_and(|key| options.keys.iter().any(|k| k == key));
-    if !options.keys.is_empty() || options.require_token {
-        if !(key_ok() || (options.require_token && token_ok())) {
-            return Ok(finish(
-                error(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_api_key",
-                    "Incorrect API key provided (mock).",
-                ),
-                &plan,
-                &state,
-            ));
-        }
+    let guarded = !options.keys.is_empty() || options.require_token;
+    if guarded && !(key_ok() || (options.require_token && token_ok())) {
+        return Ok(finish(
+            error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "Incorrect API key provided (mock).",
+            ),
+            &plan,
+            &state,
+        ));
     }
 
     let response = responses::route(&state, &plan, &parts, body);
@@ -423,14 +423,17 @@ fn control(state: &MockState, method: &Method, path: &str) -> Response<Body> {
                 .collect();
             json_response(StatusCode::OK, &json!({ "requests": list }))
         }
-                (&Method::POST, "/_mock/token") => {
+        (&Method::POST, "/_mock/token") => {
             let ttl = state.options().token_ttl;
             let number = state.tokens_issued.fetch_add(1, Ordering::SeqCst) + 1;
             let token = format!("tok-mock-{number}");
             if let Ok(mut tokens) = state.tokens.lock() {
                 tokens.insert(token.clone());
             }
-            json_response(StatusCode::OK, &json!({"data": {"token": token, "expires_in": ttl}}))
+            json_response(
+                StatusCode::OK,
+                &json!({"data": {"token": token, "expires_in": ttl}}),
+            )
         }
         (&Method::POST, "/_mock/revoke") => {
             if let Ok(mut tokens) = state.tokens.lock() {

@@ -28,7 +28,8 @@ pub async fn list(
     path: &str,
 ) -> Response<Body> {
     if let [only] = gateway.upstreams.as_slice() {
-        if only.config.models.any && only.config.model_map.is_empty() && !caller.restricts_models() {
+        if only.config.models.any && only.config.model_map.is_empty() && !caller.restricts_models()
+        {
             return proxy::forward(gateway, caller, parts, body, path).await;
         }
     }
@@ -36,12 +37,23 @@ pub async fn list(
     let mut data = Vec::new();
     for upstream in &gateway.upstreams {
         let config = &upstream.config;
-        let mut entries = if config.models.any { fetch(upstream, &caller).await } else { Vec::new() };
+        let mut entries = if config.models.any {
+            fetch(upstream, &caller).await
+        } else {
+            Vec::new()
+        };
         // Declared names and aliases, in a stable order.
-        let mut declared: Vec<&String> = config.models.names.iter().chain(config.model_map.keys()).collect();
+        let mut declared: Vec<&String> = config
+            .models
+            .names
+            .iter()
+            .chain(config.model_map.keys())
+            .collect();
         declared.sort_unstable();
         entries.extend(
-            declared.into_iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": config.name})),
+            declared.into_iter().map(
+                |id| json!({"id": id, "object": "model", "created": 0, "owned_by": config.name}),
+            ),
         );
         for entry in entries {
             let Some(id) = entry.get("id").and_then(Value::as_str) else {

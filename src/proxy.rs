@@ -62,7 +62,13 @@ pub struct Attempt {
 }
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
-pub async fn forward(gateway: &Gateway, caller: Caller, parts: Parts, body: Incoming, path: &str) -> Response<Body> {
+pub async fn forward(
+    gateway: &Gateway,
+    caller: Caller,
+    parts: Parts,
+    body: Incoming,
+    path: &str,
+) -> Response<Body> {
     match forward_inner(gateway, caller, parts, body, path).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -98,24 +104,44 @@ async fn forward_inner(
     if declared_length.is_some_and(|len| len > limit) {
         return Err(ApiError::payload_too_large(limit));
     }
-    let has_body = declared_length.is_some_and(|len| len > 0) || parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let must_read = has_body && parts.method == Method::POST && is_json(&parts.headers) && gateway.must_read_json(&caller);
+    let has_body = declared_length.is_some_and(|len| len > 0)
+        || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let must_read = has_body
+        && parts.method == Method::POST
+        && is_json(&parts.headers)
+        && gateway.must_read_json(&caller);
 
     let (buffered, mut streamed, model, user) = if must_read {
         let bytes = read_body(body, limit).await?;
         let peek: Peek = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}"))
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the request body is not valid JSON: {e}"),
+            )
         })?;
         let model = peek.model.map(Cow::into_owned);
         let user = peek.user.map(Cow::into_owned);
         (Some(bytes), None, model, user)
     } else {
-        let streamed = has_body.then(|| reqwest::Body::wrap(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))));
-        (None, streamed, model_in_path(&parts.method, path).map(str::to_string), None)
+        let streamed = has_body.then(|| {
+            reqwest::Body::wrap(Limited::new(
+                body,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            ))
+        });
+        (
+            None,
+            streamed,
+            model_in_path(&parts.method, path).map(str::to_string),
+            None,
+        )
     };
     if let Some(model) = &model {
         if !caller.may_use(model) {
-            return Err(ApiError::forbidden("model_not_allowed", format!("this API key may not use the model `{model}`")));
+            return Err(ApiError::forbidden(
+                "model_not_allowed",
+                format!("this API key may not use the model `{model}`"),
+            ));
         }
     }
     let candidates = gateway.candidates(model.as_deref())?;
@@ -127,7 +153,11 @@ async fn forward_inner(
         .or(user)
         .filter(|_| gateway.router.sessions_enabled());
 
-    let base_headers = upstream_request_headers(parts.headers);
+    let mut base_headers = upstream_request_headers(parts.headers);
+    if buffered.is_some() {
+        // The body may be rewritten; the client sets its length for the bytes it sends.
+        base_headers.remove(header::CONTENT_LENGTH);
+    }
     let routing = &gateway.config.routing;
     let replayable = streamed.is_none();
     let mut tried = Tried::default();
@@ -139,12 +169,19 @@ async fn forward_inner(
     loop {
         let choice = match retry_choice.take() {
             Some(choice) => choice,
-            None => match gateway.router.choose(&gateway.upstreams, &candidates, &tried, session.as_deref()) {
+            None => match gateway.router.choose(
+                &gateway.upstreams,
+                &candidates,
+                &tried,
+                session.as_deref(),
+            ) {
                 Some(choice) => choice,
                 None => break,
             },
         };
-        let Some(upstream) = gateway.upstreams.get(choice.upstream) else { break };
+        let Some(upstream) = gateway.upstreams.get(choice.upstream) else {
+            break;
+        };
         let started = Instant::now();
 
         let mut headers = base_headers.clone();
@@ -175,17 +212,34 @@ async fn forward_inner(
         }
 
         let url = upstream.url(path, parts.uri.query());
-        let mut request = upstream.client.request(parts.method.clone(), url).headers(headers);
+        let mut request = upstream
+            .client
+            .request(parts.method.clone(), url)
+            .headers(headers);
         if let Some(bytes) = &buffered {
             let rewritten = rewrite::request_body(bytes, model.as_deref(), &upstream.config)
-                .map_err(|e| ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}")))?;
+                .map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_json",
+                        format!("the request body is not valid JSON: {e}"),
+                    )
+                })?;
             request = request.body(rewritten.unwrap_or_else(|| bytes.clone()));
         } else if let Some(body) = streamed.take() {
             request = request.body(body);
         }
 
         let in_flight = InFlight::new(upstream);
-        let outcome = send(gateway, upstream, &caller, choice, request, token_generation, token_refreshed).await;
+        let outcome = send(
+            gateway,
+            upstream,
+            &caller,
+            choice,
+            request,
+            token_generation,
+            token_refreshed,
+        )
+        .await;
         let elapsed = started.elapsed();
         let mut attempt = Attempt {
             upstream: upstream.config.name.clone(),
@@ -201,7 +255,13 @@ async fn forward_inner(
                 if let Some(session) = &session {
                     gateway.router.remember(session, choice);
                 }
-                return Ok(relay(response, upstream, model.as_deref(), attempts.len(), Some(in_flight)));
+                return Ok(relay(
+                    response,
+                    upstream,
+                    model.as_deref(),
+                    attempts.len(),
+                    Some(in_flight),
+                ));
             }
             Outcome::RefreshToken => {
                 attempt.status = Some(401);
@@ -209,7 +269,9 @@ async fn forward_inner(
                 token_refreshed = true;
                 retry_choice = Some(choice);
                 if !replayable {
-                    return Err(ApiError::bad_gateway("the upstream refused its token and the request body cannot be resent"));
+                    return Err(ApiError::bad_gateway(
+                        "the upstream refused its token and the request body cannot be resent",
+                    ));
                 }
                 continue;
             }
@@ -221,18 +283,36 @@ async fn forward_inner(
             Outcome::Final(failure) => {
                 note_failure(&mut attempt, &failure);
                 attempts.push(attempt);
-                return Ok(answer_failure(failure, upstream, model.as_deref(), attempts.len()));
+                return Ok(answer_failure(
+                    failure,
+                    upstream,
+                    model.as_deref(),
+                    attempts.len(),
+                ));
             }
         };
         drop(in_flight);
-        let retries_used = attempts.len().saturating_sub(1 + usize::from(token_refreshed));
+        let retries_used = attempts
+            .len()
+            .saturating_sub(1 + usize::from(token_refreshed));
         if !replayable || retries_used >= routing.retries as usize {
-            return Ok(answer_failure(failure, upstream, model.as_deref(), attempts.len()));
+            return Ok(answer_failure(
+                failure,
+                upstream,
+                model.as_deref(),
+                attempts.len(),
+            ));
         }
         tracing::debug!(upstream = %upstream.config.name, tries = attempts.len(), "trying another upstream or key");
         last_failure = Some(failure);
         let exponent = u32::try_from(retries_used).unwrap_or(16).min(16);
-        tokio::time::sleep(routing.backoff.saturating_mul(1 << exponent).min(MAX_BACKOFF)).await;
+        tokio::time::sleep(
+            routing
+                .backoff
+                .saturating_mul(1 << exponent)
+                .min(MAX_BACKOFF),
+        )
+        .await;
         if choice.key.is_some() && is_key_failure(last_failure.as_ref()) {
             tried.exclude_key(choice.upstream, choice.key.unwrap_or_default());
         } else {
@@ -249,9 +329,22 @@ async fn forward_inner(
                 .map(str::to_string);
             let upstream = name
                 .and_then(|n| gateway.upstreams.iter().find(|u| u.config.name == n))
-                .or_else(|| attempts.last().and_then(|a| gateway.upstreams.iter().find(|u| u.config.name == a.upstream)));
+                .or_else(|| {
+                    attempts.last().and_then(|a| {
+                        gateway
+                            .upstreams
+                            .iter()
+                            .find(|u| u.config.name == a.upstream)
+                    })
+                });
             match upstream {
-                Some(upstream) => Ok(relay(response, upstream, model.as_deref(), attempts.len(), None)),
+                Some(upstream) => Ok(relay(
+                    response,
+                    upstream,
+                    model.as_deref(),
+                    attempts.len(),
+                    None,
+                )),
                 None => Err(ApiError::bad_gateway("no upstream could serve the request")),
             }
         }
@@ -289,7 +382,9 @@ async fn send(
 ) -> Outcome {
     let routing = &gateway.config.routing;
     let timeouts = upstream.config.timeouts;
-    let first_byte = timeouts.total.map_or(timeouts.first_byte, |total| timeouts.first_byte.min(total));
+    let first_byte = timeouts
+        .total
+        .map_or(timeouts.first_byte, |total| timeouts.first_byte.min(total));
     let name = &upstream.config.name;
     let started = Instant::now();
     let response = match tokio::time::timeout(first_byte, request.send()).await {
@@ -299,7 +394,11 @@ async fn send(
                 "upstream `{name}` sent no response within {}",
                 humantime::format_duration(first_byte)
             ));
-            return if routing.retry_on.timeout { Outcome::Retryable(Failure::Error(error)) } else { Outcome::Final(Failure::Error(error)) };
+            return if routing.retry_on.timeout {
+                Outcome::Retryable(Failure::Error(error))
+            } else {
+                Outcome::Final(Failure::Error(error))
+            };
         }
         Ok(Err(error)) => {
             let limit = gateway.config.server.max_body;
@@ -308,8 +407,16 @@ async fn send(
                 return Outcome::Final(Failure::Error(api_error));
             }
             upstream.record_failure(routing.cooldown);
-            let retry = if error.is_timeout() { routing.retry_on.timeout } else { routing.retry_on.connect };
-            return if retry { Outcome::Retryable(Failure::Error(api_error)) } else { Outcome::Final(Failure::Error(api_error)) };
+            let retry = if error.is_timeout() {
+                routing.retry_on.timeout
+            } else {
+                routing.retry_on.connect
+            };
+            return if retry {
+                Outcome::Retryable(Failure::Error(api_error))
+            } else {
+                Outcome::Final(Failure::Error(api_error))
+            };
         }
         Ok(Ok(response)) => response,
     };
@@ -324,23 +431,37 @@ async fn send(
     let retry_listed = routing.retry_on.statuses.contains(&status);
     match status {
         401 | 403 | 429 if pooled && choice.key.is_some() => {
-            let rest = retry_after(response.headers()).filter(|_| status == 429).unwrap_or(routing.cooldown);
+            let rest = retry_after(response.headers())
+                .filter(|_| status == 429)
+                .unwrap_or(routing.cooldown);
             if let Some(key) = choice.key {
                 upstream.cool_key(key, rest);
                 tracing::warn!(upstream = %name, key = %upstream.masked_key(key).unwrap_or_default(), status, "key rests for {}", humantime::format_duration(rest));
             }
             // Another key of the pool may well work where this one was refused.
-            if retry_listed || status != 429 { Outcome::Retryable(Failure::Response(response)) } else { Outcome::Final(Failure::Response(response)) }
+            if retry_listed || status != 429 {
+                Outcome::Retryable(Failure::Response(response))
+            } else {
+                Outcome::Final(Failure::Response(response))
+            }
         }
         429 => {
             if let Some(rest) = retry_after(response.headers()).filter(|_| pooled) {
                 upstream.record_failure(rest);
             }
-            if retry_listed { Outcome::Retryable(Failure::Response(response)) } else { Outcome::Final(Failure::Response(response)) }
+            if retry_listed {
+                Outcome::Retryable(Failure::Response(response))
+            } else {
+                Outcome::Final(Failure::Response(response))
+            }
         }
         500..=599 => {
             upstream.record_failure(retry_after(response.headers()).unwrap_or(routing.cooldown));
-            if retry_listed { Outcome::Retryable(Failure::Response(response)) } else { Outcome::Final(Failure::Response(response)) }
+            if retry_listed {
+                Outcome::Retryable(Failure::Response(response))
+            } else {
+                Outcome::Final(Failure::Response(response))
+            }
         }
         _ => {
             upstream.record_success(started.elapsed());
@@ -351,17 +472,32 @@ async fn send(
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from APIs and ignored).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let seconds: f64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    let seconds: f64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)))
 }
 
-fn answer_failure(failure: Failure, upstream: &Arc<UpstreamRuntime>, model: Option<&str>, tries: usize) -> Response<Body> {
+fn answer_failure(
+    failure: Failure,
+    upstream: &Arc<UpstreamRuntime>,
+    model: Option<&str>,
+    tries: usize,
+) -> Response<Body> {
     match failure {
         Failure::Response(response) => relay(response, upstream, model, tries, None),
         Failure::Error(error) => {
             let mut response = error.into_response();
-            response.headers_mut().insert(UPSTREAM_HEADER, upstream.name_header.clone());
-            response.headers_mut().insert(TRIES_HEADER, HeaderValue::from(tries));
+            response
+                .headers_mut()
+                .insert(UPSTREAM_HEADER, upstream.name_header.clone());
+            response
+                .headers_mut()
+                .insert(TRIES_HEADER, HeaderValue::from(tries));
             response
         }
     }
@@ -395,7 +531,10 @@ fn relay(
         inner: reqwest::Body::from(response),
         idle: timeouts.idle,
         deadline,
-        timer: Box::pin(tokio::time::sleep_until(RelayBody::next_wake(timeouts.idle, deadline))),
+        timer: Box::pin(tokio::time::sleep_until(RelayBody::next_wake(
+            timeouts.idle,
+            deadline,
+        ))),
         sse,
         upstream: upstream.config.name.clone(),
         done: false,
@@ -409,21 +548,35 @@ fn relay(
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
 }
 
 /// `GET /v1/models/{id}` and `DELETE /v1/models/{id}` name their model in the path.
@@ -436,10 +589,16 @@ fn model_in_path<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
 
 /// Reads a whole request body, refusing more than `limit` bytes.
 pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
-    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect().await {
+    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
-        Err(_) => Err(ApiError::bad_request("body_read_error", "the request body could not be read")),
+        Err(_) => Err(ApiError::bad_request(
+            "body_read_error",
+            "the request body could not be read",
+        )),
     }
 }
 
@@ -458,7 +617,9 @@ fn classify(error: &reqwest::Error, upstream: &str, limit: u64) -> ApiError {
     if error.is_timeout() {
         ApiError::gateway_timeout(format!("upstream `{upstream}` timed out: {deepest}"))
     } else if error.is_connect() {
-        ApiError::bad_gateway(format!("cannot connect to upstream `{upstream}`: {deepest}"))
+        ApiError::bad_gateway(format!(
+            "cannot connect to upstream `{upstream}`: {deepest}"
+        ))
     } else {
         ApiError::bad_gateway(format!("upstream `{upstream}` failed: {deepest}"))
     }
@@ -503,7 +664,10 @@ impl HttpBody for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
             if this.done {
@@ -513,7 +677,9 @@ impl HttpBody for RelayBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     let wake = Self::next_wake(this.idle, this.deadline);
                     this.timer.as_mut().reset(wake);
-                    let Some(shaper) = this.shaper.as_mut() else { return Poll::Ready(Some(Ok(frame))) };
+                    let Some(shaper) = this.shaper.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
                     match frame.into_data() {
                         Ok(data) => {
                             let out = shaper.push(data);
@@ -525,7 +691,10 @@ impl HttpBody for RelayBody {
                     }
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    let message = format!("upstream `{}` broke off the response: {error}", this.upstream);
+                    let message = format!(
+                        "upstream `{}` broke off the response: {error}",
+                        this.upstream
+                    );
                     tracing::warn!(upstream = %this.upstream, "{message}");
                     return this.fail(ApiError::bad_gateway(message));
                 }
@@ -533,7 +702,11 @@ impl HttpBody for RelayBody {
                     this.done = true;
                     this._in_flight = None;
                     let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
-                    return if rest.is_empty() { Poll::Ready(None) } else { Poll::Ready(Some(Ok(Frame::data(rest)))) };
+                    return if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
+                    };
                 }
                 Poll::Pending => {
                     return match this.timer.as_mut().poll(cx) {
@@ -541,7 +714,11 @@ impl HttpBody for RelayBody {
                             let message = if this.deadline.is_some_and(|d| Instant::now() >= d) {
                                 format!("upstream `{}` exceeded the total timeout", this.upstream)
                             } else {
-                                format!("upstream `{}` sent nothing for {}", this.upstream, humantime::format_duration(this.idle))
+                                format!(
+                                    "upstream `{}` sent nothing for {}",
+                                    this.upstream,
+                                    humantime::format_duration(this.idle)
+                                )
                             };
                             tracing::warn!(upstream = %this.upstream, "{message}");
                             this.fail(ApiError::gateway_timeout(message))
@@ -558,7 +735,11 @@ impl HttpBody for RelayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sse || self.shaper.is_some() { SizeHint::default() } else { self.inner.size_hint() }
+        if self.sse || self.shaper.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
@@ -568,8 +749,14 @@ mod tests {
 
     #[test]
     fn model_is_read_from_model_paths_only() {
-        assert_eq!(model_in_path(&Method::GET, "/v1/models/gpt-4o"), Some("gpt-4o"));
-        assert_eq!(model_in_path(&Method::DELETE, "/v1/models/ft:x"), Some("ft:x"));
+        assert_eq!(
+            model_in_path(&Method::GET, "/v1/models/gpt-4o"),
+            Some("gpt-4o")
+        );
+        assert_eq!(
+            model_in_path(&Method::DELETE, "/v1/models/ft:x"),
+            Some("ft:x")
+        );
         assert_eq!(model_in_path(&Method::GET, "/v1/models/"), None);
         assert_eq!(model_in_path(&Method::POST, "/v1/models/x"), None);
         assert_eq!(model_in_path(&Method::GET, "/v1/files/x"), None);
@@ -578,9 +765,15 @@ mod tests {
     #[test]
     fn content_types() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("Application/JSON; charset=utf-8"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/JSON; charset=utf-8"),
+        );
         assert!(is_json(&headers));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
         assert!(is_event_stream(&headers));
         assert!(!is_json(&headers));
     }
@@ -590,7 +783,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&headers), None);
     }
 }

@@ -30,8 +30,14 @@ pub fn rename_fields(value: &mut Value, aliases: &[(String, String)]) {
 }
 
 /// The body to send `upstream`, or `None` when the original bytes can go as they are.
-pub fn request_body(body: &Bytes, client_model: Option<&str>, upstream: &Upstream) -> Result<Option<Bytes>, serde_json::Error> {
-    let mapped = client_model.map(|m| (m, upstream.upstream_model(m))).filter(|(from, to)| from != to);
+pub fn request_body(
+    body: &Bytes,
+    client_model: Option<&str>,
+    upstream: &Upstream,
+) -> Result<Option<Bytes>, serde_json::Error> {
+    let mapped = client_model
+        .map(|m| (m, upstream.upstream_model(m)))
+        .filter(|(from, to)| from != to);
     if mapped.is_none() && upstream.field_aliases.is_empty() {
         return Ok(None);
     }
@@ -52,6 +58,9 @@ mod tests {
     fn renames_recursively_through_objects_and_arrays() {
         let mut value = json!({"model": "m", "messages": [{"model": "inner", "x": {"model": 1}}], "keep": "model"});
         rename_fields(&mut value, &[("model".into(), "model_id".into())]);
-        assert_eq!(value, json!({"model_id": "m", "messages": [{"model_id": "inner", "x": {"model_id": 1}}], "keep": "model"}));
+        assert_eq!(
+            value,
+            json!({"model_id": "m", "messages": [{"model_id": "inner", "x": {"model_id": 1}}], "keep": "model"})
+        );
     }
 }

@@ -102,7 +102,9 @@ impl Router {
                 && usable(&choice.upstream)
                 && upstreams.get(choice.upstream).is_some_and(|u| {
                     !u.is_cooling(now)
-                        && choice.key.is_none_or(|k| !u.key_is_cooling(k, now) && !tried.key_excluded(choice.upstream, k))
+                        && choice.key.is_none_or(|k| {
+                            !u.key_is_cooling(k, now) && !tried.key_excluded(choice.upstream, k)
+                        })
                 });
             if healthy {
                 return Some(choice);
@@ -120,7 +122,10 @@ impl Router {
             let position = self.pick(upstreams, &remaining);
             let index = remaining[position];
             if let Some(key) = key_for(index) {
-                return Some(Choice { upstream: index, key });
+                return Some(Choice {
+                    upstream: index,
+                    key,
+                });
             }
             remaining.remove(position);
         }
@@ -139,7 +144,10 @@ impl Router {
             Some(key) => key,
             None => upstream.soonest_key(),
         };
-        Some(Choice { upstream: index, key })
+        Some(Choice {
+            upstream: index,
+            key,
+        })
     }
 
     /// A position in `healthy` (non-empty) by the configured strategy.
@@ -153,7 +161,11 @@ impl Router {
         let rotated = |score: &dyn Fn(&UpstreamRuntime) -> u64| {
             (0..count)
                 .map(|offset| (turn + offset) % count)
-                .min_by_key(|&position| upstreams.get(healthy[position]).map_or(u64::MAX, |u| score(u)))
+                .min_by_key(|&position| {
+                    upstreams
+                        .get(healthy[position])
+                        .map_or(u64::MAX, |u| score(u))
+                })
                 .unwrap_or(0)
         };
         match self.strategy {
@@ -199,7 +211,9 @@ impl Router {
     /// Pins a session to the upstream and key that just served it.
     pub fn remember(&self, session: &str, choice: Choice) {
         let Some(ttl) = self.session_ttl else { return };
-        let Ok(mut sessions) = self.sessions.lock() else { return };
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return;
+        };
         let now = Instant::now();
         if sessions.len() >= SESSION_LIMIT {
             sessions.retain(|_, (_, expires)| *expires > now);
@@ -246,7 +260,10 @@ mod tests {
         let all: Vec<usize> = (0..ups.len()).collect();
         let mut counts = vec![0; ups.len()];
         for _ in 0..n {
-            counts[router.choose(ups, &all, &Tried::default(), None).unwrap().upstream] += 1;
+            counts[router
+                .choose(ups, &all, &Tried::default(), None)
+                .unwrap()
+                .upstream] += 1;
         }
         counts
     }
@@ -254,13 +271,19 @@ mod tests {
     #[test]
     fn round_robin_is_even() {
         let ups = upstreams(&[1, 1, 1], 1);
-        assert_eq!(counts(&Router::new(Strategy::RoundRobin, 3, None), &ups, 300), [100, 100, 100]);
+        assert_eq!(
+            counts(&Router::new(Strategy::RoundRobin, 3, None), &ups, 300),
+            [100, 100, 100]
+        );
     }
 
     #[test]
     fn weighted_is_exactly_proportional() {
         let ups = upstreams(&[5, 3, 2, 0], 1);
-        assert_eq!(counts(&Router::new(Strategy::Weighted, 4, None), &ups, 100), [50, 30, 20, 0]);
+        assert_eq!(
+            counts(&Router::new(Strategy::Weighted, 4, None), &ups, 100),
+            [50, 30, 20, 0]
+        );
     }
 
     #[test]
@@ -275,11 +298,17 @@ mod tests {
         let ups = upstreams(&[1, 1, 1], 1);
         ups[0].in_flight.store(5, Ordering::Relaxed);
         ups[2].in_flight.store(1, Ordering::Relaxed);
-        assert_eq!(counts(&Router::new(Strategy::LeastBusy, 3, None), &ups, 10), [0, 10, 0]);
+        assert_eq!(
+            counts(&Router::new(Strategy::LeastBusy, 3, None), &ups, 10),
+            [0, 10, 0]
+        );
         ups[0].record_success(Duration::from_millis(50));
         ups[1].record_success(Duration::from_millis(5));
         ups[2].record_success(Duration::from_millis(20));
-        assert_eq!(counts(&Router::new(Strategy::LowestLatency, 3, None), &ups, 10), [0, 10, 0]);
+        assert_eq!(
+            counts(&Router::new(Strategy::LowestLatency, 3, None), &ups, 10),
+            [0, 10, 0]
+        );
     }
 
     #[test]
@@ -289,11 +318,17 @@ mod tests {
         ups[0].record_failure(Duration::from_secs(60));
         assert_eq!(counts(&router, &ups, 4), [0, 4]);
         ups[1].record_failure(Duration::from_secs(30));
-        let choice = router.choose(&ups, &[0, 1], &Tried::default(), None).unwrap();
+        let choice = router
+            .choose(&ups, &[0, 1], &Tried::default(), None)
+            .unwrap();
         assert_eq!(choice.upstream, 1, "the one back soonest");
         let mut tried = Tried::default();
         tried.exclude_upstream(1);
-        assert_eq!(router.choose(&ups, &[0, 1], &tried, None), None, "retries go only to healthy upstreams");
+        assert_eq!(
+            router.choose(&ups, &[0, 1], &tried, None),
+            None,
+            "retries go only to healthy upstreams"
+        );
     }
 
     #[test]
@@ -314,13 +349,22 @@ mod tests {
         let ups = upstreams(&[1, 1, 1], 2);
         let router = Router::new(Strategy::RoundRobin, 3, Some(Duration::from_secs(60)));
         let all = [0, 1, 2];
-        let first = router.choose(&ups, &all, &Tried::default(), Some("s1")).unwrap();
+        let first = router
+            .choose(&ups, &all, &Tried::default(), Some("s1"))
+            .unwrap();
         router.remember("s1", first);
         for _ in 0..5 {
-            assert_eq!(router.choose(&ups, &all, &Tried::default(), Some("s1")).unwrap(), first);
+            assert_eq!(
+                router
+                    .choose(&ups, &all, &Tried::default(), Some("s1"))
+                    .unwrap(),
+                first
+            );
         }
         ups[first.upstream].record_failure(Duration::from_secs(60));
-        let moved = router.choose(&ups, &all, &Tried::default(), Some("s1")).unwrap();
+        let moved = router
+            .choose(&ups, &all, &Tried::default(), Some("s1"))
+            .unwrap();
         assert_ne!(moved.upstream, first.upstream);
     }
 }

@@ -41,7 +41,12 @@ pub struct Shaper {
 
 impl Shaper {
     pub fn new(sse: bool, rename: ModelRename) -> Self {
-        Self { sse, buffer: BytesMut::new(), rename, bypass: false }
+        Self {
+            sse,
+            buffer: BytesMut::new(),
+            rename,
+            bypass: false,
+        }
     }
 
     /// Takes a chunk; returns what can be sent now (possibly empty).
@@ -57,7 +62,9 @@ impl Shaper {
             }
             return Bytes::new();
         }
-        let Some(end) = last_event_end(&self.buffer) else { return Bytes::new() };
+        let Some(end) = last_event_end(&self.buffer) else {
+            return Bytes::new();
+        };
         let complete = self.buffer.split_to(end).freeze();
         self.shape_events(&complete)
     }
@@ -71,12 +78,20 @@ impl Shaper {
         if self.sse {
             return self.shape_events(&rest);
         }
-        let Ok(mut value) = serde_json::from_slice::<Value>(&rest) else { return rest };
-        if self.rename.apply(&mut value) { serde_json::to_vec(&value).map_or(rest, Bytes::from) } else { rest }
+        let Ok(mut value) = serde_json::from_slice::<Value>(&rest) else {
+            return rest;
+        };
+        if self.rename.apply(&mut value) {
+            serde_json::to_vec(&value).map_or(rest, Bytes::from)
+        } else {
+            rest
+        }
     }
 
     fn shape_events(&self, events: &Bytes) -> Bytes {
-        let Ok(text) = std::str::from_utf8(events) else { return events.clone() };
+        let Ok(text) = std::str::from_utf8(events) else {
+            return events.clone();
+        };
         let mut out = String::with_capacity(text.len() + 16);
         let mut changed = false;
         for line in text.split_inclusive('\n') {
@@ -98,14 +113,21 @@ impl Shaper {
                 None => out.push_str(line),
             }
         }
-        if changed { Bytes::from(out) } else { events.clone() }
+        if changed {
+            Bytes::from(out)
+        } else {
+            events.clone()
+        }
     }
 }
 
 /// The end of the last complete SSE event in `buffer` (just after its blank line).
 fn last_event_end(buffer: &[u8]) -> Option<usize> {
     let lf = buffer.windows(2).rposition(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buffer.windows(4).rposition(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let crlf = buffer
+        .windows(4)
+        .rposition(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4);
     lf.max(crlf)
 }
 
@@ -120,25 +142,39 @@ mod tests {
     #[test]
     fn sse_events_are_renamed_as_soon_as_complete() {
         let mut shaper = Shaper::new(true, rename());
-        let first = shaper.push(Bytes::from_static(b"data: {\"model\":\"real\",\"n\":1}\n\ndata: {\"mod"));
+        let first = shaper.push(Bytes::from_static(
+            b"data: {\"model\":\"real\",\"n\":1}\n\ndata: {\"mod",
+        ));
         assert_eq!(&first[..], b"data: {\"model\":\"alias\",\"n\":1}\n\n");
         let second = shaper.push(Bytes::from_static(b"el\":\"real\"}\n\ndata: [DONE]\n\n"));
-        assert_eq!(&second[..], b"data: {\"model\":\"alias\"}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            &second[..],
+            b"data: {\"model\":\"alias\"}\n\ndata: [DONE]\n\n"
+        );
         assert!(shaper.finish().is_empty());
     }
 
     #[test]
     fn responses_api_events_carry_the_model_inside_response() {
         let mut shaper = Shaper::new(true, rename());
-        let out = shaper.push(Bytes::from_static(b"event: response.created\ndata: {\"response\":{\"model\":\"real\"}}\n\n"));
-        assert_eq!(&out[..], b"event: response.created\ndata: {\"response\":{\"model\":\"alias\"}}\n\n");
+        let out = shaper.push(Bytes::from_static(
+            b"event: response.created\ndata: {\"response\":{\"model\":\"real\"}}\n\n",
+        ));
+        assert_eq!(
+            &out[..],
+            b"event: response.created\ndata: {\"response\":{\"model\":\"alias\"}}\n\n"
+        );
     }
 
     #[test]
     fn json_bodies_are_renamed_at_the_end() {
         let mut shaper = Shaper::new(false, rename());
         assert!(shaper.push(Bytes::from_static(b"{\"model\":")).is_empty());
-        assert!(shaper.push(Bytes::from_static(b"\"real\",\"id\":1}")).is_empty());
+        assert!(
+            shaper
+                .push(Bytes::from_static(b"\"real\",\"id\":1}"))
+                .is_empty()
+        );
         assert_eq!(&shaper.finish()[..], b"{\"model\":\"alias\",\"id\":1}");
     }
 }

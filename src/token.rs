@@ -39,7 +39,12 @@ pub struct Token {
 
 impl TokenCache {
     pub fn new(source: TokenSource, client: reqwest::Client) -> Self {
-        Self { source, client, cached: RwLock::new(None), refreshing: tokio::sync::Mutex::new(()) }
+        Self {
+            source,
+            client,
+            cached: RwLock::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
     }
 
     fn fresh(&self, now: Instant) -> Option<Cached> {
@@ -50,19 +55,38 @@ impl TokenCache {
     /// A valid token, fetching one if the cache has none fresh.
     pub async fn get(&self) -> Result<Token, ApiError> {
         if let Some(cached) = self.fresh(Instant::now()) {
-            return Ok(Token { header: cached.header, generation: cached.generation });
+            return Ok(Token {
+                header: cached.header,
+                generation: cached.generation,
+            });
         }
         let _single_flight = self.refreshing.lock().await;
         // Another request may have refreshed while this one waited.
         if let Some(cached) = self.fresh(Instant::now()) {
-            return Ok(Token { header: cached.header, generation: cached.generation });
+            return Ok(Token {
+                header: cached.header,
+                generation: cached.generation,
+            });
         }
         match self.fetch().await {
             Ok((header, lifetime)) => {
                 let now = Instant::now();
-                let refresh_in = lifetime.saturating_sub(self.source.refresh_before).max(lifetime / 2);
-                let generation = self.cached.read().ok().and_then(|c| c.as_ref().map(|c| c.generation)).unwrap_or(0) + 1;
-                let cached = Cached { header: header.clone(), refresh_at: now + refresh_in, expires_at: now + lifetime, generation };
+                let refresh_in = lifetime
+                    .saturating_sub(self.source.refresh_before)
+                    .max(lifetime / 2);
+                let generation = self
+                    .cached
+                    .read()
+                    .ok()
+                    .and_then(|c| c.as_ref().map(|c| c.generation))
+                    .unwrap_or(0)
+                    + 1;
+                let cached = Cached {
+                    header: header.clone(),
+                    refresh_at: now + refresh_in,
+                    expires_at: now + lifetime,
+                    generation,
+                };
                 if let Ok(mut slot) = self.cached.write() {
                     *slot = Some(cached);
                 }
@@ -70,11 +94,22 @@ impl TokenCache {
             }
             Err(error) => {
                 // A token that is due for refresh but not yet expired still works.
-                let still_valid = self.cached.read().ok().and_then(|c| c.clone()).filter(|c| Instant::now() < c.expires_at);
+                let still_valid = self
+                    .cached
+                    .read()
+                    .ok()
+                    .and_then(|c| c.clone())
+                    .filter(|c| Instant::now() < c.expires_at);
                 match still_valid {
                     Some(cached) => {
-                        tracing::warn!("token refresh failed, using the current token until it expires: {}", error.message);
-                        Ok(Token { header: cached.header, generation: cached.generation })
+                        tracing::warn!(
+                            "token refresh failed, using the current token until it expires: {}",
+                            error.message
+                        );
+                        Ok(Token {
+                            header: cached.header,
+                            generation: cached.generation,
+                        })
                     }
                     None => Err(error),
                 }
@@ -97,35 +132,56 @@ impl TokenCache {
 
     async fn fetch(&self) -> Result<(HeaderValue, Duration), ApiError> {
         let source = &self.source;
-        let mut request = self.client.request(source.method.clone(), &source.url).timeout(FETCH_TIMEOUT);
+        let mut request = self
+            .client
+            .request(source.method.clone(), &source.url)
+            .timeout(FETCH_TIMEOUT);
         for (name, value) in &source.headers {
             request = request.header(name.clone(), value.clone());
         }
         request = match &source.body {
             TokenBody::None => request,
-            TokenBody::Json(value) => request.header(http::header::CONTENT_TYPE, "application/json").body(value.to_string()),
+            TokenBody::Json(value) => request
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(value.to_string()),
             TokenBody::Form(fields) => request.form(fields),
         };
-        let failed = |why: String| ApiError::bad_gateway(format!("the token endpoint failed: {why}"));
-        let response = request.send().await.map_err(|e| failed(e.without_url().to_string()))?;
+        let failed =
+            |why: String| ApiError::bad_gateway(format!("the token endpoint failed: {why}"));
+        let response = request
+            .send()
+            .await
+            .map_err(|e| failed(e.without_url().to_string()))?;
         let status = response.status();
         if !status.is_success() {
             return Err(failed(format!("it answered {status}")));
         }
-        let bytes = response.bytes().await.map_err(|e| failed(e.without_url().to_string()))?;
-        let answer: Value = serde_json::from_slice(&bytes).map_err(|_| failed("its answer is not JSON".into()))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| failed(e.without_url().to_string()))?;
+        let answer: Value =
+            serde_json::from_slice(&bytes).map_err(|_| failed("its answer is not JSON".into()))?;
         let token = lookup(&answer, &source.token_path)
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| failed(format!("its answer has no string at `{}`", source.token_path)))?;
-        let mut header =
-            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| failed("the token is not a valid header".into()))?;
+            .ok_or_else(|| {
+                failed(format!(
+                    "its answer has no string at `{}`",
+                    source.token_path
+                ))
+            })?;
+        let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| failed("the token is not a valid header".into()))?;
         header.set_sensitive(true);
         let lifetime = source
             .expires_in_path
             .as_deref()
             .and_then(|path| lookup(&answer, path))
-            .and_then(|v| v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .and_then(|v| {
+                v.as_f64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            })
             .filter(|secs| secs.is_finite() && *secs > 0.0)
             .map_or(source.ttl, Duration::from_secs_f64);
         tracing::info!(lifetime = %humantime::format_duration(lifetime), "fetched a token");
@@ -135,11 +191,13 @@ impl TokenCache {
 
 /// Follows a dotted path (`data.token`, `items.0.value`) into a JSON value.
 pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').filter(|s| !s.is_empty()).try_fold(value, |node, segment| match node {
-        Value::Object(map) => map.get(segment),
-        Value::Array(items) => items.get(segment.parse::<usize>().ok()?),
-        _ => None,
-    })
+    path.split('.')
+        .filter(|s| !s.is_empty())
+        .try_fold(value, |node, segment| match node {
+            Value::Object(map) => map.get(segment),
+            Value::Array(items) => items.get(segment.parse::<usize>().ok()?),
+            _ => None,
+        })
 }
 
 #[cfg(test)]

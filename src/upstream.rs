@@ -63,14 +63,20 @@ impl UpstreamRuntime {
             .iter()
             .map(|key| {
                 let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                    .with_context(|| format!("upstream {name}: a key has characters not allowed in a header"))?;
+                    .with_context(|| {
+                        format!("upstream {name}: a key has characters not allowed in a header")
+                    })?;
                 value.set_sensitive(true);
                 Ok(value)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let name_header = HeaderValue::from_str(&name)
-            .with_context(|| format!("upstream {name}: the name must be usable as a header value"))?;
-        let token = config.token.clone().map(|source| TokenCache::new(source, client.clone()));
+        let name_header = HeaderValue::from_str(&name).with_context(|| {
+            format!("upstream {name}: the name must be usable as a header value")
+        })?;
+        let token = config
+            .token
+            .clone()
+            .map(|source| TokenCache::new(source, client.clone()));
         Ok(Self {
             base_has_version: config.base_url.ends_with("/v1"),
             key_cooldown_until: config.keys.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -98,7 +104,10 @@ impl UpstreamRuntime {
 
     /// The masked form of key `index`, for logs and status.
     pub fn masked_key(&self, index: usize) -> Option<String> {
-        self.config.keys.get(index).map(crate::config::Secret::masked)
+        self.config
+            .keys
+            .get(index)
+            .map(crate::config::Secret::masked)
     }
 
     pub fn is_cooling(&self, now: u64) -> bool {
@@ -106,11 +115,15 @@ impl UpstreamRuntime {
     }
 
     pub fn key_is_cooling(&self, index: usize, now: u64) -> bool {
-        self.key_cooldown_until.get(index).is_some_and(|until| until.load(Ordering::Relaxed) > now)
+        self.key_cooldown_until
+            .get(index)
+            .is_some_and(|until| until.load(Ordering::Relaxed) > now)
     }
 
     pub fn key_cooldown_until(&self, index: usize) -> u64 {
-        self.key_cooldown_until.get(index).map_or(0, |until| until.load(Ordering::Relaxed))
+        self.key_cooldown_until
+            .get(index)
+            .map_or(0, |until| until.load(Ordering::Relaxed))
     }
 
     /// The next usable key, round robin, skipping resting keys and `excluded` ones.
@@ -133,7 +146,10 @@ impl UpstreamRuntime {
         if let Some(cache) = &self.token {
             return Ok(Some(cache.get().await?.header));
         }
-        let key = self.pick_key(now_ms(), |_| false).flatten().or_else(|| self.soonest_key());
+        let key = self
+            .pick_key(now_ms(), |_| false)
+            .flatten()
+            .or_else(|| self.soonest_key());
         Ok(key.and_then(|k| self.auth_header(k)).cloned())
     }
 
@@ -151,7 +167,8 @@ impl UpstreamRuntime {
     /// Records a failure of the upstream itself; it rests for `duration`.
     pub fn record_failure(&self, duration: Duration) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        self.cooldown_until.store(now_ms() + millis(duration), Ordering::Relaxed);
+        self.cooldown_until
+            .store(now_ms() + millis(duration), Ordering::Relaxed);
     }
 
     /// Records an answer: the upstream is healthy, and its first-byte time joins the average.
@@ -160,9 +177,15 @@ impl UpstreamRuntime {
         if self.cooldown_until.load(Ordering::Relaxed) != 0 {
             self.cooldown_until.store(0, Ordering::Relaxed);
         }
-        let sample = u64::try_from(first_byte.as_micros()).unwrap_or(u64::MAX).max(1);
+        let sample = u64::try_from(first_byte.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let old = self.latency_us.load(Ordering::Relaxed);
-        let new = if old == 0 { sample } else { (old * 4 + sample) / 5 };
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 4 + sample) / 5
+        };
         self.latency_us.store(new, Ordering::Relaxed);
     }
 
@@ -172,11 +195,17 @@ impl UpstreamRuntime {
         let path = match self.config.paths.get(path) {
             Some(mapped) => mapped.as_str(),
             None => match path.strip_prefix("/v1") {
-                Some(rest) if self.base_has_version && (rest.is_empty() || rest.starts_with('/')) => rest,
+                Some(rest)
+                    if self.base_has_version && (rest.is_empty() || rest.starts_with('/')) =>
+                {
+                    rest
+                }
                 _ => path,
             },
         };
-        let mut url = String::with_capacity(self.config.base_url.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        let mut url = String::with_capacity(
+            self.config.base_url.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
         url.push_str(&self.config.base_url);
         url.push_str(path);
         if let Some(query) = query {
@@ -238,27 +267,55 @@ mod tests {
     fn keys_are_used_in_turn_skipping_resting_ones() {
         let u = upstream("http://h", &["a", "b", "c"]);
         let now = now_ms();
-        let used: Vec<usize> = (0..6).map(|_| u.pick_key(now, |_| false).unwrap().unwrap()).collect();
+        let used: Vec<usize> = (0..6)
+            .map(|_| u.pick_key(now, |_| false).unwrap().unwrap())
+            .collect();
         assert_eq!(used, [0, 1, 2, 0, 1, 2]);
         assert_eq!(u.auth_header(0).unwrap(), "Bearer a");
         u.cool_key(1, Duration::from_secs(60));
-        let used: Vec<usize> = (0..4).map(|_| u.pick_key(now_ms(), |_| false).unwrap().unwrap()).collect();
+        let used: Vec<usize> = (0..4)
+            .map(|_| u.pick_key(now_ms(), |_| false).unwrap().unwrap())
+            .collect();
         assert!(!used.contains(&1), "{used:?}");
-        assert_eq!(u.pick_key(now_ms(), |i| i != 1), None, "only the resting key is left");
+        assert_eq!(
+            u.pick_key(now_ms(), |i| i != 1),
+            None,
+            "only the resting key is left"
+        );
         assert_eq!(u.soonest_key(), Some(0));
-        assert_eq!(upstream("http://h", &[]).pick_key(now, |_| false), Some(None));
+        assert_eq!(
+            upstream("http://h", &[]).pick_key(now, |_| false),
+            Some(None)
+        );
     }
 
     #[test]
     fn urls_join_base_and_path_once() {
-        assert_eq!(upstream("http://h", &[]).url("/v1/models", None), "http://h/v1/models");
-        assert_eq!(upstream("http://h/api", &[]).url("/v1/x", Some("a=1")), "http://h/api/v1/x?a=1");
-        assert_eq!(upstream("http://h/v1", &[]).url("/v1/chat/completions", None), "http://h/v1/chat/completions");
-        assert_eq!(upstream("http://h/v1", &[]).url("/v1beta/x", None), "http://h/v1/v1beta/x");
+        assert_eq!(
+            upstream("http://h", &[]).url("/v1/models", None),
+            "http://h/v1/models"
+        );
+        assert_eq!(
+            upstream("http://h/api", &[]).url("/v1/x", Some("a=1")),
+            "http://h/api/v1/x?a=1"
+        );
+        assert_eq!(
+            upstream("http://h/v1", &[]).url("/v1/chat/completions", None),
+            "http://h/v1/chat/completions"
+        );
+        assert_eq!(
+            upstream("http://h/v1", &[]).url("/v1beta/x", None),
+            "http://h/v1/v1beta/x"
+        );
         let mut config = upstream_config("http://h", &[]);
-        config.paths.insert("/v1/chat/completions".into(), "/api/projects/X/chat".into());
+        config
+            .paths
+            .insert("/v1/chat/completions".into(), "/api/projects/X/chat".into());
         let mapped = UpstreamRuntime::new(config).unwrap();
-        assert_eq!(mapped.url("/v1/chat/completions", Some("q=1")), "http://h/api/projects/X/chat?q=1");
+        assert_eq!(
+            mapped.url("/v1/chat/completions", Some("q=1")),
+            "http://h/api/projects/X/chat?q=1"
+        );
     }
 
     #[test]

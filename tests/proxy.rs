@@ -360,9 +360,17 @@ async fn passthrough_sends_a_clients_own_key_and_maps_gateway_keys() {
         mock.last().unwrap().header("authorization"),
         Some("Bearer sk-client-own-key")
     );
-        assert_eq!(send("fk-alice-0001").await.unwrap().status(), 200);
-    let used = mock.last().unwrap().header("authorization").unwrap().to_string();
-    assert!(used == "Bearer sk-up-one-00001" || used == "Bearer sk-up-two-00002", "{used}");
+    assert_eq!(send("fk-alice-0001").await.unwrap().status(), 200);
+    let used = mock
+        .last()
+        .unwrap()
+        .header("authorization")
+        .unwrap()
+        .to_string();
+    assert!(
+        used == "Bearer sk-up-one-00001" || used == "Bearer sk-up-two-00002",
+        "{used}"
+    );
 }
 
 #[tokio::test]

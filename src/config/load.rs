@@ -9,10 +9,13 @@ use http::{HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::raw::{RawAccess, RawGatewayKey, RawRouting, RawServer, RawTimeouts, RawToken, RawUpstream, Scalar};
+use super::raw::{
+    RawAccess, RawGatewayKey, RawRouting, RawServer, RawTimeouts, RawToken, RawUpstream, Scalar,
+};
 use super::{
-    Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn, Routing, Secret,
-    Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration, parse_net, parse_size,
+    Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn,
+    Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
+    parse_net, parse_size,
 };
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
@@ -264,7 +267,8 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         }
     };
 
-        let raw_routing: RawRouting = section(top.get("routing"), "routing", &mut problems).unwrap_or_default();
+    let raw_routing: RawRouting =
+        section(top.get("routing"), "routing", &mut problems).unwrap_or_default();
     let routing = resolve_routing(raw_routing, &mut problems);
 
     // A key's model that no upstream serves can never be used: almost surely a typo.
@@ -282,7 +286,12 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
     }
 
     if problems.is_empty() {
-        Ok(Config { server, access, upstreams, routing })
+        Ok(Config {
+            server,
+            access,
+            upstreams,
+            routing,
+        })
     } else {
         Err(problems)
     }
@@ -572,12 +581,18 @@ fn resolve_upstream(
 
     for (from, to) in &raw.model_map {
         if from.trim().is_empty() || to.trim().is_empty() {
-            problems.push(Problem::new(format!("{path}.model_map"), "model names must not be empty"));
+            problems.push(Problem::new(
+                format!("{path}.model_map"),
+                "model names must not be empty",
+            ));
         }
     }
     for (from, to) in &raw.field_aliases {
         if from.is_empty() || to.is_empty() {
-            problems.push(Problem::new(format!("{path}.field_aliases"), "field names must not be empty"));
+            problems.push(Problem::new(
+                format!("{path}.field_aliases"),
+                "field names must not be empty",
+            ));
         }
     }
     for (from, to) in &raw.paths {
@@ -588,9 +603,15 @@ fn resolve_upstream(
             ));
         }
     }
-    let token = raw.token.as_ref().and_then(|t| resolve_token(t, &format!("{path}.token"), env, problems));
+    let token = raw
+        .token
+        .as_ref()
+        .and_then(|t| resolve_token(t, &format!("{path}.token"), env, problems));
     if raw.token.is_some() && !keys.is_empty() {
-        problems.push(Problem::new(format!("{path}.token"), "use keys or a token endpoint, not both"));
+        problems.push(Problem::new(
+            format!("{path}.token"),
+            "use keys or a token endpoint, not both",
+        ));
     }
 
     (problems.len() == before).then(|| Upstream {
@@ -609,30 +630,53 @@ fn resolve_upstream(
     })
 }
 
-fn resolve_token(raw: &RawToken, path: &str, env: &EnvMap, problems: &mut Vec<Problem>) -> Option<TokenSource> {
+fn resolve_token(
+    raw: &RawToken,
+    path: &str,
+    env: &EnvMap,
+    problems: &mut Vec<Problem>,
+) -> Option<TokenSource> {
     let before = problems.len();
     match reqwest::Url::parse(&raw.url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-        _ => problems.push(Problem::new(format!("{path}.url"), "not an http:// or https:// URL")),
+        _ => problems.push(Problem::new(
+            format!("{path}.url"),
+            "not an http:// or https:// URL",
+        )),
     }
-    let method = match raw.method.as_deref().unwrap_or("POST").to_ascii_uppercase().as_str() {
+    let method = match raw
+        .method
+        .as_deref()
+        .unwrap_or("POST")
+        .to_ascii_uppercase()
+        .as_str()
+    {
         "GET" => http::Method::GET,
         "POST" => http::Method::POST,
         "PUT" => http::Method::PUT,
         other => {
-            problems.push(Problem::new(format!("{path}.method"), format!("{other:?} is not GET, POST or PUT")));
+            problems.push(Problem::new(
+                format!("{path}.method"),
+                format!("{other:?} is not GET, POST or PUT"),
+            ));
             http::Method::POST
         }
     };
     let body = match (&raw.body, &raw.form) {
         (Some(_), Some(_)) => {
-            problems.push(Problem::new(path, "set either body (JSON) or form, not both"));
+            problems.push(Problem::new(
+                path,
+                "set either body (JSON) or form, not both",
+            ));
             TokenBody::None
         }
         (Some(json), None) => match expand_json(json, env) {
             Ok(value) => TokenBody::Json(value),
             Err(var) => {
-                problems.push(Problem::new(format!("{path}.body"), format!("environment variable {var} is not set")));
+                problems.push(Problem::new(
+                    format!("{path}.body"),
+                    format!("environment variable {var} is not set"),
+                ));
                 TokenBody::None
             }
         },
@@ -652,26 +696,46 @@ fn resolve_token(raw: &RawToken, path: &str, env: &EnvMap, problems: &mut Vec<Pr
         (None, None) => TokenBody::None,
     };
     let headers = resolve_headers(&raw.headers, &format!("{path}.headers"), env, problems);
-    let token_path = raw.token_path.clone().unwrap_or_else(|| "access_token".to_string());
+    let token_path = raw
+        .token_path
+        .clone()
+        .unwrap_or_else(|| "access_token".to_string());
     if token_path.trim().is_empty() {
-        problems.push(Problem::new(format!("{path}.token_path"), "must not be empty"));
+        problems.push(Problem::new(
+            format!("{path}.token_path"),
+            "must not be empty",
+        ));
     }
-    let mut duration = |value: &Option<Scalar>, field: &str, default: std::time::Duration| match value {
-        None => default,
-        Some(v) => parse_duration(&v.as_text()).filter(|d| !d.is_zero()).unwrap_or_else(|| {
-            problems.push(Problem::new(format!("{path}.{field}"), format!("{:?} is not a duration", v.as_text())));
-            default
-        }),
-    };
+    let mut duration =
+        |value: &Option<Scalar>, field: &str, default: std::time::Duration| match value {
+            None => default,
+            Some(v) => parse_duration(&v.as_text())
+                .filter(|d| !d.is_zero())
+                .unwrap_or_else(|| {
+                    problems.push(Problem::new(
+                        format!("{path}.{field}"),
+                        format!("{:?} is not a duration", v.as_text()),
+                    ));
+                    default
+                }),
+        };
     let ttl = duration(&raw.ttl, "ttl", std::time::Duration::from_secs(3600));
-    let refresh_before = duration(&raw.refresh_before, "refresh_before", std::time::Duration::from_secs(60));
+    let refresh_before = duration(
+        &raw.refresh_before,
+        "refresh_before",
+        std::time::Duration::from_secs(60),
+    );
     (problems.len() == before).then(|| TokenSource {
         url: raw.url.clone(),
         method,
         body,
         headers,
         token_path,
-        expires_in_path: Some(raw.expires_in_path.clone().unwrap_or_else(|| "expires_in".to_string())),
+        expires_in_path: Some(
+            raw.expires_in_path
+                .clone()
+                .unwrap_or_else(|| "expires_in".to_string()),
+        ),
         ttl,
         refresh_before,
     })
@@ -681,9 +745,16 @@ fn resolve_token(raw: &RawToken, path: &str, env: &EnvMap, problems: &mut Vec<Pr
 fn expand_json(value: &Value, env: &EnvMap) -> Result<Value, String> {
     Ok(match value {
         Value::String(s) => Value::String(expand_env(s, env)?),
-        Value::Array(items) => Value::Array(items.iter().map(|v| expand_json(v, env)).collect::<Result<_, _>>()?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| expand_json(v, env))
+                .collect::<Result<_, _>>()?,
+        ),
         Value::Object(map) => Value::Object(
-            map.iter().map(|(k, v)| Ok((k.clone(), expand_json(v, env)?))).collect::<Result<_, String>>()?,
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), expand_json(v, env)?)))
+                .collect::<Result<_, String>>()?,
         ),
         other => other.clone(),
     })
@@ -704,7 +775,11 @@ fn resolve_routing(raw: RawRouting, problems: &mut Vec<Problem>) -> Routing {
     let retry_on = match raw.retry_on {
         None => defaults.retry_on.clone(),
         Some(list) => {
-            let mut retry_on = RetryOn { connect: false, timeout: false, statuses: Vec::new() };
+            let mut retry_on = RetryOn {
+                connect: false,
+                timeout: false,
+                statuses: Vec::new(),
+            };
             for (i, item) in list.iter().enumerate() {
                 match item.as_text().as_str() {
                     "connect" => retry_on.connect = true,
@@ -725,7 +800,10 @@ fn resolve_routing(raw: RawRouting, problems: &mut Vec<Problem>) -> Routing {
         let text = value.as_ref()?.as_text();
         let parsed = parse_duration(&text);
         if parsed.is_none() {
-            problems.push(Problem::new(format!("routing.{field}"), format!("{text:?} is not a duration like 30s")));
+            problems.push(Problem::new(
+                format!("routing.{field}"),
+                format!("{text:?} is not a duration like 30s"),
+            ));
         }
         parsed
     };
@@ -753,13 +831,19 @@ fn resolve_headers(
             continue;
         };
         match expand_env(value, env) {
-            Err(var) => problems.push(Problem::new(header_path, format!("environment variable {var} is not set"))),
+            Err(var) => problems.push(Problem::new(
+                header_path,
+                format!("environment variable {var} is not set"),
+            )),
             Ok(expanded) => match HeaderValue::from_str(&expanded) {
                 Ok(mut header_value) => {
                     header_value.set_sensitive(true);
                     headers.push((header_name, header_value));
                 }
-                Err(_) => problems.push(Problem::new(header_path, "value has characters not allowed in a header")),
+                Err(_) => problems.push(Problem::new(
+                    header_path,
+                    "value has characters not allowed in a header",
+                )),
             },
         }
     }
@@ -932,8 +1016,15 @@ upstreams:
 
     #[test]
     fn a_misspelt_env_override_is_an_error() {
-        let found = check("upstreams: [{name: a, base_url: 'http://h'}]", &[("SLUICE_SERVR__LISTEN", "x")]).unwrap_err();
-        assert!(found[0].to_string().contains("servr: unknown section"), "{found:?}");
+        let found = check(
+            "upstreams: [{name: a, base_url: 'http://h'}]",
+            &[("SLUICE_SERVR__LISTEN", "x")],
+        )
+        .unwrap_err();
+        assert!(
+            found[0].to_string().contains("servr: unknown section"),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -96,3 +96,22 @@ upstreams:
 @pytest.fixture()
 def client(gateway):
     return openai.OpenAI(base_url=f"http://{gateway.address}/v1", api_key=GATEWAY_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def failover_gateway(tmp_path_factory):
+    """Two upstreams: `bad` answers 500 to everything, `good` answers; both serve the
+    alias `my-alias` as `gpt-4o-mini`."""
+    bad = Mock(["mock-upstream", "--listen", "127.0.0.1:0", "--record", "--fault", "500", "--name", "bad"])
+    good = Mock(["mock-upstream", "--listen", "127.0.0.1:0", "--record", "--name", "good"])
+    config = f"""
+routing: {{strategy: round_robin, retries: 2, backoff: 1ms}}
+upstreams:
+  - {{name: bad, base_url: 'http://{bad.address}', model_map: {{my-alias: gpt-4o-mini}}}}
+  - {{name: good, base_url: 'http://{good.address}', model_map: {{my-alias: gpt-4o-mini}}}}
+"""
+    process = start_gateway(tmp_path_factory.mktemp("failover"), config)
+    yield process, bad, good
+    process.stop()
+    bad.stop()
+    good.stop()
