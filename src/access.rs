@@ -222,6 +222,8 @@ mod tests {
                     name: name.to_string(),
                     key: Secret::new(*key),
                     models: ModelSet::any(),
+                    limits: Default::default(),
+                    budget: None,
                 })
                 .collect(),
         })

@@ -119,6 +119,77 @@ pub struct Config {
     pub access: Access,
     pub upstreams: Vec<Upstream>,
     pub routing: Routing,
+    pub storage: Storage,
+    pub admin: Admin,
+    /// Model → price, for the cost of each request.
+    pub pricing: HashMap<String, Price>,
+}
+
+/// Where the request log and the persisted counters live.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// `sqlite://path`; `None` turns the request log and persisted counters off.
+    pub url: Option<String>,
+    pub log_bodies: bool,
+    /// Bytes kept of each request and response body in the log.
+    pub body_limit: usize,
+    pub retention_days: u32,
+    pub max_rows: u64,
+    /// Records waiting for the writer before new ones lose their bodies, then are dropped.
+    pub queue: usize,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            url: Some("sqlite://sluice.db".into()),
+            log_bodies: true,
+            body_limit: 1024 * 1024,
+            retention_days: 30,
+            max_rows: 1_000_000,
+            queue: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Admin {
+    pub key: Option<Secret>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+/// Request and token limits over fixed windows. `None` = unlimited; `Some(0)` admits nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: Option<u64>,
+    pub rpd: Option<u64>,
+    pub tpm: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_unlimited(&self) -> bool {
+        self.rpm.is_none() && self.rpd.is_none() && self.tpm.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+    Total,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub tokens: Option<u64>,
+    pub cost: Option<f64>,
+    pub period: BudgetPeriod,
 }
 
 /// How a request picks its upstream and what happens when one fails.
@@ -220,6 +291,8 @@ pub struct GatewayKey {
     pub name: String,
     pub key: Secret,
     pub models: ModelSet,
+    pub limits: Limits,
+    pub budget: Option<Budget>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +313,7 @@ pub struct Upstream {
     pub paths: HashMap<String, String>,
     pub weight: u32,
     pub token: Option<TokenSource>,
+    pub limits: Limits,
 }
 
 impl Upstream {

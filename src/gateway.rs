@@ -3,9 +3,13 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use crate::access::{Caller, Guard};
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::limits::Limiter;
+use crate::recorder::{Pending, Recorder};
 use crate::routing::Router;
 use crate::upstream::UpstreamRuntime;
 
@@ -15,6 +19,9 @@ pub struct Gateway {
     pub guard: Guard,
     pub upstreams: Vec<Arc<UpstreamRuntime>>,
     pub router: Router,
+    pub limiter: Arc<Limiter>,
+    /// The request log; `None` when storage is off.
+    pub recorder: Option<Recorder>,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
@@ -38,15 +45,68 @@ impl Gateway {
                     .iter()
                     .any(|u| u.key_count() > 1 || u.token.is_some()));
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
-        let read_json_always =
-            routing_needs_model || rewrites || can_retry || router.sessions_enabled();
+        let limiter = Arc::new(Limiter::default());
+        let recorder = match &config.storage.url {
+            Some(url) => {
+                let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
+                Some(Recorder::start(
+                    store,
+                    &config.storage,
+                    limiter.clone(),
+                    config.pricing.clone(),
+                )?)
+            }
+            None => None,
+        };
+        // The log wants each request's model and usage, so it reads JSON bodies too.
+        let read_json_always = routing_needs_model
+            || rewrites
+            || can_retry
+            || router.sessions_enabled()
+            || recorder.is_some();
         Ok(Self {
             guard: Guard::new(&config.access),
             config,
             upstreams,
             router,
+            limiter,
+            recorder,
             read_json_always,
         })
+    }
+
+    /// A record for a request about to be handled, if the log is on.
+    pub fn start_record(
+        &self,
+        client: std::net::IpAddr,
+        parts: &http::request::Parts,
+        path: &str,
+    ) -> Option<Box<Pending>> {
+        self.recorder.as_ref().map(|_| {
+            Box::new(Pending::new(
+                client,
+                parts.method.clone(),
+                path,
+                parts.headers.clone(),
+            ))
+        })
+    }
+
+    /// Logs a request that ended with an error sluice answered itself.
+    pub fn record_error(&self, pending: Option<Box<Pending>>, error: &ApiError) {
+        if let (Some(recorder), Some(mut pending)) = (&self.recorder, pending) {
+            pending.status = error.status.as_u16();
+            pending.error = Some(error.message.clone());
+            pending.latency = Some(pending.started.elapsed());
+            recorder.submit(*pending);
+        }
+    }
+
+    /// Writes what the log has queued and stops its writer.
+    pub fn shutdown(&self) {
+        if let Some(recorder) = &self.recorder {
+            recorder.shutdown();
+        }
     }
 
     /// Whether a JSON request body from this caller must be read before forwarding.

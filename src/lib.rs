@@ -9,6 +9,10 @@
 //! - [`models`]: `GET /v1/models`.
 //! - [`routing`]: strategies, health, cooldowns and sessions: which upstream and key.
 //! - [`rewrite`], [`shape`]: request rewrites and response shaping (model aliases).
+//! - [`limits`]: rate limits and budgets over fixed UTC windows.
+//! - [`recorder`], [`store`], [`usage`]: the request log off the hot path, its SQLite store,
+//!   token usage and cost.
+//! - [`admin`]: `/api/*` and `/v1/status`.
 //! - [`token`]: short-lived bearer tokens from a token endpoint.
 //! - [`upstream`]: an upstream's HTTP client, credentials and health figures.
 //! - [`mock`]: the mock OpenAI upstream used by tests, benchmarks and the quick start.
@@ -18,18 +22,23 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod headers;
+pub mod limits;
 pub mod mock;
 pub mod models;
 pub mod proxy;
+pub mod recorder;
 pub mod rewrite;
 pub mod routing;
 pub mod server;
 pub mod shape;
+pub mod store;
 pub mod token;
 pub mod upstream;
+pub mod usage;

@@ -193,7 +193,12 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
             "upstream ready"
         );
     }
-    sluice::server::serve(listener, gateway, shutdown_signal()).await
+    let served = sluice::server::serve(listener, gateway.clone(), shutdown_signal()).await;
+    // Whatever the log still holds is written before the process ends.
+    let flushing = gateway.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.shutdown()).await;
+    tracing::info!("request log flushed; bye");
+    served
 }
 
 /// Warns when anyone who reaches the port would spend the upstream keys.

@@ -16,6 +16,7 @@ use crate::access::Caller;
 use crate::body::{Body, json_response};
 use crate::gateway::Gateway;
 use crate::proxy;
+use crate::recorder::Pending;
 use crate::upstream::UpstreamRuntime;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,11 +27,12 @@ pub async fn list(
     parts: Parts,
     body: Incoming,
     path: &str,
+    record: Option<Box<Pending>>,
 ) -> Response<Body> {
     if let [only] = gateway.upstreams.as_slice() {
         if only.config.models.any && only.config.model_map.is_empty() && !caller.restricts_models()
         {
-            return proxy::forward(gateway, caller, parts, body, path).await;
+            return proxy::forward(gateway, caller, parts, body, path, record).await;
         }
     }
     let mut seen = HashSet::new();
@@ -63,6 +65,11 @@ pub async fn list(
                 data.push(entry);
             }
         }
+    }
+    if let (Some(recorder), Some(mut record)) = (&gateway.recorder, record) {
+        record.status = 200;
+        record.latency = Some(record.started.elapsed());
+        recorder.submit(*record);
     }
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }

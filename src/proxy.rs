@@ -27,6 +27,8 @@ use crate::body::{Body, BoxError};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::headers::{strip_hop_by_hop, upstream_request_headers};
+use crate::limits::unix_now;
+use crate::recorder::{LogSink, Pending};
 use crate::rewrite;
 use crate::routing::{Choice, Tried};
 use crate::shape::{ModelRename, Shaper};
@@ -48,6 +50,16 @@ struct Peek<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptionsPeek>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsPeek {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// One try at an upstream, as the request log records it.
@@ -62,16 +74,28 @@ pub struct Attempt {
 }
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
+/// `record` is the request's log record, if the log is on; it is submitted when the
+/// exchange ends (for a streamed answer, when its body ends or the client leaves).
 pub async fn forward(
     gateway: &Gateway,
     caller: Caller,
     parts: Parts,
     body: Incoming,
     path: &str,
+    record: Option<Box<Pending>>,
 ) -> Response<Body> {
-    match forward_inner(gateway, caller, parts, body, path).await {
+    let mut record = record;
+    let mut tries = 0;
+    match forward_inner(gateway, &caller, parts, body, path, &mut record, &mut tries).await {
         Ok(response) => response,
-        Err(error) => error.into_response(),
+        Err(error) => {
+            // Refused before anything went upstream: the request does not count.
+            if let (0, Caller::Gateway(key)) = (tries, &caller) {
+                gateway.limiter.refund_key(key, unix_now());
+            }
+            gateway.record_error(record, &error);
+            error.into_response()
+        }
     }
 }
 
@@ -92,12 +116,15 @@ enum Failure {
     Error(ApiError),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward_inner(
     gateway: &Gateway,
-    caller: Caller,
+    caller: &Caller,
     parts: Parts,
     body: Incoming,
     path: &str,
+    record: &mut Option<Box<Pending>>,
+    tries: &mut usize,
 ) -> Result<Response<Body>, ApiError> {
     let limit = gateway.config.server.max_body;
     let declared_length = content_length(&parts.headers);
@@ -109,10 +136,11 @@ async fn forward_inner(
     let must_read = has_body
         && parts.method == Method::POST
         && is_json(&parts.headers)
-        && gateway.must_read_json(&caller);
+        && gateway.must_read_json(caller);
+    let mut strip_usage = false;
 
     let (buffered, mut streamed, model, user) = if must_read {
-        let bytes = read_body(body, limit).await?;
+        let mut bytes = read_body(body, limit).await?;
         let peek: Peek = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad_request(
                 "invalid_json",
@@ -121,6 +149,25 @@ async fn forward_inner(
         })?;
         let model = peek.model.map(Cow::into_owned);
         let user = peek.user.map(Cow::into_owned);
+        if let Some(record) = record.as_mut() {
+            record.model = model.clone();
+            record.request_body = Some(bytes.slice(..bytes.len().min(record_limit(gateway))));
+        }
+        // To count a stream's tokens, ask for its usage chunk and hide it from a client
+        // that did not ask for it.
+        let wants_usage = peek.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+        if record.is_some()
+            && peek.stream == Some(true)
+            && !wants_usage
+            && matches!(path, "/v1/chat/completions" | "/v1/completions")
+        {
+            if let Some(with_usage) =
+                rewrite::with_usage_requested(&bytes, peek.stream_options.is_some())
+            {
+                bytes = with_usage;
+                strip_usage = true;
+            }
+        }
         (Some(bytes), None, model, user)
     } else {
         let streamed = has_body.then(|| {
@@ -129,12 +176,11 @@ async fn forward_inner(
                 usize::try_from(limit).unwrap_or(usize::MAX),
             ))
         });
-        (
-            None,
-            streamed,
-            model_in_path(&parts.method, path).map(str::to_string),
-            None,
-        )
+        let model = model_in_path(&parts.method, path).map(str::to_string);
+        if let Some(record) = record.as_mut() {
+            record.model = model.clone();
+        }
+        (None, streamed, model, None)
     };
     if let Some(model) = &model {
         if !caller.may_use(model) {
@@ -144,7 +190,32 @@ async fn forward_inner(
             ));
         }
     }
-    let candidates = gateway.candidates(model.as_deref())?;
+    let now = unix_now();
+    let mut candidates = gateway.candidates(model.as_deref())?;
+    // Upstreams at their own limits are skipped while others can serve.
+    let mut soonest_wait: Option<u64> = None;
+    candidates.retain(|&i| {
+        match gateway
+            .limiter
+            .upstream_wait(&gateway.upstreams[i].config, now)
+        {
+            None => true,
+            Some(wait) => {
+                soonest_wait = Some(soonest_wait.map_or(wait, |w| w.min(wait)));
+                false
+            }
+        }
+    });
+    if candidates.is_empty() {
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "upstream_rate_limited",
+            "every upstream that serves this request is at its rate limit",
+        );
+        error.retry_after = soonest_wait;
+        return Err(error);
+    }
     let session = parts
         .headers
         .get(SESSION_HEADER)
@@ -162,7 +233,7 @@ async fn forward_inner(
     let replayable = streamed.is_none();
     let mut tried = Tried::default();
     let mut attempts: Vec<Attempt> = Vec::new();
-    let mut last_failure: Option<Failure> = None;
+    let mut last_failure: Option<(Failure, Choice)> = None;
     let mut token_refreshed = false;
     let mut retry_choice: Option<Choice> = None;
 
@@ -182,11 +253,17 @@ async fn forward_inner(
         let Some(upstream) = gateway.upstreams.get(choice.upstream) else {
             break;
         };
+        if !gateway.limiter.take_upstream(&upstream.config, unix_now()) {
+            // It reached its limit since the candidates were listed.
+            tried.exclude_upstream(choice.upstream);
+            continue;
+        }
+        *tries += 1;
         let started = Instant::now();
 
         let mut headers = base_headers.clone();
         let mut token_generation = None;
-        match &caller {
+        match caller {
             Caller::Passthrough(value) => {
                 headers.insert(header::AUTHORIZATION, value.clone());
             }
@@ -233,7 +310,7 @@ async fn forward_inner(
         let outcome = send(
             gateway,
             upstream,
-            &caller,
+            caller,
             choice,
             request,
             token_generation,
@@ -255,13 +332,19 @@ async fn forward_inner(
                 if let Some(session) = &session {
                     gateway.router.remember(session, choice);
                 }
-                return Ok(relay(
-                    response,
+                let log = take_record(
+                    record,
+                    attempts,
+                    choice,
                     upstream,
                     model.as_deref(),
-                    attempts.len(),
-                    Some(in_flight),
-                ));
+                    gateway,
+                );
+                let shaping = Shaping {
+                    client_model: model.as_deref(),
+                    strip_usage,
+                };
+                return Ok(relay(response, upstream, shaping, Some(in_flight), log));
             }
             Outcome::RefreshToken => {
                 attempt.status = Some(401);
@@ -283,11 +366,20 @@ async fn forward_inner(
             Outcome::Final(failure) => {
                 note_failure(&mut attempt, &failure);
                 attempts.push(attempt);
+                let log = take_record(
+                    record,
+                    attempts,
+                    choice,
+                    upstream,
+                    model.as_deref(),
+                    gateway,
+                );
                 return Ok(answer_failure(
                     failure,
                     upstream,
                     model.as_deref(),
-                    attempts.len(),
+                    log,
+                    gateway,
                 ));
             }
         };
@@ -296,15 +388,24 @@ async fn forward_inner(
             .len()
             .saturating_sub(1 + usize::from(token_refreshed));
         if !replayable || retries_used >= routing.retries as usize {
+            let log = take_record(
+                record,
+                attempts,
+                choice,
+                upstream,
+                model.as_deref(),
+                gateway,
+            );
             return Ok(answer_failure(
                 failure,
                 upstream,
                 model.as_deref(),
-                attempts.len(),
+                log,
+                gateway,
             ));
         }
         tracing::debug!(upstream = %upstream.config.name, tries = attempts.len(), "trying another upstream or key");
-        last_failure = Some(failure);
+        last_failure = Some((failure, choice));
         let exponent = u32::try_from(retries_used).unwrap_or(16).min(16);
         tokio::time::sleep(
             routing
@@ -313,7 +414,7 @@ async fn forward_inner(
                 .min(MAX_BACKOFF),
         )
         .await;
-        if choice.key.is_some() && is_key_failure(last_failure.as_ref()) {
+        if choice.key.is_some() && is_key_failure(last_failure.as_ref().map(|(f, _)| f)) {
             tried.exclude_key(choice.upstream, choice.key.unwrap_or_default());
         } else {
             tried.exclude_upstream(choice.upstream);
@@ -321,34 +422,26 @@ async fn forward_inner(
     }
     // Nothing left to try: report the last failure as it happened.
     match last_failure {
-        Some(Failure::Response(response)) => {
-            let name = response
-                .headers()
-                .get(UPSTREAM_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let upstream = name
-                .and_then(|n| gateway.upstreams.iter().find(|u| u.config.name == n))
-                .or_else(|| {
-                    attempts.last().and_then(|a| {
-                        gateway
-                            .upstreams
-                            .iter()
-                            .find(|u| u.config.name == a.upstream)
-                    })
-                });
-            match upstream {
-                Some(upstream) => Ok(relay(
-                    response,
+        Some((failure, choice)) => match gateway.upstreams.get(choice.upstream) {
+            Some(upstream) => {
+                let log = take_record(
+                    record,
+                    attempts,
+                    choice,
                     upstream,
                     model.as_deref(),
-                    attempts.len(),
-                    None,
-                )),
-                None => Err(ApiError::bad_gateway("no upstream could serve the request")),
+                    gateway,
+                );
+                Ok(answer_failure(
+                    failure,
+                    upstream,
+                    model.as_deref(),
+                    log,
+                    gateway,
+                ))
             }
-        }
-        Some(Failure::Error(error)) => Err(error),
+            None => Err(ApiError::bad_gateway("no upstream could serve the request")),
+        },
         None => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream_error",
@@ -356,6 +449,48 @@ async fn forward_inner(
             "no upstream is available for this request",
         )),
     }
+}
+
+/// What the log keeps of each body.
+fn record_limit(gateway: &Gateway) -> usize {
+    gateway.recorder.as_ref().map_or(0, |r| r.sink.body_limit)
+}
+
+/// The log record with the exchange's upstream side filled in, and where to send it.
+fn take_record(
+    record: &mut Option<Box<Pending>>,
+    attempts: Vec<Attempt>,
+    choice: Choice,
+    upstream: &UpstreamRuntime,
+    model: Option<&str>,
+    gateway: &Gateway,
+) -> Log {
+    let tries = attempts.len();
+    let record = record.take().map(|mut record| {
+        record.upstream = Some(upstream.config.name.clone());
+        record.upstream_key = choice.key.and_then(|k| upstream.masked_key(k));
+        record.upstream_model = model.map(|m| upstream.config.upstream_model(m).to_string());
+        record.attempts = attempts;
+        record
+    });
+    Log {
+        record,
+        sink: gateway.recorder.as_ref().map(|r| r.sink.clone()),
+        tries,
+    }
+}
+
+/// A request's log record on its way to the log, with the number of tries it took.
+struct Log {
+    record: Option<Box<Pending>>,
+    sink: Option<LogSink>,
+    tries: usize,
+}
+
+/// How a relayed body must be changed on its way to the client.
+struct Shaping<'a> {
+    client_model: Option<&'a str>,
+    strip_usage: bool,
 }
 
 fn note_failure(attempt: &mut Attempt, failure: &Failure) {
@@ -486,11 +621,20 @@ fn answer_failure(
     failure: Failure,
     upstream: &Arc<UpstreamRuntime>,
     model: Option<&str>,
-    tries: usize,
+    log: Log,
+    gateway: &Gateway,
 ) -> Response<Body> {
     match failure {
-        Failure::Response(response) => relay(response, upstream, model, tries, None),
+        Failure::Response(response) => {
+            let shaping = Shaping {
+                client_model: model,
+                strip_usage: false,
+            };
+            relay(response, upstream, shaping, None, log)
+        }
         Failure::Error(error) => {
+            let tries = log.tries;
+            gateway.record_error(log.record, &error);
             let mut response = error.into_response();
             response
                 .headers_mut()
@@ -507,9 +651,9 @@ fn answer_failure(
 fn relay(
     response: reqwest::Response,
     upstream: &Arc<UpstreamRuntime>,
-    client_model: Option<&str>,
-    tries: usize,
+    shaping: Shaping<'_>,
     in_flight: Option<InFlight>,
+    log: Log,
 ) -> Response<Body> {
     let timeouts = upstream.config.timeouts;
     let deadline = timeouts.total.map(|total| Instant::now() + total);
@@ -517,16 +661,29 @@ fn relay(
     let mut headers = response.headers().clone();
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
-    let rename = client_model
+    let rename = shaping
+        .client_model
         .filter(|m| upstream.config.upstream_model(m) != *m)
         .filter(|_| sse || is_json(&headers))
         .map(|m| ModelRename { to: m.to_string() });
-    if rename.is_some() {
-        // The body changes length when the name does.
+    let strip_usage = shaping.strip_usage && sse;
+    if rename.is_some() || strip_usage {
+        // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);
     }
+    let mut record = log.record;
+    if let Some(record) = record.as_mut() {
+        record.status = status.as_u16();
+        record.first_byte = Some(record.started.elapsed());
+        record.stream = sse;
+        record.response_content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        record.response_headers = headers.clone();
+    }
     headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
-    headers.insert(TRIES_HEADER, HeaderValue::from(tries));
+    headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
     let relay = RelayBody {
         inner: reqwest::Body::from(response),
         idle: timeouts.idle,
@@ -538,8 +695,10 @@ fn relay(
         sse,
         upstream: upstream.config.name.clone(),
         done: false,
-        shaper: rename.map(|r| Shaper::new(sse, r)),
+        shaper: (rename.is_some() || strip_usage).then(|| Shaper::new(sse, rename, strip_usage)),
         _in_flight: in_flight,
+        record,
+        sink: log.sink,
     };
     let mut out = Response::new(relay.boxed_unsync());
     *out.status_mut() = status;
@@ -640,6 +799,19 @@ struct RelayBody {
     shaper: Option<Shaper>,
     /// Keeps the upstream's in-flight count up until the body ends or the client leaves.
     _in_flight: Option<InFlight>,
+    /// The log record, submitted when the body ends or is dropped.
+    record: Option<Box<Pending>>,
+    sink: Option<LogSink>,
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Some(
+                "the client went away before the end of the response".into(),
+            ));
+        }
+    }
 }
 
 impl RelayBody {
@@ -648,9 +820,19 @@ impl RelayBody {
         deadline.map_or(wake, |d| d.min(wake))
     }
 
+    /// Submits the log record: the exchange is over.
+    fn finish(&mut self, error: Option<String>) {
+        if let (Some(mut record), Some(sink)) = (self.record.take(), self.sink.as_ref()) {
+            record.latency = Some(record.started.elapsed());
+            record.error = error;
+            sink.submit(*record);
+        }
+    }
+
     fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.done = true;
         self._in_flight = None;
+        self.finish(Some(error.message.clone()));
         if self.sse {
             let event = format!("data: {}\n\n", error.to_json());
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
@@ -677,6 +859,11 @@ impl HttpBody for RelayBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     let wake = Self::next_wake(this.idle, this.deadline);
                     this.timer.as_mut().reset(wake);
+                    if let (Some(record), Some(data), Some(sink)) =
+                        (this.record.as_mut(), frame.data_ref(), this.sink.as_ref())
+                    {
+                        record.response_body.push(data, sink.body_limit);
+                    }
                     let Some(shaper) = this.shaper.as_mut() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
@@ -701,6 +888,7 @@ impl HttpBody for RelayBody {
                 Poll::Ready(None) => {
                     this.done = true;
                     this._in_flight = None;
+                    this.finish(None);
                     let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
                     return if rest.is_empty() {
                         Poll::Ready(None)

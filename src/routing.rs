@@ -249,6 +249,7 @@ mod tests {
                         paths: Default::default(),
                         weight,
                         token: None,
+                        limits: Default::default(),
                     })
                     .unwrap(),
                 )

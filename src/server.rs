@@ -16,11 +16,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::access::client_ip;
+use crate::access::{Caller, client_ip};
 use crate::body::{Body, json_response};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
-use crate::{models, proxy};
+use crate::limits::unix_now;
+use crate::{admin, models, proxy};
 
 /// How long open exchanges may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -103,20 +104,62 @@ pub async fn handle(
     let route = route.to_string();
     match (request.method(), route.as_str()) {
         (&Method::GET, "/health") => health(),
-        (&Method::GET, "/ready") => json_response(StatusCode::OK, &json!({"status": "ready"})),
+        (&Method::GET, "/ready") => ready(gateway).await,
+        (&Method::GET, "/v1/status") => admin::status(gateway, request.headers(), client).await,
         (_, r) if r == "/v1" || r.starts_with("/v1/") => {
-            let caller = match gateway.guard.authenticate(request.headers()) {
-                Ok(caller) => caller,
-                Err(error) => return error.into_response(),
-            };
             let (parts, body) = request.into_parts();
+            let mut record = gateway.start_record(client, &parts, &route);
+            let caller = match gateway.guard.authenticate(&parts.headers) {
+                Ok(caller) => caller,
+                Err(error) => {
+                    gateway.record_error(record, &error);
+                    return error.into_response();
+                }
+            };
+            if let Some(record) = record.as_mut() {
+                record.key_label = caller.label().to_string();
+            }
+            if let Caller::Gateway(key) = &caller {
+                if let Err(error) = gateway.limiter.admit_key(key, unix_now()) {
+                    gateway.record_error(record, &error);
+                    return error.into_response();
+                }
+                if let Some(record) = record.as_mut() {
+                    record.key = Some(key.clone());
+                    record.counted = true;
+                }
+            }
             if parts.method == Method::GET && route == "/v1/models" {
-                models::list(gateway, caller, parts, body, &route).await
+                models::list(gateway, caller, parts, body, &route, record).await
             } else {
-                proxy::forward(gateway, caller, parts, body, &route).await
+                proxy::forward(gateway, caller, parts, body, &route, record).await
             }
         }
+        (_, r) if r == "/api" || r.starts_with("/api/") => {
+            admin::api(gateway, request, &route, client).await
+        }
         (method, _) => unknown_route(method, path),
+    }
+}
+
+/// Ready when the config is loaded (it is, or sluice would not run) and storage answers.
+async fn ready(gateway: &Gateway) -> Response<Body> {
+    let Some(recorder) = &gateway.recorder else {
+        return json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "storage": "off"}),
+        );
+    };
+    let store = recorder.store.clone();
+    match tokio::task::spawn_blocking(move || store.ping()).await {
+        Ok(Ok(())) => json_response(StatusCode::OK, &json!({"status": "ready", "storage": "ok"})),
+        _ => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "storage_unavailable",
+            "storage does not answer",
+        )
+        .into_response(),
     }
 }
 

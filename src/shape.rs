@@ -1,7 +1,8 @@
 //! Response shaping for a relayed body: the work that must look inside an upstream's
-//! answer while it streams. Today that is the model alias (the client sees the name it
-//! asked for); SSE bodies are cut into events at blank lines and each event is handled as
-//! soon as it is complete, so nothing is held back longer than one event.
+//! answer while it streams. The model alias is put back (the client sees the name it asked
+//! for), and the usage chunk sluice requested on the client's behalf is removed. SSE bodies
+//! are cut into events at blank lines and each event is handled as soon as it is complete,
+//! so nothing is held back longer than one event.
 
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
@@ -34,17 +35,20 @@ impl ModelRename {
 pub struct Shaper {
     sse: bool,
     buffer: BytesMut,
-    rename: ModelRename,
+    rename: Option<ModelRename>,
+    /// Drop the usage-only chunk sluice asked for on the client's behalf.
+    strip_usage: bool,
     /// Gave up shaping (too large); the rest passes through.
     bypass: bool,
 }
 
 impl Shaper {
-    pub fn new(sse: bool, rename: ModelRename) -> Self {
+    pub fn new(sse: bool, rename: Option<ModelRename>, strip_usage: bool) -> Self {
         Self {
             sse,
             buffer: BytesMut::new(),
             rename,
+            strip_usage: strip_usage && sse,
             bypass: false,
         }
     }
@@ -78,10 +82,13 @@ impl Shaper {
         if self.sse {
             return self.shape_events(&rest);
         }
+        let Some(rename) = &self.rename else {
+            return rest;
+        };
         let Ok(mut value) = serde_json::from_slice::<Value>(&rest) else {
             return rest;
         };
-        if self.rename.apply(&mut value) {
+        if rename.apply(&mut value) {
             serde_json::to_vec(&value).map_or(rest, Bytes::from)
         } else {
             rest
@@ -94,23 +101,33 @@ impl Shaper {
         };
         let mut out = String::with_capacity(text.len() + 16);
         let mut changed = false;
-        for line in text.split_inclusive('\n') {
-            let shaped = line.strip_prefix("data:").and_then(|data| {
-                let payload = data.trim();
-                if !payload.starts_with('{') {
-                    return None;
+        for event in split_events(text) {
+            if self.strip_usage && is_usage_only(event) {
+                changed = true;
+                continue;
+            }
+            let Some(rename) = &self.rename else {
+                out.push_str(event);
+                continue;
+            };
+            for line in event.split_inclusive('\n') {
+                let shaped = line.strip_prefix("data:").and_then(|data| {
+                    let payload = data.trim();
+                    if !payload.starts_with('{') {
+                        return None;
+                    }
+                    let mut value: Value = serde_json::from_str(payload).ok()?;
+                    rename.apply(&mut value).then(|| value.to_string())
+                });
+                match shaped {
+                    Some(json) => {
+                        changed = true;
+                        out.push_str("data: ");
+                        out.push_str(&json);
+                        out.push_str(if line.ends_with("\r\n") { "\r\n" } else { "\n" });
+                    }
+                    None => out.push_str(line),
                 }
-                let mut value: Value = serde_json::from_str(payload).ok()?;
-                self.rename.apply(&mut value).then(|| value.to_string())
-            });
-            match shaped {
-                Some(json) => {
-                    changed = true;
-                    out.push_str("data: ");
-                    out.push_str(&json);
-                    out.push_str(if line.ends_with("\r\n") { "\r\n" } else { "\n" });
-                }
-                None => out.push_str(line),
             }
         }
         if changed {
@@ -119,6 +136,46 @@ impl Shaper {
             events.clone()
         }
     }
+}
+
+/// Splits SSE text into events, each with its terminating blank line.
+fn split_events(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = [
+            rest.find("\n\n").map(|p| p + 2),
+            rest.find("\r\n\r\n").map(|p| p + 4),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+        let (event, tail) = rest.split_at(end);
+        rest = tail;
+        Some(event)
+    })
+}
+
+/// The chunk `stream_options.include_usage` adds: no choices, only usage.
+fn is_usage_only(event: &str) -> bool {
+    if !event.contains("\"usage\"") {
+        return false;
+    }
+    event
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .any(|data| {
+            serde_json::from_str::<Value>(data.trim()).is_ok_and(|value| {
+                value
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty)
+                    && value.get("usage").is_some_and(Value::is_object)
+            })
+        })
 }
 
 /// The end of the last complete SSE event in `buffer` (just after its blank line).
@@ -141,7 +198,7 @@ mod tests {
 
     #[test]
     fn sse_events_are_renamed_as_soon_as_complete() {
-        let mut shaper = Shaper::new(true, rename());
+        let mut shaper = Shaper::new(true, Some(rename()), false);
         let first = shaper.push(Bytes::from_static(
             b"data: {\"model\":\"real\",\"n\":1}\n\ndata: {\"mod",
         ));
@@ -156,7 +213,7 @@ mod tests {
 
     #[test]
     fn responses_api_events_carry_the_model_inside_response() {
-        let mut shaper = Shaper::new(true, rename());
+        let mut shaper = Shaper::new(true, Some(rename()), false);
         let out = shaper.push(Bytes::from_static(
             b"event: response.created\ndata: {\"response\":{\"model\":\"real\"}}\n\n",
         ));
@@ -167,8 +224,20 @@ mod tests {
     }
 
     #[test]
+    fn the_usage_chunk_sluice_asked_for_is_removed() {
+        let mut shaper = Shaper::new(true, None, true);
+        let out = shaper.push(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\ndata: [DONE]\n\n",
+        ));
+        assert_eq!(
+            &out[..],
+            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: [DONE]\n\n"
+        );
+    }
+
+    #[test]
     fn json_bodies_are_renamed_at_the_end() {
-        let mut shaper = Shaper::new(false, rename());
+        let mut shaper = Shaper::new(false, Some(rename()), false);
         assert!(shaper.push(Bytes::from_static(b"{\"model\":")).is_empty());
         assert!(
             shaper

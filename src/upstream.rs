@@ -256,6 +256,7 @@ mod tests {
             paths: Default::default(),
             weight: 1,
             token: None,
+            limits: Default::default(),
         }
     }
 

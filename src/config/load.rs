@@ -10,13 +10,15 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::raw::{
-    RawAccess, RawGatewayKey, RawRouting, RawServer, RawTimeouts, RawToken, RawUpstream, Scalar,
+    RawAccess, RawAdmin, RawBudget, RawGatewayKey, RawPrice, RawRouting, RawServer, RawStorage,
+    RawTimeouts, RawToken, RawUpstream, Scalar,
 };
 use super::{
     Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn,
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
     parse_net, parse_size,
 };
+use super::{Admin, Budget, BudgetPeriod, Limits, Price, Storage};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -62,7 +64,15 @@ pub struct Loaded {
 
 /// Environment variables sluice reads itself rather than as config overrides.
 const NOT_OVERRIDES: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG"];
-const SECTIONS: &[&str] = &["server", "access", "upstreams", "routing"];
+const SECTIONS: &[&str] = &[
+    "server",
+    "access",
+    "upstreams",
+    "routing",
+    "storage",
+    "admin",
+    "pricing",
+];
 
 /// Loads and checks the configuration. On failure, returns every problem found.
 pub fn load(options: &LoadOptions, env: &EnvMap) -> Result<Loaded, Vec<Problem>> {
@@ -285,12 +295,43 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let raw_storage: RawStorage =
+        section(top.get("storage"), "storage", &mut problems).unwrap_or_default();
+    let storage = resolve_storage(raw_storage, &mut problems);
+    let raw_admin: RawAdmin = section(top.get("admin"), "admin", &mut problems).unwrap_or_default();
+    let admin = resolve_admin(&raw_admin, env, &mut problems);
+    let raw_pricing: BTreeMap<String, RawPrice> =
+        section(top.get("pricing"), "pricing", &mut problems).unwrap_or_default();
+    let mut pricing = std::collections::HashMap::new();
+    for (model, price) in raw_pricing {
+        if !(price.input.is_finite()
+            && price.output.is_finite()
+            && price.input >= 0.0
+            && price.output >= 0.0)
+        {
+            problems.push(Problem::new(
+                format!("pricing.{model}"),
+                "prices must be non-negative numbers",
+            ));
+        }
+        pricing.insert(
+            model,
+            Price {
+                input: price.input,
+                output: price.output,
+            },
+        );
+    }
+
     if problems.is_empty() {
         Ok(Config {
             server,
             access,
             upstreams,
             routing,
+            storage,
+            admin,
+            pricing,
         })
     } else {
         Err(problems)
@@ -466,10 +507,21 @@ fn resolve_access(raw: RawAccess, env: &EnvMap, problems: &mut Vec<Problem>) -> 
                 "an empty list allows nothing; use [\"*\"] for every model",
             ));
         }
+        let limits = Limits {
+            rpm: limit(raw_key.rpm, &format!("{path}.rpm"), problems),
+            rpd: limit(raw_key.rpd, &format!("{path}.rpd"), problems),
+            tpm: limit(raw_key.tpm, &format!("{path}.tpm"), problems),
+        };
+        let budget = raw_key
+            .budget
+            .as_ref()
+            .and_then(|b| resolve_budget(b, &format!("{path}.budget"), problems));
         keys.push(GatewayKey {
             name: raw_key.name,
             key: Secret::new(secret),
             models: ModelSet::from_list(&models),
+            limits,
+            budget,
         });
     }
     Access {
@@ -578,6 +630,11 @@ fn resolve_upstream(
     }
 
     let timeouts = resolve_timeouts(&raw.timeouts, &format!("{path}.timeouts"), problems);
+    let limits = Limits {
+        rpm: limit(raw.rpm, &format!("{path}.rpm"), problems),
+        rpd: limit(raw.rpd, &format!("{path}.rpd"), problems),
+        tpm: limit(raw.tpm, &format!("{path}.tpm"), problems),
+    };
 
     for (from, to) in &raw.model_map {
         if from.trim().is_empty() || to.trim().is_empty() {
@@ -627,7 +684,123 @@ fn resolve_upstream(
         paths: raw.paths.into_iter().collect(),
         weight: raw.weight.unwrap_or(1),
         token,
+        limits,
     })
+}
+
+/// `-1` or absent is unlimited; `0` admits nothing; below `-1` is a mistake.
+fn limit(value: Option<i64>, path: &str, problems: &mut Vec<Problem>) -> Option<u64> {
+    match value {
+        None | Some(-1) => None,
+        Some(n) if n >= 0 => u64::try_from(n).ok(),
+        Some(n) => {
+            problems.push(Problem::new(
+                path,
+                format!("{n} is not a limit: use -1 for unlimited, 0 to refuse all"),
+            ));
+            None
+        }
+    }
+}
+
+fn resolve_budget(raw: &RawBudget, path: &str, problems: &mut Vec<Problem>) -> Option<Budget> {
+    let period = match raw.period.as_deref().unwrap_or("month") {
+        "day" => BudgetPeriod::Day,
+        "month" => BudgetPeriod::Month,
+        "total" => BudgetPeriod::Total,
+        other => {
+            problems.push(Problem::new(
+                format!("{path}.period"),
+                format!("{other:?} is not day, month or total"),
+            ));
+            BudgetPeriod::Month
+        }
+    };
+    if raw.tokens.is_none() && raw.cost.is_none() {
+        problems.push(Problem::new(path, "set tokens, cost or both"));
+    }
+    let tokens = limit(raw.tokens, &format!("{path}.tokens"), problems);
+    if raw.cost.is_some_and(|c| !c.is_finite() || c < 0.0) {
+        problems.push(Problem::new(
+            format!("{path}.cost"),
+            "must be a non-negative number",
+        ));
+    }
+    Some(Budget {
+        tokens,
+        cost: raw.cost,
+        period,
+    })
+}
+
+fn resolve_storage(raw: RawStorage, problems: &mut Vec<Problem>) -> Storage {
+    let defaults = Storage::default();
+    let url = match raw.url.as_deref().map(str::trim) {
+        None => defaults.url.clone(),
+        Some("" | "none" | "off") => None,
+        Some(url) if url.starts_with("sqlite:") => Some(url.to_string()),
+        Some(url) => {
+            let scheme = url.split("://").next().unwrap_or(url);
+            problems.push(Problem::new(
+                "storage.url",
+                format!("{scheme:?} storage is not supported; use sqlite://PATH or none"),
+            ));
+            None
+        }
+    };
+    let body_limit = match raw.body_limit {
+        None => defaults.body_limit,
+        Some(value) => parse_size(&value.as_text())
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or_else(|| {
+                problems.push(Problem::new(
+                    "storage.body_limit",
+                    format!("{:?} is not a size like 1MiB", value.as_text()),
+                ));
+                defaults.body_limit
+            }),
+    };
+    let queue = raw.queue.unwrap_or(defaults.queue);
+    if queue == 0 {
+        problems.push(Problem::new("storage.queue", "must be at least 1"));
+    }
+    Storage {
+        url,
+        log_bodies: raw.log_bodies.unwrap_or(defaults.log_bodies),
+        body_limit,
+        retention_days: raw.retention.days.unwrap_or(defaults.retention_days),
+        max_rows: raw.retention.max_rows.unwrap_or(defaults.max_rows),
+        queue: queue.max(1),
+    }
+}
+
+fn resolve_admin(raw: &RawAdmin, env: &EnvMap, problems: &mut Vec<Problem>) -> Admin {
+    let key = match (&raw.key, &raw.key_env) {
+        (Some(_), Some(_)) => {
+            problems.push(Problem::new("admin", "set either key or key_env, not both"));
+            None
+        }
+        (Some(key), None) => Some((key.clone(), "admin.key")),
+        (None, Some(var)) => match env.get(var) {
+            Some(key) => Some((key.to_string(), "admin.key_env")),
+            None => {
+                problems.push(Problem::new(
+                    "admin.key_env",
+                    format!("environment variable {var} is not set"),
+                ));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let key = key.and_then(|(key, path)| match check_credential(&key, path) {
+        Some(problem) => {
+            problems.push(problem);
+            None
+        }
+        None => Some(Secret::new(key)),
+    });
+    Admin { key }
 }
 
 fn resolve_token(

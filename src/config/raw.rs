@@ -49,6 +49,51 @@ pub struct RawGatewayKey {
     pub key: Option<String>,
     pub key_env: Option<String>,
     pub models: Option<Vec<String>>,
+    pub rpm: Option<i64>,
+    pub rpd: Option<i64>,
+    pub tpm: Option<i64>,
+    pub budget: Option<RawBudget>,
+}
+
+/// A token and/or cost allowance per period.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub tokens: Option<i64>,
+    pub cost: Option<f64>,
+    pub period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    pub url: Option<String>,
+    pub log_bodies: Option<bool>,
+    pub body_limit: Option<Scalar>,
+    pub retention: RawRetention,
+    pub queue: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetention {
+    pub days: Option<u32>,
+    pub max_rows: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub key: Option<String>,
+    pub key_env: Option<String>,
+}
+
+/// Price of a model in USD per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    pub output: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +118,9 @@ pub struct RawUpstream {
     pub paths: BTreeMap<String, String>,
     pub weight: Option<u32>,
     pub token: Option<RawToken>,
+    pub rpm: Option<i64>,
+    pub rpd: Option<i64>,
+    pub tpm: Option<i64>,
 }
 
 /// Where an upstream's short-lived bearer token comes from.

@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    /// Holds the SQLite file of the request log, when the test did not choose storage.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 impl TestGateway {
@@ -30,7 +32,15 @@ pub async fn gateway(yaml: &str) -> TestGateway {
 
 pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
     let env = EnvMap::from_pairs(env.iter().copied());
-    let mut document = load::parse_document(yaml).expect("test config is YAML");
+    // Every test gateway logs to a SQLite file of its own unless the test says otherwise.
+    let (yaml, dir) = if yaml.contains("storage:") {
+        (yaml.to_string(), None)
+    } else {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+        (format!("{yaml}\nstorage: {{url: '{url}'}}\n"), Some(dir))
+    };
+    let mut document = load::parse_document(&yaml).expect("test config is YAML");
     load::apply_env_overrides(&mut document, &env).expect("env overrides apply");
     let config = load::resolve(&document, &env)
         .unwrap_or_else(|problems| panic!("test config invalid: {problems:?}"));
@@ -38,7 +48,7 @@ pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(sluice::server::serve(listener, gateway.clone(), pending()));
-    TestGateway { addr, gateway }
+    TestGateway { addr, gateway, dir }
 }
 
 pub async fn mock() -> MockServer {

@@ -1,0 +1,504 @@
+//! The embedded SQLite store: one file, WAL mode so the admin API reads while the writer
+//! writes, a connection for each.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value as SqlValue};
+use serde_json::{Map, Value, json};
+
+use super::{CounterDelta, ListQuery, LogRecord, Page, Store};
+use crate::limits::{Period, Usage};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    ts BIGINT NOT NULL,
+    client_ip TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    model TEXT,
+    upstream_model TEXT,
+    upstream TEXT,
+    upstream_key TEXT,
+    status INTEGER NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL,
+    ttfb_ms DOUBLE PRECISION,
+    prompt_tokens BIGINT,
+    completion_tokens BIGINT,
+    total_tokens BIGINT,
+    cost DOUBLE PRECISION,
+    usage_source TEXT,
+    stream INTEGER NOT NULL,
+    error TEXT,
+    tries INTEGER NOT NULL,
+    attempts TEXT NOT NULL,
+    request_headers TEXT NOT NULL,
+    response_headers TEXT NOT NULL,
+    request_body TEXT,
+    response_body TEXT,
+    reply_text TEXT,
+    reply_tool_calls TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
+CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts);
+CREATE INDEX IF NOT EXISTS requests_upstream_ts ON requests (upstream, ts);
+CREATE INDEX IF NOT EXISTS requests_status_ts ON requests (status, ts);
+CREATE TABLE IF NOT EXISTS usage_counters (
+    scope TEXT NOT NULL,
+    period TEXT NOT NULL,
+    win BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    tokens BIGINT NOT NULL,
+    cost DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (scope, period, win)
+);
+";
+
+const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
+    upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
+    stream, error, tries";
+
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+fn connect(path: &str) -> anyhow::Result<Connection> {
+    let connection =
+        Connection::open(path).with_context(|| format!("cannot open SQLite database {path}"))?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(connection)
+}
+
+impl SqliteStore {
+    pub fn open(path: &str) -> anyhow::Result<Self> {
+        if let Some(parent) = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let writer = connect(path)?;
+        writer
+            .execute_batch(SCHEMA)
+            .context("cannot create the schema")?;
+        let reader = connect(path)?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn reader(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
+        self.reader
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the store's reader is poisoned"))
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Builds the WHERE clause of a list query.
+fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
+    let mut clauses: Vec<String> = Vec::new();
+    let mut values: Vec<SqlValue> = Vec::new();
+    let mut exact = |column: &str, value: &Option<String>, clauses: &mut Vec<String>| {
+        if let Some(value) = value.as_ref().filter(|v| !v.is_empty()) {
+            clauses.push(format!("{column} = ?"));
+            values.push(SqlValue::Text(value.clone()));
+        }
+    };
+    exact("model", &query.model, &mut clauses);
+    exact("key_name", &query.key, &mut clauses);
+    exact("upstream", &query.upstream, &mut clauses);
+    exact("path", &query.path, &mut clauses);
+    if let Some(status) = query
+        .status
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let class = status
+            .strip_suffix("xx")
+            .and_then(|d| d.parse::<i64>().ok());
+        if status == "error" {
+            clauses.push("status >= 400".into());
+        } else if let Some(class) = class {
+            clauses.push(format!(
+                "status >= {} AND status < {}",
+                class * 100,
+                class * 100 + 100
+            ));
+        } else if let Ok(code) = status.parse::<i64>() {
+            clauses.push("status = ?".into());
+            values.push(SqlValue::Integer(code));
+        } else {
+            clauses.push("1 = 0".into());
+        }
+    }
+    if let Some(from) = query.from_ms {
+        clauses.push("ts >= ?".into());
+        values.push(SqlValue::Integer(from));
+    }
+    if let Some(to) = query.to_ms {
+        clauses.push("ts <= ?".into());
+        values.push(SqlValue::Integer(to));
+    }
+    if let Some(search) = query
+        .search
+        .as_ref()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
+        let escaped = search
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let pattern = format!("%{escaped}%");
+        let columns = [
+            "path",
+            "model",
+            "upstream_model",
+            "key_name",
+            "upstream",
+            "error",
+            "request_body",
+            "response_body",
+            "reply_text",
+            "id",
+        ];
+        let any: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} LIKE ? ESCAPE '\\'"))
+            .collect();
+        clauses.push(format!("({})", any.join(" OR ")));
+        values.extend(columns.iter().map(|_| SqlValue::Text(pattern.clone())));
+    }
+    let clause = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    (clause, values)
+}
+
+fn row_to_json(row: &rusqlite::Row<'_>, names: &[String]) -> rusqlite::Result<Value> {
+    let mut object = Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let value = match row.get_ref(i)? {
+            rusqlite::types::ValueRef::Null => Value::Null,
+            rusqlite::types::ValueRef::Integer(n) => json!(n),
+            rusqlite::types::ValueRef::Real(f) => json!(f),
+            rusqlite::types::ValueRef::Text(t) => {
+                Value::String(String::from_utf8_lossy(t).into_owned())
+            }
+            rusqlite::types::ValueRef::Blob(b) => {
+                Value::String(String::from_utf8_lossy(b).into_owned())
+            }
+        };
+        object.insert(name.clone(), value);
+    }
+    Ok(Value::Object(object))
+}
+
+/// Turns stored fields back into their JSON shapes for API answers.
+fn present(mut value: Value) -> Value {
+    if let Some(object) = value.as_object_mut() {
+        if let Some(stream) = object.get("stream").and_then(Value::as_i64) {
+            object.insert("stream".into(), Value::Bool(stream != 0));
+        }
+        if let Some(ts) = object.get("ts").and_then(Value::as_i64) {
+            let time = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(u64::try_from(ts).unwrap_or(0));
+            object.insert(
+                "time".into(),
+                Value::String(humantime::format_rfc3339_millis(time).to_string()),
+            );
+        }
+        for field in [
+            "attempts",
+            "request_headers",
+            "response_headers",
+            "reply_tool_calls",
+        ] {
+            if let Some(text) = object.get(field).and_then(Value::as_str) {
+                if let Ok(parsed) = serde_json::from_str::<Value>(text) {
+                    object.insert(field.into(), parsed);
+                }
+            }
+        }
+    }
+    value
+}
+
+fn query_values(
+    connection: &Connection,
+    sql: &str,
+    values: &[SqlValue],
+) -> anyhow::Result<Vec<Value>> {
+    let mut statement = connection.prepare(sql)?;
+    let names: Vec<String> = statement.column_names().map(str::to_string).collect();
+    let rows = statement.query_map(params_from_iter(values.iter()), |row| {
+        row_to_json(row, &names)
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+impl Store for SqliteStore {
+    fn write(&self, records: &[LogRecord], counters: &[CounterDelta]) -> anyhow::Result<()> {
+        let mut connection = self
+            .writer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the store's writer is poisoned"))?;
+        let transaction = connection.transaction()?;
+        {
+            let mut insert = transaction.prepare_cached(
+                "INSERT OR IGNORE INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
+                 upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
+                 stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
+                 reply_tool_calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                 ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+            )?;
+            for r in records {
+                insert.execute(params![
+                    r.id,
+                    r.ts,
+                    r.client_ip,
+                    r.key_name,
+                    r.method,
+                    r.path,
+                    r.model,
+                    r.upstream_model,
+                    r.upstream,
+                    r.upstream_key,
+                    r.status,
+                    r.latency_ms,
+                    r.ttfb_ms,
+                    r.prompt_tokens.map(to_i64),
+                    r.completion_tokens.map(to_i64),
+                    r.total_tokens.map(to_i64),
+                    r.cost,
+                    r.usage_source,
+                    r.stream,
+                    r.error,
+                    r.tries,
+                    r.attempts,
+                    r.request_headers,
+                    r.response_headers,
+                    r.request_body,
+                    r.response_body,
+                    r.reply_text,
+                    r.reply_tool_calls,
+                ])?;
+            }
+            let mut upsert = transaction.prepare_cached(
+                "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (scope, period, win) DO UPDATE SET requests = usage_counters.requests + excluded.requests, \
+                 tokens = usage_counters.tokens + excluded.tokens, cost = usage_counters.cost + excluded.cost",
+            )?;
+            for c in counters {
+                upsert.execute(params![
+                    c.scope,
+                    c.period.name(),
+                    c.window,
+                    to_i64(c.usage.requests),
+                    to_i64(c.usage.tokens),
+                    c.usage.cost
+                ])?;
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    fn retain(&self, before_ms: i64, max_rows: u64) -> anyhow::Result<u64> {
+        let connection = self
+            .writer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the store's writer is poisoned"))?;
+        let mut removed =
+            connection.execute("DELETE FROM requests WHERE ts < ?1", params![before_ms])? as u64;
+        let cutoff: Option<i64> = connection
+            .query_row(
+                "SELECT ts FROM requests ORDER BY ts DESC LIMIT 1 OFFSET ?1",
+                params![to_i64(max_rows)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(cutoff) = cutoff {
+            removed +=
+                connection.execute("DELETE FROM requests WHERE ts <= ?1", params![cutoff])? as u64;
+        }
+        // Counter windows that can no longer be current.
+        connection.execute(
+            "DELETE FROM usage_counters WHERE period = 'minute' AND win < ?1",
+            params![before_ms / 60_000],
+        )?;
+        Ok(removed)
+    }
+
+    fn counters(&self, windows: &[(Period, i64)]) -> anyhow::Result<Vec<CounterDelta>> {
+        let connection = self.reader()?;
+        let mut statement =
+            connection.prepare("SELECT scope, requests, tokens, cost FROM usage_counters WHERE period = ?1 AND win = ?2")?;
+        let mut out = Vec::new();
+        for &(period, window) in windows {
+            let rows = statement.query_map(params![period.name(), window], |row| {
+                Ok(CounterDelta {
+                    scope: row.get(0)?,
+                    period,
+                    window,
+                    usage: Usage {
+                        requests: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+                        tokens: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                        cost: row.get(3)?,
+                    },
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn list(&self, query: &ListQuery) -> anyhow::Result<Page> {
+        let connection = self.reader()?;
+        let (clause, values) = filters(query);
+        let total: i64 = connection.query_row(
+            &format!("SELECT COUNT(*) FROM requests {clause}"),
+            params_from_iter(values.iter()),
+            |row| row.get(0),
+        )?;
+        let per_page = query.per_page.clamp(1, 500);
+        let page = query.page.max(1);
+        let offset = (page - 1).saturating_mul(per_page);
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {per_page} OFFSET {offset}"
+        );
+        let data = query_values(&connection, &sql, &values)?
+            .into_iter()
+            .map(present)
+            .collect();
+        let total = u64::try_from(total).unwrap_or(0);
+        Ok(Page {
+            data,
+            page,
+            per_page,
+            total,
+            has_more: offset + per_page < total,
+        })
+    }
+
+    fn get(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let connection = self.reader()?;
+        let rows = query_values(
+            &connection,
+            "SELECT * FROM requests WHERE id = ?",
+            &[SqlValue::Text(id.to_string())],
+        )?;
+        Ok(rows.into_iter().next().map(present))
+    }
+
+    fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
+        let connection = self.reader()?;
+        let range = [SqlValue::Integer(from_ms), SqlValue::Integer(to_ms)];
+        let aggregates = "COUNT(*) AS requests, \
+            SUM(CASE WHEN status >= 200 AND status < 400 THEN 1 ELSE 0 END) AS succeeded, \
+            AVG(latency_ms) AS avg_latency_ms, \
+            COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, \
+            COALESCE(SUM(completion_tokens), 0) AS completion_tokens, \
+            COALESCE(SUM(total_tokens), 0) AS total_tokens, \
+            COALESCE(SUM(cost), 0) AS cost";
+        let mut totals = query_values(
+            &connection,
+            &format!("SELECT {aggregates} FROM requests WHERE ts >= ? AND ts <= ?"),
+            &range,
+        )?
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| json!({}));
+        let count = totals.get("requests").and_then(Value::as_i64).unwrap_or(0);
+        let p95 = if count > 0 {
+            let offset = (count * 95 + 99) / 100 - 1;
+            connection
+                .query_row(
+                    "SELECT latency_ms FROM requests WHERE ts >= ?1 AND ts <= ?2 ORDER BY latency_ms LIMIT 1 OFFSET ?3",
+                    params![from_ms, to_ms, offset.max(0)],
+                    |row| row.get::<_, f64>(0),
+                )
+                .optional()?
+        } else {
+            None
+        };
+        finish_rates(&mut totals);
+        totals["p95_latency_ms"] = json!(p95);
+
+        let breakdown = |column: &str| -> anyhow::Result<Vec<Value>> {
+            let sql = format!(
+                "SELECT COALESCE({column}, '') AS name, {aggregates} FROM requests WHERE ts >= ? AND ts <= ? \
+                 GROUP BY COALESCE({column}, '') ORDER BY requests DESC"
+            );
+            Ok(query_values(&connection, &sql, &range)?
+                .into_iter()
+                .map(|mut v| {
+                    finish_rates(&mut v);
+                    v
+                })
+                .collect())
+        };
+        let series = |bucket_ms: i64, since: i64| -> anyhow::Result<Vec<Value>> {
+            let sql = format!(
+                "SELECT (ts / {bucket_ms}) * {bucket_ms} AS start_ms, {aggregates} FROM requests WHERE ts >= ? \
+                 GROUP BY ts / {bucket_ms} ORDER BY start_ms"
+            );
+            Ok(
+                query_values(&connection, &sql, &[SqlValue::Integer(since)])?
+                    .into_iter()
+                    .map(|mut v| {
+                        finish_rates(&mut v);
+                        v
+                    })
+                    .collect(),
+            )
+        };
+        let hour = 3_600_000;
+        let day = 86_400_000;
+        Ok(json!({
+            "from_ms": from_ms,
+            "to_ms": to_ms,
+            "totals": totals,
+            "by_model": breakdown("model")?,
+            "by_upstream": breakdown("upstream")?,
+            "by_key": breakdown("key_name")?,
+            "hourly": series(hour, (now_ms / hour - 47) * hour)?,
+            "daily": series(day, (now_ms / day - 29) * day)?,
+        }))
+    }
+
+    fn ping(&self) -> anyhow::Result<()> {
+        self.reader()?.query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+/// Adds `success_rate` (0–1) and `errors` to an aggregate row.
+fn finish_rates(value: &mut Value) {
+    let requests = value.get("requests").and_then(Value::as_i64).unwrap_or(0);
+    let succeeded = value.get("succeeded").and_then(Value::as_i64).unwrap_or(0);
+    value["errors"] = json!(requests - succeeded);
+    value["success_rate"] = json!(if requests > 0 {
+        succeeded as f64 / requests as f64
+    } else {
+        0.0
+    });
+}

@@ -1,0 +1,377 @@
+//! Token usage and cost of a request, worked out off the hot path from what the log
+//! captured: the upstream's own `usage` where it gave one (JSON bodies, the usage chunk of a
+//! stream, `response.completed` of the Responses API), else a count with the model's real
+//! tokenizer (tiktoken). Streams are also reassembled into their final text and tool calls.
+
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use tiktoken_rs::CoreBPE;
+
+use crate::config::Price;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+/// Where a usage figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    Upstream,
+    Tokenizer,
+}
+
+impl UsageSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            UsageSource::Upstream => "upstream",
+            UsageSource::Tokenizer => "tokenizer",
+        }
+    }
+}
+
+/// What a response said, once read whole.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub usage: Option<TokenUsage>,
+    /// The assistant's text (choice 0), reassembled for streams.
+    pub text: Option<String>,
+    /// Tool calls (choice 0) as OpenAI's `[{id, type, function: {name, arguments}}]`.
+    pub tool_calls: Vec<Value>,
+}
+
+fn number(value: Option<&Value>) -> Option<u64> {
+    value.and_then(Value::as_u64)
+}
+
+/// Reads an OpenAI `usage` object (chat, completions, embeddings or Responses shape).
+pub fn parse_usage(usage: &Value) -> Option<TokenUsage> {
+    let prompt =
+        number(usage.get("prompt_tokens")).or_else(|| number(usage.get("input_tokens")))?;
+    let completion = number(usage.get("completion_tokens"))
+        .or_else(|| number(usage.get("output_tokens")))
+        .unwrap_or(0);
+    let total = number(usage.get("total_tokens")).unwrap_or(prompt + completion);
+    Some(TokenUsage {
+        prompt,
+        completion,
+        total,
+    })
+}
+
+/// Reads a whole JSON response.
+pub fn read_json_reply(body: &[u8]) -> Reply {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Reply::default();
+    };
+    let mut reply = Reply {
+        usage: value.get("usage").and_then(parse_usage),
+        ..Reply::default()
+    };
+    if let Some(choice) = value.pointer("/choices/0") {
+        reply.text = choice
+            .pointer("/message/content")
+            .and_then(Value::as_str)
+            .or_else(|| choice.get("text").and_then(Value::as_str))
+            .map(str::to_string);
+        if let Some(calls) = choice
+            .pointer("/message/tool_calls")
+            .and_then(Value::as_array)
+        {
+            reply.tool_calls = calls.clone();
+        }
+    } else if let Some(output) = value.get("output").and_then(Value::as_array) {
+        reply.text = Some(responses_output_text(output));
+    }
+    reply
+}
+
+fn responses_output_text(output: &[Value]) -> String {
+    output
+        .iter()
+        .filter_map(|item| item.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|part| part.get("type").and_then(Value::as_str) == Some("output_text"))
+        .filter_map(|part| part.get("text").and_then(Value::as_str))
+        .collect()
+}
+
+#[derive(Default)]
+struct ToolCallParts {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// Reads a whole SSE stream: usage, and the reply put back together.
+pub fn read_stream_reply(body: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(body);
+    let mut reply = Reply::default();
+    let mut content = String::new();
+    let mut saw_content = false;
+    let mut calls: Vec<ToolCallParts> = Vec::new();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+            continue;
+        };
+        if !data.starts_with('{') {
+            continue;
+        }
+        let Ok(event) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        if let Some(usage) = event.get("usage").and_then(parse_usage) {
+            reply.usage = Some(usage);
+        }
+        match event.get("type").and_then(Value::as_str) {
+            Some("response.output_text.delta") => {
+                if let Some(delta) = event.get("delta").and_then(Value::as_str) {
+                    content.push_str(delta);
+                    saw_content = true;
+                }
+                continue;
+            }
+            Some("response.completed") => {
+                if let Some(usage) = event.pointer("/response/usage").and_then(parse_usage) {
+                    reply.usage = Some(usage);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let Some(choices) = event.get("choices").and_then(Value::as_array) else {
+            continue;
+        };
+        for choice in choices
+            .iter()
+            .filter(|c| number(c.get("index")).unwrap_or(0) == 0)
+        {
+            let piece = choice
+                .pointer("/delta/content")
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str);
+            if let Some(piece) = piece {
+                content.push_str(piece);
+                saw_content = true;
+            }
+            for call in choice
+                .pointer("/delta/tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let index = usize::try_from(number(call.get("index")).unwrap_or(0))
+                    .unwrap_or(0)
+                    .min(128);
+                if calls.len() <= index {
+                    calls.resize_with(index + 1, ToolCallParts::default);
+                }
+                let parts = &mut calls[index];
+                if let Some(id) = call.get("id").and_then(Value::as_str) {
+                    parts.id.push_str(id);
+                }
+                if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                    parts.name.push_str(name);
+                }
+                if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str)
+                {
+                    parts.arguments.push_str(arguments);
+                }
+            }
+        }
+    }
+    if saw_content {
+        reply.text = Some(content);
+    }
+    reply.tool_calls = calls
+        .into_iter()
+        .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+        .collect();
+    reply
+}
+
+fn encoder(model: &str) -> Option<&'static CoreBPE> {
+    static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+    static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+    let legacy = matches!(
+        tiktoken_rs::tokenizer::get_tokenizer(model),
+        Some(tiktoken_rs::tokenizer::Tokenizer::Cl100kBase)
+    );
+    if legacy {
+        CL100K
+            .get_or_init(|| tiktoken_rs::cl100k_base().ok())
+            .as_ref()
+    } else {
+        O200K
+            .get_or_init(|| tiktoken_rs::o200k_base().ok())
+            .as_ref()
+    }
+}
+
+/// Tokens in `text` for `model` (o200k for current models, cl100k for the GPT-4/3.5 family).
+pub fn count_tokens(model: &str, text: &str) -> u64 {
+    encoder(model).map_or((text.len() as u64).div_ceil(4), |bpe| {
+        bpe.encode_with_special_tokens(text).len() as u64
+    })
+}
+
+/// Prompt tokens of a request body: chat messages (with OpenAI's per-message overhead),
+/// a completion prompt, embedding or Responses input.
+pub fn count_prompt_tokens(model: &str, body: &Value) -> u64 {
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        let mut tokens = 3;
+        for message in messages {
+            tokens += 3;
+            if let Some(object) = message.as_object() {
+                for (field, value) in object {
+                    let text = match value {
+                        Value::String(s) => s.clone(),
+                        Value::Array(parts) => parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join(""),
+                        Value::Null => continue,
+                        other => other.to_string(),
+                    };
+                    tokens += count_tokens(model, &text);
+                    if field == "name" {
+                        tokens += 1;
+                    }
+                }
+            }
+        }
+        return tokens;
+    }
+    match body.get("prompt").or_else(|| body.get("input")) {
+        Some(Value::String(text)) => count_tokens(model, text),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => count_tokens(model, text),
+                Value::Number(_) => 1,
+                other => count_tokens(model, &other.to_string()),
+            })
+            .sum(),
+        Some(other) => count_tokens(model, &other.to_string()),
+        None => 0,
+    }
+}
+
+/// Counts a request's usage with the tokenizer, for answers that carried none.
+pub fn estimate(model: &str, request: Option<&Value>, reply: &Reply) -> TokenUsage {
+    let prompt = request.map_or(0, |body| count_prompt_tokens(model, body));
+    let mut completion = reply
+        .text
+        .as_deref()
+        .map_or(0, |text| count_tokens(model, text));
+    for call in &reply.tool_calls {
+        completion += call
+            .pointer("/function/name")
+            .and_then(Value::as_str)
+            .map_or(0, |n| count_tokens(model, n));
+        completion += call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .map_or(0, |a| count_tokens(model, a));
+    }
+    TokenUsage {
+        prompt,
+        completion,
+        total: prompt + completion,
+    }
+}
+
+/// Cost in USD of `usage` at `price` (USD per million tokens).
+pub fn cost(price: Price, usage: TokenUsage) -> f64 {
+    (usage.prompt as f64 * price.input + usage.completion as f64 * price.output) / 1_000_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_shapes() {
+        let chat =
+            parse_usage(&json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}))
+                .unwrap();
+        assert_eq!(
+            chat,
+            TokenUsage {
+                prompt: 5,
+                completion: 7,
+                total: 12
+            }
+        );
+        let responses =
+            parse_usage(&json!({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}))
+                .unwrap();
+        assert_eq!(
+            responses,
+            TokenUsage {
+                prompt: 3,
+                completion: 4,
+                total: 7
+            }
+        );
+        let embeddings = parse_usage(&json!({"prompt_tokens": 9, "total_tokens": 9})).unwrap();
+        assert_eq!(
+            embeddings,
+            TokenUsage {
+                prompt: 9,
+                completion: 0,
+                total: 9
+            }
+        );
+    }
+
+    #[test]
+    fn streams_are_reassembled_with_tool_calls_and_usage() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hel\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"other choice\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\"\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let reply = read_stream_reply(stream.as_bytes());
+        assert_eq!(reply.text.as_deref(), Some("Hello"));
+        assert_eq!(reply.tool_calls[0]["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(reply.tool_calls[0]["id"], "call_1");
+        assert_eq!(reply.usage.unwrap().total, 6);
+    }
+
+    #[test]
+    fn the_tokenizer_counts_real_tokens() {
+        assert_eq!(count_tokens("gpt-4o", "hello world"), 2);
+        assert_eq!(count_tokens("gpt-4", "hello world"), 2);
+        let body = json!({"messages": [{"role": "user", "content": "hello world"}]});
+        assert_eq!(count_prompt_tokens("gpt-4o", &body), 3 + 3 + 1 + 2);
+    }
+
+    #[test]
+    fn cost_per_million() {
+        let usage = TokenUsage {
+            prompt: 1_000_000,
+            completion: 500_000,
+            total: 1_500_000,
+        };
+        assert!(
+            (cost(
+                Price {
+                    input: 2.5,
+                    output: 10.0
+                },
+                usage
+            ) - 7.5)
+                .abs()
+                < 1e-9
+        );
+    }
+}
