@@ -267,6 +267,8 @@ struct Plan {
     chunks: usize,
     interval: Duration,
     fault: Option<Fault>,
+    /// Report token usage (`x-mock-usage: none` plays an upstream that never does).
+    usage: bool,
 }
 
 async fn handle(
@@ -289,6 +291,7 @@ async fn handle(
             .and_then(|v| v.parse().ok())
             .map_or(options.interval, Duration::from_millis),
         fault: header("x-mock-fault").map_or(options.fault, Fault::parse),
+        usage: header("x-mock-usage") != Some("none"),
     };
     let path = parts.uri.path().to_string();
     if path.starts_with("/_mock/") {

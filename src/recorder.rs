@@ -310,10 +310,11 @@ struct Writer {
 
 impl Writer {
     fn run(self, receiver: Receiver<Message>) {
-        let mut last_retention = Instant::now() - RETENTION_EVERY;
+        self.retain();
+        let mut last_retention = Instant::now();
         let mut stopping = false;
         while !stopping {
-            let mut batch: Vec<Box<Pending>> = Vec::new();
+            let mut batch: Vec<Pending> = Vec::new();
             let mut flushes = Vec::new();
             let deadline = Instant::now() + BATCH_WAIT;
             loop {
@@ -324,7 +325,7 @@ impl Writer {
                 };
                 match receiver.recv_timeout(wait) {
                     Ok(Message::Record(pending)) => {
-                        batch.push(pending);
+                        batch.push(*pending);
                         if batch.len() >= BATCH {
                             break;
                         }
@@ -334,7 +335,7 @@ impl Writer {
                         // Everything sent before the flush is already received.
                         while let Ok(message) = receiver.try_recv() {
                             match message {
-                                Message::Record(pending) => batch.push(pending),
+                                Message::Record(pending) => batch.push(*pending),
                                 Message::Flush(done) => flushes.push(done),
                                 Message::Stop => stopping = true,
                             }
@@ -344,7 +345,7 @@ impl Writer {
                     Ok(Message::Stop) => {
                         stopping = true;
                         while let Ok(Message::Record(pending)) = receiver.try_recv() {
-                            batch.push(pending);
+                            batch.push(*pending);
                         }
                         break;
                     }
@@ -368,7 +369,7 @@ impl Writer {
         }
     }
 
-    fn write(&self, batch: Vec<Box<Pending>>) {
+    fn write(&self, batch: Vec<Pending>) {
         let mut records = Vec::with_capacity(batch.len());
         let mut counters: HashMap<(String, Period, i64), Usage> = HashMap::new();
         for pending in batch {

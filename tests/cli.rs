@@ -197,3 +197,76 @@ fn serve_refuses_a_bad_config_and_says_why() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn counters_survive_kill_9_and_a_restart() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "access: {{keys: [{{name: alice, key: fk-alice-0001, rpd: 5}}]}}
+upstreams: [{{name: m, base_url: '{}'}}]
+storage: {{url: 'sqlite://{}'}}
+admin: {{key: admin-secret-0001}}
+",
+            mock.url(),
+            dir.path().join("sluice.db").display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let mut command = sluice();
+        command
+            .current_dir(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config);
+        serve(command)
+    };
+    let client = client();
+    let send = |address: &str| {
+        client
+            .get(format!("http://{address}/v1/models/gpt-4o"))
+            .header("authorization", "Bearer fk-alice-0001")
+            .send()
+    };
+    let (mut running, address) = start();
+    for _ in 0..3 {
+        assert_eq!(send(&address).await.unwrap().status(), 200);
+    }
+    // Wait until the log has written them, then kill without any chance to flush.
+    let mut written = 0;
+    for _ in 0..200 {
+        let response = client
+            .get(format!("http://{address}/api/requests"))
+            .header("authorization", "Bearer admin-secret-0001")
+            .send()
+            .await
+            .unwrap();
+        let list = json(response).await;
+        written = list["total"].as_u64().unwrap_or(0);
+        if written == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(written, 3);
+    running.0.kill().unwrap();
+    running.0.wait().unwrap();
+
+    let (_running, address) = start();
+    let response = client
+        .get(format!("http://{address}/v1/status"))
+        .header("authorization", "Bearer admin-secret-0001")
+        .send()
+        .await
+        .unwrap();
+    let status = json(response).await;
+    assert_eq!(status["keys"][0]["usage"]["day"]["requests"], 3, "{status}");
+    for _ in 0..2 {
+        assert_eq!(send(&address).await.unwrap().status(), 200);
+    }
+    let refused = send(&address).await.unwrap();
+    assert_error(refused, 429, "rate_limit_exceeded").await;
+}

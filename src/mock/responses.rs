@@ -134,13 +134,18 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
     let tool = wanted_tool(body);
     let prompt = prompt_tokens(body);
     let completion = plan.chunks as u64 * n as u64;
-    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    let usage = if plan.usage {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    } else {
+        Value::Null
+    };
 
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        let include_usage = body
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            == Some(true);
+        let include_usage = plan.usage
+            && body
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                == Some(true);
         let chunk = |choices: Value, usage: Value| {
             let mut object = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -226,7 +231,16 @@ fn completion(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Bod
     let id = format!("cmpl-mock{}", state.next_id());
     let created = now();
     let prompt = prompt_tokens(body);
-    let usage = json!({"prompt_tokens": prompt, "completion_tokens": plan.chunks, "total_tokens": prompt + plan.chunks as u64});
+    let usage = if plan.usage {
+        json!({"prompt_tokens": prompt, "completion_tokens": plan.chunks, "total_tokens": prompt + plan.chunks as u64})
+    } else {
+        Value::Null
+    };
+    let include_usage = plan.usage
+        && body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         let mut events: Vec<Bytes> = (0..plan.chunks)
             .map(|i| {
@@ -238,6 +252,12 @@ fn completion(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Bod
             &json!({"id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "stop"}]}),
         ));
+        if include_usage {
+            events.push(sse_data(
+                &json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [], "usage": usage}),
+            ));
+        }
         events.push(Bytes::from_static(b"data: [DONE]\n\n"));
         return sse(state, plan, events);
     }

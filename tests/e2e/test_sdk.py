@@ -134,3 +134,27 @@ def test_oversized_request_is_413(client):
         client.embeddings.create(model="text-embedding-3-small", input="x" * 100_000)
     assert caught.value.status_code == 413
     assert caught.value.code == "request_too_large"
+
+
+def test_sdk_requests_are_logged_with_their_tokens(client, gateway):
+    import json
+    import time
+    import urllib.request
+
+    plain = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "count me"}])
+    stream = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "count me"}], stream=True
+    )
+    chunks = list(stream)
+    assert all(chunk.usage is None for chunk in chunks), "no usage chunk the client did not ask for"
+    # No admin key is configured, so the admin API answers loopback clients.
+    url = f"http://{gateway.address}/api/requests?search=count%20me"
+    for _ in range(100):
+        with urllib.request.urlopen(url) as response:
+            rows = json.load(response)["data"]
+        if len(rows) == 2:
+            break
+        time.sleep(0.05)
+    assert len(rows) == 2
+    assert {row["stream"] for row in rows} == {True, False}
+    assert all(row["total_tokens"] == plain.usage.total_tokens for row in rows)
