@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real outbound proxies for the proxy tests, from Debian's packages.
+# Real outbound proxies for the proxy tests, and a real browser for the dashboard tests,
+# from Debian's packages.
 missing=()
 for tool in tinyproxy microsocks; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
@@ -16,7 +19,7 @@ fi
 
 python=${PYTHON:-python3}
 venv=.venv
-if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, selenium" 2>/dev/null; then
   echo "== setting up the Python test environment in $venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
@@ -24,7 +27,7 @@ if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai" 2>/dev
 fi
 
 echo "== cargo test"
-cargo test --all-targets
+cargo test --workspace --all-targets
 
 echo "== OpenAI SDK end-to-end tests"
 cargo build --quiet --bin sluice

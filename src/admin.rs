@@ -1,7 +1,8 @@
 //! The admin API (`/api/*`) and the usage report (`/v1/status`).
 //!
-//! `/api/*` needs the admin key (`Authorization: Bearer …` or `x-admin-key`); with no admin
-//! key configured it answers loopback clients only. `/v1/status` shows everything to the
+//! `/api/*` needs the admin key (`Authorization: Bearer …` or `x-admin-key`) or a dashboard
+//! session cookie; with no admin key configured it answers loopback clients on a loopback
+//! listener only. `/v1/status` shows everything to the
 //! admin and, to a gateway key, that key's own limits and use.
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use crate::access::{Caller, presented_key};
 use crate::body::{Body, json_response};
 use crate::clock::now_ms;
 use crate::config::{GatewayKey, Limits};
+use crate::dashboard;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::limits::{Period, Usage, key_scope, unix_now, upstream_scope};
@@ -24,18 +26,107 @@ use crate::store::ListQuery;
 /// The OpenAPI document of the admin API.
 pub const OPENAPI: &str = include_str!("admin/openapi.json");
 
-/// Whether a request carries the admin key (or, with none configured, comes from loopback).
-pub fn is_admin(gateway: &Gateway, headers: &HeaderMap, client: IpAddr) -> bool {
+/// Whether a request is the admin's: it carries the admin key or a dashboard session; or,
+/// with no admin key configured, it comes from loopback to a loopback listener.
+pub fn is_admin(gateway: &Gateway, headers: &HeaderMap, client: IpAddr, local: IpAddr) -> bool {
     match &gateway.config.admin.key {
         Some(key) => {
+            if dashboard::session_token(headers)
+                .is_some_and(|token| gateway.sessions.is_valid(token))
+            {
+                return true;
+            }
             let presented = headers
                 .get("x-admin-key")
                 .and_then(|v| v.to_str().ok())
                 .or_else(|| presented_key(headers));
             presented.is_some_and(|p| constant_time_eq(p.as_bytes(), key.expose().as_bytes()))
         }
-        None => client.to_canonical().is_loopback(),
+        None => open_without_key(client, local),
     }
+}
+
+/// Without an admin key, the admin side is open only on loopback, to loopback clients.
+fn open_without_key(client: IpAddr, local: IpAddr) -> bool {
+    client.to_canonical().is_loopback() && local.to_canonical().is_loopback()
+}
+
+/// The dashboard and the admin API: `/`, `/assets/*`, `/api/*`.
+pub async fn dashboard(
+    gateway: &Gateway,
+    request: Request<Incoming>,
+    client: IpAddr,
+    local: IpAddr,
+) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    if let Some(name) = path.strip_prefix("/assets/") {
+        return dashboard::asset(name).unwrap_or_else(|| {
+            ApiError::not_found("unknown_url", "no such asset").into_response()
+        });
+    }
+    if gateway.config.admin.key.is_none() && !open_without_key(client, local) {
+        return ApiError::forbidden(
+            "dashboard_off",
+            "the dashboard and admin API need admin.key when not bound to loopback",
+        )
+        .into_response();
+    }
+    let admin = is_admin(gateway, request.headers(), client, local);
+    match (request.method(), path.as_str()) {
+        (&Method::GET, "/") => dashboard::index(admin),
+        (&Method::POST, "/api/login") => login(gateway, request).await,
+        (&Method::POST, "/api/logout") => {
+            if let Some(token) = dashboard::session_token(request.headers()) {
+                gateway.sessions.end(token);
+            }
+            let mut response = json_response(StatusCode::OK, &json!({"ok": true}));
+            response
+                .headers_mut()
+                .insert(http::header::SET_COOKIE, dashboard::cookie(None));
+            response
+        }
+        (&Method::GET, "/api/session") if admin => {
+            json_response(StatusCode::OK, &json!({"ok": true}))
+        }
+        (&Method::GET, "/api/session") => unauthorized(),
+        _ => api(gateway, request, &path, admin).await,
+    }
+}
+
+/// `POST /api/login` with `{"key": "…"}` (or a form field `key`): sets the session cookie.
+async fn login(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    let Some(admin_key) = &gateway.config.admin.key else {
+        return json_response(
+            StatusCode::OK,
+            &json!({"ok": true, "note": "no admin key is configured"}),
+        );
+    };
+    let body = match crate::proxy::read_body(request.into_body(), 4096).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let presented = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_string))
+        .or_else(|| {
+            serde_urlencoded::from_bytes::<HashMap<String, String>>(&body)
+                .ok()
+                .and_then(|mut form| form.remove("key"))
+        })
+        .unwrap_or_default();
+    if !constant_time_eq(presented.as_bytes(), admin_key.expose().as_bytes()) {
+        // Slows guessing without holding anything but this request.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        return unauthorized();
+    }
+    let Some(token) = gateway.sessions.create() else {
+        return ApiError::internal("cannot create a session").into_response();
+    };
+    let mut response = json_response(StatusCode::OK, &json!({"ok": true}));
+    response
+        .headers_mut()
+        .insert(http::header::SET_COOKIE, dashboard::cookie(Some(&token)));
+    response
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -51,11 +142,11 @@ fn unauthorized() -> Response<Body> {
 }
 
 /// `/api/*`.
-pub async fn api(
+async fn api(
     gateway: &Gateway,
     request: Request<Incoming>,
     route: &str,
-    client: IpAddr,
+    admin: bool,
 ) -> Response<Body> {
     if route == "/api/openapi.json" {
         let mut response = Response::new(crate::body::full(OPENAPI));
@@ -65,7 +156,7 @@ pub async fn api(
         );
         return response;
     }
-    if !is_admin(gateway, request.headers(), client) {
+    if !admin {
         return unauthorized();
     }
     if request.method() != Method::GET {
@@ -224,9 +315,14 @@ fn key_json(gateway: &Gateway, key: &GatewayKey, now: i64) -> Value {
 }
 
 /// `GET /v1/status`: limits, use, health and cooldowns. Keys masked.
-pub async fn status(gateway: &Gateway, headers: &HeaderMap, client: IpAddr) -> Response<Body> {
+pub async fn status(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    client: IpAddr,
+    local: IpAddr,
+) -> Response<Body> {
     let now = unix_now();
-    if !is_admin(gateway, headers, client) {
+    if !is_admin(gateway, headers, client, local) {
         return match gateway.guard.authenticate(headers) {
             Ok(Caller::Gateway(key)) => json_response(
                 StatusCode::OK,

@@ -14,3 +14,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(u64::MAX)
         .saturating_add(1)
 }
+
+/// Microseconds since the process first asked.
+pub fn now_us() -> u64 {
+    u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX)
+}

@@ -155,6 +155,8 @@ impl Default for Storage {
 #[derive(Debug, Clone, Default)]
 pub struct Admin {
     pub key: Option<Secret>,
+    /// A listener of its own for the dashboard and `/api/*` (e.g. on a private interface).
+    pub listen: Option<SocketAddr>,
 }
 
 /// USD per million tokens.
@@ -275,6 +277,9 @@ pub struct Server {
     pub route_prefix: String,
     pub max_body: u64,
     pub trusted_proxies: Vec<IpNet>,
+    /// Keep polling this long after a request instead of sleeping, to save the wake-up
+    /// latency of an idle core; costs CPU while traffic flows. Zero = off.
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone)]

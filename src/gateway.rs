@@ -22,6 +22,8 @@ pub struct Gateway {
     pub limiter: Arc<Limiter>,
     /// The request log; `None` when storage is off.
     pub recorder: Option<Recorder>,
+    /// Dashboard login sessions.
+    pub sessions: crate::dashboard::Sessions,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
@@ -71,6 +73,7 @@ impl Gateway {
             router,
             limiter,
             recorder,
+            sessions: Default::default(),
             read_json_always,
         })
     }

@@ -12,20 +12,21 @@
 //! - [`limits`]: rate limits and budgets over fixed UTC windows.
 //! - [`recorder`], [`store`], [`usage`]: the request log off the hot path, its SQLite store,
 //!   token usage and cost.
-//! - [`admin`]: `/api/*` and `/v1/status`.
+//! - [`admin`], [`dashboard`]: `/api/*`, `/v1/status`, and the embedded dashboard.
 //! - [`token`]: short-lived bearer tokens from a token endpoint.
 //! - [`upstream`]: an upstream's HTTP client, credentials and health figures.
 //! - [`mock`]: the mock OpenAI upstream used by tests, benchmarks and the quick start.
 //!
 //! ARCHITECTURE.md at the repository root follows one request through these modules.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod access;
 pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod headers;
@@ -39,6 +40,7 @@ pub mod routing;
 pub mod server;
 pub mod shape;
 pub mod store;
+pub mod sys;
 pub mod token;
 pub mod upstream;
 pub mod usage;

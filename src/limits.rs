@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
@@ -185,9 +186,57 @@ pub fn upstream_scope(name: &str) -> String {
     format!("upstream:{name}")
 }
 
-#[derive(Debug, Default)]
+/// Tokens and cost of an answered request, waiting to be added to its scope.
+#[derive(Debug)]
+struct Settlement {
+    scope: String,
+    at: i64,
+    tokens: u64,
+    cost: f64,
+}
+
+#[derive(Debug)]
+struct State {
+    scopes: HashMap<String, ScopeState>,
+    /// Settlements from the log writer. They are queued rather than applied under the
+    /// lock by the writer: a low-priority thread preempted while holding the lock would
+    /// stall every request behind it (priority inversion).
+    settlements: Receiver<Settlement>,
+}
+
+impl State {
+    fn apply_settlements(&mut self) {
+        while let Ok(settlement) = self.settlements.try_recv() {
+            let state = self.scopes.entry(settlement.scope).or_default();
+            for period in Period::ALL {
+                let delta = Usage {
+                    requests: 0,
+                    tokens: settlement.tokens,
+                    cost: settlement.cost,
+                };
+                state.add(period, period.window(settlement.at), delta);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct Limiter {
-    scopes: Mutex<HashMap<String, ScopeState>>,
+    state: Mutex<State>,
+    settle: Sender<Settlement>,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        let (settle, settlements) = channel();
+        Self {
+            state: Mutex::new(State {
+                scopes: HashMap::new(),
+                settlements,
+            }),
+            settle,
+        }
+    }
 }
 
 fn limited(code: &'static str, message: String, retry_after: u64) -> ApiError {
@@ -247,14 +296,19 @@ fn check_budget(budget: &Budget, state: Option<&ScopeState>, now: i64) -> Option
 }
 
 impl Limiter {
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, State>> {
+        let mut guard = self.state.lock().ok()?;
+        guard.apply_settlements();
+        Some(guard)
+    }
+
     /// Admits one request of `key` at `now`, counting it; or says which limit refuses it.
     pub fn admit_key(&self, key: &GatewayKey, now: i64) -> Result<(), ApiError> {
-        let mut scopes = self
-            .scopes
+        let mut guard = self
             .lock()
-            .map_err(|_| ApiError::internal("limiter unavailable"))?;
+            .ok_or_else(|| ApiError::internal("limiter unavailable"))?;
         let scope = key_scope(&key.name);
-        let state = scopes.get(&scope);
+        let state = guard.scopes.get(&scope);
         if let Some((what, retry)) = check_limits(&key.limits, state, now) {
             return Err(limited(
                 "rate_limit_exceeded",
@@ -273,7 +327,7 @@ impl Limiter {
                 retry,
             ));
         }
-        let state = scopes.entry(scope).or_default();
+        let state = guard.scopes.entry(scope).or_default();
         for period in Period::ALL {
             state.add(
                 period,
@@ -289,15 +343,14 @@ impl Limiter {
 
     /// Takes back a request counted by [`admit_key`](Self::admit_key) that never went out.
     pub fn refund_key(&self, key: &GatewayKey, now: i64) {
-        let Ok(mut scopes) = self.scopes.lock() else {
+        let Some(mut guard) = self.lock() else { return };
+        let Some(state) = guard.scopes.get_mut(&key_scope(&key.name)) else {
             return;
         };
-        if let Some(state) = scopes.get_mut(&key_scope(&key.name)) {
-            for period in Period::ALL {
-                if let Some(window) = state.windows.get_mut(&period) {
-                    if window.id == period.window(now) {
-                        window.usage.requests = window.usage.requests.saturating_sub(1);
-                    }
+        for period in Period::ALL {
+            if let Some(window) = state.windows.get_mut(&period) {
+                if window.id == period.window(now) {
+                    window.usage.requests = window.usage.requests.saturating_sub(1);
                 }
             }
         }
@@ -308,10 +361,10 @@ impl Limiter {
         if upstream.limits.is_unlimited() {
             return None;
         }
-        let scopes = self.scopes.lock().ok()?;
+        let guard = self.lock()?;
         check_limits(
             &upstream.limits,
-            scopes.get(&upstream_scope(&upstream.name)),
+            guard.scopes.get(&upstream_scope(&upstream.name)),
             now,
         )
         .map(|(_, retry)| retry)
@@ -319,15 +372,15 @@ impl Limiter {
 
     /// Counts one try at `upstream` if it is under its limits; `false` if it is not.
     pub fn take_upstream(&self, upstream: &Upstream, now: i64) -> bool {
-        let Ok(mut scopes) = self.scopes.lock() else {
+        let Some(mut guard) = self.lock() else {
             return false;
         };
         let scope = upstream_scope(&upstream.name);
-        if check_limits(&upstream.limits, scopes.get(&scope), now).is_some() {
+        if check_limits(&upstream.limits, guard.scopes.get(&scope), now).is_some() {
             return false;
         }
-        let state = scopes.entry(scope).or_default();
-        for period in [Period::Minute, Period::Day, Period::Month, Period::Total] {
+        let state = guard.scopes.entry(scope).or_default();
+        for period in Period::ALL {
             state.add(
                 period,
                 period.window(now),
@@ -340,34 +393,25 @@ impl Limiter {
         true
     }
 
-    /// Adds an answered request's tokens and cost to the windows current at `at`.
+    /// Adds an answered request's tokens and cost to the windows current at `at`. Never
+    /// blocks: it is queued and applied by the next call that takes the lock.
     pub fn settle(&self, scope: &str, at: i64, tokens: u64, cost: f64) {
         if tokens == 0 && cost == 0.0 {
             return;
         }
-        let Ok(mut scopes) = self.scopes.lock() else {
-            return;
-        };
-        let state = scopes.entry(scope.to_string()).or_default();
-        for period in Period::ALL {
-            state.add(
-                period,
-                period.window(at),
-                Usage {
-                    requests: 0,
-                    tokens,
-                    cost,
-                },
-            );
-        }
+        let _ = self.settle.send(Settlement {
+            scope: scope.to_string(),
+            at,
+            tokens,
+            cost,
+        });
     }
 
     /// Restores persisted counts (only windows still current matter).
     pub fn restore(&self, scope: &str, period: Period, window: i64, usage: Usage) {
-        let Ok(mut scopes) = self.scopes.lock() else {
-            return;
-        };
-        scopes
+        let Some(mut guard) = self.lock() else { return };
+        guard
+            .scopes
             .entry(scope.to_string())
             .or_default()
             .add(period, window, usage);
@@ -375,10 +419,8 @@ impl Limiter {
 
     /// The usage of `scope` in the current window of `period`.
     pub fn usage(&self, scope: &str, period: Period, now: i64) -> Usage {
-        self.scopes
-            .lock()
-            .ok()
-            .and_then(|scopes| scopes.get(scope).map(|s| s.usage(period, now)))
+        self.lock()
+            .and_then(|guard| guard.scopes.get(scope).map(|s| s.usage(period, now)))
             .unwrap_or_default()
     }
 }

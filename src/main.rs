@@ -176,6 +176,14 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let gateway = Arc::new(Gateway::new(config)?);
     warn_if_open(&gateway);
+    // Hands memory freed after a burst of streams back to the system.
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            every.tick().await;
+            sluice::sys::release_free_memory();
+        }
+    });
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -193,7 +201,35 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
             "upstream ready"
         );
     }
-    let served = sluice::server::serve(listener, gateway.clone(), shutdown_signal()).await;
+    // One shutdown signal for every listener.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    if let Some(admin_listen) = gateway.config.admin.listen {
+        let admin_listener = TcpListener::bind(admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {admin_listen} (admin.listen)"))?;
+        tracing::info!(
+            "dashboard and admin API listening on http://{}",
+            admin_listener.local_addr()?
+        );
+        let (gateway, stopped) = (gateway.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let role = sluice::server::Role::Admin;
+            if let Err(error) =
+                sluice::server::serve_as(admin_listener, gateway, role, until_stopped(stopped))
+                    .await
+            {
+                tracing::error!("admin listener failed: {error:#}");
+            }
+        });
+    }
+    let served = sluice::server::serve(listener, gateway.clone(), until_stopped(stopped)).await;
     // Whatever the log still holds is written before the process ends.
     let flushing = gateway.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown()).await;

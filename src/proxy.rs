@@ -151,7 +151,9 @@ async fn forward_inner(
         let user = peek.user.map(Cow::into_owned);
         if let Some(record) = record.as_mut() {
             record.model = model.clone();
-            record.request_body = Some(bytes.slice(..bytes.len().min(record_limit(gateway))));
+            record.request_body = Some(Bytes::copy_from_slice(
+                &bytes[..bytes.len().min(record_limit(gateway))],
+            ));
         }
         // To count a stream's tokens, ask for its usage chunk and hide it from a client
         // that did not ask for it.
@@ -231,6 +233,13 @@ async fn forward_inner(
     }
     let routing = &gateway.config.routing;
     let replayable = streamed.is_none();
+    // Headers are copied per try only when a second try is possible.
+    let might_retry = replayable
+        && (candidates.len() > 1
+            || candidates.iter().any(|&i| {
+                gateway.upstreams[i].key_count() > 1 || gateway.upstreams[i].token.is_some()
+            }));
+    let mut base_headers = Some(base_headers);
     let mut tried = Tried::default();
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut last_failure: Option<(Failure, Choice)> = None;
@@ -261,7 +270,11 @@ async fn forward_inner(
         *tries += 1;
         let started = Instant::now();
 
-        let mut headers = base_headers.clone();
+        let mut headers = if might_retry {
+            base_headers.clone().unwrap_or_default()
+        } else {
+            base_headers.take().unwrap_or_default()
+        };
         let mut token_generation = None;
         match caller {
             Caller::Passthrough(value) => {
@@ -657,8 +670,9 @@ fn relay(
 ) -> Response<Body> {
     let timeouts = upstream.config.timeouts;
     let deadline = timeouts.total.map(|total| Instant::now() + total);
-    let status = response.status();
-    let mut headers = response.headers().clone();
+    let (parts, upstream_body) = http::Response::<reqwest::Body>::from(response).into_parts();
+    let status = parts.status;
+    let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
     let rename = shaping
@@ -685,7 +699,7 @@ fn relay(
     headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
     headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
     let relay = RelayBody {
-        inner: reqwest::Body::from(response),
+        inner: upstream_body,
         idle: timeouts.idle,
         deadline,
         timer: Box::pin(tokio::time::sleep_until(RelayBody::next_wake(

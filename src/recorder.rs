@@ -42,11 +42,11 @@ pub fn counts_tokens(path: &str) -> bool {
     )
 }
 
-/// A body as captured: the chunks, up to a limit.
+/// A body as captured, up to a limit. Chunks are copied: a slice would keep the whole
+/// network read buffer behind it alive until the writer is done.
 #[derive(Debug, Default)]
 pub struct Captured {
-    chunks: Vec<Bytes>,
-    len: usize,
+    buffer: BytesMut,
     /// Bytes seen in all, kept or not.
     pub seen: usize,
 }
@@ -54,37 +54,28 @@ pub struct Captured {
 impl Captured {
     pub fn push(&mut self, chunk: &Bytes, limit: usize) {
         self.seen += chunk.len();
-        if self.len < limit {
-            let take = chunk.len().min(limit - self.len);
-            self.chunks.push(chunk.slice(..take));
-            self.len += take;
+        if self.buffer.len() < limit {
+            let take = chunk.len().min(limit - self.buffer.len());
+            self.buffer.extend_from_slice(&chunk[..take]);
         }
     }
 
     pub fn truncated(&self) -> bool {
-        self.seen > self.len
+        self.seen > self.buffer.len()
+    }
+
+    fn len(&self) -> usize {
+        self.buffer.len()
     }
 
     fn bytes(&self) -> Bytes {
-        match self.chunks.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            many => {
-                let mut all = BytesMut::with_capacity(self.len);
-                for chunk in many {
-                    all.extend_from_slice(chunk);
-                }
-                all.freeze()
-            }
-        }
+        Bytes::copy_from_slice(&self.buffer)
     }
 
     /// Keeps only the last `keep` bytes.
     fn keep_tail(&mut self, keep: usize) {
-        let all = self.bytes();
-        let start = all.len().saturating_sub(keep);
-        self.chunks = vec![all.slice(start..)];
-        self.len = self.chunks[0].len();
+        let start = self.buffer.len().saturating_sub(keep);
+        self.buffer = BytesMut::from(&self.buffer[start..]);
     }
 }
 
@@ -152,7 +143,7 @@ impl Pending {
     }
 
     fn body_bytes(&self) -> usize {
-        self.request_body.as_ref().map_or(0, Bytes::len) + self.response_body.len
+        self.request_body.as_ref().map_or(0, Bytes::len) + self.response_body.len()
     }
 }
 
@@ -310,6 +301,8 @@ struct Writer {
 
 impl Writer {
     fn run(self, receiver: Receiver<Message>) {
+        // The log must never compete with requests for a core.
+        crate::sys::lower_thread_priority();
         self.retain();
         let mut last_retention = Instant::now();
         let mut stopping = false;

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -15,6 +16,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::clock::now_us;
 
 use crate::access::{Caller, client_ip};
 use crate::body::{Body, json_response};
@@ -26,6 +30,15 @@ use crate::{admin, models, proxy};
 /// How long open exchanges may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The API; the dashboard and `/api/*` too unless `admin.listen` gives them their own.
+    Gateway,
+    /// Only the dashboard, `/api/*`, `/v1/status` and `/health` (`admin.listen`).
+    Admin,
+}
+
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains open
 /// connections for up to [`SHUTDOWN_GRACE`].
 pub async fn serve(
@@ -33,7 +46,19 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_as(listener, gateway, Role::Gateway, shutdown).await
+}
+
+/// [`serve`] for a listener of the given role.
+pub async fn serve_as(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    role: Role,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?.ip();
     let graceful = GracefulShutdown::new();
+    let busy_poll = BusyPoll::start(gateway.config.server.busy_poll);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -56,9 +81,13 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {error}");
         }
         let gateway = gateway.clone();
+        let busy_poll = busy_poll.clone();
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(handle(&gateway, peer, request).await) }
+            if let Some(busy_poll) = &busy_poll {
+                busy_poll.touch();
+            }
+            async move { Ok::<_, Infallible>(handle(&gateway, peer, local, role, request).await) }
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
@@ -75,10 +104,53 @@ pub async fn serve(
     Ok(())
 }
 
+/// Busy polling: after each request a task keeps the worker polling for `window` instead
+/// of letting it sleep, so the next packet is seen without the wake-up latency of an idle
+/// core (tens of microseconds in a VM). It costs CPU only while requests keep coming.
+#[derive(Debug)]
+struct BusyPoll {
+    window_us: u64,
+    last_us: AtomicU64,
+    activity: Notify,
+}
+
+impl BusyPoll {
+    fn start(window: Duration) -> Option<Arc<Self>> {
+        if window.is_zero() {
+            return None;
+        }
+        let busy = Arc::new(Self {
+            window_us: u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
+            last_us: AtomicU64::new(0),
+            activity: Notify::new(),
+        });
+        let spinner = busy.clone();
+        tokio::spawn(async move {
+            loop {
+                spinner.activity.notified().await;
+                while now_us().saturating_sub(spinner.last_us.load(Ordering::Relaxed))
+                    < spinner.window_us
+                {
+                    // Yielding lets the runtime poll its I/O driver without parking.
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        Some(busy)
+    }
+
+    fn touch(&self) {
+        self.last_us.store(now_us(), Ordering::Relaxed);
+        self.activity.notify_one();
+    }
+}
+
 /// Answers one request.
 pub async fn handle(
     gateway: &Gateway,
     peer: SocketAddr,
+    local: std::net::IpAddr,
+    role: Role,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let path = request.uri().path();
@@ -94,6 +166,23 @@ pub async fn handle(
     if let Err(error) = gateway.guard.check_ip(client) {
         return error.into_response();
     }
+    let dashboard_here = role == Role::Admin || gateway.config.admin.listen.is_none();
+    if dashboard_here
+        && (path == "/"
+            || path.starts_with("/assets/")
+            || path == "/api"
+            || path.starts_with("/api/"))
+    {
+        return admin::dashboard(gateway, request, client, local).await;
+    }
+    if role == Role::Admin {
+        return match (request.method(), path) {
+            (&Method::GET, "/v1/status") => {
+                admin::status(gateway, request.headers(), client, local).await
+            }
+            (method, _) => unknown_route(method, path),
+        };
+    }
     let prefix = gateway.config.server.route_prefix.as_str();
     let Some(route) = path
         .strip_prefix(prefix)
@@ -105,7 +194,9 @@ pub async fn handle(
     match (request.method(), route.as_str()) {
         (&Method::GET, "/health") => health(),
         (&Method::GET, "/ready") => ready(gateway).await,
-        (&Method::GET, "/v1/status") => admin::status(gateway, request.headers(), client).await,
+        (&Method::GET, "/v1/status") => {
+            admin::status(gateway, request.headers(), client, local).await
+        }
         (_, r) if r == "/v1" || r.starts_with("/v1/") => {
             let (parts, body) = request.into_parts();
             let mut record = gateway.start_record(client, &parts, &route);
@@ -134,9 +225,6 @@ pub async fn handle(
             } else {
                 proxy::forward(gateway, caller, parts, body, &route, record).await
             }
-        }
-        (_, r) if r == "/api" || r.starts_with("/api/") => {
-            admin::api(gateway, request, &route, client).await
         }
         (method, _) => unknown_route(method, path),
     }

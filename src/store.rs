@@ -72,6 +72,26 @@ pub struct ListQuery {
     pub per_page: u64,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_percentiles_are_within_five_percent() {
+        for latency in [0.05, 0.3, 1.0, 12.5, 900.0] {
+            let upper = bucket_upper_ms(latency_bucket(latency));
+            assert!(
+                upper >= latency && upper <= latency * 1.051,
+                "{latency} -> {upper}"
+            );
+        }
+        let buckets: Vec<(i64, i64)> = (1..=100).map(|ms| (latency_bucket(ms as f64), 1)).collect();
+        let p95 = histogram_percentile(&buckets, 95.0).unwrap();
+        assert!((95.0..=100.0).contains(&p95), "{p95}");
+        assert_eq!(histogram_percentile(&[], 95.0), None);
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Page {
     pub data: Vec<Value>,
@@ -92,11 +112,96 @@ pub trait Store: Send + Sync {
     fn counters(&self, windows: &[(Period, i64)]) -> anyhow::Result<Vec<CounterDelta>>;
     fn list(&self, query: &ListQuery) -> anyhow::Result<Page>;
     fn get(&self, id: &str) -> anyhow::Result<Option<Value>>;
-    /// Totals and breakdowns between `from_ms` and `to_ms`; hourly for the 48 h and daily for
-    /// the 30 days before `now_ms`.
+    /// Totals and breakdowns over the hours overlapping `from_ms`..`to_ms` (read from hourly
+    /// rollups, so the cost does not grow with the log); hourly for the 48 h and daily for
+    /// the 30 days before `now_ms`, in all and per model, upstream and key.
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value>;
     /// Whether the store answers.
     fn ping(&self) -> anyhow::Result<()>;
+}
+
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// Latency histogram buckets grow by 5%, from 1 µs: a percentile read from them is within
+/// 5% of the exact one.
+const BUCKET_BASE_MS: f64 = 0.001;
+const BUCKET_RATIO: f64 = 1.05;
+
+pub fn latency_bucket(latency_ms: f64) -> i64 {
+    let ratio = (latency_ms.max(BUCKET_BASE_MS) / BUCKET_BASE_MS).ln() / BUCKET_RATIO.ln();
+    ratio.floor().clamp(0.0, 1000.0) as i64
+}
+
+/// The upper bound of a bucket, in milliseconds.
+pub fn bucket_upper_ms(bucket: i64) -> f64 {
+    let exponent = i32::try_from(bucket + 1).unwrap_or(1001);
+    (BUCKET_BASE_MS * BUCKET_RATIO.powi(exponent) * 1000.0).round() / 1000.0
+}
+
+/// A percentile of a histogram of (bucket, count) sorted by bucket.
+pub fn histogram_percentile(buckets: &[(i64, i64)], percentile: f64) -> Option<f64> {
+    let total: i64 = buckets.iter().map(|(_, count)| count).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((percentile / 100.0) * total as f64).ceil() as i64;
+    let mut seen = 0;
+    for (bucket, count) in buckets {
+        seen += count;
+        if seen >= rank {
+            return Some(bucket_upper_ms(*bucket));
+        }
+    }
+    buckets.last().map(|(bucket, _)| bucket_upper_ms(*bucket))
+}
+
+/// Per-hour aggregates of a batch of records, for the rollup tables that keep statistics
+/// fast however many rows the log holds.
+#[derive(Debug, Default)]
+pub struct Rollup {
+    /// (hour, model, upstream, key) → sums.
+    pub hourly: std::collections::HashMap<(i64, String, String, String), RollupRow>,
+    /// (hour, latency bucket) → count.
+    pub latency: std::collections::HashMap<(i64, i64), u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct RollupRow {
+    pub requests: u64,
+    pub succeeded: u64,
+    pub latency_sum: f64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost: f64,
+}
+
+impl Rollup {
+    pub fn of(records: &[LogRecord]) -> Self {
+        let mut rollup = Self::default();
+        for r in records {
+            let hour = r.ts.div_euclid(HOUR_MS) * HOUR_MS;
+            let key = (
+                hour,
+                r.model.clone().unwrap_or_default(),
+                r.upstream.clone().unwrap_or_default(),
+                r.key_name.clone(),
+            );
+            let row = rollup.hourly.entry(key).or_default();
+            row.requests += 1;
+            row.succeeded += u64::from((200..400).contains(&r.status));
+            row.latency_sum += r.latency_ms;
+            row.prompt_tokens += r.prompt_tokens.unwrap_or(0);
+            row.completion_tokens += r.completion_tokens.unwrap_or(0);
+            row.total_tokens += r.total_tokens.unwrap_or(0);
+            row.cost += r.cost.unwrap_or(0.0);
+            *rollup
+                .latency
+                .entry((hour, latency_bucket(r.latency_ms)))
+                .or_default() += 1;
+        }
+        rollup
+    }
 }
 
 /// Opens the store a URL names.

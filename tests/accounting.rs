@@ -706,3 +706,149 @@ fn rss_kib() -> i64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[tokio::test]
+async fn the_dashboard_can_live_on_its_own_listener() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "").replace(
+        "admin: {key: admin-secret-0001}",
+        "admin: {key: admin-secret-0001, listen: '127.0.0.1:0'}",
+    ))
+    .await;
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    let role = sluice::server::Role::Admin;
+    tokio::spawn(sluice::server::serve_as(
+        admin_listener,
+        gw.gateway.clone(),
+        role,
+        std::future::pending(),
+    ));
+    // The API port no longer serves the dashboard or the admin API.
+    assert_error(
+        client().get(gw.url("/")).send().await.unwrap(),
+        404,
+        "unknown_url",
+    )
+    .await;
+    let api = client()
+        .get(gw.url("/api/requests"))
+        .header("authorization", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 404);
+    // The admin port serves them, and nothing of the API.
+    let page = client()
+        .get(format!("http://{admin_addr}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 401, "the login page, with no data");
+    assert!(page.text().await.unwrap().contains("assets/app.js"));
+    let api = client()
+        .get(format!("http://{admin_addr}/api/requests"))
+        .header("authorization", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 200);
+    let chat = client()
+        .get(format!("http://{admin_addr}/v1/models"))
+        .header("authorization", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 404);
+}
+
+#[tokio::test]
+async fn login_sets_a_strict_http_only_session_cookie() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "")).await;
+    let wrong = client()
+        .post(gw.url("/api/login"))
+        .body(r#"{"key": "nope"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong, 401, "invalid_admin_key").await;
+    let ok = client()
+        .post(gw.url("/api/login"))
+        .body(r#"{"key": "admin-secret-0001"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let cookie = ok.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("admin-secret"));
+    let session = cookie.split(';').next().unwrap().to_string();
+    let with_cookie = client()
+        .get(gw.url("/api/stats"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_cookie.status(), 200);
+    let page = client()
+        .get(gw.url("/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let logout = client()
+        .post(gw.url("/api/logout"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 200);
+    let after = client()
+        .get(gw.url("/api/stats"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401);
+}
+
+#[tokio::test]
+async fn without_an_admin_key_the_dashboard_is_off_unless_on_loopback() {
+    let mock = mock().await;
+    let yaml = format!("upstreams: [{{name: m, base_url: '{}'}}]", mock.url());
+    let loopback = gateway(&yaml).await;
+    assert_eq!(
+        client()
+            .get(loopback.url("/api/requests"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let wide = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = wide.local_addr().unwrap().port();
+    tokio::spawn(sluice::server::serve(
+        wide,
+        loopback.gateway.clone(),
+        std::future::pending(),
+    ));
+    let refused = client()
+        .get(format!("http://127.0.0.1:{port}/api/requests"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(refused, 403, "dashboard_off").await;
+    let page = client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 403);
+}

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
@@ -419,11 +420,24 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
         }),
     };
     let trusted_proxies = nets(&raw.trusted_proxies, "server.trusted_proxies", problems);
+    let busy_poll = match &raw.busy_poll {
+        None => Duration::ZERO,
+        Some(value) => parse_duration(&value.as_text())
+            .filter(|d| *d <= Duration::from_millis(100))
+            .unwrap_or_else(|| {
+                problems.push(Problem::new(
+                    "server.busy_poll",
+                    format!("{:?} is not a duration up to 100ms", value.as_text()),
+                ));
+                Duration::ZERO
+            }),
+    };
     Server {
         listen,
         route_prefix,
         max_body,
         trusted_proxies,
+        busy_poll,
     }
 }
 
@@ -800,7 +814,20 @@ fn resolve_admin(raw: &RawAdmin, env: &EnvMap, problems: &mut Vec<Problem>) -> A
         }
         None => Some(Secret::new(key)),
     });
-    Admin { key }
+    let listen = raw
+        .listen
+        .as_deref()
+        .and_then(|text| match text.parse::<SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                problems.push(Problem::new(
+                    "admin.listen",
+                    format!("{text:?} is not an address like 127.0.0.1:8001"),
+                ));
+                None
+            }
+        });
+    Admin { key, listen }
 }
 
 fn resolve_token(

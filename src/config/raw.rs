@@ -30,6 +30,7 @@ pub struct RawServer {
     pub route_prefix: Option<String>,
     pub max_body: Option<Scalar>,
     pub trusted_proxies: Vec<String>,
+    pub busy_poll: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +87,7 @@ pub struct RawRetention {
 pub struct RawAdmin {
     pub key: Option<String>,
     pub key_env: Option<String>,
+    pub listen: Option<String>,
 }
 
 /// Price of a model in USD per million tokens.

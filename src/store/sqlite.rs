@@ -47,6 +47,26 @@ CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts);
 CREATE INDEX IF NOT EXISTS requests_upstream_ts ON requests (upstream, ts);
 CREATE INDEX IF NOT EXISTS requests_status_ts ON requests (status, ts);
+CREATE TABLE IF NOT EXISTS rollup_hourly (
+    hour_ms BIGINT NOT NULL,
+    model TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    requests BIGINT NOT NULL,
+    succeeded BIGINT NOT NULL,
+    latency_sum DOUBLE PRECISION NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    total_tokens BIGINT NOT NULL,
+    cost DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (hour_ms, model, upstream, key_name)
+);
+CREATE TABLE IF NOT EXISTS rollup_latency (
+    hour_ms BIGINT NOT NULL,
+    bucket INTEGER NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (hour_ms, bucket)
+);
 CREATE TABLE IF NOT EXISTS usage_counters (
     scope TEXT NOT NULL,
     period TEXT NOT NULL,
@@ -300,6 +320,39 @@ impl Store for SqliteStore {
                     r.reply_tool_calls,
                 ])?;
             }
+            let rollup = super::Rollup::of(records);
+            let mut hourly = transaction.prepare_cached(
+                "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
+                 prompt_tokens, completion_tokens, total_tokens, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (hour_ms, model, upstream, key_name) DO UPDATE SET \
+                 requests = rollup_hourly.requests + excluded.requests, succeeded = rollup_hourly.succeeded + excluded.succeeded, \
+                 latency_sum = rollup_hourly.latency_sum + excluded.latency_sum, \
+                 prompt_tokens = rollup_hourly.prompt_tokens + excluded.prompt_tokens, \
+                 completion_tokens = rollup_hourly.completion_tokens + excluded.completion_tokens, \
+                 total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
+            )?;
+            for ((hour, model, upstream, key), row) in &rollup.hourly {
+                hourly.execute(params![
+                    hour,
+                    model,
+                    upstream,
+                    key,
+                    to_i64(row.requests),
+                    to_i64(row.succeeded),
+                    row.latency_sum,
+                    to_i64(row.prompt_tokens),
+                    to_i64(row.completion_tokens),
+                    to_i64(row.total_tokens),
+                    row.cost
+                ])?;
+            }
+            let mut latency = transaction.prepare_cached(
+                "INSERT INTO rollup_latency (hour_ms, bucket, count) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = rollup_latency.count + excluded.count",
+            )?;
+            for ((hour, bucket), count) in &rollup.latency {
+                latency.execute(params![hour, bucket, to_i64(*count)])?;
+            }
             let mut upsert = transaction.prepare_cached(
                 "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (scope, period, win) DO UPDATE SET requests = usage_counters.requests + excluded.requests, \
@@ -411,68 +464,93 @@ impl Store for SqliteStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         let connection = self.reader()?;
-        let range = [SqlValue::Integer(from_ms), SqlValue::Integer(to_ms)];
-        let aggregates = "COUNT(*) AS requests, \
-            SUM(CASE WHEN status >= 200 AND status < 400 THEN 1 ELSE 0 END) AS succeeded, \
-            AVG(latency_ms) AS avg_latency_ms, \
-            COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, \
-            COALESCE(SUM(completion_tokens), 0) AS completion_tokens, \
-            COALESCE(SUM(total_tokens), 0) AS total_tokens, \
-            COALESCE(SUM(cost), 0) AS cost";
+        let hour = super::HOUR_MS;
+        let day = 24 * hour;
+        // Hour buckets overlapping [from, to].
+        let first = from_ms.div_euclid(hour) * hour;
+        let range = [SqlValue::Integer(first), SqlValue::Integer(to_ms)];
+        let aggregates = "SUM(requests) AS requests, SUM(succeeded) AS succeeded, \
+            SUM(latency_sum) / SUM(requests) AS avg_latency_ms, SUM(prompt_tokens) AS prompt_tokens, \
+            SUM(completion_tokens) AS completion_tokens, SUM(total_tokens) AS total_tokens, SUM(cost) AS cost";
+        let finish = |rows: Vec<Value>| -> Vec<Value> {
+            rows.into_iter()
+                .map(|mut v| {
+                    finish_rates(&mut v);
+                    v
+                })
+                .collect()
+        };
         let mut totals = query_values(
             &connection,
-            &format!("SELECT {aggregates} FROM requests WHERE ts >= ? AND ts <= ?"),
+            &format!("SELECT {aggregates} FROM rollup_hourly WHERE hour_ms >= ? AND hour_ms <= ?"),
             &range,
         )?
         .into_iter()
         .next()
         .unwrap_or_else(|| json!({}));
-        let count = totals.get("requests").and_then(Value::as_i64).unwrap_or(0);
-        let p95 = if count > 0 {
-            let offset = (count * 95 + 99) / 100 - 1;
-            connection
-                .query_row(
-                    "SELECT latency_ms FROM requests WHERE ts >= ?1 AND ts <= ?2 ORDER BY latency_ms LIMIT 1 OFFSET ?3",
-                    params![from_ms, to_ms, offset.max(0)],
-                    |row| row.get::<_, f64>(0),
-                )
-                .optional()?
-        } else {
-            None
-        };
+        for field in [
+            "requests",
+            "succeeded",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+        ] {
+            if totals[field].is_null() {
+                totals[field] = json!(0);
+            }
+        }
+        if totals["cost"].is_null() {
+            totals["cost"] = json!(0.0);
+        }
         finish_rates(&mut totals);
-        totals["p95_latency_ms"] = json!(p95);
+        let mut histogram = connection.prepare(
+            "SELECT bucket, SUM(count) FROM rollup_latency WHERE hour_ms >= ?1 AND hour_ms <= ?2 GROUP BY bucket ORDER BY bucket",
+        )?;
+        let buckets: Vec<(i64, i64)> = histogram
+            .query_map(params![first, to_ms], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        totals["p95_latency_ms"] = json!(super::histogram_percentile(&buckets, 95.0));
 
         let breakdown = |column: &str| -> anyhow::Result<Vec<Value>> {
             let sql = format!(
-                "SELECT COALESCE({column}, '') AS name, {aggregates} FROM requests WHERE ts >= ? AND ts <= ? \
-                 GROUP BY COALESCE({column}, '') ORDER BY requests DESC"
+                "SELECT {column} AS name, {aggregates} FROM rollup_hourly WHERE hour_ms >= ? AND hour_ms <= ? \
+                 GROUP BY {column} ORDER BY requests DESC"
             );
-            Ok(query_values(&connection, &sql, &range)?
-                .into_iter()
-                .map(|mut v| {
-                    finish_rates(&mut v);
-                    v
-                })
-                .collect())
+            Ok(finish(query_values(&connection, &sql, &range)?))
         };
-        let series = |bucket_ms: i64, since: i64| -> anyhow::Result<Vec<Value>> {
+        let since_hour = (now_ms.div_euclid(hour) - 47) * hour;
+        let since_day = (now_ms.div_euclid(day) - 29) * day;
+        let series = |bucket: i64, since: i64, by: Option<&str>| -> anyhow::Result<Vec<Value>> {
+            let (select, group) = match by {
+                Some(column) => (format!(", {column} AS name"), format!(", {column}")),
+                None => (String::new(), String::new()),
+            };
             let sql = format!(
-                "SELECT (ts / {bucket_ms}) * {bucket_ms} AS start_ms, {aggregates} FROM requests WHERE ts >= ? \
-                 GROUP BY ts / {bucket_ms} ORDER BY start_ms"
+                "SELECT (hour_ms / {bucket}) * {bucket} AS start_ms{select}, {aggregates} FROM rollup_hourly \
+                 WHERE hour_ms >= ? GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms"
             );
-            Ok(
-                query_values(&connection, &sql, &[SqlValue::Integer(since)])?
-                    .into_iter()
-                    .map(|mut v| {
-                        finish_rates(&mut v);
-                        v
-                    })
-                    .collect(),
-            )
+            Ok(finish(query_values(
+                &connection,
+                &sql,
+                &[SqlValue::Integer(since)],
+            )?))
         };
-        let hour = 3_600_000;
-        let day = 86_400_000;
+        let mut hourly_by = serde_json::Map::new();
+        let mut daily_by = serde_json::Map::new();
+        for (name, column) in [
+            ("model", "model"),
+            ("upstream", "upstream"),
+            ("key", "key_name"),
+        ] {
+            hourly_by.insert(
+                name.into(),
+                Value::Array(series(hour, since_hour, Some(column))?),
+            );
+            daily_by.insert(
+                name.into(),
+                Value::Array(series(day, since_day, Some(column))?),
+            );
+        }
         Ok(json!({
             "from_ms": from_ms,
             "to_ms": to_ms,
@@ -480,8 +558,10 @@ impl Store for SqliteStore {
             "by_model": breakdown("model")?,
             "by_upstream": breakdown("upstream")?,
             "by_key": breakdown("key_name")?,
-            "hourly": series(hour, (now_ms / hour - 47) * hour)?,
-            "daily": series(day, (now_ms / day - 29) * day)?,
+            "hourly": series(hour, since_hour, None)?,
+            "daily": series(day, since_day, None)?,
+            "hourly_by": hourly_by,
+            "daily_by": daily_by,
         }))
     }
 

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# sluice's benchmark: the mock upstream directly and sluice in front of it, side by side,
+# in two configurations (bare and full). Prints a table; writes it to target/bench/latest.md.
+#
+#   bench/run.sh            # everything (about 8 minutes)
+#   bench/run.sh --quick    # shorter runs, no 5k/10k stream steps
+#   bench/run.sh --peers    # also measure crabllm, openai-forward and LiteLLM (installed
+#                           # into bench/peers/, git-ignored)
+#
+# sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
+# generators share core 1, so the figures mean something on a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+quick=0
+peers=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=1 ;;
+    --peers) peers=1 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if ! command -v wrk >/dev/null; then
+  echo "== installing wrk"
+  apt_get="apt-get"; [ "$(id -u)" = 0 ] || apt_get="sudo apt-get"
+  $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq wrk >/dev/null
+fi
+echo "== building (release)"
+cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
+sluice=$root/target/release/sluice
+client=$root/target/release/sluice-bench
+out=$root/target/bench
+mkdir -p "$out"
+work=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+core_gw=0
+core_load=1
+if [ "$(nproc)" -lt 2 ]; then core_load=0; fi
+load() { taskset -c "$core_load" "$@"; }
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 did not open" >&2; return 1
+}
+
+# Mock upstreams on the load core: plain answers, TTFT streams, long-held streams.
+load "$sluice" mock-upstream --listen 127.0.0.1:19000 --workers 1 >/dev/null 2>&1 & pids+=($!)
+load "$sluice" mock-upstream --listen 127.0.0.1:19001 --workers 1 --chunks 64 --interval 20ms >/dev/null 2>&1 & pids+=($!)
+load "$sluice" mock-upstream --listen 127.0.0.1:19002 --workers 1 --chunks 16 --interval 1s >/dev/null 2>&1 & pids+=($!)
+wait_port 19000; wait_port 19001; wait_port 19002
+
+body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+stream_body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+
+busy_poll=${BENCH_BUSY_POLL:-300us}
+cat > "$work/bare.yaml" <<YAML
+server: {listen: 127.0.0.1:18000, busy_poll: $busy_poll}
+access: {keys: [{name: bench, key: fk-bench-key-0001}]}
+upstreams:
+  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1]}
+storage: {url: none}
+YAML
+# Same port numbers as bare for each mock, with routing by model, limits and the log on.
+cat > "$work/full.yaml" <<YAML
+server: {listen: 127.0.0.1:18000, busy_poll: $busy_poll}
+access:
+  keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
+upstreams:
+  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
+  - {name: other, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-2], models: [gpt-4o], rpm: 100000000}
+storage: {url: 'sqlite://$work/full.db', log_bodies: true}
+pricing: {gpt-4o-mini: {input: 0.15, output: 0.6}}
+YAML
+
+declare -A R
+kv() { sed -n "s/.*\b$2=\([^ ]*\).*/\1/p" <<<"$1"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+ticks_per_sec=$(getconf CLK_TCK)
+
+latency_n=5000; wrk_secs=5; rate_secs=2; ttft_streams=30
+[ "$quick" = 1 ] && { latency_n=2000; wrk_secs=3; rate_secs=1; ttft_streams=10; }
+
+# measure NAME URL KEY PID(or empty): fills R[NAME.*]
+measure() {
+  local name=$1 base=$2 key=$3 pid=${4:-}
+  local url="$base/v1/chat/completions"
+  echo "== $name: latency at concurrency 1"
+  local line; line=$(load "$client" latency --url "$url" --requests "$latency_n" --body "$body" ${key:+--key "$key"})
+  R[$name.p50]=$(kv "$line" p50_us); R[$name.p99]=$(kv "$line" p99_us)
+  echo "   $line"
+
+  echo "== $name: throughput at saturation (wrk, 64 connections, ${wrk_secs}s)"
+  local before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  local wrk_out; wrk_out=$(BENCH_BODY="$body" BENCH_KEY="$key" load wrk -t1 -c64 -d"${wrk_secs}s" -s bench/post.lua "$url")
+  local rps; rps=$(awk '/Requests\/sec/ {print $2}' <<<"$wrk_out")
+  local total; total=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
+  local non2xx; non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$wrk_out"); non2xx=${non2xx:-0}
+  R[$name.rps]=${rps%.*}
+  echo "   ${rps} req/s, ${total} requests, non-2xx: ${non2xx}"
+  if [ -n "$pid" ]; then
+    local after; after=$(cpu_ticks "$pid")
+    R[$name.cpu]=$(awk -v t=$((after - before)) -v hz="$ticks_per_sec" -v n="$total" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
+    echo "   CPU per request: ${R[$name.cpu]} µs"
+  fi
+
+  echo "== $name: highest rate with p99 under 1 ms"
+  local best=0
+  for rate in 1000 2000 4000 6000 8000 10000 12000 15000 20000 25000 30000 40000; do
+    line=$(load "$client" rate --url "$url" --rate "$rate" --seconds "$rate_secs" --connections 32 --body "$body" ${key:+--key "$key"})
+    local p99 achieved; p99=$(kv "$line" p99_us); achieved=$(kv "$line" achieved_rps)
+    echo "   $line"
+    if awk -v p="$p99" -v a="$achieved" -v r="$rate" 'BEGIN {exit !(p < 1000 && a >= 0.95 * r)}'; then best=$rate; else break; fi
+  done
+  R[$name.rate]=$best
+}
+
+# ttft NAME BASE KEY: TTFT and chunk gaps on 64-chunk streams, 20 ms apart.
+ttft() {
+  local name=$1 base=$2 key=$3
+  echo "== $name: time to first token, $ttft_streams streams of 64 chunks 20 ms apart"
+  local line; line=$(load "$client" streams --url "$base/v1/chat/completions" --count "$ttft_streams" --chunks 64 --ramp 1 --body "$stream_body" ${key:+--key "$key"})
+  echo "   $line"
+  R[$name.ttft50]=$(kv "$line" ttft_p50_us); R[$name.ttft99]=$(kv "$line" ttft_p99_us); R[$name.gap]=$(kv "$line" gap_mean_us)
+}
+
+# held NAME PID COUNT: COUNT concurrent 16-chunk streams (1 s apart) through sluice.
+held() {
+  local name=$1 pid=$2 count=$3
+  echo "== $name: $count concurrent streams"
+  local peak=0
+  ( while kill -0 "$pid" 2>/dev/null; do rss_kib "$pid"; sleep 0.2; done ) > "$work/rss.$count" & local sampler=$!
+  local ramp; ramp=$(awk -v n="$count" 'BEGIN {printf "%.1f", n / 1000 + 1}')
+  local line; line=$(load "$client" streams --url "http://127.0.0.1:18000/v1/chat/completions" --count "$count" --chunks 16 --ramp "$ramp" --body "$stream_body" --key fk-bench-key-0001 || true)
+  kill "$sampler" 2>/dev/null || true
+  peak=$(sort -n "$work/rss.$count" | tail -1)
+  echo "   $line peak_rss_kib=$peak"
+  R[$name.streams$count]="$(kv "$line" lost_frames)/$(kv "$line" reordered_frames)/$(kv "$line" failed)"
+  R[$name.peak$count]=$((peak / 1024))
+}
+
+measure direct http://127.0.0.1:19000 "" ""
+ttft direct http://127.0.0.1:19001 ""
+
+for config in bare full; do
+  # The TTFT runs need the 64-chunk mock: same config, other upstream port.
+  sed "s/19000/19001/g; s/full.db/full-ttft.db/" "$work/$config.yaml" > "$work/$config-ttft.yaml"
+  sed "s/19000/19002/g; s/full.db/full-held.db/" "$work/$config.yaml" > "$work/$config-held.yaml"
+
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config.yaml" >"$work/$config.log" 2>&1 & pid=$!
+  wait_port 18000
+  sleep 0.5
+  R[$config.idle]=$(( $(rss_kib "$pid") / 1024 ))
+  measure "$config" http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+
+  # The same latency with busy polling off: what an idle core's wake-up costs.
+  sed "s/busy_poll: [^}]*}/busy_poll: 0}/" "$work/$config.yaml" > "$work/$config-nopoll.yaml"
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-nopoll.yaml" >"$work/$config-nopoll.log" 2>&1 & pid=$!
+  wait_port 18000
+  line=$(load "$client" latency --url http://127.0.0.1:18000/v1/chat/completions --requests "$latency_n" --body "$body" --key fk-bench-key-0001)
+  echo "== $config without busy polling: $line"
+  R[$config.nopoll50]=$(kv "$line" p50_us); R[$config.nopoll99]=$(kv "$line" p99_us)
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-ttft.yaml" >"$work/$config-ttft.log" 2>&1 & pid=$!
+  wait_port 18000
+  ttft "$config" http://127.0.0.1:18000 fk-bench-key-0001
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-held.yaml" >"$work/$config-held.log" 2>&1 & pid=$!
+  wait_port 18000
+  steps="1000 5000 10000"; [ "$quick" = 1 ] && steps="1000"
+  for count in $steps; do
+    held "$config" "$pid" "$count"
+    if [ "$count" = 1000 ]; then sleep 2; R[$config.after]=$(( $(rss_kib "$pid") / 1024 )); fi
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
+
+sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a - b}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
+{
+  echo "sluice benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))"
+  echo "sluice pinned to core $core_gw (--workers 1, server.busy_poll: $busy_poll); mock upstream and load generators on core $core_load."
+  echo "Request: non-streamed chat completion; streams: 64 chunks 20 ms apart (TTFT), 16 chunks 1 s apart (held)."
+  echo
+  echo "| figure | direct | bare | full |"
+  echo "|---|---|---|---|"
+  echo "| latency at c=1, p50 / p99 (µs) | ${R[direct.p50]} / ${R[direct.p99]} | ${R[bare.p50]} / ${R[bare.p99]} | ${R[full.p50]} / ${R[full.p99]} |"
+  echo "| **added** at c=1, p50 / p99 (µs) | — | $(sub "${R[bare.p50]}" "${R[direct.p50]}") / $(sub "${R[bare.p99]}" "${R[direct.p99]}") | $(sub "${R[full.p50]}" "${R[direct.p50]}") / $(sub "${R[full.p99]}" "${R[direct.p99]}") |"
+  echo "| added at c=1 with busy_poll off, p50 / p99 (µs) | — | $(sub "${R[bare.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[bare.nopoll99]}" "${R[direct.p99]}") | $(sub "${R[full.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[full.nopoll99]}" "${R[direct.p99]}") |"
+  echo "| throughput at saturation, req/s (× direct) | ${R[direct.rps]} (1.00) | ${R[bare.rps]} ($(ratio "${R[bare.rps]}" "${R[direct.rps]}")) | ${R[full.rps]} ($(ratio "${R[full.rps]}" "${R[direct.rps]}")) |"
+  echo "| highest rate with p99 < 1 ms, req/s (× direct) | ${R[direct.rate]} (1.00) | ${R[bare.rate]} ($(ratio "${R[bare.rate]}" "${R[direct.rate]}")) | ${R[full.rate]} ($(ratio "${R[full.rate]}" "${R[direct.rate]}")) |"
+  echo "| sluice CPU per request (µs) | — | ${R[bare.cpu]} | ${R[full.cpu]} |"
+  echo "| TTFT p50 / p99 (µs) | ${R[direct.ttft50]} / ${R[direct.ttft99]} | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[full.ttft50]} / ${R[full.ttft99]} |"
+  echo "| **added** TTFT p50 / p99 (µs) | — | $(sub "${R[bare.ttft50]}" "${R[direct.ttft50]}") / $(sub "${R[bare.ttft99]}" "${R[direct.ttft99]}") | $(sub "${R[full.ttft50]}" "${R[direct.ttft50]}") / $(sub "${R[full.ttft99]}" "${R[direct.ttft99]}") |"
+  echo "| mean chunk gap (µs; 20,000 sent) | ${R[direct.gap]} | ${R[bare.gap]} | ${R[full.gap]} |"
+  for count in 1000 5000 10000; do
+    [ -n "${R[bare.streams$count]:-}" ] || continue
+    echo "| $count concurrent streams: lost / reordered frames / failed streams | — | ${R[bare.streams$count]} | ${R[full.streams$count]} |"
+  done
+  echo "| RSS idle / peak with 1k streams / after (MiB) | — | ${R[bare.idle]} / ${R[bare.peak1000]} / ${R[bare.after]} | ${R[full.idle]} / ${R[full.peak1000]} / ${R[full.after]} |"
+  for count in 5000 10000; do
+    [ -n "${R[bare.peak$count]:-}" ] || continue
+    echo "| RSS peak with $count streams (MiB) | — | ${R[bare.peak$count]} | ${R[full.peak$count]} |"
+  done
+} | tee "$out/latest.md"
+
+if [ "$peers" = 1 ]; then
+  bench/peers.sh "$out/latest.md" "$body"
+fi

@@ -1,0 +1,579 @@
+//! sluice-bench: the measurements wrk cannot make. Latency at concurrency 1, an open-loop
+//! rate sweep, and many concurrent streams checked frame by frame. Each prints one line of
+//! `key=value` pairs for `bench/run.sh` to tabulate.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{Request, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sequential requests over one keep-alive connection.
+    Latency {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 5000)]
+        requests: usize,
+        #[arg(long, default_value_t = 500)]
+        warmup: usize,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        body: String,
+    },
+    /// A fixed request rate spread over several connections for a while.
+    Rate {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        body: String,
+    },
+    /// Fills a SQLite request log with synthetic rows, then times the dashboard's queries.
+    Log {
+        #[arg(long)]
+        db: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+    },
+    /// Concurrent SSE streams, each on its own connection, checked frame by frame.
+    Streams {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        count: usize,
+        /// Content chunks each stream must deliver, in order.
+        #[arg(long)]
+        chunks: usize,
+        /// Spread the stream openings over this many seconds.
+        #[arg(long, default_value_t = 1.0)]
+        ramp: f64,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        body: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Command::Log { db, rows } = &cli.command {
+        return log_bench(db, *rows);
+    }
+    runtime.block_on(async {
+        match cli.command {
+            Command::Log { .. } => Ok(()),
+            Command::Latency {
+                url,
+                requests,
+                warmup,
+                key,
+                body,
+            } => latency(&url, requests, warmup, key, body).await,
+            Command::Rate {
+                url,
+                rate,
+                seconds,
+                connections,
+                key,
+                body,
+            } => rate_run(&url, rate, seconds, connections, key, body).await,
+            Command::Streams {
+                url,
+                count,
+                chunks,
+                ramp,
+                key,
+                body,
+            } => streams(&url, count, chunks, ramp, key, body).await,
+        }
+    })
+}
+
+struct Target {
+    uri: Uri,
+    authority: String,
+    key: Option<String>,
+    body: Bytes,
+}
+
+impl Target {
+    fn new(url: &str, key: Option<String>, body: String) -> anyhow::Result<Arc<Self>> {
+        let uri: Uri = url.parse().context("bad --url")?;
+        let authority = uri
+            .authority()
+            .context("--url needs host:port")?
+            .to_string();
+        Ok(Arc::new(Self {
+            uri,
+            authority,
+            key,
+            body: Bytes::from(body),
+        }))
+    }
+
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut builder = Request::post(self.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header(header::HOST, &self.authority)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = &self.key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        builder
+            .body(Full::new(self.body.clone()))
+            .unwrap_or_default()
+    }
+
+    async fn connect(&self) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
+        let stream = TcpStream::connect(&self.authority).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+}
+
+/// Sends one request and reads its whole body; returns the status.
+async fn exchange(
+    sender: &mut http1::SendRequest<Full<Bytes>>,
+    target: &Target,
+) -> anyhow::Result<u16> {
+    sender.ready().await?;
+    let response = sender.send_request(target.request()).await?;
+    let status = response.status().as_u16();
+    response.into_body().collect().await?;
+    Ok(status)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
+}
+
+async fn latency(
+    url: &str,
+    requests: usize,
+    warmup: usize,
+    key: Option<String>,
+    body: String,
+) -> anyhow::Result<()> {
+    let target = Target::new(url, key, body)?;
+    let mut sender = target.connect().await?;
+    for _ in 0..warmup {
+        exchange(&mut sender, &target).await?;
+    }
+    let mut samples = Vec::with_capacity(requests);
+    let mut errors = 0;
+    for _ in 0..requests {
+        let started = Instant::now();
+        if exchange(&mut sender, &target).await? != 200 {
+            errors += 1;
+        }
+        samples.push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    samples.sort_unstable();
+    println!(
+        "p50_us={:.1} p99_us={:.1} mean_us={:.1} errors={errors}",
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0),
+        samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64 / 1000.0
+    );
+    Ok(())
+}
+
+async fn rate_run(
+    url: &str,
+    rate: u64,
+    seconds: f64,
+    connections: usize,
+    key: Option<String>,
+    body: String,
+) -> anyhow::Result<()> {
+    let target = Target::new(url, key, body)?;
+    let total = (rate as f64 * seconds) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = Instant::now() + Duration::from_millis(50);
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..connections as u64 {
+        let target = target.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sender = target.connect().await?;
+            let mut samples = Vec::new();
+            let mut i = worker;
+            while i < total {
+                let scheduled = start + interval.mul_f64(i as f64);
+                tokio::time::sleep_until(scheduled.into()).await;
+                let sent = Instant::now();
+                match exchange(&mut sender, &target).await {
+                    Ok(200) => {}
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                samples.push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                i += connections as u64;
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    samples.sort_unstable();
+    println!(
+        "target_rps={rate} achieved_rps={:.0} p50_us={:.1} p99_us={:.1} errors={}",
+        samples.len() as f64 / elapsed,
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0),
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// What one stream saw.
+#[derive(Default)]
+struct StreamReport {
+    ttft_ns: Option<u64>,
+    gaps_ns: Vec<u64>,
+    received: usize,
+    reordered: usize,
+    done: bool,
+    failed: bool,
+}
+
+/// Content chunk numbers (`"content":"word17 "`) in a piece of SSE text.
+fn chunk_numbers(text: &str) -> impl Iterator<Item = usize> + '_ {
+    text.match_indices("\"content\":\"word")
+        .filter_map(|(at, needle)| {
+            let digits: String = text[at + needle.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+}
+
+async fn one_stream(target: Arc<Target>) -> StreamReport {
+    let mut report = StreamReport::default();
+    let run = async {
+        let mut sender = target.connect().await?;
+        sender.ready().await?;
+        let started = Instant::now();
+        let response = sender.send_request(target.request()).await?;
+        if response.status() != 200 {
+            bail!("status {}", response.status());
+        }
+        let mut body = response.into_body();
+        let mut last: Option<Instant> = None;
+        let mut carry = String::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            carry.push_str(&String::from_utf8_lossy(data));
+            let Some(end) = carry.rfind("\n\n") else {
+                continue;
+            };
+            let complete: String = carry.drain(..end + 2).collect();
+            let now = Instant::now();
+            for number in chunk_numbers(&complete) {
+                if number != report.received {
+                    report.reordered += 1;
+                }
+                report.received += 1;
+                match last {
+                    None => {
+                        report.ttft_ns =
+                            Some(u64::try_from((now - started).as_nanos()).unwrap_or(u64::MAX))
+                    }
+                    Some(previous) => report
+                        .gaps_ns
+                        .push(u64::try_from((now - previous).as_nanos()).unwrap_or(u64::MAX)),
+                }
+                last = Some(now);
+            }
+            if complete.contains("data: [DONE]") {
+                report.done = true;
+            }
+        }
+        anyhow::Ok(())
+    };
+    if run.await.is_err() {
+        report.failed = true;
+    }
+    report
+}
+
+async fn streams(
+    url: &str,
+    count: usize,
+    chunks: usize,
+    ramp: f64,
+    key: Option<String>,
+    body: String,
+) -> anyhow::Result<()> {
+    let target = Target::new(url, key, body)?;
+    let spacing = Duration::from_secs_f64(ramp / count.max(1) as f64);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let target = target.clone();
+        tokio::time::sleep_until((start + spacing.mul_f64(i as f64)).into()).await;
+        tasks.push(tokio::spawn(one_stream(target)));
+    }
+    let mut ttft = Vec::new();
+    let mut gaps = Vec::new();
+    let (mut lost, mut reordered, mut failed, mut incomplete) = (0usize, 0usize, 0usize, 0usize);
+    for task in tasks {
+        let report = task.await?;
+        lost += chunks.saturating_sub(report.received);
+        reordered += report.reordered;
+        failed += usize::from(report.failed);
+        incomplete += usize::from(!report.done);
+        ttft.extend(report.ttft_ns);
+        gaps.extend(report.gaps_ns);
+    }
+    ttft.sort_unstable();
+    gaps.sort_unstable();
+    println!(
+        "streams={count} failed={failed} incomplete={incomplete} lost_frames={lost} reordered_frames={reordered} \
+         ttft_p50_us={:.1} ttft_p99_us={:.1} gap_mean_us={:.1} gap_p99_us={:.1}",
+        percentile(&ttft, 50.0),
+        percentile(&ttft, 99.0),
+        gaps.iter().sum::<u64>() as f64 / gaps.len().max(1) as f64 / 1000.0,
+        percentile(&gaps, 99.0),
+    );
+    Ok(())
+}
+
+/// Synthetic rows shaped like real traffic over the last 30 days.
+fn synthetic(i: usize, now_ms: i64) -> sluice::store::LogRecord {
+    const MODELS: [&str; 5] = [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "text-embedding-3-small",
+        "claude-3-5-sonnet",
+        "llama-3.1-70b",
+    ];
+    const UPSTREAMS: [&str; 3] = ["openai", "azure", "local"];
+    let status = match fastrand::u32(..100) {
+        0..=94 => 200,
+        95..=97 => 429,
+        _ => 500,
+    };
+    let prompt = fastrand::u64(10..2000);
+    let completion = fastrand::u64(1..800);
+    let model = MODELS[i % MODELS.len()];
+    sluice::store::LogRecord {
+        id: format!("req_{i:016x}{:08x}", fastrand::u32(..)),
+        ts: now_ms - fastrand::i64(0..30 * 86_400_000),
+        client_ip: format!("10.0.{}.{}", i % 250, i % 200),
+        key_name: format!("key-{}", i % 10),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: Some(model.into()),
+        upstream_model: Some(model.into()),
+        upstream: Some(UPSTREAMS[i % UPSTREAMS.len()].into()),
+        upstream_key: Some("sk-…a1b2".into()),
+        status,
+        latency_ms: fastrand::f64() * 3000.0,
+        ttfb_ms: Some(fastrand::f64() * 800.0),
+        prompt_tokens: Some(prompt),
+        completion_tokens: Some(completion),
+        total_tokens: Some(prompt + completion),
+        cost: Some((prompt as f64 * 2.5 + completion as f64 * 10.0) / 1e6),
+        usage_source: Some("upstream".into()),
+        stream: i % 2 == 0,
+        error: (status != 200).then(|| "upstream said no".into()),
+        tries: 1,
+        attempts: "[]".into(),
+        request_headers: r#"{"content-type":"application/json","authorization":"Bearer fk-…0001"}"#
+            .into(),
+        response_headers: r#"{"content-type":"application/json"}"#.into(),
+        request_body: Some(format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"question number {i} about lighthouses and harbours"}}]}}"#
+        )),
+        response_body: Some(format!(
+            r#"{{"choices":[{{"message":{{"content":"answer number {i}: the keeper lights the lamp at dusk"}}}}]}}"#
+        )),
+        reply_text: Some(format!(
+            "answer number {i}: the keeper lights the lamp at dusk"
+        )),
+        reply_tool_calls: None,
+    }
+}
+
+fn log_bench(db: &str, rows: usize) -> anyhow::Result<()> {
+    use sluice::store::{ListQuery, Store};
+    let store = sluice::store::sqlite::SqliteStore::open(db)?;
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let existing = store
+        .list(&ListQuery {
+            per_page: 1,
+            ..ListQuery::default()
+        })?
+        .total as usize;
+    let started = Instant::now();
+    let batch = 5_000;
+    let mut written = existing;
+    while written < rows {
+        let records: Vec<_> = (written..(written + batch).min(rows))
+            .map(|i| synthetic(i, now_ms))
+            .collect();
+        store.write(&records, &[])?;
+        written += records.len();
+    }
+    if written > existing {
+        println!(
+            "filled {} rows in {:.1}s",
+            written - existing,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let time = |name: &str, run: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        run()?;
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            run()?;
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "{name}: median {:.1} ms, max {:.1} ms",
+            samples[2], samples[4]
+        );
+        Ok(())
+    };
+    let store = &store;
+    let page = |query: ListQuery| move || store.list(&query).map(|_| ());
+    println!("rows={rows}");
+    time(
+        "list, page 1",
+        &page(ListQuery {
+            page: 1,
+            per_page: 50,
+            ..ListQuery::default()
+        }),
+    )?;
+    time(
+        "list, model filter",
+        &page(ListQuery {
+            model: Some("gpt-4o".into()),
+            page: 1,
+            per_page: 50,
+            ..ListQuery::default()
+        }),
+    )?;
+    time(
+        "list, status 5xx",
+        &page(ListQuery {
+            status: Some("5xx".into()),
+            page: 1,
+            per_page: 50,
+            ..ListQuery::default()
+        }),
+    )?;
+    time(
+        "list, key + last 24 h",
+        &page(ListQuery {
+            key: Some("key-3".into()),
+            from_ms: Some(now_ms - 86_400_000),
+            page: 1,
+            per_page: 50,
+            ..ListQuery::default()
+        }),
+    )?;
+    time(
+        "list, page 2000",
+        &page(ListQuery {
+            page: 2000,
+            per_page: 50,
+            ..ListQuery::default()
+        }),
+    )?;
+    time("stats, last 24 h", &|| {
+        store.stats(now_ms - 86_400_000, now_ms, now_ms).map(|_| ())
+    })?;
+    time("stats, last 30 days", &|| {
+        store
+            .stats(now_ms - 30 * 86_400_000, now_ms, now_ms)
+            .map(|_| ())
+    })?;
+    let id = store
+        .list(&ListQuery {
+            page: 1,
+            per_page: 1,
+            ..ListQuery::default()
+        })?
+        .data[0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    time("detail", &|| store.get(&id).map(|_| ()))?;
+    time(
+        "text search in bodies (full scan)",
+        &page(ListQuery {
+            search: Some("number 4242:".into()),
+            page: 1,
+            per_page: 50,
+            ..ListQuery::default()
+        }),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_numbers_are_found_in_sse_text() {
+        let text = "data: {\"delta\":{\"content\":\"word0 \"}}\n\ndata: {\"delta\":{\"content\":\"word12 \"}}\n\n";
+        assert_eq!(chunk_numbers(text).collect::<Vec<_>>(), [0, 12]);
+    }
+
+    #[test]
+    fn percentiles_pick_the_ranked_sample() {
+        let samples: Vec<u64> = (1..=100).map(|n| n * 1000).collect();
+        assert_eq!(percentile(&samples, 50.0), 50.0);
+        assert_eq!(percentile(&samples, 99.0), 99.0);
+    }
+}
