@@ -62,7 +62,8 @@ wait_port 19000; wait_port 19001; wait_port 19002
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
 stream_body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
 
-busy_poll=${BENCH_BUSY_POLL:-300us}
+busy_poll=${BENCH_BUSY_POLL:-0}
+poll_window=300us
 cat > "$work/bare.yaml" <<YAML
 server: {listen: 127.0.0.1:18000, busy_poll: $busy_poll}
 access: {keys: [{name: bench, key: fk-bench-key-0001}]}
@@ -165,12 +166,12 @@ for config in bare full; do
   measure "$config" http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  # The same latency with busy polling off: what an idle core's wake-up costs.
-  sed "s/busy_poll: [^}]*}/busy_poll: 0}/" "$work/$config.yaml" > "$work/$config-nopoll.yaml"
+  # The same latency with busy polling on: what an idle core's wake-up costs.
+  sed "s/busy_poll: [^}]*}/busy_poll: $poll_window}/" "$work/$config.yaml" > "$work/$config-nopoll.yaml"
   taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-nopoll.yaml" >"$work/$config-nopoll.log" 2>&1 & pid=$!
   wait_port 18000
   line=$(load "$client" latency --url http://127.0.0.1:18000/v1/chat/completions --requests "$latency_n" --body "$body" --key fk-bench-key-0001)
-  echo "== $config without busy polling: $line"
+  echo "== $config with busy_poll $poll_window: $line"
   R[$config.nopoll50]=$(kv "$line" p50_us); R[$config.nopoll99]=$(kv "$line" p99_us)
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
@@ -200,7 +201,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
   echo "|---|---|---|---|"
   echo "| latency at c=1, p50 / p99 (µs) | ${R[direct.p50]} / ${R[direct.p99]} | ${R[bare.p50]} / ${R[bare.p99]} | ${R[full.p50]} / ${R[full.p99]} |"
   echo "| **added** at c=1, p50 / p99 (µs) | — | $(sub "${R[bare.p50]}" "${R[direct.p50]}") / $(sub "${R[bare.p99]}" "${R[direct.p99]}") | $(sub "${R[full.p50]}" "${R[direct.p50]}") / $(sub "${R[full.p99]}" "${R[direct.p99]}") |"
-  echo "| added at c=1 with busy_poll off, p50 / p99 (µs) | — | $(sub "${R[bare.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[bare.nopoll99]}" "${R[direct.p99]}") | $(sub "${R[full.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[full.nopoll99]}" "${R[direct.p99]}") |"
+  echo "| added at c=1 with busy_poll $poll_window, p50 / p99 (µs) | — | $(sub "${R[bare.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[bare.nopoll99]}" "${R[direct.p99]}") | $(sub "${R[full.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[full.nopoll99]}" "${R[direct.p99]}") |"
   echo "| throughput at saturation, req/s (× direct) | ${R[direct.rps]} (1.00) | ${R[bare.rps]} ($(ratio "${R[bare.rps]}" "${R[direct.rps]}")) | ${R[full.rps]} ($(ratio "${R[full.rps]}" "${R[direct.rps]}")) |"
   echo "| highest rate with p99 < 1 ms, req/s (× direct) | ${R[direct.rate]} (1.00) | ${R[bare.rate]} ($(ratio "${R[bare.rate]}" "${R[direct.rate]}")) | ${R[full.rate]} ($(ratio "${R[full.rate]}" "${R[direct.rate]}")) |"
   echo "| sluice CPU per request (µs) | — | ${R[bare.cpu]} | ${R[full.cpu]} |"

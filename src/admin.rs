@@ -288,6 +288,24 @@ fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
         status: text("status"),
         from_ms: time_param(query, "from")?,
         to_ms: time_param(query, "to")?,
+        before: match query
+            .get("before")
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+        {
+            None => None,
+            Some(cursor) => Some(
+                cursor
+                    .split_once('_')
+                    .and_then(|(ts, id)| Some((ts.parse::<i64>().ok()?, id.to_string())))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_cursor",
+                            "`before` must be a cursor from `next_before`",
+                        )
+                    })?,
+            ),
+        },
         page: number("page", 1)?.max(1),
         per_page: number("per_page", 50)?.clamp(1, 500),
     })

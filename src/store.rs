@@ -67,6 +67,9 @@ pub struct ListQuery {
     pub status: Option<String>,
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
+    /// Keyset cursor (`ts`, `id`): rows older than this one. Pages through any number of
+    /// rows at the same cost, where `page` costs more the deeper it goes.
+    pub before: Option<(i64, String)>,
     /// 1-based.
     pub page: u64,
     pub per_page: u64,
@@ -99,6 +102,8 @@ pub struct Page {
     pub per_page: u64,
     pub total: u64,
     pub has_more: bool,
+    /// The cursor (`before`) for the next, older page.
+    pub next_before: Option<String>,
 }
 
 /// What the store can do. Calls block; the gateway makes them from its writer thread and
@@ -202,6 +207,32 @@ impl Rollup {
         }
         rollup
     }
+}
+
+/// What text search looks through for one record.
+pub fn search_text(r: &LogRecord) -> String {
+    const BODY_LIMIT: usize = 64 * 1024;
+    let clip = |text: &Option<String>| -> String {
+        let text = text.as_deref().unwrap_or("");
+        let mut end = text.len().min(BODY_LIMIT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].to_string()
+    };
+    [
+        r.id.clone(),
+        r.path.clone(),
+        r.model.clone().unwrap_or_default(),
+        r.upstream_model.clone().unwrap_or_default(),
+        r.key_name.clone(),
+        r.upstream.clone().unwrap_or_default(),
+        r.error.clone().unwrap_or_default(),
+        clip(&r.request_body),
+        clip(&r.response_body),
+        clip(&r.reply_text),
+    ]
+    .join("\n")
 }
 
 /// Opens the store a URL names.

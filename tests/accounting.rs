@@ -422,6 +422,12 @@ async fn the_admin_api_searches_filters_pages_and_reports_stats() {
     assert_eq!(page1["has_more"], true);
     assert_eq!(page3["data"].as_array().unwrap().len(), 1);
     assert_eq!(page3["has_more"], false);
+    // The cursor pages the same rows as page numbers do.
+    let cursor = page1["next_before"].as_str().unwrap();
+    let page2 = admin_get(&gw, &format!("/api/requests?per_page=4&before={cursor}")).await;
+    let numbered = admin_get(&gw, "/api/requests?per_page=4&page=2").await;
+    assert_eq!(page2["data"], numbered["data"]);
+    assert_eq!(page2["total"], 9);
 
     let stats = admin_get(&gw, "/api/stats").await;
     let totals = &stats["totals"];

@@ -416,7 +416,7 @@ fn synthetic(i: usize, now_ms: i64) -> sluice::store::LogRecord {
         total_tokens: Some(prompt + completion),
         cost: Some((prompt as f64 * 2.5 + completion as f64 * 10.0) / 1e6),
         usage_source: Some("upstream".into()),
-        stream: i % 2 == 0,
+        stream: i.is_multiple_of(2),
         error: (status != 200).then(|| "upstream said no".into()),
         tries: 1,
         attempts: "[]".into(),

@@ -232,6 +232,8 @@ async function renderRequests(params) {
   }
   query.set("page", String(page));
   query.set("per_page", "50");
+  // Older pages follow a cursor, so paging deep into millions of rows stays fast.
+  if (params.get("before")) query.set("before", params.get("before"));
   const list = await api(`api/requests?${query}`);
   const inputs = {};
   const field = (name, label, attrs) => {
@@ -249,7 +251,10 @@ async function renderRequests(params) {
   const autoBox = h("input", { type: "checkbox", id: "auto-refresh", checked: auto, onchange: (e) => {
     params.set("auto", e.target.checked ? "1" : "0"); location.hash = `#/requests?${params}`;
   } });
-  const go = (p) => { params.set("page", String(p)); location.hash = `#/requests?${params}`; };
+  const older = () => {
+    params.set("before", list.next_before); params.set("page", String(page + 1));
+    location.hash = `#/requests?${params}`;
+  };
   const pages = Math.max(1, Math.ceil(list.total / list.per_page));
   render(
     h("h1", {}, "Requests"),
@@ -275,9 +280,9 @@ async function renderRequests(params) {
       : h("div", { class: "empty" }, list.total === 0 && ![...params.keys()].some((k) => filterNames.includes(k))
         ? "No requests logged yet." : "No requests match these filters."),
     h("div", { class: "pager" },
-      h("button", { type: "button", id: "prev", disabled: page <= 1, onclick: () => go(page - 1) }, "← Newer"),
+      h("button", { type: "button", id: "prev", disabled: page <= 1, onclick: () => history.back() }, "← Newer"),
       h("span", { id: "page-info" }, `Page ${page} of ${pages} · ${fmt.int(list.total)} requests`),
-      h("button", { type: "button", id: "next", disabled: !list.has_more, onclick: () => go(page + 1) }, "Older →")),
+      h("button", { type: "button", id: "next", disabled: !list.has_more, onclick: older }, "Older →")),
   );
   if (auto) refreshTimer = setTimeout(() => route(), 5000);
 }

@@ -47,6 +47,7 @@ CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts);
 CREATE INDEX IF NOT EXISTS requests_upstream_ts ON requests (upstream, ts);
 CREATE INDEX IF NOT EXISTS requests_status_ts ON requests (status, ts);
+CREATE VIRTUAL TABLE IF NOT EXISTS requests_search USING fts5(id UNINDEXED, text, tokenize = 'trigram');
 CREATE TABLE IF NOT EXISTS rollup_hourly (
     hour_ms BIGINT NOT NULL,
     model TEXT NOT NULL,
@@ -184,24 +185,37 @@ fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
             .replace('%', "\\%")
             .replace('_', "\\_");
         let pattern = format!("%{escaped}%");
-        let columns = [
-            "path",
-            "model",
-            "upstream_model",
-            "key_name",
-            "upstream",
-            "error",
-            "request_body",
-            "response_body",
-            "reply_text",
-            "id",
-        ];
-        let any: Vec<String> = columns
-            .iter()
-            .map(|c| format!("{c} LIKE ? ESCAPE '\\'"))
-            .collect();
-        clauses.push(format!("({})", any.join(" OR ")));
-        values.extend(columns.iter().map(|_| SqlValue::Text(pattern.clone())));
+        if search.chars().count() >= 3 {
+            // The trigram index answers substring searches without scanning the log.
+            clauses.push(
+                "id IN (SELECT id FROM requests_search WHERE text LIKE ? ESCAPE '\\')".into(),
+            );
+            values.push(SqlValue::Text(pattern));
+        } else {
+            let columns = [
+                "path",
+                "model",
+                "key_name",
+                "upstream",
+                "error",
+                "request_body",
+                "response_body",
+                "reply_text",
+                "id",
+            ];
+            let any: Vec<String> = columns
+                .iter()
+                .map(|c| format!("{c} LIKE ? ESCAPE '\\'"))
+                .collect();
+            clauses.push(format!("({})", any.join(" OR ")));
+            values.extend(columns.iter().map(|_| SqlValue::Text(pattern.clone())));
+        }
+    }
+    if let Some((ts, id)) = &query.before {
+        clauses.push("(ts < ? OR (ts = ? AND id < ?))".into());
+        values.push(SqlValue::Integer(*ts));
+        values.push(SqlValue::Integer(*ts));
+        values.push(SqlValue::Text(id.clone()));
     }
     let clause = if clauses.is_empty() {
         String::new()
@@ -320,6 +334,11 @@ impl Store for SqliteStore {
                     r.reply_tool_calls,
                 ])?;
             }
+            let mut search = transaction
+                .prepare_cached("INSERT INTO requests_search (id, text) VALUES (?1, ?2)")?;
+            for r in records {
+                search.execute(params![r.id, super::search_text(r)])?;
+            }
             let rollup = super::Rollup::of(records);
             let mut hourly = transaction.prepare_cached(
                 "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
@@ -378,6 +397,10 @@ impl Store for SqliteStore {
             .writer
             .lock()
             .map_err(|_| anyhow::anyhow!("the store's writer is poisoned"))?;
+        connection.execute(
+            "DELETE FROM requests_search WHERE id IN (SELECT id FROM requests WHERE ts < ?1)",
+            params![before_ms],
+        )?;
         let mut removed =
             connection.execute("DELETE FROM requests WHERE ts < ?1", params![before_ms])? as u64;
         let cutoff: Option<i64> = connection
@@ -388,6 +411,10 @@ impl Store for SqliteStore {
             )
             .optional()?;
         if let Some(cutoff) = cutoff {
+            connection.execute(
+                "DELETE FROM requests_search WHERE id IN (SELECT id FROM requests WHERE ts <= ?1)",
+                params![cutoff],
+            )?;
             removed +=
                 connection.execute("DELETE FROM requests WHERE ts <= ?1", params![cutoff])? as u64;
         }
@@ -426,29 +453,52 @@ impl Store for SqliteStore {
 
     fn list(&self, query: &ListQuery) -> anyhow::Result<Page> {
         let connection = self.reader()?;
-        let (clause, values) = filters(query);
+        // The total counts every match, wherever the cursor stands.
+        let (count_clause, count_values) = filters(&ListQuery {
+            before: None,
+            ..query.clone()
+        });
         let total: i64 = connection.query_row(
-            &format!("SELECT COUNT(*) FROM requests {clause}"),
-            params_from_iter(values.iter()),
+            &format!("SELECT COUNT(*) FROM requests {count_clause}"),
+            params_from_iter(count_values.iter()),
             |row| row.get(0),
         )?;
+        let (clause, values) = filters(query);
         let per_page = query.per_page.clamp(1, 500);
         let page = query.page.max(1);
-        let offset = (page - 1).saturating_mul(per_page);
+        // With a cursor the page starts right after it; otherwise pages are counted.
+        let offset = if query.before.is_some() {
+            0
+        } else {
+            (page - 1).saturating_mul(per_page)
+        };
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {per_page} OFFSET {offset}"
+            "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
+            per_page + 1
         );
-        let data = query_values(&connection, &sql, &values)?
+        let mut data: Vec<Value> = query_values(&connection, &sql, &values)?
             .into_iter()
             .map(present)
             .collect();
-        let total = u64::try_from(total).unwrap_or(0);
+        let has_more = data.len() as u64 > per_page;
+        data.truncate(usize::try_from(per_page).unwrap_or(usize::MAX));
+        let next_before = data
+            .last()
+            .and_then(|row| {
+                Some(format!(
+                    "{}_{}",
+                    row.get("ts")?.as_i64()?,
+                    row.get("id")?.as_str()?
+                ))
+            })
+            .filter(|_| has_more);
         Ok(Page {
             data,
             page,
             per_page,
-            total,
-            has_more: offset + per_page < total,
+            total: u64::try_from(total).unwrap_or(0),
+            has_more,
+            next_before,
         })
     }
 
