@@ -522,13 +522,53 @@ fn log_bench(db: &str, rows: usize) -> anyhow::Result<()> {
         }),
     )?;
     time(
-        "list, page 2000",
+        "list, page 2,000 (offset 100,000)",
         &page(ListQuery {
             page: 2000,
             per_page: 50,
             ..ListQuery::default()
         }),
     )?;
+    let deep = store.list(&ListQuery {
+        page: 2000,
+        per_page: 1,
+        ..ListQuery::default()
+    })?;
+    if let Some(row) = deep.data.first() {
+        let cursor = (
+            row["ts"].as_i64().unwrap_or_default(),
+            row["id"].as_str().unwrap_or_default().to_string(),
+        );
+        time(
+            "list, cursor 2,000 rows deep",
+            &page(ListQuery {
+                before: Some(cursor),
+                page: 1,
+                per_page: 50,
+                ..ListQuery::default()
+            }),
+        )?;
+    }
+    let deeper = store.list(&ListQuery {
+        page: 100_000,
+        per_page: 1,
+        ..ListQuery::default()
+    })?;
+    if let Some(row) = deeper.data.first() {
+        let cursor = (
+            row["ts"].as_i64().unwrap_or_default(),
+            row["id"].as_str().unwrap_or_default().to_string(),
+        );
+        time(
+            "list, cursor 100,000 rows deep",
+            &page(ListQuery {
+                before: Some(cursor),
+                page: 1,
+                per_page: 50,
+                ..ListQuery::default()
+            }),
+        )?;
+    }
     time("stats, last 24 h", &|| {
         store.stats(now_ms - 86_400_000, now_ms, now_ms).map(|_| ())
     })?;
@@ -548,15 +588,21 @@ fn log_bench(db: &str, rows: usize) -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_string();
     time("detail", &|| store.get(&id).map(|_| ()))?;
-    time(
-        "text search in bodies (full scan)",
-        &page(ListQuery {
-            search: Some("number 4242:".into()),
-            page: 1,
-            per_page: 50,
-            ..ListQuery::default()
-        }),
-    )?;
+    for (label, term) in [
+        ("search, a rare phrase", "number 999999:"),
+        ("search, a phrase in 1 row of 10", "number 42"),
+        ("search, a word in every row", "lighthouses"),
+    ] {
+        time(
+            label,
+            &page(ListQuery {
+                search: Some(term.into()),
+                page: 1,
+                per_page: 50,
+                ..ListQuery::default()
+            }),
+        )?;
+    }
     Ok(())
 }
 

@@ -212,7 +212,8 @@ fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
         }
     }
     if let Some((ts, id)) = &query.before {
-        clauses.push("(ts < ? OR (ts = ? AND id < ?))".into());
+        // `ts <= ?` first, so the ts index bounds the scan.
+        clauses.push("ts <= ? AND (ts < ? OR id < ?)".into());
         values.push(SqlValue::Integer(*ts));
         values.push(SqlValue::Integer(*ts));
         values.push(SqlValue::Text(id.clone()));
