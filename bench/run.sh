@@ -37,7 +37,11 @@ out=$root/target/bench
 mkdir -p "$out"
 work=$(mktemp -d)
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  cp "$work"/*.log "$out/" 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 core_gw=0
@@ -111,6 +115,12 @@ measure() {
   R[$name.rps]=${rps%.*}
   echo "   ${rps} req/s, ${total} requests, non-2xx: ${non2xx}"
   if [ -n "$pid" ]; then
+    # The log writer may still be busy with the burst: its work counts too.
+    for _ in $(seq 1 600); do
+      local queued; queued=$(curl -s "$base/v1/status" | sed -n 's/.*"queued":\([0-9]*\).*/\1/p')
+      [ -z "$queued" ] || [ "$queued" = 0 ] && break
+      sleep 0.1
+    done
     local after; after=$(cpu_ticks "$pid")
     R[$name.cpu]=$(awk -v t=$((after - before)) -v hz="$ticks_per_sec" -v n="$total" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
     echo "   CPU per request: ${R[$name.cpu]} µs"
@@ -219,6 +229,49 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
   done
 } | tee "$out/latest.md"
 
+# Peers users would pick instead, installed from their own registries into bench/peers/
+# (git-ignored), each forwarding the same request to the same mock, pinned like sluice.
 if [ "$peers" = 1 ]; then
-  bench/peers.sh "$out/latest.md" "$body"
+  peers_dir=$root/bench/peers
+  venv=$peers_dir/venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q openai-forward pyyaml 'litellm[proxy]' || echo "pip could not install every Python peer"
+  [ -x "$peers_dir/bin/crabllm" ] || cargo install -q crabllm --root "$peers_dir" --no-default-features --features hyper,sonic,http2,rustls \
+    || echo "cargo could not install crabllm"
+  peer_rows=()
+  peer() {
+    local name=$1 port=$2 key=$3; shift 3
+    if ! command -v "$1" >/dev/null && [ ! -x "$1" ]; then peer_rows+=("| $name | not installed | | | | |"); return; fi
+    taskset -c "$core_gw" "$@" >"$work/$name.log" 2>&1 & local pid=$!
+    if ! wait_port "$port"; then peer_rows+=("| $name | did not start (see target/bench/$name.log) | | | | |"); kill "$pid" 2>/dev/null; return; fi
+    sleep 2
+    local idle=$(( $(rss_kib "$pid") / 1024 ))
+    measure "$name" "http://127.0.0.1:$port" "$key" "$pid"
+    local peak=$(( $(hwm_kib "$pid") / 1024 ))
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    peer_rows+=("| $name | $(sub "${R[$name.p50]}" "${R[direct.p50]}") / $(sub "${R[$name.p99]}" "${R[direct.p99]}") | ${R[$name.rps]} ($(ratio "${R[$name.rps]}" "${R[direct.rps]}")) | ${R[$name.rate]} | ${R[$name.cpu]} | $idle / $peak |")
+  }
+  FORWARD_CONFIG='[{"base_url":"http://127.0.0.1:19000","route":"/","type":"openai"}]' \
+    peer openai-forward 18100 sk-bench-upstream-1 "$venv/bin/aifd" run --port 18100 --workers 1
+  OPENAI_API_KEY=sk-bench-upstream-1 peer litellm 18200 "" \
+    "$venv/bin/litellm" --model openai/gpt-4o-mini --api_base http://127.0.0.1:19000/v1 --port 18200 --num_workers 1
+  cat > "$work/crabllm.toml" <<TOML
+listen = "127.0.0.1:18300"
+[providers.mock]
+kind = "openai"
+api_key = "sk-bench-upstream-1"
+base_url = "http://127.0.0.1:19000/v1"
+models = ["gpt-4o-mini"]
+TOML
+  peer crabllm 18300 "" "$peers_dir/bin/crabllm" --config "$work/crabllm.toml"
+  {
+    echo
+    echo "Peers, same rig, same request, same mock (sluice rows above):"
+    echo
+    echo "| peer | added at c=1, p50 / p99 (µs) | req/s at saturation (× direct) | highest rate with p99 < 1 ms | CPU µs per request | RSS idle / peak (MiB) |"
+    echo "|---|---|---|---|---|---|"
+    echo "| sluice bare | $(sub "${R[bare.p50]}" "${R[direct.p50]}") / $(sub "${R[bare.p99]}" "${R[direct.p99]}") | ${R[bare.rps]} ($(ratio "${R[bare.rps]}" "${R[direct.rps]}")) | ${R[bare.rate]} | ${R[bare.cpu]} | ${R[bare.idle]} / — |"
+    echo "| sluice full | $(sub "${R[full.p50]}" "${R[direct.p50]}") / $(sub "${R[full.p99]}" "${R[direct.p99]}") | ${R[full.rps]} ($(ratio "${R[full.rps]}" "${R[direct.rps]}")) | ${R[full.rate]} | ${R[full.cpu]} | ${R[full.idle]} / — |"
+    printf '%s\n' "${peer_rows[@]}"
+  } | tee -a "$out/latest.md"
 fi

@@ -176,6 +176,9 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let gateway = Arc::new(Gateway::new(config)?);
     warn_if_open(&gateway);
+    if let Some(limit) = sluice::sys::raise_open_files_limit() {
+        tracing::info!("open files limit: {limit} (two per proxied stream)");
+    }
     // Hands memory freed after a burst of streams back to the system.
     tokio::spawn(async {
         let mut every = tokio::time::interval(Duration::from_secs(10));

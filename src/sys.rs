@@ -1,6 +1,6 @@
 //! The few operating-system calls std does not offer. The only `unsafe` in sluice.
 
-/// Lowers the calling thread's scheduling priority (nice 10), so background work such as
+/// Lowers the calling thread's scheduling priority (nice 19), so background work such as
 /// the log writer yields the core to request handling under load. Best effort: on other
 /// systems, or if refused, nothing changes.
 #[allow(unsafe_code)]
@@ -9,7 +9,7 @@ pub fn lower_thread_priority() {
     {
         // SAFETY: setpriority only reads its integer arguments. On Linux, PRIO_PROCESS with
         // who = 0 applies to the calling thread alone.
-        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
         if result != 0 {
             tracing::debug!("cannot lower the log writer's priority");
         }
@@ -28,4 +28,38 @@ pub fn release_free_memory() {
             libc::malloc_trim(0);
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard limit: each proxied stream holds two
+/// sockets, and the usual soft limit (1024) would cap a gateway at a few hundred streams.
+/// Returns the limit in force.
+#[allow(unsafe_code)]
+// `rlim_t` is not `u64` on every platform.
+#[allow(clippy::useless_conversion)]
+pub fn raise_open_files_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write only the struct passed to them.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return None;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        Some(u64::try_from(limit.rlim_cur).unwrap_or(u64::MAX))
+    }
+    #[cfg(not(unix))]
+    None
 }
