@@ -251,9 +251,10 @@ if [ "$peers" = 1 ]; then
     kill "$pid"; wait "$pid" 2>/dev/null || true
     peer_rows+=("| $name | $(sub "${R[$name.p50]}" "${R[direct.p50]}") / $(sub "${R[$name.p99]}" "${R[direct.p99]}") | ${R[$name.rps]} ($(ratio "${R[$name.rps]}" "${R[direct.rps]}")) | ${R[$name.rate]} | ${R[$name.cpu]} | $idle / $peak |")
   }
-  FORWARD_CONFIG='[{"base_url":"http://127.0.0.1:19000","route":"/","type":"openai"}]' \
-    peer openai-forward 18100 sk-bench-upstream-1 "$venv/bin/aifd" run --port 18100 --workers 1
-  OPENAI_API_KEY=sk-bench-upstream-1 peer litellm 18200 "" \
+  export FORWARD_CONFIG='[{"base_url":"http://127.0.0.1:19000","route":"/","type":"openai"}]'
+  peer openai-forward 18100 sk-bench-upstream-1 "$venv/bin/aifd" run --port 18100 --workers 1
+  export OPENAI_API_KEY=sk-bench-upstream-1 LITELLM_MASTER_KEY=sk-litellm-bench-master-0001
+  peer litellm 18200 sk-litellm-bench-master-0001 \
     "$venv/bin/litellm" --model openai/gpt-4o-mini --api_base http://127.0.0.1:19000/v1 --port 18200 --num_workers 1
   cat > "$work/crabllm.toml" <<TOML
 listen = "127.0.0.1:18300"
@@ -263,7 +264,7 @@ api_key = "sk-bench-upstream-1"
 base_url = "http://127.0.0.1:19000/v1"
 models = ["gpt-4o-mini"]
 TOML
-  peer crabllm 18300 "" "$peers_dir/bin/crabllm" --config "$work/crabllm.toml"
+  peer crabllm 18300 "" "$peers_dir/bin/crabllm" serve --config "$work/crabllm.toml"
   {
     echo
     echo "Peers, same rig, same request, same mock (sluice rows above):"
