@@ -214,6 +214,7 @@ impl Recorder {
             stats: stats.clone(),
             log_bodies: storage.log_bodies,
             retention: Duration::from_secs(u64::from(storage.retention_days) * 86_400),
+            queue_capacity: storage.queue,
             max_rows: storage.max_rows,
         };
         let thread = std::thread::Builder::new()
@@ -297,12 +298,17 @@ struct Writer {
     log_bodies: bool,
     retention: Duration,
     max_rows: u64,
+    queue_capacity: usize,
 }
 
 impl Writer {
     fn run(self, receiver: Receiver<Message>) {
-        // The log must never compete with requests for a core.
+        // The log must never compete with requests for a core: it runs when the core is
+        // otherwise idle, and at the lowest normal priority only while its queue is more
+        // than half full, so that a sustained load cannot starve it into dropping records.
         crate::sys::lower_thread_priority();
+        crate::sys::set_idle_policy(true);
+        let mut idle_policy = true;
         self.retain();
         let mut last_retention = Instant::now();
         let mut stopping = false;
@@ -348,6 +354,14 @@ impl Writer {
                         break;
                     }
                 }
+            }
+            let queued = self.stats.queued.load(Ordering::Relaxed);
+            if idle_policy && queued > self.queue_capacity / 2 {
+                crate::sys::set_idle_policy(false);
+                idle_policy = false;
+            } else if !idle_policy && queued < self.queue_capacity / 10 {
+                crate::sys::set_idle_policy(true);
+                idle_policy = true;
             }
             if !batch.is_empty() {
                 self.write(batch);

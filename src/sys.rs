@@ -63,3 +63,31 @@ pub fn raise_open_files_limit() -> Option<u64> {
     #[cfg(not(unix))]
     None
 }
+
+/// Puts the calling thread in the `SCHED_IDLE` class (`idle = true`): it then runs only
+/// when nothing else wants the core, and any waking request handler preempts it at once,
+/// which nice 19 alone does not guarantee under EEVDF. `idle = false` returns it to the
+/// normal class (at nice 19), for when its backlog must be worked off.
+#[allow(unsafe_code)]
+pub fn set_idle_policy(idle: bool) {
+    #[cfg(target_os = "linux")]
+    {
+        let policy = if idle {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads the struct passed by reference; pid 0 is the
+        // calling thread.
+        let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
+        if result == 0 && !idle {
+            // SAFETY: as in `lower_thread_priority`.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = idle;
+}
