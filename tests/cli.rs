@@ -270,3 +270,49 @@ admin: {{key: admin-secret-0001}}
     let refused = send(&address).await.unwrap();
     assert_error(refused, 429, "rate_limit_exceeded").await;
 }
+
+#[tokio::test]
+async fn sigterm_finishes_open_streams_and_flushes_the_log() {
+    use futures_util::StreamExt;
+    let mock = mock_with(sluice::mock::MockOptions {
+        chunks: 4,
+        interval: std::time::Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sluice.db");
+    let config = dir.path().join("sluice.yaml");
+    std::fs::write(
+        &config,
+        format!("upstreams: [{{name: m, base_url: '{}'}}]\nstorage: {{url: 'sqlite://{}'}}\n", mock.url(), db.display()),
+    )
+    .unwrap();
+    let mut command = sluice();
+    command.current_dir(dir.path()).args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&config);
+    let (mut running, address) = serve(command);
+    let response = client()
+        .post(format!("http://{address}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat_body("gpt-4o", true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+
+    let pid = running.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut rest = String::new();
+    while let Some(chunk) = stream.next().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(rest.contains("word3") && rest.ends_with("data: [DONE]\n\n"), "the open stream completed: {rest}");
+    let status = running.0.wait().unwrap();
+    assert!(status.success(), "sluice exits cleanly after draining: {status:?}");
+
+    let store = sluice::store::sqlite::SqliteStore::open(db.to_str().unwrap()).unwrap();
+    let page = sluice::store::Store::list(&store, &Default::default()).unwrap();
+    assert_eq!(page.total, 1, "the streamed request was logged before exit");
+    assert_eq!(page.data[0]["stream"], true);
+}
