@@ -24,6 +24,7 @@ pub struct Gateway {
     pub recorder: Option<Recorder>,
     /// Dashboard login sessions.
     pub sessions: crate::dashboard::Sessions,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
@@ -48,6 +49,7 @@ impl Gateway {
                     .any(|u| u.key_count() > 1 || u.token.is_some()));
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
         let limiter = Arc::new(Limiter::default());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let recorder = match &config.storage.url {
             Some(url) => {
                 let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
@@ -55,6 +57,7 @@ impl Gateway {
                     store,
                     &config.storage,
                     limiter.clone(),
+                    metrics.clone(),
                     config.pricing.clone(),
                 )?)
             }
@@ -74,6 +77,7 @@ impl Gateway {
             limiter,
             recorder,
             sessions: Default::default(),
+            metrics,
             read_json_always,
         })
     }

@@ -13,6 +13,7 @@
 //! - [`recorder`], [`store`], [`usage`]: the request log off the hot path, its SQLite store,
 //!   token usage and cost.
 //! - [`admin`], [`dashboard`]: `/api/*`, `/v1/status`, and the embedded dashboard.
+//! - [`metrics`]: `/metrics` for Prometheus.
 //! - [`token`]: short-lived bearer tokens from a token endpoint.
 //! - [`upstream`]: an upstream's HTTP client, credentials and health figures.
 //! - [`mock`]: the mock OpenAI upstream used by tests, benchmarks and the quick start.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod gateway;
 pub mod headers;
 pub mod limits;
+pub mod metrics;
 pub mod mock;
 pub mod models;
 pub mod proxy;

@@ -202,6 +202,7 @@ impl Recorder {
         store: Arc<dyn Store>,
         storage: &Storage,
         limiter: Arc<Limiter>,
+        metrics: Arc<crate::metrics::Metrics>,
         pricing: HashMap<String, Price>,
     ) -> anyhow::Result<Self> {
         restore_counters(store.as_ref(), &limiter)?;
@@ -210,6 +211,7 @@ impl Recorder {
         let writer = Writer {
             store: store.clone(),
             limiter,
+            metrics,
             pricing,
             stats: stats.clone(),
             log_bodies: storage.log_bodies,
@@ -293,6 +295,7 @@ fn restore_counters(store: &dyn Store, limiter: &Limiter) -> anyhow::Result<()> 
 struct Writer {
     store: Arc<dyn Store>,
     limiter: Arc<Limiter>,
+    metrics: Arc<crate::metrics::Metrics>,
     pricing: HashMap<String, Price>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
@@ -432,6 +435,7 @@ impl Writer {
                     },
                 );
             }
+            self.metrics.observe(&record);
             records.push(record);
         }
         let counters: Vec<CounterDelta> = counters

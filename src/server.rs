@@ -175,6 +175,22 @@ pub async fn handle(
     {
         return admin::dashboard(gateway, request, client, local).await;
     }
+    if path == "/metrics" && request.method() == Method::GET {
+        return if admin::is_admin(gateway, request.headers(), client, local) {
+            let mut response = Response::new(crate::body::full(crate::metrics::render(gateway)));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        } else {
+            ApiError::unauthorized(
+                "invalid_admin_key",
+                "/metrics needs the admin key (Authorization: Bearer ADMIN_KEY)",
+            )
+            .into_response()
+        };
+    }
     if role == Role::Admin {
         return match (request.method(), path) {
             (&Method::GET, "/v1/status") => {

@@ -858,3 +858,73 @@ async fn without_an_admin_key_the_dashboard_is_off_unless_on_loopback() {
         .unwrap();
     assert_eq!(page.status(), 403);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_latency_tokens_and_refusals_by_name_never_key() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, ", rpm: 2")).await;
+    for _ in 0..3 {
+        chat(
+            &gw,
+            ALICE,
+            json!({"model": "gpt-4o", "messages": messages()}),
+        )
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    }
+    let failing = client()
+        .get(gw.url("/v1/files"))
+        .header("authorization", "Bearer fk-bob-0000002")
+        .header("x-mock-fault", "500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failing.status(), 500);
+    flush(&gw).await;
+    assert_eq!(
+        client()
+            .get(gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let text = client()
+        .get(gw.url("/metrics"))
+        .header("authorization", ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            r#"sluice_requests_total{model="gpt-4o",upstream="main",key="alice",status="200"} 2"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"sluice_refusals_total{key="alice",status="429"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"sluice_upstream_errors_total{upstream="main",kind="500"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"sluice_request_duration_seconds_count{model="gpt-4o",upstream="main",key="alice"} 2"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains(r#"sluice_tokens_total{model="gpt-4o",upstream="main",key="alice",kind="completion"} 16"#), "{text}");
+    assert!(text.contains("sluice_log_queue_depth 0"));
+    assert!(text.contains(r#"sluice_upstream_in_flight{upstream="main"} 0"#));
+    for secret in ["fk-alice-0001", "sk-upstream-key-0001", "admin-secret-0001"] {
+        assert!(!text.contains(secret));
+    }
+}

@@ -285,11 +285,18 @@ async fn sigterm_finishes_open_streams_and_flushes_the_log() {
     let config = dir.path().join("sluice.yaml");
     std::fs::write(
         &config,
-        format!("upstreams: [{{name: m, base_url: '{}'}}]\nstorage: {{url: 'sqlite://{}'}}\n", mock.url(), db.display()),
+        format!(
+            "upstreams: [{{name: m, base_url: '{}'}}]\nstorage: {{url: 'sqlite://{}'}}\n",
+            mock.url(),
+            db.display()
+        ),
     )
     .unwrap();
     let mut command = sluice();
-    command.current_dir(dir.path()).args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&config);
+    command
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config);
     let (mut running, address) = serve(command);
     let response = client()
         .post(format!("http://{address}/v1/chat/completions"))
@@ -302,14 +309,26 @@ async fn sigterm_finishes_open_streams_and_flushes_the_log() {
     stream.next().await.unwrap().unwrap();
 
     let pid = running.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let mut rest = String::new();
     while let Some(chunk) = stream.next().await {
         rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
-    assert!(rest.contains("word3") && rest.ends_with("data: [DONE]\n\n"), "the open stream completed: {rest}");
+    assert!(
+        rest.contains("word3") && rest.ends_with("data: [DONE]\n\n"),
+        "the open stream completed: {rest}"
+    );
     let status = running.0.wait().unwrap();
-    assert!(status.success(), "sluice exits cleanly after draining: {status:?}");
+    assert!(
+        status.success(),
+        "sluice exits cleanly after draining: {status:?}"
+    );
 
     let store = sluice::store::sqlite::SqliteStore::open(db.to_str().unwrap()).unwrap();
     let page = sluice::store::Store::list(&store, &Default::default()).unwrap();

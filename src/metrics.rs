@@ -1,0 +1,230 @@
+//! `/metrics` in the Prometheus text format.
+//!
+//! Per-request series (requests, latency and time-to-first-byte histograms, tokens, upstream
+//! errors, refusals) are fed by the log writer from finished records, so the request path
+//! pays nothing for them; they are there when the request log is on (the default). Gauges
+//! (requests in flight, cooldowns, the log queue) are read live. Labels are model, upstream
+//! and gateway key *name*, never a key.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use crate::clock::now_ms;
+use crate::gateway::Gateway;
+use crate::store::LogRecord;
+
+/// Upper bounds in seconds, for request duration and time to first byte.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+type Labels = (String, String, String);
+
+#[derive(Debug, Default)]
+struct Series {
+    requests: HashMap<(String, String, String, u16), u64>,
+    duration: HashMap<Labels, Histogram>,
+    first_byte: HashMap<Labels, Histogram>,
+    tokens: HashMap<(String, String, String, &'static str), u64>,
+    upstream_errors: HashMap<(String, String), u64>,
+    refusals: HashMap<(String, u16), u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    series: Mutex<Series>,
+}
+
+impl Metrics {
+    /// Counts a finished request (called by the log writer).
+    pub fn observe(&self, record: &LogRecord) {
+        let Ok(mut series) = self.series.lock() else {
+            return;
+        };
+        let model = record.model.clone().unwrap_or_default();
+        let upstream = record.upstream.clone().unwrap_or_default();
+        let key = record.key_name.clone();
+        *series
+            .requests
+            .entry((model.clone(), upstream.clone(), key.clone(), record.status))
+            .or_default() += 1;
+        let labels = (model.clone(), upstream.clone(), key.clone());
+        series
+            .duration
+            .entry(labels.clone())
+            .or_default()
+            .observe(record.latency_ms / 1000.0);
+        if let Some(ttfb) = record.ttfb_ms {
+            series
+                .first_byte
+                .entry(labels)
+                .or_default()
+                .observe(ttfb / 1000.0);
+        }
+        for (kind, count) in [
+            ("prompt", record.prompt_tokens),
+            ("completion", record.completion_tokens),
+        ] {
+            if let Some(count) = count.filter(|c| *c > 0) {
+                *series
+                    .tokens
+                    .entry((model.clone(), upstream.clone(), key.clone(), kind))
+                    .or_default() += count;
+            }
+        }
+        if let Ok(attempts) = serde_json::from_str::<Vec<serde_json::Value>>(&record.attempts) {
+            for attempt in &attempts {
+                let status = attempt.get("status").and_then(serde_json::Value::as_u64);
+                let kind = match status {
+                    None => "connect_or_timeout".to_string(),
+                    Some(code) if code >= 500 || code == 429 => code.to_string(),
+                    Some(_) => continue,
+                };
+                let name = attempt
+                    .get("upstream")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                *series.upstream_errors.entry((name, kind)).or_default() += 1;
+            }
+        }
+        // Refused by sluice itself: no upstream was tried.
+        if record.upstream.is_none() && record.status >= 400 {
+            *series.refusals.entry((key, record.status)).or_default() += 1;
+        }
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn histogram(out: &mut String, name: &str, data: &HashMap<Labels, Histogram>) {
+    for ((model, upstream, key), h) in data {
+        let labels = format!(
+            "model=\"{}\",upstream=\"{}\",key=\"{}\"",
+            escape(model),
+            escape(upstream),
+            escape(key)
+        );
+        for (bound, count) in BUCKETS.iter().zip(h.counts.iter()) {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+    }
+}
+
+/// The exposition text.
+pub fn render(gateway: &Gateway) -> String {
+    let mut out = String::with_capacity(4096);
+    if let Ok(series) = gateway.metrics.series.lock() {
+        out.push_str("# HELP sluice_requests_total Requests answered, by model, upstream, gateway key name and status.\n# TYPE sluice_requests_total counter\n");
+        for ((model, upstream, key, status), count) in &series.requests {
+            let _ = writeln!(
+                out,
+                "sluice_requests_total{{model=\"{}\",upstream=\"{}\",key=\"{}\",status=\"{status}\"}} {count}",
+                escape(model),
+                escape(upstream),
+                escape(key)
+            );
+        }
+        out.push_str("# HELP sluice_request_duration_seconds Time from request to the end of the response.\n# TYPE sluice_request_duration_seconds histogram\n");
+        histogram(
+            &mut out,
+            "sluice_request_duration_seconds",
+            &series.duration,
+        );
+        out.push_str("# HELP sluice_time_to_first_byte_seconds Time from request to the upstream's response head.\n# TYPE sluice_time_to_first_byte_seconds histogram\n");
+        histogram(
+            &mut out,
+            "sluice_time_to_first_byte_seconds",
+            &series.first_byte,
+        );
+        out.push_str("# HELP sluice_tokens_total Tokens used, by kind (prompt, completion).\n# TYPE sluice_tokens_total counter\n");
+        for ((model, upstream, key, kind), count) in &series.tokens {
+            let _ = writeln!(
+                out,
+                "sluice_tokens_total{{model=\"{}\",upstream=\"{}\",key=\"{}\",kind=\"{kind}\"}} {count}",
+                escape(model),
+                escape(upstream),
+                escape(key)
+            );
+        }
+        out.push_str("# HELP sluice_upstream_errors_total Failed tries at an upstream: 429, 5xx, or no response.\n# TYPE sluice_upstream_errors_total counter\n");
+        for ((upstream, kind), count) in &series.upstream_errors {
+            let _ = writeln!(
+                out,
+                "sluice_upstream_errors_total{{upstream=\"{}\",kind=\"{kind}\"}} {count}",
+                escape(upstream)
+            );
+        }
+        out.push_str("# HELP sluice_refusals_total Requests sluice refused itself (auth, limits, bad input), by key name and status.\n# TYPE sluice_refusals_total counter\n");
+        for ((key, status), count) in &series.refusals {
+            let _ = writeln!(
+                out,
+                "sluice_refusals_total{{key=\"{}\",status=\"{status}\"}} {count}",
+                escape(key)
+            );
+        }
+    }
+    let clock = now_ms();
+    out.push_str("# HELP sluice_upstream_in_flight Requests in flight per upstream.\n# TYPE sluice_upstream_in_flight gauge\n");
+    for upstream in &gateway.upstreams {
+        let _ = writeln!(
+            out,
+            "sluice_upstream_in_flight{{upstream=\"{}\"}} {}",
+            escape(&upstream.config.name),
+            upstream.in_flight.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP sluice_upstream_resting Whether an upstream rests after failures (1) or not (0).\n# TYPE sluice_upstream_resting gauge\n");
+    for upstream in &gateway.upstreams {
+        let _ = writeln!(
+            out,
+            "sluice_upstream_resting{{upstream=\"{}\"}} {}",
+            escape(&upstream.config.name),
+            u8::from(upstream.is_cooling(clock))
+        );
+    }
+    if let Some(recorder) = &gateway.recorder {
+        let s = &recorder.stats;
+        let _ = write!(
+            out,
+            "# HELP sluice_log_queue_depth Records waiting for the log writer.\n# TYPE sluice_log_queue_depth gauge\nsluice_log_queue_depth {}\n\
+             # HELP sluice_log_written_total Records written to the log.\n# TYPE sluice_log_written_total counter\nsluice_log_written_total {}\n\
+             # HELP sluice_log_dropped_total Records dropped because the log queue was full.\n# TYPE sluice_log_dropped_total counter\nsluice_log_dropped_total {}\n\
+             # HELP sluice_log_write_errors_total Failed log writes.\n# TYPE sluice_log_write_errors_total counter\nsluice_log_write_errors_total {}\n",
+            s.queued.load(Ordering::Relaxed),
+            s.written.load(Ordering::Relaxed),
+            s.dropped.load(Ordering::Relaxed),
+            s.write_errors.load(Ordering::Relaxed),
+        );
+    }
+    out
+}
