@@ -21,9 +21,9 @@ pub struct Gateway {
     pub router: Router,
     pub limiter: Arc<Limiter>,
     /// The request log; `None` when storage is off.
-    pub recorder: Option<Recorder>,
+    pub recorder: Option<Arc<Recorder>>,
     /// Dashboard login sessions.
-    pub sessions: crate::dashboard::Sessions,
+    pub sessions: Arc<crate::dashboard::Sessions>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
@@ -31,8 +31,78 @@ pub struct Gateway {
     read_json_always: bool,
 }
 
+/// The gateway in force. A reload swaps it whole; a request takes a handle when it starts
+/// and keeps it to its end, so no request sees half of one config and half of another, and
+/// open streams finish on the upstreams they started with.
+#[derive(Debug)]
+pub struct Current(std::sync::RwLock<Arc<Gateway>>);
+
+impl Current {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self(std::sync::RwLock::new(gateway))
+    }
+
+    pub fn load(&self) -> Arc<Gateway> {
+        match self.0.read() {
+            Ok(gateway) => gateway.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn store(&self, gateway: Arc<Gateway>) {
+        match self.0.write() {
+            Ok(mut slot) => *slot = gateway,
+            Err(poisoned) => *poisoned.into_inner() = gateway,
+        }
+    }
+}
+
+/// What outlives a config reload: counters, the request log, metrics, dashboard sessions.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub limiter: Arc<Limiter>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub recorder: Option<Arc<Recorder>>,
+    pub sessions: Arc<crate::dashboard::Sessions>,
+}
+
+impl Shared {
+    /// Opens the store and starts the log writer, if storage is on.
+    pub fn start(config: &Config) -> anyhow::Result<Self> {
+        let limiter = Arc::new(Limiter::default());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let recorder = match &config.storage.url {
+            Some(url) => {
+                let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
+                let pricing = config.pricing.clone();
+                Some(Arc::new(Recorder::start(
+                    store,
+                    &config.storage,
+                    limiter.clone(),
+                    metrics.clone(),
+                    pricing,
+                )?))
+            }
+            None => None,
+        };
+        Ok(Self {
+            limiter,
+            metrics,
+            recorder,
+            sessions: Default::default(),
+        })
+    }
+}
+
 impl Gateway {
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        let shared = Shared::start(&config)?;
+        Self::with_shared(config, shared)
+    }
+
+    /// A gateway for `config` that keeps the counters, log and sessions of `shared`: what a
+    /// reload builds.
+    pub fn with_shared(config: Config, shared: Shared) -> anyhow::Result<Self> {
         let upstreams = config
             .upstreams
             .iter()
@@ -48,38 +118,33 @@ impl Gateway {
                     .iter()
                     .any(|u| u.key_count() > 1 || u.token.is_some()));
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
-        let limiter = Arc::new(Limiter::default());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        let recorder = match &config.storage.url {
-            Some(url) => {
-                let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
-                Some(Recorder::start(
-                    store,
-                    &config.storage,
-                    limiter.clone(),
-                    metrics.clone(),
-                    config.pricing.clone(),
-                )?)
-            }
-            None => None,
-        };
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
             || rewrites
             || can_retry
             || router.sessions_enabled()
-            || recorder.is_some();
+            || shared.recorder.is_some();
         Ok(Self {
             guard: Guard::new(&config.access),
             config,
             upstreams,
             router,
-            limiter,
-            recorder,
-            sessions: Default::default(),
-            metrics,
+            limiter: shared.limiter,
+            recorder: shared.recorder,
+            sessions: shared.sessions,
+            metrics: shared.metrics,
             read_json_always,
         })
+    }
+
+    /// The parts a reloaded gateway takes over.
+    pub fn shared(&self) -> Shared {
+        Shared {
+            limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
+            recorder: self.recorder.clone(),
+            sessions: self.sessions.clone(),
+        }
     }
 
     /// A record for a request about to be handled, if the log is on.

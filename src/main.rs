@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::{self, EnvMap, LoadOptions};
-use sluice::gateway::Gateway;
+use sluice::gateway::{Current, Gateway};
 use sluice::mock::{self, Fault, MockOptions};
 use tokio::net::TcpListener;
 
@@ -141,7 +141,7 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 fn check(path: Option<PathBuf>) -> ExitCode {
     match config::load(&LoadOptions { path, listen: None }, &EnvMap::from_process()) {
         Ok(loaded) => {
-            let source = loaded.path.map_or_else(
+            let source = loaded.path.as_ref().map_or_else(
                 || "built-in defaults".to_string(),
                 |p| p.display().to_string(),
             );
@@ -175,6 +175,7 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
     let config = loaded.config;
     let listen = config.server.listen;
     let gateway = Arc::new(Gateway::new(config)?);
+    let current = Arc::new(Current::new(gateway.clone()));
     warn_if_open(&gateway);
     if let Some(limit) = sluice::sys::raise_open_files_limit() {
         tracing::info!("open files limit: {limit} (two per proxied stream)");
@@ -190,7 +191,7 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let source = loaded.path.map_or_else(
+    let source = loaded.path.as_ref().map_or_else(
         || "built-in defaults".to_string(),
         |p| p.display().to_string(),
     );
@@ -221,23 +222,98 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
             "dashboard and admin API listening on http://{}",
             admin_listener.local_addr()?
         );
-        let (gateway, stopped) = (gateway.clone(), stopped.clone());
+        let (current, stopped) = (current.clone(), stopped.clone());
         tokio::spawn(async move {
             let role = sluice::server::Role::Admin;
             if let Err(error) =
-                sluice::server::serve_as(admin_listener, gateway, role, until_stopped(stopped))
+                sluice::server::serve_current(admin_listener, current, role, until_stopped(stopped))
                     .await
             {
                 tracing::error!("admin listener failed: {error:#}");
             }
         });
     }
-    let served = sluice::server::serve(listener, gateway.clone(), until_stopped(stopped)).await;
+    tokio::spawn(watch_config(options, loaded.path.clone(), current.clone()));
+    let role = sluice::server::Role::Gateway;
+    let served =
+        sluice::server::serve_current(listener, current.clone(), role, until_stopped(stopped))
+            .await;
     // Whatever the log still holds is written before the process ends.
-    let flushing = gateway.clone();
+    let flushing = current.load();
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown()).await;
     tracing::info!("request log flushed; bye");
     served
+}
+
+/// Reloads the config on SIGHUP and when its file changes (checked every 2 s). A valid
+/// config replaces the running one for every new request; an invalid one is refused with
+/// its problems logged, and the running config stays.
+async fn watch_config(options: LoadOptions, path: Option<PathBuf>, current: Arc<Current>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let modified = |path: &Option<PathBuf>| {
+        path.as_ref()
+            .and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
+    };
+    let mut seen = modified(&path);
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<()>();
+        let reason = tokio::select! {
+            () = signalled => "SIGHUP",
+            () = tokio::time::sleep(Duration::from_secs(2)) => {
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the config file changed"
+            }
+        };
+        reload(&options, &current, reason);
+    }
+}
+
+fn reload(options: &LoadOptions, current: &Current, reason: &str) {
+    let loaded = match config::load(options, &EnvMap::from_process()) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            tracing::error!(
+                "config reload ({reason}) refused, the running config stays: {}",
+                lines.join("; ")
+            );
+            return;
+        }
+    };
+    let running = current.load();
+    let (old, new) = (&running.config, &loaded.config);
+    if old.server.listen != new.server.listen
+        || old.admin.listen != new.admin.listen
+        || old.storage.url != new.storage.url
+    {
+        tracing::warn!(
+            "listen addresses and storage.url change only on restart; the rest of the new config applies"
+        );
+    }
+    match Gateway::with_shared(loaded.config, running.shared()) {
+        Ok(gateway) => {
+            current.store(Arc::new(gateway));
+            tracing::info!("config reloaded ({reason})");
+        }
+        Err(error) => {
+            tracing::error!("config reload ({reason}) refused, the running config stays: {error:#}")
+        }
+    }
 }
 
 /// Warns when anyone who reaches the port would spend the upstream keys.

@@ -23,7 +23,7 @@ use crate::clock::now_us;
 use crate::access::{Caller, client_ip};
 use crate::body::{Body, json_response};
 use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::gateway::{Current, Gateway};
 use crate::limits::unix_now;
 use crate::{admin, models, proxy};
 
@@ -56,9 +56,20 @@ pub async fn serve_as(
     role: Role,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_current(listener, Arc::new(Current::new(gateway)), role, shutdown).await
+}
+
+/// Serves whatever gateway `current` holds at each request, so a reload takes effect on
+/// the next request without touching open ones.
+pub async fn serve_current(
+    listener: TcpListener,
+    current: Arc<Current>,
+    role: Role,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let local = listener.local_addr()?.ip();
     let graceful = GracefulShutdown::new();
-    let busy_poll = BusyPoll::start(gateway.config.server.busy_poll);
+    let busy_poll = BusyPoll::start(current.load().config.server.busy_poll);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -80,10 +91,10 @@ pub async fn serve_as(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {error}");
         }
-        let gateway = gateway.clone();
+        let current = current.clone();
         let busy_poll = busy_poll.clone();
         let service = service_fn(move |request| {
-            let gateway = gateway.clone();
+            let gateway = current.load();
             if let Some(busy_poll) = &busy_poll {
                 busy_poll.touch();
             }

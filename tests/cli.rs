@@ -335,3 +335,119 @@ async fn sigterm_finishes_open_streams_and_flushes_the_log() {
     assert_eq!(page.total, 1, "the streamed request was logged before exit");
     assert_eq!(page.data[0]["stream"], true);
 }
+
+#[tokio::test]
+async fn a_reload_applies_atomically_under_load_and_a_bad_config_is_refused() {
+    use futures_util::StreamExt;
+    let mock = mock_with(sluice::mock::MockOptions {
+        chunks: 4,
+        interval: std::time::Duration::from_millis(250),
+        record: false,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.yaml");
+    let base = format!(
+        "upstreams: [{{name: m, base_url: '{}'}}]\nstorage: {{url: none}}\n",
+        mock.url()
+    );
+    std::fs::write(
+        &config,
+        format!("access: {{keys: [{{name: alice, key: fk-alice-0001}}]}}\n{base}"),
+    )
+    .unwrap();
+    let mut command = sluice();
+    command
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config);
+    let (running, address) = serve(command);
+    let pid = running.0.id().to_string();
+    let url = format!("http://{address}/v1/models/gpt-4o");
+    let with_key = |key: &'static str| {
+        client()
+            .get(&url)
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+    };
+
+    // A stream opened before the reload, and steady traffic across it.
+    let stream = client()
+        .post(format!("http://{address}/v1/chat/completions"))
+        .header("authorization", "Bearer fk-alice-0001")
+        .header("content-type", "application/json")
+        .body(chat_body("gpt-4o", true))
+        .send()
+        .await
+        .unwrap();
+    let load = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let client = client();
+            let mut statuses = Vec::new();
+            for _ in 0..400 {
+                let response = client
+                    .get(&url)
+                    .header("authorization", "Bearer fk-alice-0001")
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            statuses
+        })
+    };
+    assert_eq!(with_key("fk-bob-0000002").await.unwrap().status(), 401);
+    std::fs::write(
+        &config,
+        format!("access: {{keys: [{{name: alice, key: fk-alice-0001}}, {{name: bob, key: fk-bob-0000002}}]}}\n{base}"),
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut bob = 0;
+    for _ in 0..100 {
+        bob = with_key("fk-bob-0000002").await.unwrap().status().as_u16();
+        if bob == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(bob, 200, "the new key works after the reload");
+
+    // An invalid config is refused and the running one stays.
+    std::fs::write(&config, format!("acess: {{}}\n{base}")).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(with_key("fk-bob-0000002").await.unwrap().status(), 200);
+
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "no request failed across the reloads: {statuses:?}"
+    );
+    let text: Vec<u8> = stream
+        .bytes_stream()
+        .map(|c| c.unwrap().to_vec())
+        .collect::<Vec<_>>()
+        .await
+        .concat();
+    assert!(
+        String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"),
+        "the open stream finished"
+    );
+    drop(running);
+}

@@ -99,7 +99,8 @@ function renderLogin(message) {
         method: "POST", credentials: "same-origin",
         headers: { "content-type": "application/json" }, body: JSON.stringify({ key: input.value }),
       });
-      if (response.ok) { location.hash = "#/overview"; start(); }
+      // A fresh load starts the app once, with the session cookie in place.
+      if (response.ok) { location.hash = "#/overview"; location.reload(); }
       else error.textContent = response.status === 401 ? "That admin key is not right." : `Login failed (${response.status}).`;
     },
   }, input, h("button", { type: "submit" }, "Log in"), error);
