@@ -161,7 +161,9 @@ fn split_events(text: &str) -> impl Iterator<Item = &str> {
 
 /// The chunk `stream_options.include_usage` adds: no choices, only usage.
 fn is_usage_only(event: &str) -> bool {
-    if !event.contains("\"usage\"") {
+    // Every chunk of such a stream carries `"usage":null`; only the last one has an object.
+    // Checking that without parsing keeps the common chunk cheap.
+    if !has_usage_object(event) {
         return false;
     }
     event
@@ -176,6 +178,15 @@ fn is_usage_only(event: &str) -> bool {
                     && value.get("usage").is_some_and(Value::is_object)
             })
         })
+}
+
+/// Whether `"usage"` is followed by an object (`"usage": {`), by a byte scan.
+fn has_usage_object(event: &str) -> bool {
+    event.match_indices("\"usage\"").any(|(at, key)| {
+        let rest = event[at + key.len()..].trim_start();
+        rest.strip_prefix(':')
+            .is_some_and(|value| value.trim_start().starts_with('{'))
+    })
 }
 
 /// The end of the last complete SSE event in `buffer` (just after its blank line).
@@ -233,6 +244,16 @@ mod tests {
             &out[..],
             b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: [DONE]\n\n"
         );
+    }
+
+    #[test]
+    fn only_a_usage_object_makes_a_chunk_worth_parsing() {
+        assert!(!has_usage_object(
+            "data: {\"choices\":[],\"usage\":null}\n\n"
+        ));
+        assert!(has_usage_object(
+            "data: {\"choices\":[],\"usage\" : {\"total_tokens\":1}}\n\n"
+        ));
     }
 
     #[test]
