@@ -280,6 +280,8 @@ pub struct Server {
     /// Keep polling this long after a request instead of sleeping, to save the wake-up
     /// latency of an idle core; costs CPU while traffic flows. Zero = off.
     pub busy_poll: Duration,
+    /// Origins browsers may call the API from (`"*"` for any); empty = no CORS.
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,7 @@ pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod cors;
 pub mod dashboard;
 pub mod error;
 pub mod gateway;

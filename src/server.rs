@@ -164,6 +164,28 @@ pub async fn handle(
     role: Role,
     request: Request<Incoming>,
 ) -> Response<Body> {
+    // Browser clients (chat front ends calling the API directly) need CORS.
+    let origin =
+        crate::cors::allowed_origin(&gateway.config.server.cors_origins, request.headers());
+    if let Some(origin) = &origin {
+        if request.method() == Method::OPTIONS {
+            return crate::cors::preflight(origin, request.headers());
+        }
+    }
+    let mut response = respond(gateway, peer, local, role, request).await;
+    if let Some(origin) = origin {
+        crate::cors::decorate(&mut response, origin);
+    }
+    response
+}
+
+async fn respond(
+    gateway: &Gateway,
+    peer: SocketAddr,
+    local: std::net::IpAddr,
+    role: Role,
+    request: Request<Incoming>,
+) -> Response<Body> {
     let path = request.uri().path();
     // Liveness stays answerable for load balancers whatever the IP rules say.
     if path == "/health" {

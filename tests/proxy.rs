@@ -822,3 +822,80 @@ async fn upstream_extra_headers_are_added() {
     assert_eq!(seen.header("x-tenant"), Some("acme"));
     assert_eq!(seen.header("x-token"), Some("tt-123"));
 }
+
+#[tokio::test]
+async fn browsers_get_cors_for_listed_origins_only() {
+    let mock = mock().await;
+    let gw = gateway(&format!(
+        "server: {{cors_origins: ['https://chat.example']}}\n{}",
+        simple_config(&mock)
+    ))
+    .await;
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, gw.url("/v1/chat/completions"))
+        .header("origin", "https://chat.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    assert_eq!(
+        preflight.headers()["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+    assert!(
+        mock.requests().is_empty(),
+        "a preflight never reaches the upstream"
+    );
+
+    let post = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("origin", "https://chat.example")
+        .header("authorization", ALICE)
+        .header("content-type", "application/json")
+        .body(chat_body("gpt-4o", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(
+        post.headers()["access-control-allow-origin"],
+        "https://chat.example"
+    );
+    assert!(
+        post.headers()["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("x-request-id")
+    );
+    let refused = client()
+        .get(gw.url("/v1/models"))
+        .header("origin", "https://chat.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(
+        refused
+            .headers()
+            .contains_key("access-control-allow-origin"),
+        "errors are readable by the page too"
+    );
+
+    let other = client()
+        .get(gw.url("/v1/models"))
+        .header("origin", "https://evil.example")
+        .header("authorization", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}

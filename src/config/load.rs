@@ -432,12 +432,21 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
                 Duration::ZERO
             }),
     };
+    for (i, origin) in raw.cors_origins.iter().enumerate() {
+        if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            problems.push(Problem::new(
+                format!("server.cors_origins[{i}]"),
+                format!("{origin:?} is not an origin like https://chat.example or *"),
+            ));
+        }
+    }
     Server {
         listen,
         route_prefix,
         max_body,
         trusted_proxies,
         busy_poll,
+        cors_origins: raw.cors_origins,
     }
 }
 

@@ -31,6 +31,7 @@ pub struct RawServer {
     pub max_body: Option<Scalar>,
     pub trusted_proxies: Vec<String>,
     pub busy_poll: Option<Scalar>,
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
