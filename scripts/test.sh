@@ -26,8 +26,21 @@ if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, seleni
   "$venv/bin/pip" install --quiet -r tests/e2e/requirements.txt
 fi
 
-echo "== cargo test"
+echo "== cargo test (request log on SQLite)"
 cargo test --workspace --all-targets
+
+# The same suites again with the request log on the local PostgreSQL (127.0.0.1:5432, trust
+# auth, database `test`); a fresh database per test, leftovers of earlier runs dropped first.
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && [ -d /etc/postgresql ]; then
+  echo "== starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+fi
+if command -v psql >/dev/null; then
+  psql -h 127.0.0.1 -U postgres -d test -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'sluice_test_%'" 2>/dev/null \
+    | while read -r db; do psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
+fi
+echo "== cargo test (request log on PostgreSQL)"
+SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing
 
 echo "== OpenAI SDK end-to-end tests"
 cargo build --quiet --bin sluice

@@ -3,6 +3,7 @@
 //! SQL is kept portable (no SQLite-only functions, `ON CONFLICT … DO UPDATE` upserts) so a
 //! PostgreSQL backend can implement the same trait with the same behaviour.
 
+pub mod postgres;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -243,5 +244,8 @@ pub fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     {
         return Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path)?));
     }
-    anyhow::bail!("unsupported storage URL (expected sqlite://PATH)")
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(std::sync::Arc::new(postgres::PostgresStore::open(url)?));
+    }
+    anyhow::bail!("unsupported storage URL (expected sqlite://PATH or postgres://…)")
 }

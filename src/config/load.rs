@@ -761,12 +761,20 @@ fn resolve_storage(raw: RawStorage, problems: &mut Vec<Problem>) -> Storage {
     let url = match raw.url.as_deref().map(str::trim) {
         None => defaults.url.clone(),
         Some("" | "none" | "off") => None,
-        Some(url) if url.starts_with("sqlite:") => Some(url.to_string()),
+        Some(url)
+            if url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://") =>
+        {
+            Some(url.to_string())
+        }
         Some(url) => {
             let scheme = url.split("://").next().unwrap_or(url);
             problems.push(Problem::new(
                 "storage.url",
-                format!("{scheme:?} storage is not supported; use sqlite://PATH or none"),
+                format!(
+                    "{scheme:?} storage is not supported; use sqlite://PATH, postgres://… or none"
+                ),
             ));
             None
         }

@@ -246,7 +246,7 @@ fn row_to_json(row: &rusqlite::Row<'_>, names: &[String]) -> rusqlite::Result<Va
 }
 
 /// Turns stored fields back into their JSON shapes for API answers.
-fn present(mut value: Value) -> Value {
+pub(super) fn present(mut value: Value) -> Value {
     if let Some(object) = value.as_object_mut() {
         if let Some(stream) = object.get("stream").and_then(Value::as_i64) {
             object.insert("stream".into(), Value::Bool(stream != 0));
@@ -623,7 +623,7 @@ impl Store for SqliteStore {
 }
 
 /// Adds `success_rate` (0–1) and `errors` to an aggregate row.
-fn finish_rates(value: &mut Value) {
+pub(super) fn finish_rates(value: &mut Value) {
     let requests = value.get("requests").and_then(Value::as_i64).unwrap_or(0);
     let succeeded = value.get("succeeded").and_then(Value::as_i64).unwrap_or(0);
     value["errors"] = json!(requests - succeeded);

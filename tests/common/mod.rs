@@ -32,9 +32,13 @@ pub async fn gateway(yaml: &str) -> TestGateway {
 
 pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
     let env = EnvMap::from_pairs(env.iter().copied());
-    // Every test gateway logs to a SQLite file of its own unless the test says otherwise.
+    // Every test gateway logs to a store of its own unless the test says otherwise: a SQLite
+    // file, or with SLUICE_TEST_STORAGE=postgres a fresh database on the local PostgreSQL.
     let (yaml, dir) = if yaml.contains("storage:") {
         (yaml.to_string(), None)
+    } else if std::env::var("SLUICE_TEST_STORAGE").as_deref() == Ok("postgres") {
+        let url = fresh_postgres_database().await;
+        (format!("{yaml}\nstorage: {{url: '{url}'}}\n"), None)
     } else {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
@@ -49,6 +53,61 @@ pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(sluice::server::serve(listener, gateway.clone(), pending()));
     TestGateway { addr, gateway, dir }
+}
+
+/// The PostgreSQL server the tests use (trust auth on this machine and in CI).
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// Creates an empty database for one test; fails the test if PostgreSQL is unreachable.
+pub async fn fresh_postgres_database() -> String {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{POSTGRES}/test"), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (database test) is reachable");
+    tokio::spawn(connection);
+    let name = format!("sluice_test_{:016x}", fastrand::u64(..));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    format!("{POSTGRES}/{name}")
+}
+
+/// Everything the test gateway's store holds, as text: to look for secrets in it.
+pub async fn stored_text(gw: &TestGateway) -> String {
+    if let Some(dir) = &gw.dir {
+        let mut text = String::new();
+        for entry in std::fs::read_dir(dir.path()).expect("store dir") {
+            let bytes = std::fs::read(entry.expect("entry").path()).expect("store file");
+            text.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        return text;
+    }
+    let url = match &gw.gateway.config.storage.url {
+        Some(url) if url.starts_with("postgres") => url.clone(),
+        other => panic!("no store to read: {other:?}"),
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let mut text = String::new();
+    for table in [
+        "requests",
+        "rollup_hourly",
+        "rollup_latency",
+        "usage_counters",
+    ] {
+        for row in client
+            .query(&format!("SELECT CAST(t AS TEXT) FROM {table} t"), &[])
+            .await
+            .expect("dump")
+        {
+            text.push_str(&row.get::<_, String>(0));
+            text.push('\n');
+        }
+    }
+    text
 }
 
 pub async fn mock() -> MockServer {

@@ -1,0 +1,621 @@
+//! The PostgreSQL store, for several sluice instances writing one log: the same schema,
+//! rollups and answers as the SQLite store. Substring search uses a pg_trgm GIN index when
+//! the extension can be created. The schema is applied at start (idempotent `IF NOT EXISTS`).
+//!
+//! The `Store` trait is synchronous; this store runs tokio-postgres on a small runtime of
+//! its own, on its own thread, and hands each call to it, so it can be called from the log
+//! writer's thread, from `spawn_blocking`, or once at start-up, without ever nesting runtimes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::{Map, Value, json};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::{CounterDelta, ListQuery, LogRecord, Page, Store};
+use crate::limits::{Period, Usage};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, ts BIGINT NOT NULL, client_ip TEXT NOT NULL, key_name TEXT NOT NULL,
+    method TEXT NOT NULL, path TEXT NOT NULL, model TEXT, upstream_model TEXT, upstream TEXT,
+    upstream_key TEXT, status INTEGER NOT NULL, latency_ms DOUBLE PRECISION NOT NULL,
+    ttfb_ms DOUBLE PRECISION, prompt_tokens BIGINT, completion_tokens BIGINT, total_tokens BIGINT,
+    cost DOUBLE PRECISION, usage_source TEXT, stream INTEGER NOT NULL, error TEXT, tries INTEGER NOT NULL,
+    attempts TEXT NOT NULL, request_headers TEXT NOT NULL, response_headers TEXT NOT NULL,
+    request_body TEXT, response_body TEXT, reply_text TEXT, reply_tool_calls TEXT,
+    search_text TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
+CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts);
+CREATE INDEX IF NOT EXISTS requests_upstream_ts ON requests (upstream, ts);
+CREATE INDEX IF NOT EXISTS requests_status_ts ON requests (status, ts);
+CREATE TABLE IF NOT EXISTS rollup_hourly (
+    hour_ms BIGINT NOT NULL, model TEXT NOT NULL, upstream TEXT NOT NULL, key_name TEXT NOT NULL,
+    requests BIGINT NOT NULL, succeeded BIGINT NOT NULL, latency_sum DOUBLE PRECISION NOT NULL,
+    prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, total_tokens BIGINT NOT NULL,
+    cost DOUBLE PRECISION NOT NULL, PRIMARY KEY (hour_ms, model, upstream, key_name)
+);
+CREATE TABLE IF NOT EXISTS rollup_latency (
+    hour_ms BIGINT NOT NULL, bucket BIGINT NOT NULL, count BIGINT NOT NULL, PRIMARY KEY (hour_ms, bucket)
+);
+CREATE TABLE IF NOT EXISTS usage_counters (
+    scope TEXT NOT NULL, period TEXT NOT NULL, win BIGINT NOT NULL, requests BIGINT NOT NULL,
+    tokens BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL, PRIMARY KEY (scope, period, win)
+);
+";
+
+const TRIGRAM_INDEX: &str = "CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE INDEX IF NOT EXISTS requests_search_trgm ON requests USING gin (search_text gin_trgm_ops);";
+
+const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
+    upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
+    stream, error, tries";
+
+const DETAIL_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
+    upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
+    stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
+    reply_tool_calls";
+
+type Job = Box<dyn FnOnce(Arc<Client>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+pub struct PostgresStore {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A query parameter, owned so that filter lists can be built up and sent to the store's
+/// thread.
+#[derive(Clone)]
+enum Param {
+    Int(i64),
+    /// For `INTEGER` columns (status).
+    Int4(i32),
+    Text(String),
+}
+
+fn params(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    values
+        .iter()
+        .map(|p| -> &(dyn ToSql + Sync) {
+            match p {
+                Param::Int(n) => n,
+                Param::Int4(n) => n,
+                Param::Text(t) => t,
+            }
+        })
+        .collect()
+}
+
+/// The WHERE clause of a list query, with `$n` placeholders.
+fn filters(query: &ListQuery) -> (String, Vec<Param>) {
+    let mut clauses: Vec<String> = Vec::new();
+    let mut values: Vec<Param> = Vec::new();
+    let next = |values: &mut Vec<Param>, value: Param| {
+        values.push(value);
+        format!("${}", values.len())
+    };
+    for (column, value) in [
+        ("model", &query.model),
+        ("key_name", &query.key),
+        ("upstream", &query.upstream),
+        ("path", &query.path),
+    ] {
+        if let Some(value) = value.as_ref().filter(|v| !v.is_empty()) {
+            let placeholder = next(&mut values, Param::Text(value.clone()));
+            clauses.push(format!("{column} = {placeholder}"));
+        }
+    }
+    if let Some(status) = query
+        .status
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let class = status
+            .strip_suffix("xx")
+            .and_then(|d| d.parse::<i64>().ok());
+        if status == "error" {
+            clauses.push("status >= 400".into());
+        } else if let Some(class) = class {
+            clauses.push(format!(
+                "status >= {} AND status < {}",
+                class * 100,
+                class * 100 + 100
+            ));
+        } else if let Ok(code) = status.parse::<i32>() {
+            let placeholder = next(&mut values, Param::Int4(code));
+            clauses.push(format!("status = {placeholder}"));
+        } else {
+            clauses.push("1 = 0".into());
+        }
+    }
+    if let Some(from) = query.from_ms {
+        let placeholder = next(&mut values, Param::Int(from));
+        clauses.push(format!("ts >= {placeholder}"));
+    }
+    if let Some(to) = query.to_ms {
+        let placeholder = next(&mut values, Param::Int(to));
+        clauses.push(format!("ts <= {placeholder}"));
+    }
+    if let Some(search) = query
+        .search
+        .as_ref()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
+        let escaped = search
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let placeholder = next(&mut values, Param::Text(format!("%{escaped}%")));
+        clauses.push(format!("search_text ILIKE {placeholder}"));
+    }
+    if let Some((ts, id)) = &query.before {
+        let a = next(&mut values, Param::Int(*ts));
+        let b = next(&mut values, Param::Int(*ts));
+        let c = next(&mut values, Param::Text(id.clone()));
+        clauses.push(format!("ts <= {a} AND (ts < {b} OR id < {c})"));
+    }
+    let clause = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    (clause, values)
+}
+
+fn row_to_json(row: &Row) -> Value {
+    let mut object = Map::new();
+    for (i, column) in row.columns().iter().enumerate() {
+        let value = match *column.type_() {
+            Type::INT8 => row
+                .try_get::<_, Option<i64>>(i)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |n| json!(n)),
+            Type::INT4 => row
+                .try_get::<_, Option<i32>>(i)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |n| json!(n)),
+            Type::FLOAT8 => row
+                .try_get::<_, Option<f64>>(i)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |n| json!(n)),
+            _ => row
+                .try_get::<_, Option<String>>(i)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, Value::String),
+        };
+        object.insert(column.name().to_string(), value);
+    }
+    super::sqlite::present(Value::Object(object))
+}
+
+const AGGREGATES: &str = "CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
+     CAST(COALESCE(SUM(succeeded), 0) AS BIGINT) AS succeeded, \
+     CAST(SUM(latency_sum) / NULLIF(SUM(requests), 0) AS DOUBLE PRECISION) AS avg_latency_ms, \
+     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+     CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+     CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) AS total_tokens, \
+     CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) AS cost";
+
+impl PostgresStore {
+    /// Connects, applies the schema, and starts the store's thread.
+    pub fn open(url: &str) -> anyhow::Result<Self> {
+        let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        let (ready, started) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let url = url.to_string();
+        std::thread::Builder::new()
+            .name("sluice-postgres".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = ready.send(Err(error.into()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let client = match connect(&url).await {
+                        Ok(client) => Arc::new(client),
+                        Err(error) => {
+                            let _ = ready.send(Err(error));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    while let Some(job) = queue.recv().await {
+                        tokio::spawn(job(client.clone()));
+                    }
+                });
+            })?;
+        started.recv().context("the PostgreSQL thread ended")??;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `work` on the store's thread and waits for its result.
+    fn call<T, F, Fut>(&self, work: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Client>) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+    {
+        let (done, result) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move |client| {
+            Box::pin(async move {
+                let _ = done.send(work(client).await);
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("the PostgreSQL thread has stopped"))?;
+        result
+            .recv()
+            .context("the PostgreSQL thread dropped a call")?
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::error!("PostgreSQL connection ended: {error}");
+        }
+    });
+    client
+        .batch_execute(SCHEMA)
+        .await
+        .context("cannot apply the schema")?;
+    if let Err(error) = client.batch_execute(TRIGRAM_INDEX).await {
+        tracing::warn!("no pg_trgm index ({error}); text search scans the log");
+    }
+    Ok(client)
+}
+
+impl Store for PostgresStore {
+    fn write(&self, records: &[LogRecord], counters: &[CounterDelta]) -> anyhow::Result<()> {
+        let records = records.to_vec();
+        let counters = counters.to_vec();
+        self.call(move |client| async move {
+            // One transaction per batch; the client is shared, so BEGIN/COMMIT run on it
+            // and no other call interleaves (calls are sequential per batch writer).
+            client.batch_execute("BEGIN").await?;
+            let outcome = write_batch(&client, &records, &counters).await;
+            match outcome {
+                Ok(()) => client.batch_execute("COMMIT").await?,
+                Err(error) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(error);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn retain(&self, before_ms: i64, max_rows: u64) -> anyhow::Result<u64> {
+        self.call(move |client| async move {
+            let mut removed = client
+                .execute("DELETE FROM requests WHERE ts < $1", &[&before_ms])
+                .await?;
+            let cutoff = client
+                .query_opt(
+                    "SELECT ts FROM requests ORDER BY ts DESC LIMIT 1 OFFSET $1",
+                    &[&to_i64(max_rows)],
+                )
+                .await?;
+            if let Some(row) = cutoff {
+                let cutoff: i64 = row.get(0);
+                removed += client
+                    .execute("DELETE FROM requests WHERE ts <= $1", &[&cutoff])
+                    .await?;
+            }
+            client
+                .execute(
+                    "DELETE FROM usage_counters WHERE period = 'minute' AND win < $1",
+                    &[&(before_ms / 60_000)],
+                )
+                .await?;
+            Ok(removed)
+        })
+    }
+
+    fn counters(&self, windows: &[(Period, i64)]) -> anyhow::Result<Vec<CounterDelta>> {
+        let windows = windows.to_vec();
+        self.call(move |client| async move {
+            let mut out = Vec::new();
+            for (period, window) in windows {
+                let rows = client
+                    .query(
+                        "SELECT scope, requests, tokens, cost FROM usage_counters WHERE period = $1 AND win = $2",
+                        &[&period.name(), &window],
+                    )
+                    .await?;
+                for row in rows {
+                    out.push(CounterDelta {
+                        scope: row.get(0),
+                        period,
+                        window,
+                        usage: Usage {
+                            requests: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                            tokens: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+                            cost: row.get(3),
+                        },
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn list(&self, query: &ListQuery) -> anyhow::Result<Page> {
+        let query = query.clone();
+        self.call(move |client| async move {
+            let (count_clause, count_values) = filters(&ListQuery { before: None, ..query.clone() });
+            let total: i64 = client
+                .query_one(&format!("SELECT COUNT(*) FROM requests {count_clause}"), &params(&count_values))
+                .await?
+                .get(0);
+            let (clause, values) = filters(&query);
+            let per_page = query.per_page.clamp(1, 500);
+            let page = query.page.max(1);
+            let offset = if query.before.is_some() { 0 } else { (page - 1).saturating_mul(per_page) };
+            let sql = format!(
+                "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
+                per_page + 1
+            );
+            let mut data: Vec<Value> = client.query(&sql, &params(&values)).await?.iter().map(row_to_json).collect();
+            let has_more = data.len() as u64 > per_page;
+            data.truncate(usize::try_from(per_page).unwrap_or(usize::MAX));
+            let next_before = data
+                .last()
+                .and_then(|row| Some(format!("{}_{}", row.get("ts")?.as_i64()?, row.get("id")?.as_str()?)))
+                .filter(|_| has_more);
+            Ok(Page { data, page, per_page, total: u64::try_from(total).unwrap_or(0), has_more, next_before })
+        })
+    }
+
+    fn get(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let id = id.to_string();
+        self.call(move |client| async move {
+            let row = client
+                .query_opt(
+                    &format!("SELECT {DETAIL_COLUMNS} FROM requests WHERE id = $1"),
+                    &[&id],
+                )
+                .await?;
+            Ok(row.as_ref().map(row_to_json))
+        })
+    }
+
+    fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
+        self.call(move |client| async move {
+            let hour = super::HOUR_MS;
+            let day = 24 * hour;
+            let first = from_ms.div_euclid(hour) * hour;
+            let finish = |rows: Vec<Row>| -> Vec<Value> {
+                rows.iter()
+                    .map(|row| {
+                        let mut value = row_to_json(row);
+                        super::sqlite::finish_rates(&mut value);
+                        value
+                    })
+                    .collect()
+            };
+            let mut totals = row_to_json(
+                &client
+                    .query_one(&format!("SELECT {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2"), &[&first, &to_ms])
+                    .await?,
+            );
+            super::sqlite::finish_rates(&mut totals);
+            let buckets: Vec<(i64, i64)> = client
+                .query(
+                    "SELECT bucket, CAST(SUM(count) AS BIGINT) FROM rollup_latency WHERE hour_ms >= $1 AND hour_ms <= $2 \
+                     GROUP BY bucket ORDER BY bucket",
+                    &[&first, &to_ms],
+                )
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            totals["p95_latency_ms"] = json!(super::histogram_percentile(&buckets, 95.0));
+            let mut by = Map::new();
+            for (name, column) in [("by_model", "model"), ("by_upstream", "upstream"), ("by_key", "key_name")] {
+                let sql = format!(
+                    "SELECT {column} AS name, {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2 \
+                     GROUP BY {column} ORDER BY requests DESC"
+                );
+                by.insert(name.into(), Value::Array(finish(client.query(&sql, &[&first, &to_ms]).await?)));
+            }
+            let since_hour = (now_ms.div_euclid(hour) - 47) * hour;
+            let since_day = (now_ms.div_euclid(day) - 29) * day;
+            let series = |bucket: i64, by: Option<&str>| {
+                let (select, group) = match by {
+                    Some(column) => (format!(", {column} AS name"), format!(", {column}")),
+                    None => (String::new(), String::new()),
+                };
+                format!(
+                    "SELECT (hour_ms / {bucket}) * {bucket} AS start_ms{select}, {AGGREGATES} FROM rollup_hourly \
+                     WHERE hour_ms >= $1 GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms"
+                )
+            };
+            let mut hourly_by = Map::new();
+            let mut daily_by = Map::new();
+            for (name, column) in [("model", "model"), ("upstream", "upstream"), ("key", "key_name")] {
+                hourly_by.insert(name.into(), Value::Array(finish(client.query(&series(hour, Some(column)), &[&since_hour]).await?)));
+                daily_by.insert(name.into(), Value::Array(finish(client.query(&series(day, Some(column)), &[&since_day]).await?)));
+            }
+            let hourly = finish(client.query(&series(hour, None), &[&since_hour]).await?);
+            let daily = finish(client.query(&series(day, None), &[&since_day]).await?);
+            let mut out = json!({
+                "from_ms": from_ms, "to_ms": to_ms, "totals": totals,
+                "hourly": hourly, "daily": daily, "hourly_by": hourly_by, "daily_by": daily_by,
+            });
+            for (name, value) in by {
+                out[name] = value;
+            }
+            Ok(out)
+        })
+    }
+
+    fn ping(&self) -> anyhow::Result<()> {
+        self.call(|client| async move {
+            client.query_one("SELECT 1", &[]).await?;
+            Ok(())
+        })
+    }
+}
+
+async fn write_batch(
+    client: &Client,
+    records: &[LogRecord],
+    counters: &[CounterDelta],
+) -> anyhow::Result<()> {
+    let insert = client
+        .prepare(
+            "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
+             upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
+             stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
+             reply_tool_calls, search_text) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) ON CONFLICT (id) DO NOTHING",
+        )
+        .await?;
+    for r in records {
+        let status = i32::from(r.status);
+        let stream = i32::from(r.stream);
+        let tries = i32::try_from(r.tries).unwrap_or(i32::MAX);
+        let search = super::search_text(r);
+        let (prompt, completion, total) = (
+            r.prompt_tokens.map(to_i64),
+            r.completion_tokens.map(to_i64),
+            r.total_tokens.map(to_i64),
+        );
+        client
+            .execute(
+                &insert,
+                &[
+                    &r.id,
+                    &r.ts,
+                    &r.client_ip,
+                    &r.key_name,
+                    &r.method,
+                    &r.path,
+                    &r.model,
+                    &r.upstream_model,
+                    &r.upstream,
+                    &r.upstream_key,
+                    &status,
+                    &r.latency_ms,
+                    &r.ttfb_ms,
+                    &prompt,
+                    &completion,
+                    &total,
+                    &r.cost,
+                    &r.usage_source,
+                    &stream,
+                    &r.error,
+                    &tries,
+                    &r.attempts,
+                    &r.request_headers,
+                    &r.response_headers,
+                    &r.request_body,
+                    &r.response_body,
+                    &r.reply_text,
+                    &r.reply_tool_calls,
+                    &search,
+                ],
+            )
+            .await?;
+    }
+    let rollup = super::Rollup::of(records);
+    let hourly = client
+        .prepare(
+            "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
+             prompt_tokens, completion_tokens, total_tokens, cost) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (hour_ms, model, upstream, key_name) DO UPDATE SET \
+             requests = rollup_hourly.requests + excluded.requests, succeeded = rollup_hourly.succeeded + excluded.succeeded, \
+             latency_sum = rollup_hourly.latency_sum + excluded.latency_sum, \
+             prompt_tokens = rollup_hourly.prompt_tokens + excluded.prompt_tokens, \
+             completion_tokens = rollup_hourly.completion_tokens + excluded.completion_tokens, \
+             total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
+        )
+        .await?;
+    for ((hour, model, upstream, key), row) in &rollup.hourly {
+        let numbers = [
+            row.requests,
+            row.succeeded,
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.total_tokens,
+        ]
+        .map(to_i64);
+        client
+            .execute(
+                &hourly,
+                &[
+                    hour,
+                    model,
+                    upstream,
+                    key,
+                    &numbers[0],
+                    &numbers[1],
+                    &row.latency_sum,
+                    &numbers[2],
+                    &numbers[3],
+                    &numbers[4],
+                    &row.cost,
+                ],
+            )
+            .await?;
+    }
+    let latency = client
+        .prepare(
+            "INSERT INTO rollup_latency (hour_ms, bucket, count) VALUES ($1, $2, $3) \
+             ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = rollup_latency.count + excluded.count",
+        )
+        .await?;
+    for ((hour, bucket), count) in &rollup.latency {
+        client
+            .execute(&latency, &[hour, bucket, &to_i64(*count)])
+            .await?;
+    }
+    let upsert = client
+        .prepare(
+            "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (scope, period, win) DO UPDATE SET requests = usage_counters.requests + excluded.requests, \
+             tokens = usage_counters.tokens + excluded.tokens, cost = usage_counters.cost + excluded.cost",
+        )
+        .await?;
+    for c in counters {
+        let (requests, tokens) = (to_i64(c.usage.requests), to_i64(c.usage.tokens));
+        client
+            .execute(
+                &upsert,
+                &[
+                    &c.scope,
+                    &c.period.name(),
+                    &c.window,
+                    &requests,
+                    &tokens,
+                    &c.usage.cost,
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
