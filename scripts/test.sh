@@ -26,6 +26,13 @@ if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, seleni
   "$venv/bin/pip" install --quiet -r tests/e2e/requirements.txt
 fi
 
+# The shared-limits tests use the Redis on 127.0.0.1:6379 (and redis-server for an outage).
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && command -v redis-server >/dev/null; then
+  echo "== starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  sleep 0.5
+fi
+
 echo "== cargo test (request log on SQLite)"
 cargo test --workspace --all-targets
 

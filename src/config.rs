@@ -123,6 +123,18 @@ pub struct Config {
     pub admin: Admin,
     /// Model → price, for the cost of each request.
     pub pricing: HashMap<String, Price>,
+    /// Limits shared with other instances through Redis.
+    pub shared_state: Option<SharedState>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedState {
+    pub redis: String,
+    /// When Redis does not answer: admit on this instance's own limits (`true`) or refuse.
+    pub fail_open: bool,
+    pub timeout: Duration,
+    /// Prefix of every Redis key, so several gateways can share one Redis.
+    pub prefix: String,
 }
 
 /// Where the request log and the persisted counters live.

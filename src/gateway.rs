@@ -25,6 +25,7 @@ pub struct Gateway {
     /// Dashboard login sessions.
     pub sessions: Arc<crate::dashboard::Sessions>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub shared_limits: Option<Arc<crate::shared::SharedLimits>>,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
@@ -64,6 +65,7 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
     pub sessions: Arc<crate::dashboard::Sessions>,
+    pub shared_limits: Option<Arc<crate::shared::SharedLimits>>,
 }
 
 impl Shared {
@@ -71,16 +73,33 @@ impl Shared {
     pub fn start(config: &Config) -> anyhow::Result<Self> {
         let limiter = Arc::new(Limiter::default());
         let metrics = Arc::new(crate::metrics::Metrics::default());
+        let shared_limits = match &config.shared_state {
+            Some(shared) => Some(Arc::new(
+                crate::shared::SharedLimits::new(
+                    &shared.redis,
+                    &shared.prefix,
+                    shared.timeout,
+                    shared.fail_open,
+                )
+                .context("shared_state.redis")?,
+            )),
+            None => None,
+        };
         let recorder = match &config.storage.url {
             Some(url) => {
                 let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
                 let pricing = config.pricing.clone();
+                // The writer settles tokens into Redis too, through this runtime.
+                let settle = shared_limits
+                    .clone()
+                    .zip(tokio::runtime::Handle::try_current().ok());
                 Some(Arc::new(Recorder::start(
                     store,
                     &config.storage,
                     limiter.clone(),
                     metrics.clone(),
                     pricing,
+                    settle,
                 )?))
             }
             None => None,
@@ -90,6 +109,7 @@ impl Shared {
             metrics,
             recorder,
             sessions: Default::default(),
+            shared_limits,
         })
     }
 }
@@ -132,6 +152,7 @@ impl Gateway {
             limiter: shared.limiter,
             recorder: shared.recorder,
             sessions: shared.sessions,
+            shared_limits: shared.shared_limits,
             metrics: shared.metrics,
             read_json_always,
         })
@@ -144,6 +165,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             sessions: self.sessions.clone(),
+            shared_limits: self.shared_limits.clone(),
         }
     }
 
@@ -171,6 +193,97 @@ impl Gateway {
             pending.error = Some(error.message.clone());
             pending.latency = Some(pending.started.elapsed());
             recorder.submit(*pending);
+        }
+    }
+
+    /// Admits one request of a gateway key: through Redis when limits are shared (falling
+    /// back to this instance's limiter, or refusing, when Redis does not answer), else locally.
+    pub async fn admit_key(&self, key: &crate::config::GatewayKey) -> Result<(), ApiError> {
+        let now = crate::limits::unix_now();
+        let limited = !key.limits.is_unlimited() || key.budget.is_some();
+        let Some(shared) = self.shared_limits.as_ref().filter(|_| limited) else {
+            return self.limiter.admit_key(key, now);
+        };
+        let scope = crate::limits::key_scope(&key.name);
+        let local = || self.limiter.admit_key(key, now);
+        match self
+            .shared_verdict(shared, &scope, &key.limits, key.budget.as_ref(), local)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                // Counted in Redis; counted here too so this instance's status shows it.
+                self.limiter.count_key(key, now);
+                Ok(())
+            }
+            Err(mut error) => {
+                if error.code == "shared_limit" {
+                    error.code = if error.message.contains("budget") {
+                        "budget_exceeded"
+                    } else {
+                        "rate_limit_exceeded"
+                    };
+                    error.message = format!("API key `{}` {}", key.name, error.message);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Takes one try at an upstream with limits: through Redis when shared, else locally.
+    pub async fn take_upstream(&self, upstream: &crate::config::Upstream) -> bool {
+        let now = crate::limits::unix_now();
+        match &self.shared_limits {
+            Some(shared) if !upstream.limits.is_unlimited() => {
+                let scope = crate::limits::upstream_scope(&upstream.name);
+                self.shared_verdict(shared, &scope, &upstream.limits, None, || {
+                    if self.limiter.take_upstream(upstream, now) {
+                        Ok(())
+                    } else {
+                        Err(ApiError::internal("at its limit"))
+                    }
+                })
+                .await
+                .is_ok()
+            }
+            _ => self.limiter.take_upstream(upstream, now),
+        }
+    }
+
+    /// Asks Redis; on no answer, `local` decides (fail-open) or the request is refused.
+    /// `Ok(true)` when `local` counted the request, `Ok(false)` when Redis did.
+    async fn shared_verdict(
+        &self,
+        shared: &crate::shared::SharedLimits,
+        scope: &str,
+        limits: &crate::config::Limits,
+        budget: Option<&crate::config::Budget>,
+        local: impl FnOnce() -> Result<(), ApiError>,
+    ) -> Result<bool, ApiError> {
+        match shared.admit(scope, limits, budget).await {
+            Ok(crate::shared::Verdict::Admit) => Ok(false),
+            Ok(crate::shared::Verdict::Refuse { what, retry_after }) => {
+                Err(crate::limits::limited(
+                    "shared_limit",
+                    format!("reached its limit of {what}"),
+                    retry_after,
+                ))
+            }
+            Err(error) if shared.fail_open => {
+                tracing::warn!("shared limits unavailable ({error:#}); using this instance's own");
+                local().map(|()| true)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    "shared limits unavailable ({error:#}); refusing (on_error: closed)"
+                );
+                Err(ApiError::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "shared_state_unavailable",
+                    "the shared limit store does not answer",
+                ))
+            }
         }
     }
 

@@ -9,7 +9,8 @@
 //! - [`models`]: `GET /v1/models`.
 //! - [`routing`]: strategies, health, cooldowns and sessions: which upstream and key.
 //! - [`rewrite`], [`shape`]: request rewrites and response shaping (model aliases).
-//! - [`limits`]: rate limits and budgets over fixed UTC windows.
+//! - [`limits`], [`shared`]: rate limits and budgets over fixed UTC windows, locally or
+//!   shared by several instances through Redis.
 //! - [`recorder`], [`store`], [`usage`]: the request log off the hot path, its SQLite store,
 //!   token usage and cost.
 //! - [`admin`], [`dashboard`]: `/api/*`, `/v1/status`, and the embedded dashboard.
@@ -42,6 +43,7 @@ pub mod rewrite;
 pub mod routing;
 pub mod server;
 pub mod shape;
+pub mod shared;
 pub mod store;
 pub mod sys;
 pub mod token;

@@ -239,7 +239,8 @@ impl Default for Limiter {
     }
 }
 
-fn limited(code: &'static str, message: String, retry_after: u64) -> ApiError {
+/// A 429 in OpenAI shape with `Retry-After`.
+pub fn limited(code: &'static str, message: String, retry_after: u64) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limit_error",
@@ -339,6 +340,23 @@ impl Limiter {
             );
         }
         Ok(())
+    }
+
+    /// Counts a request admitted elsewhere (by the shared limits), so this instance's
+    /// status shows it too.
+    pub fn count_key(&self, key: &GatewayKey, now: i64) {
+        let Some(mut guard) = self.lock() else { return };
+        let state = guard.scopes.entry(key_scope(&key.name)).or_default();
+        for period in Period::ALL {
+            state.add(
+                period,
+                period.window(now),
+                Usage {
+                    requests: 1,
+                    ..Usage::default()
+                },
+            );
+        }
     }
 
     /// Takes back a request counted by [`admit_key`](Self::admit_key) that never went out.

@@ -262,7 +262,7 @@ async fn forward_inner(
         let Some(upstream) = gateway.upstreams.get(choice.upstream) else {
             break;
         };
-        if !gateway.limiter.take_upstream(&upstream.config, unix_now()) {
+        if !gateway.take_upstream(&upstream.config).await {
             // It reached its limit since the candidates were listed.
             tried.exclude_upstream(choice.upstream);
             continue;

@@ -204,6 +204,7 @@ impl Recorder {
         limiter: Arc<Limiter>,
         metrics: Arc<crate::metrics::Metrics>,
         pricing: HashMap<String, Price>,
+        shared: Option<(Arc<crate::shared::SharedLimits>, tokio::runtime::Handle)>,
     ) -> anyhow::Result<Self> {
         restore_counters(store.as_ref(), &limiter)?;
         let (sender, receiver) = sync_channel(storage.queue);
@@ -212,6 +213,7 @@ impl Recorder {
             store: store.clone(),
             limiter,
             metrics,
+            shared,
             pricing,
             stats: stats.clone(),
             log_bodies: storage.log_bodies,
@@ -296,6 +298,8 @@ struct Writer {
     store: Arc<dyn Store>,
     limiter: Arc<Limiter>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Limits shared through Redis, settled from this thread through the gateway's runtime.
+    shared: Option<(Arc<crate::shared::SharedLimits>, tokio::runtime::Handle)>,
     pricing: HashMap<String, Price>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
@@ -404,6 +408,7 @@ impl Writer {
             if let Some(key) = &pending.key {
                 let scope = key_scope(&key.name);
                 self.limiter.settle(&scope, at, tokens, cost);
+                self.settle_shared(&scope, tokens, cost);
                 add(
                     scope,
                     Usage {
@@ -426,6 +431,7 @@ impl Writer {
             if let Some(upstream) = &pending.upstream {
                 let scope = upstream_scope(upstream);
                 self.limiter.settle(&scope, at, tokens, cost);
+                self.settle_shared(&scope, tokens, cost);
                 add(
                     scope,
                     Usage {
@@ -458,6 +464,18 @@ impl Writer {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("cannot write {} log records: {error:#}", records.len());
             }
+        }
+    }
+
+    fn settle_shared(&self, scope: &str, tokens: u64, cost: f64) {
+        let Some((shared, runtime)) = &self.shared else {
+            return;
+        };
+        if tokens == 0 && cost == 0.0 {
+            return;
+        }
+        if let Err(error) = runtime.block_on(shared.settle(scope, tokens, cost)) {
+            tracing::warn!("cannot settle usage in Redis: {error:#}");
         }
     }
 

@@ -24,7 +24,6 @@ use crate::access::{Caller, client_ip};
 use crate::body::{Body, json_response};
 use crate::error::ApiError;
 use crate::gateway::{Current, Gateway};
-use crate::limits::unix_now;
 use crate::{admin, models, proxy};
 
 /// How long open exchanges may run on after shutdown begins.
@@ -260,7 +259,7 @@ async fn respond(
                 record.key_label = caller.label().to_string();
             }
             if let Caller::Gateway(key) = &caller {
-                if let Err(error) = gateway.limiter.admit_key(key, unix_now()) {
+                if let Err(error) = gateway.admit_key(key).await {
                     gateway.record_error(record, &error);
                     return error.into_response();
                 }

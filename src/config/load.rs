@@ -10,6 +10,7 @@ use http::{HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::raw::RawSharedState;
 use super::raw::{
     RawAccess, RawAdmin, RawBudget, RawGatewayKey, RawPrice, RawRouting, RawServer, RawStorage,
     RawTimeouts, RawToken, RawUpstream, Scalar,
@@ -19,7 +20,7 @@ use super::{
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
     parse_net, parse_size,
 };
-use super::{Admin, Budget, BudgetPeriod, Limits, Price, Storage};
+use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -73,6 +74,7 @@ const SECTIONS: &[&str] = &[
     "storage",
     "admin",
     "pricing",
+    "shared_state",
 ];
 
 /// Loads and checks the configuration. On failure, returns every problem found.
@@ -324,6 +326,10 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         );
     }
 
+    let raw_shared: RawSharedState =
+        section(top.get("shared_state"), "shared_state", &mut problems).unwrap_or_default();
+    let shared_state = resolve_shared_state(raw_shared, &mut problems);
+
     if problems.is_empty() {
         Ok(Config {
             server,
@@ -333,6 +339,7 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
             storage,
             admin,
             pricing,
+            shared_state,
         })
     } else {
         Err(problems)
@@ -708,6 +715,46 @@ fn resolve_upstream(
         weight: raw.weight.unwrap_or(1),
         token,
         limits,
+    })
+}
+
+fn resolve_shared_state(raw: RawSharedState, problems: &mut Vec<Problem>) -> Option<SharedState> {
+    let url = raw.redis.filter(|u| !u.trim().is_empty())?;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+    {
+        problems.push(Problem::new(
+            "shared_state.redis",
+            "not a URL like redis://127.0.0.1:6379",
+        ));
+    }
+    let fail_open = match raw.on_error.as_deref().unwrap_or("open") {
+        "open" => true,
+        "closed" => false,
+        other => {
+            problems.push(Problem::new(
+                "shared_state.on_error",
+                format!("{other:?} is not open or closed"),
+            ));
+            true
+        }
+    };
+    let timeout = match raw.timeout {
+        None => Duration::from_millis(50),
+        Some(value) => parse_duration(&value.as_text())
+            .filter(|d| !d.is_zero())
+            .unwrap_or_else(|| {
+                problems.push(Problem::new(
+                    "shared_state.timeout",
+                    format!("{:?} is not a duration like 50ms", value.as_text()),
+                ));
+                Duration::from_millis(50)
+            }),
+    };
+    Some(SharedState {
+        redis: url,
+        fail_open,
+        timeout,
+        prefix: raw.prefix.unwrap_or_else(|| "sluice".into()),
     })
 }
 

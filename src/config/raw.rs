@@ -163,3 +163,12 @@ pub struct RawTimeouts {
     pub idle: Option<Scalar>,
     pub total: Option<Scalar>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSharedState {
+    pub redis: Option<String>,
+    pub on_error: Option<String>,
+    pub timeout: Option<Scalar>,
+    pub prefix: Option<String>,
+}
