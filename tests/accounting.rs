@@ -262,6 +262,7 @@ async fn without_upstream_usage_the_tokenizer_counts() {
 async fn key_rpm_is_exact_under_concurrency() {
     let mock = mock().await;
     let gw = gateway(&config(&mock, ", rpm: 50")).await;
+    start_of_a_minute().await;
     let requests = (0..200).map(|_| async {
         client()
             .get(gw.url("/v1/models/gpt-4o"))
@@ -343,6 +344,7 @@ async fn an_upstream_at_its_limit_is_skipped_while_others_serve() {
         b.url()
     );
     let gw = gateway(&yaml).await;
+    start_of_a_minute().await;
     for _ in 0..10 {
         assert_eq!(
             client()
@@ -504,6 +506,7 @@ async fn the_admin_api_searches_filters_pages_and_reports_stats() {
 async fn status_shows_limits_use_health_and_masked_keys() {
     let mock = mock().await;
     let gw = gateway(&config(&mock, ", rpm: 10, rpd: 100")).await;
+    start_of_a_minute().await;
     for _ in 0..3 {
         assert_eq!(
             chat(
@@ -855,6 +858,7 @@ async fn without_an_admin_key_the_dashboard_is_off_unless_on_loopback() {
 async fn metrics_count_requests_latency_tokens_and_refusals_by_name_never_key() {
     let mock = mock().await;
     let gw = gateway(&config(&mock, ", rpm: 2")).await;
+    start_of_a_minute().await;
     for _ in 0..3 {
         chat(
             &gw,

@@ -55,6 +55,7 @@ async fn three_instances_on_one_redis_admit_exactly_the_limit() {
         gateway(&yaml).await,
         gateway(&yaml).await,
     ];
+    start_of_a_minute().await;
     let requests = (0..300).map(|i| get(&instances[i % 3]));
     let statuses = futures_util::future::join_all(requests).await;
     assert_eq!(

@@ -185,6 +185,18 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
     check()
 }
 
+/// Limits count in fixed minutes of the wall clock: a burst that must land in one minute
+/// starts early in a minute rather than across a boundary.
+pub async fn start_of_a_minute() {
+    let second = sluice::limits::unix_now().rem_euclid(60);
+    if second > 45 {
+        tokio::time::sleep(std::time::Duration::from_secs(
+            u64::try_from(61 - second).unwrap_or(1),
+        ))
+        .await;
+    }
+}
+
 pub fn chat_body(model: &str, stream: bool) -> String {
     serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).to_string()
 }
