@@ -197,12 +197,7 @@ async fn api(
             .await
         }
         "/api/stats" => {
-            let now = i64::try_from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis()),
-            )
-            .unwrap_or(0);
+            let now = crate::limits::unix_now_ms();
             let from = match time_param(&query, "from") {
                 Ok(from) => from.unwrap_or(now - 30 * 86_400_000),
                 Err(error) => return error.into_response(),

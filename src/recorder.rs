@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
@@ -111,9 +111,7 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(client_ip: IpAddr, method: Method, path: &str, request_headers: HeaderMap) -> Self {
-        let started_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+        let started_ms = crate::limits::unix_now_ms();
         Self {
             id: format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..)),
             started_ms,
@@ -480,9 +478,7 @@ impl Writer {
     }
 
     fn retain(&self) {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+        let now_ms = crate::limits::unix_now_ms();
         let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
         match self.store.retain(before, self.max_rows) {
             Ok(0) => {}

@@ -15,11 +15,9 @@ use tokio::sync::OnceCell;
 
 use crate::config::{Budget, BudgetPeriod, Limits};
 
-const ADMIT: &str = r#"
-local prefix, scope = ARGV[1], ARGV[2]
-local rpm, rpd, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local btok, bcost, bperiod = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local now = tonumber(redis.call('TIME')[1])
+/// Gregorian calendar helpers (Howard Hinnant's algorithms, as in `limits.rs`) shared by
+/// both scripts, for the month window.
+const CALENDAR: &str = r#"
 local function civil(days)
   local z = days + 719468
   local era = math.floor(z / 146097)
@@ -40,6 +38,13 @@ local function days_from_civil(y, m)
   local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
 end
+"#;
+
+const ADMIT: &str = r#"
+local prefix, scope = ARGV[1], ARGV[2]
+local rpm, rpd, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local btok, bcost, bperiod = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local now = tonumber(redis.call('TIME')[1])
 local y, m = civil(math.floor(now / 86400))
 local function key(period, win) return prefix .. ':' .. scope .. ':' .. period .. ':' .. win end
 local minute, day = key('minute', math.floor(now / 60)), key('day', math.floor(now / 86400))
@@ -74,14 +79,7 @@ const SETTLE: &str = r#"
 local prefix, scope, tokens, cost = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local now = tonumber(redis.call('TIME')[1])
 local days = math.floor(now / 86400)
-local z = days + 719468
-local era = math.floor(z / 146097)
-local doe = z - era * 146097
-local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-local mp = math.floor((5 * doy + 2) / 153)
-local m = mp < 10 and mp + 3 or mp - 9
-local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+local y, m = civil(days)
 local windows = {{'minute', math.floor(now / 60), 120}, {'day', days, 172800}, {'month', y * 12 + m - 1, 2764800}, {'total', 0, 0}}
 for _, w in ipairs(windows) do
   local k = prefix .. ':' .. scope .. ':' .. w[1] .. ':' .. w[2]
@@ -140,8 +138,8 @@ impl SharedLimits {
             prefix: prefix.to_string(),
             timeout,
             fail_open,
-            admit: Script::new(ADMIT),
-            settle: Script::new(SETTLE),
+            admit: Script::new(&format!("{CALENDAR}{ADMIT}")),
+            settle: Script::new(&format!("{CALENDAR}{SETTLE}")),
         })
     }
 

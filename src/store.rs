@@ -96,6 +96,77 @@ mod tests {
     }
 }
 
+/// The rows a `status` filter selects, whatever the SQL dialect: `error` (≥ 400), a class
+/// (`4xx`), or one status (`429`); anything else selects nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Range(i64, i64),
+    Exact(i64),
+    Nothing,
+}
+
+impl StatusFilter {
+    pub fn parse(text: &str) -> Self {
+        if text == "error" {
+            return Self::Range(400, 1000);
+        }
+        if let Some(class) = text.strip_suffix("xx").and_then(|d| d.parse::<i64>().ok()) {
+            return Self::Range(class * 100, class * 100 + 100);
+        }
+        text.parse().map_or(Self::Nothing, Self::Exact)
+    }
+
+    /// The SQL condition, with `placeholder` standing for the exact status.
+    pub fn sql(self, placeholder: &str) -> String {
+        match self {
+            Self::Range(low, high) => format!("status >= {low} AND status < {high}"),
+            Self::Exact(_) => format!("status = {placeholder}"),
+            Self::Nothing => "1 = 0".into(),
+        }
+    }
+}
+
+impl ListQuery {
+    /// (page, rows per page, rows to skip): a cursor page starts right after its cursor,
+    /// a numbered one after the pages before it.
+    pub fn window(&self) -> (u64, u64, u64) {
+        let per_page = self.per_page.clamp(1, 500);
+        let page = self.page.max(1);
+        let offset = if self.before.is_some() {
+            0
+        } else {
+            (page - 1).saturating_mul(per_page)
+        };
+        (page, per_page, offset)
+    }
+}
+
+impl Page {
+    /// A page from up to `per_page + 1` rows (the extra one only says there are more).
+    pub fn from_rows(mut data: Vec<Value>, page: u64, per_page: u64, total: i64) -> Self {
+        let has_more = data.len() as u64 > per_page;
+        data.truncate(usize::try_from(per_page).unwrap_or(usize::MAX));
+        let next_before = data
+            .last()
+            .and_then(|row| {
+                Some(format!(
+                    "{}_{}",
+                    row.get("ts")?.as_i64()?,
+                    row.get("id")?.as_str()?
+                ))
+            })
+            .filter(|_| has_more);
+        Self {
+            data,
+            page,
+            per_page,
+            total: u64::try_from(total).unwrap_or(0),
+            has_more,
+            next_before,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Page {
     pub data: Vec<Value>,

@@ -427,18 +427,14 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
         }),
     };
     let trusted_proxies = nets(&raw.trusted_proxies, "server.trusted_proxies", problems);
-    let busy_poll = match &raw.busy_poll {
-        None => Duration::ZERO,
-        Some(value) => parse_duration(&value.as_text())
-            .filter(|d| *d <= Duration::from_millis(100))
-            .unwrap_or_else(|| {
-                problems.push(Problem::new(
-                    "server.busy_poll",
-                    format!("{:?} is not a duration up to 100ms", value.as_text()),
-                ));
-                Duration::ZERO
-            }),
-    };
+    let busy_poll = duration_field(
+        raw.busy_poll.as_ref(),
+        "server.busy_poll",
+        "a duration up to 100ms",
+        |d| d <= Duration::from_millis(100),
+        problems,
+    )
+    .unwrap_or(Duration::ZERO);
     for (i, origin) in raw.cors_origins.iter().enumerate() {
         if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
             problems.push(Problem::new(
@@ -738,18 +734,14 @@ fn resolve_shared_state(raw: RawSharedState, problems: &mut Vec<Problem>) -> Opt
             true
         }
     };
-    let timeout = match raw.timeout {
-        None => Duration::from_millis(50),
-        Some(value) => parse_duration(&value.as_text())
-            .filter(|d| !d.is_zero())
-            .unwrap_or_else(|| {
-                problems.push(Problem::new(
-                    "shared_state.timeout",
-                    format!("{:?} is not a duration like 50ms", value.as_text()),
-                ));
-                Duration::from_millis(50)
-            }),
-    };
+    let timeout = duration_field(
+        raw.timeout.as_ref(),
+        "shared_state.timeout",
+        "a duration like 50ms",
+        |d| !d.is_zero(),
+        problems,
+    )
+    .unwrap_or(Duration::from_millis(50));
     Some(SharedState {
         redis: url,
         fail_open,
@@ -970,19 +962,16 @@ fn resolve_token(
             "must not be empty",
         ));
     }
-    let mut duration =
-        |value: &Option<Scalar>, field: &str, default: std::time::Duration| match value {
-            None => default,
-            Some(v) => parse_duration(&v.as_text())
-                .filter(|d| !d.is_zero())
-                .unwrap_or_else(|| {
-                    problems.push(Problem::new(
-                        format!("{path}.{field}"),
-                        format!("{:?} is not a duration", v.as_text()),
-                    ));
-                    default
-                }),
-        };
+    let mut duration = |value: &Option<Scalar>, field: &str, default: Duration| {
+        duration_field(
+            value.as_ref(),
+            &format!("{path}.{field}"),
+            "a duration",
+            |d| !d.is_zero(),
+            problems,
+        )
+        .unwrap_or(default)
+    };
     let ttl = duration(&raw.ttl, "ttl", std::time::Duration::from_secs(3600));
     let refresh_before = duration(
         &raw.refresh_before,
@@ -1060,16 +1049,14 @@ fn resolve_routing(raw: RawRouting, problems: &mut Vec<Problem>) -> Routing {
             retry_on
         }
     };
-    let mut duration = |value: &Option<Scalar>, field: &str| -> Option<std::time::Duration> {
-        let text = value.as_ref()?.as_text();
-        let parsed = parse_duration(&text);
-        if parsed.is_none() {
-            problems.push(Problem::new(
-                format!("routing.{field}"),
-                format!("{text:?} is not a duration like 30s"),
-            ));
-        }
-        parsed
+    let mut duration = |value: &Option<Scalar>, field: &str| {
+        duration_field(
+            value.as_ref(),
+            &format!("routing.{field}"),
+            "a duration like 30s",
+            |_| true,
+            problems,
+        )
     };
     Routing {
         strategy,
@@ -1114,20 +1101,33 @@ fn resolve_headers(
     headers
 }
 
+/// A duration field: `None` when absent; when it does not read as a duration, or is not
+/// one `accepted` takes, a problem at `path` ("… is not {expected}") and `None`.
+fn duration_field(
+    value: Option<&Scalar>,
+    path: &str,
+    expected: &str,
+    accepted: impl Fn(Duration) -> bool,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    let text = value?.as_text();
+    let parsed = parse_duration(&text).filter(|d| accepted(*d));
+    if parsed.is_none() {
+        problems.push(Problem::new(path, format!("{text:?} is not {expected}")));
+    }
+    parsed
+}
+
 fn resolve_timeouts(raw: &RawTimeouts, path: &str, problems: &mut Vec<Problem>) -> Timeouts {
     let defaults = Timeouts::default();
-    let mut one = |value: &Option<Scalar>, field: &str| -> Option<std::time::Duration> {
-        let text = value.as_ref()?.as_text();
-        match parse_duration(&text) {
-            Some(d) if !d.is_zero() => Some(d),
-            _ => {
-                problems.push(Problem::new(
-                    format!("{path}.{field}"),
-                    format!("{text:?} is not a duration like 30s"),
-                ));
-                None
-            }
-        }
+    let mut one = |value: &Option<Scalar>, field: &str| {
+        duration_field(
+            value.as_ref(),
+            &format!("{path}.{field}"),
+            "a duration like 30s",
+            |d| !d.is_zero(),
+            problems,
+        )
     };
     Timeouts {
         connect: one(&raw.connect, "connect").unwrap_or(defaults.connect),

@@ -148,22 +148,10 @@ fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
-        let class = status
-            .strip_suffix("xx")
-            .and_then(|d| d.parse::<i64>().ok());
-        if status == "error" {
-            clauses.push("status >= 400".into());
-        } else if let Some(class) = class {
-            clauses.push(format!(
-                "status >= {} AND status < {}",
-                class * 100,
-                class * 100 + 100
-            ));
-        } else if let Ok(code) = status.parse::<i64>() {
-            clauses.push("status = ?".into());
+        let filter = super::StatusFilter::parse(status);
+        clauses.push(filter.sql("?"));
+        if let super::StatusFilter::Exact(code) = filter {
             values.push(SqlValue::Integer(code));
-        } else {
-            clauses.push("1 = 0".into());
         }
     }
     if let Some(from) = query.from_ms {
@@ -465,42 +453,16 @@ impl Store for SqliteStore {
             |row| row.get(0),
         )?;
         let (clause, values) = filters(query);
-        let per_page = query.per_page.clamp(1, 500);
-        let page = query.page.max(1);
-        // With a cursor the page starts right after it; otherwise pages are counted.
-        let offset = if query.before.is_some() {
-            0
-        } else {
-            (page - 1).saturating_mul(per_page)
-        };
+        let (page, per_page, offset) = query.window();
         let sql = format!(
             "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
             per_page + 1
         );
-        let mut data: Vec<Value> = query_values(&connection, &sql, &values)?
+        let data: Vec<Value> = query_values(&connection, &sql, &values)?
             .into_iter()
             .map(present)
             .collect();
-        let has_more = data.len() as u64 > per_page;
-        data.truncate(usize::try_from(per_page).unwrap_or(usize::MAX));
-        let next_before = data
-            .last()
-            .and_then(|row| {
-                Some(format!(
-                    "{}_{}",
-                    row.get("ts")?.as_i64()?,
-                    row.get("id")?.as_str()?
-                ))
-            })
-            .filter(|_| has_more);
-        Ok(Page {
-            data,
-            page,
-            per_page,
-            total: u64::try_from(total).unwrap_or(0),
-            has_more,
-            next_before,
-        })
+        Ok(Page::from_rows(data, page, per_page, total))
     }
 
     fn get(&self, id: &str) -> anyhow::Result<Option<Value>> {
