@@ -314,9 +314,26 @@ fn limits_json(limits: &Limits) -> Value {
     json!({"rpm": limits.rpm, "rpd": limits.rpd, "tpm": limits.tpm})
 }
 
-fn key_json(gateway: &Gateway, key: &GatewayKey, now: i64) -> Value {
-    let scope = key_scope(&key.name);
-    let usage = |p: Period| usage_json(gateway.limiter.usage(&scope, p, now));
+/// A scope's usage per window: from Redis when state is shared (every instance's
+/// requests), else (or when Redis does not answer) this instance's own.
+async fn scope_usage(gateway: &Gateway, scope: String, now: i64) -> HashMap<Period, Usage> {
+    if let Some(shared) = &gateway.shared_state {
+        match shared.usage(&scope).await {
+            Ok(usage) => return usage.into_iter().collect(),
+            Err(error) => {
+                tracing::warn!("shared usage unavailable ({error:#}); showing this instance's")
+            }
+        }
+    }
+    Period::ALL
+        .into_iter()
+        .map(|p| (p, gateway.limiter.usage(&scope, p, now)))
+        .collect()
+}
+
+async fn key_json(gateway: &Gateway, key: &GatewayKey, now: i64) -> Value {
+    let counts = scope_usage(gateway, key_scope(&key.name), now).await;
+    let usage = |p: Period| usage_json(counts.get(&p).copied().unwrap_or_default());
     json!({
         "name": key.name,
         "key": key.key.masked(),
@@ -339,18 +356,25 @@ pub async fn status(
         return match gateway.guard.authenticate(headers) {
             Ok(Caller::Gateway(key)) => json_response(
                 StatusCode::OK,
-                &json!({"keys": [key_json(gateway, &key, now)]}),
+                &json!({"keys": [key_json(gateway, &key, now).await]}),
             ),
             _ => unauthorized(),
         };
     }
     let clock = now_ms();
+    let upstream_counts = futures_util::future::join_all(
+        gateway
+            .upstreams
+            .iter()
+            .map(|u| scope_usage(gateway, upstream_scope(&u.config.name), now)),
+    )
+    .await;
     let upstreams: Vec<Value> = gateway
         .upstreams
         .iter()
-        .map(|u| {
-            let scope = upstream_scope(&u.config.name);
-            let usage = |p: Period| usage_json(gateway.limiter.usage(&scope, p, now));
+        .zip(upstream_counts)
+        .map(|(u, counts)| {
+            let usage = |p: Period| usage_json(counts.get(&p).copied().unwrap_or_default());
             let cooldown_until = u.cooldown_until.load(Ordering::Relaxed);
             let keys: Vec<Value> = (0..u.key_count())
                 .map(|k| {
@@ -382,13 +406,15 @@ pub async fn status(
             })
         })
         .collect();
-    let keys: Vec<Value> = gateway
-        .config
-        .access
-        .keys
-        .iter()
-        .map(|k| key_json(gateway, k, now))
-        .collect();
+    let keys: Vec<Value> = futures_util::future::join_all(
+        gateway
+            .config
+            .access
+            .keys
+            .iter()
+            .map(|k| key_json(gateway, k, now)),
+    )
+    .await;
     let log = gateway.recorder.as_ref().map(|r| {
         let s = &r.stats;
         json!({
@@ -403,6 +429,7 @@ pub async fn status(
         StatusCode::OK,
         &json!({
             "windows": "fixed, UTC wall clock: minute, day (00:00 UTC), month (1st 00:00 UTC)",
+            "usage_source": if gateway.shared_state.is_some() { "shared (Redis): every instance" } else { "this instance" },
             "upstreams": upstreams,
             "keys": keys,
             "log": log,

@@ -2,15 +2,19 @@
 //! upstream runtimes and the router.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::access::{Caller, Guard};
-use crate::config::Config;
+use crate::config::{Config, GatewayKey, Upstream};
 use crate::error::ApiError;
-use crate::limits::Limiter;
+use crate::limits::{Limiter, Reserve};
 use crate::recorder::{Pending, Recorder};
+use crate::routing::Choice;
 use crate::routing::Router;
+use crate::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::upstream::UpstreamRuntime;
 
 #[derive(Debug)]
@@ -25,11 +29,22 @@ pub struct Gateway {
     /// Dashboard login sessions.
     pub sessions: Arc<crate::dashboard::Sessions>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub shared_limits: Option<Arc<crate::shared::SharedLimits>>,
+    pub shared_state: Option<Arc<SharedState>>,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
     read_json_always: bool,
+}
+
+/// Where and when a request's key was counted, and what it reserved: what its settlement
+/// (or refund) must correct.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyTicket {
+    /// The clock of the store that counted it (Redis's or this instance's), in seconds.
+    pub at: i64,
+    pub reserve: Reserve,
+    /// Counted in Redis rather than by this instance's limiter.
+    pub shared: bool,
 }
 
 /// The gateway in force. A reload swaps it whole; a request takes a handle when it starts
@@ -65,7 +80,7 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
     pub sessions: Arc<crate::dashboard::Sessions>,
-    pub shared_limits: Option<Arc<crate::shared::SharedLimits>>,
+    pub shared_state: Option<Arc<SharedState>>,
 }
 
 impl Shared {
@@ -73,9 +88,9 @@ impl Shared {
     pub fn start(config: &Config) -> anyhow::Result<Self> {
         let limiter = Arc::new(Limiter::default());
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let shared_limits = match &config.shared_state {
+        let shared_state = match &config.shared_state {
             Some(shared) => Some(Arc::new(
-                crate::shared::SharedLimits::new(
+                SharedState::new(
                     &shared.redis,
                     &shared.prefix,
                     shared.timeout,
@@ -90,9 +105,7 @@ impl Shared {
                 let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
                 let pricing = config.pricing.clone();
                 // The writer settles tokens into Redis too, through this runtime.
-                let settle = shared_limits
-                    .clone()
-                    .zip(tokio::runtime::Handle::try_current().ok());
+                let settle = shared_state.clone();
                 Some(Arc::new(Recorder::start(
                     store,
                     &config.storage,
@@ -109,7 +122,7 @@ impl Shared {
             metrics,
             recorder,
             sessions: Default::default(),
-            shared_limits,
+            shared_state,
         })
     }
 }
@@ -152,7 +165,7 @@ impl Gateway {
             limiter: shared.limiter,
             recorder: shared.recorder,
             sessions: shared.sessions,
-            shared_limits: shared.shared_limits,
+            shared_state: shared.shared_state,
             metrics: shared.metrics,
             read_json_always,
         })
@@ -165,7 +178,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             sessions: self.sessions.clone(),
-            shared_limits: self.shared_limits.clone(),
+            shared_state: self.shared_state.clone(),
         }
     }
 
@@ -196,93 +209,230 @@ impl Gateway {
         }
     }
 
-    /// Admits one request of a gateway key: through Redis when limits are shared (falling
-    /// back to this instance's limiter, or refusing, when Redis does not answer), else locally.
-    pub async fn admit_key(&self, key: &crate::config::GatewayKey) -> Result<(), ApiError> {
-        let now = crate::limits::unix_now();
-        let limited = !key.limits.is_unlimited() || key.budget.is_some();
-        let Some(shared) = self.shared_limits.as_ref().filter(|_| limited) else {
-            return self.limiter.admit_key(key, now);
-        };
-        let scope = crate::limits::key_scope(&key.name);
-        let local = || self.limiter.admit_key(key, now);
-        match self
-            .shared_verdict(shared, &scope, &key.limits, key.budget.as_ref(), local)
-            .await
-        {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                // Counted in Redis; counted here too so this instance's status shows it.
-                self.limiter.count_key(key, now);
-                Ok(())
-            }
-            Err(mut error) => {
-                if error.code == "shared_limit" {
-                    error.code = if error.message.contains("budget") {
-                        "budget_exceeded"
-                    } else {
-                        "rate_limit_exceeded"
-                    };
-                    error.message = format!("API key `{}` {}", key.name, error.message);
-                }
-                Err(error)
-            }
-        }
-    }
-
-    /// Takes one try at an upstream with limits: through Redis when shared, else locally.
-    pub async fn take_upstream(&self, upstream: &crate::config::Upstream) -> bool {
-        let now = crate::limits::unix_now();
-        match &self.shared_limits {
-            Some(shared) if !upstream.limits.is_unlimited() => {
-                let scope = crate::limits::upstream_scope(&upstream.name);
-                self.shared_verdict(shared, &scope, &upstream.limits, None, || {
-                    if self.limiter.take_upstream(upstream, now) {
-                        Ok(())
-                    } else {
-                        Err(ApiError::internal("at its limit"))
-                    }
-                })
-                .await
-                .is_ok()
-            }
-            _ => self.limiter.take_upstream(upstream, now),
-        }
-    }
-
-    /// Asks Redis; on no answer, `local` decides (fail-open) or the request is refused.
-    /// `Ok(true)` when `local` counted the request, `Ok(false)` when Redis did.
-    async fn shared_verdict(
+    /// Admits a request's next try: the first time, its gateway key (`key`, with the
+    /// tokens and cost to reserve), and the limits of the upstream about to be tried. With
+    /// shared state, every limited scope goes to Redis in one round trip; when Redis does
+    /// not answer, this instance's own limiter decides (fail-open) or the request is
+    /// refused. `Err` refuses the request; `Ok((ticket, false))` means the key is admitted
+    /// (if it was asked) but the upstream is at its limit.
+    pub async fn admit(
         &self,
-        shared: &crate::shared::SharedLimits,
-        scope: &str,
-        limits: &crate::config::Limits,
-        budget: Option<&crate::config::Budget>,
-        local: impl FnOnce() -> Result<(), ApiError>,
-    ) -> Result<bool, ApiError> {
-        match shared.admit(scope, limits, budget).await {
-            Ok(crate::shared::Verdict::Admit) => Ok(false),
-            Ok(crate::shared::Verdict::Refuse { what, retry_after }) => {
-                Err(crate::limits::limited(
-                    "shared_limit",
-                    format!("reached its limit of {what}"),
-                    retry_after,
-                ))
-            }
+        key: Option<(&GatewayKey, Reserve)>,
+        upstream: Option<&Upstream>,
+    ) -> Result<(Option<KeyTicket>, bool), ApiError> {
+        let now = crate::limits::unix_now();
+        let key_limited = key.filter(|(k, _)| !k.limits.is_unlimited() || k.budget.is_some());
+        let upstream_limited = upstream.filter(|u| !u.limits.is_unlimited());
+        let shared = self
+            .shared_state
+            .as_ref()
+            .filter(|_| key_limited.is_some() || upstream_limited.is_some());
+        let Some(shared) = shared else {
+            return self.admit_locally(key, upstream, now);
+        };
+        let key_scope = key_limited.map(|(k, _)| crate::limits::key_scope(&k.name));
+        let upstream_scope = upstream_limited.map(|u| crate::limits::upstream_scope(&u.name));
+        let mut scopes = Vec::with_capacity(2);
+        if let (Some((k, reserve)), Some(name)) = (key_limited, &key_scope) {
+            scopes.push(Scope {
+                name,
+                required: true,
+                limits: &k.limits,
+                budget: k.budget.as_ref(),
+                reserve,
+            });
+        }
+        if let (Some(u), Some(name)) = (upstream_limited, &upstream_scope) {
+            scopes.push(Scope {
+                name,
+                required: false,
+                limits: &u.limits,
+                budget: None,
+                reserve: Reserve::default(),
+            });
+        }
+        let admission = match shared.admit(&scopes).await {
+            Ok(admission) => admission,
             Err(error) if shared.fail_open => {
                 tracing::warn!("shared limits unavailable ({error:#}); using this instance's own");
-                local().map(|()| true)
+                return self.admit_locally(key, upstream, now);
             }
             Err(error) => {
                 tracing::warn!(
                     "shared limits unavailable ({error:#}); refusing (on_error: closed)"
                 );
-                Err(ApiError::new(
+                return Err(ApiError::new(
                     http::StatusCode::SERVICE_UNAVAILABLE,
                     "server_error",
                     "shared_state_unavailable",
                     "the shared limit store does not answer",
-                ))
+                ));
+            }
+        };
+        let mut upstream_ok = true;
+        if let Some(refusal) = admission.refused {
+            match (key_limited, scopes.get(refusal.scope)) {
+                (Some((k, _)), Some(scope)) if scope.required => {
+                    let budget = refusal.what.contains("budget");
+                    let (code, verb) = if budget {
+                        ("budget_exceeded", "used up")
+                    } else {
+                        ("rate_limit_exceeded", "reached its limit of")
+                    };
+                    return Err(crate::limits::limited(
+                        code,
+                        format!("API key `{}` {verb} {}", k.name, refusal.what),
+                        refusal.retry_after,
+                    ));
+                }
+                _ => upstream_ok = false,
+            }
+        }
+        let ticket = match (key, key_limited) {
+            (_, Some((_, reserve))) => Some(KeyTicket {
+                at: admission.at,
+                reserve,
+                shared: true,
+            }),
+            // A key without limits is counted here, and in Redis when its answer settles.
+            (Some(key), None) => self.admit_locally(Some(key), None, now)?.0,
+            (None, _) => None,
+        };
+        Ok((ticket, upstream_ok))
+    }
+
+    fn admit_locally(
+        &self,
+        key: Option<(&GatewayKey, Reserve)>,
+        upstream: Option<&Upstream>,
+        now: i64,
+    ) -> Result<(Option<KeyTicket>, bool), ApiError> {
+        let ticket = match key {
+            Some((key, reserve)) => {
+                self.limiter.admit_key(key, now, reserve)?;
+                Some(KeyTicket {
+                    at: now,
+                    reserve,
+                    shared: false,
+                })
+            }
+            None => None,
+        };
+        // A key admitted for an upstream at its limit stays admitted: the caller tries
+        // another upstream, or refunds it.
+        let upstream_ok = upstream.is_none_or(|u| self.limiter.take_upstream(u, now));
+        Ok((ticket, upstream_ok))
+    }
+
+    /// Takes back a key's admission for a request that never went out.
+    pub fn refund(&self, key: &GatewayKey, ticket: KeyTicket) {
+        if ticket.shared {
+            if let Some(shared) = &self.shared_state {
+                shared.settle(Settlement {
+                    scope: crate::limits::key_scope(&key.name),
+                    at: Some(ticket.at),
+                    requests: -1,
+                    tokens: -i64::try_from(ticket.reserve.tokens).unwrap_or(i64::MAX),
+                    cost: -ticket.reserve.cost,
+                });
+            }
+        } else {
+            self.limiter.refund_key(key, ticket.at, ticket.reserve);
+        }
+    }
+
+    /// What to reserve for a request of `key` whose JSON body is `body_len` bytes: about
+    /// four bytes a token, priced as input of `model`. Nothing when no limit counts
+    /// tokens or cost, or when no log settles them.
+    pub fn estimate(&self, key: &GatewayKey, model: Option<&str>, body_len: usize) -> Reserve {
+        let counts_tokens = key.limits.tpm.is_some() || key.budget.is_some();
+        if !counts_tokens || self.recorder.is_none() {
+            return Reserve::default();
+        }
+        let tokens = u64::try_from(body_len / 4).unwrap_or(u64::MAX);
+        let cost = model
+            .and_then(|m| self.config.pricing.get(m))
+            .map_or(0.0, |price| tokens as f64 * price.input / 1_000_000.0);
+        Reserve { tokens, cost }
+    }
+
+    /// Rests an upstream after it failed here, and tells the other instances (unless it
+    /// already rests for most of that time, so a burst of failures is told once).
+    pub fn rest_upstream(&self, upstream: &UpstreamRuntime, rest: Duration) {
+        let already = upstream.cooldown_until.load(Ordering::Relaxed);
+        upstream.record_failure(rest);
+        self.tell(already, &upstream.config.name, None, rest);
+    }
+
+    /// Rests one key of an upstream's pool after it was refused, and tells the others.
+    pub fn rest_key(&self, upstream: &UpstreamRuntime, key: usize, rest: Duration) {
+        let already = upstream.key_cooldown_until(key);
+        upstream.cool_key(key, rest);
+        self.tell(already, &upstream.config.name, Some(key), rest);
+    }
+
+    fn tell(&self, rested_until: u64, upstream: &str, key: Option<usize>, rest: Duration) {
+        let Some(shared) = &self.shared_state else {
+            return;
+        };
+        let half = u64::try_from(rest.as_millis() / 2).unwrap_or(u64::MAX);
+        if rested_until > crate::clock::now_ms().saturating_add(half) {
+            return;
+        }
+        let kind = EventKind::Cooldown {
+            upstream: upstream.to_string(),
+            key,
+        };
+        shared.publish(kind, rest);
+    }
+
+    /// Pins a session to what served it, and tells the other instances when needed.
+    pub fn remember_session(&self, session: &str, choice: Choice) {
+        if !self.router.remember(session, choice) {
+            return;
+        }
+        let (Some(shared), Some(ttl)) = (&self.shared_state, self.config.routing.session_ttl)
+        else {
+            return;
+        };
+        let Some(upstream) = self.upstreams.get(choice.upstream) else {
+            return;
+        };
+        let kind = EventKind::Session {
+            session: session.to_string(),
+            upstream: upstream.config.name.clone(),
+            key: choice.key,
+        };
+        shared.publish(kind, ttl);
+    }
+
+    /// Applies a cooldown or session pin another instance announced. Upstreams are named;
+    /// keys are their position in the upstream's pool (instances share one config).
+    pub fn apply_shared_event(&self, event: Event) {
+        let left = Duration::from_millis(event.ms);
+        let find = |name: &str| self.upstreams.iter().position(|u| u.config.name == name);
+        match event.kind {
+            EventKind::Cooldown { upstream, key } => {
+                let Some(runtime) = find(&upstream).and_then(|i| self.upstreams.get(i)) else {
+                    return;
+                };
+                match key {
+                    Some(key) => runtime.rest_key_at_least(key, left),
+                    None => runtime.rest_at_least(left),
+                }
+            }
+            EventKind::Session {
+                session,
+                upstream,
+                key,
+            } => {
+                if let Some(index) = find(&upstream) {
+                    let choice = Choice {
+                        upstream: index,
+                        key: key.filter(|&k| k < self.upstreams[index].key_count()),
+                    };
+                    self.router.adopt(&session, choice, left);
+                }
             }
         }
     }

@@ -3,9 +3,11 @@
 //! Windows are **fixed and aligned to the UTC wall clock**: a minute window runs from
 //! `hh:mm:00` to `hh:mm:59.999`, a day from 00:00 UTC, a month from the 1st at 00:00 UTC.
 //! `rpm`/`rpd` count requests admitted in the current minute/day; `tpm` refuses a request
-//! while the tokens settled in the current minute have reached the limit (tokens are known
-//! only after an answer, so one request may overshoot it); budgets do the same with the
-//! tokens and cost of the current day, month or all time. A refusal's `Retry-After` is the
+//! while the tokens counted in the current minute have reached the limit; budgets do the
+//! same with the tokens and cost of the current day, month or all time. Tokens are known
+//! only after an answer, so admission *reserves* an estimate (the prompt's size) that
+//! requests in flight at the same time see, and the answer settles the difference. One
+//! request may still overshoot a limit by its own answer. A refusal's `Retry-After` is the
 //! time left in the window that refused.
 //!
 //! Every check and increment happens under one short lock, so limits are exact under any
@@ -181,6 +183,20 @@ impl ScopeState {
         usage.tokens += delta.tokens;
         usage.cost += delta.cost;
     }
+
+    /// Adds a signed correction to every current window of `at`, never below zero.
+    fn adjust(&mut self, at: i64, requests: i64, tokens: i64, cost: f64) {
+        for period in Period::ALL {
+            let usage = self
+                .windows
+                .entry(period)
+                .or_default()
+                .at(period.window(at));
+            usage.requests = usage.requests.saturating_add_signed(requests);
+            usage.tokens = usage.tokens.saturating_add_signed(tokens);
+            usage.cost = (usage.cost + cost).max(0.0);
+        }
+    }
 }
 
 /// The scope name a key's counts are kept under.
@@ -193,12 +209,21 @@ pub fn upstream_scope(name: &str) -> String {
     format!("upstream:{name}")
 }
 
-/// Tokens and cost of an answered request, waiting to be added to its scope.
+/// Tokens and cost reserved for a request at admission: an estimate made before the call,
+/// corrected by the settlement after it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reserve {
+    pub tokens: u64,
+    pub cost: f64,
+}
+
+/// Tokens and cost of an answered request (less what was reserved), waiting to be added
+/// to its scope.
 #[derive(Debug)]
 struct Settlement {
     scope: String,
     at: i64,
-    tokens: u64,
+    tokens: i64,
     cost: f64,
 }
 
@@ -215,14 +240,7 @@ impl State {
     fn apply_settlements(&mut self) {
         while let Ok(settlement) = self.settlements.try_recv() {
             let state = self.scopes.entry(settlement.scope).or_default();
-            for period in Period::ALL {
-                let delta = Usage {
-                    requests: 0,
-                    tokens: settlement.tokens,
-                    cost: settlement.cost,
-                };
-                state.add(period, period.window(settlement.at), delta);
-            }
+            state.adjust(settlement.at, 0, settlement.tokens, settlement.cost);
         }
     }
 }
@@ -310,8 +328,9 @@ impl Limiter {
         Some(guard)
     }
 
-    /// Admits one request of `key` at `now`, counting it; or says which limit refuses it.
-    pub fn admit_key(&self, key: &GatewayKey, now: i64) -> Result<(), ApiError> {
+    /// Admits one request of `key` at `now`, counting it and reserving `reserve`; or says
+    /// which limit refuses it.
+    pub fn admit_key(&self, key: &GatewayKey, now: i64, reserve: Reserve) -> Result<(), ApiError> {
         let mut guard = self
             .lock()
             .ok_or_else(|| ApiError::internal("limiter unavailable"))?;
@@ -342,40 +361,28 @@ impl Limiter {
                 period.window(now),
                 Usage {
                     requests: 1,
-                    ..Usage::default()
+                    tokens: reserve.tokens,
+                    cost: reserve.cost,
                 },
             );
         }
         Ok(())
     }
 
-    /// Counts a request admitted elsewhere (by the shared limits), so this instance's
-    /// status shows it too.
-    pub fn count_key(&self, key: &GatewayKey, now: i64) {
-        let Some(mut guard) = self.lock() else { return };
-        let state = guard.scopes.entry(key_scope(&key.name)).or_default();
-        for period in Period::ALL {
-            state.add(
-                period,
-                period.window(now),
-                Usage {
-                    requests: 1,
-                    ..Usage::default()
-                },
-            );
-        }
-    }
-
-    /// Takes back a request counted by [`admit_key`](Self::admit_key) that never went out.
-    pub fn refund_key(&self, key: &GatewayKey, now: i64) {
+    /// Takes back a request admitted at `at` by [`admit_key`](Self::admit_key) that never
+    /// went out, with what it reserved.
+    pub fn refund_key(&self, key: &GatewayKey, at: i64, reserve: Reserve) {
         let Some(mut guard) = self.lock() else { return };
         let Some(state) = guard.scopes.get_mut(&key_scope(&key.name)) else {
             return;
         };
         for period in Period::ALL {
             if let Some(window) = state.windows.get_mut(&period) {
-                if window.id == period.window(now) {
-                    window.usage.requests = window.usage.requests.saturating_sub(1);
+                if window.id == period.window(at) {
+                    let usage = &mut window.usage;
+                    usage.requests = usage.requests.saturating_sub(1);
+                    usage.tokens = usage.tokens.saturating_sub(reserve.tokens);
+                    usage.cost = (usage.cost - reserve.cost).max(0.0);
                 }
             }
         }
@@ -418,9 +425,10 @@ impl Limiter {
         true
     }
 
-    /// Adds an answered request's tokens and cost to the windows current at `at`. Never
-    /// blocks: it is queued and applied by the next call that takes the lock.
-    pub fn settle(&self, scope: &str, at: i64, tokens: u64, cost: f64) {
+    /// Adds an answered request's tokens and cost, less what its admission reserved, to the
+    /// windows current at `at`. Never blocks: it is queued and applied by the next call
+    /// that takes the lock.
+    pub fn settle(&self, scope: &str, at: i64, tokens: i64, cost: f64) {
         if tokens == 0 && cost == 0.0 {
             return;
         }
@@ -493,9 +501,11 @@ mod tests {
             },
             None,
         );
-        assert!(limiter.admit_key(&k, T + 58).is_ok());
-        assert!(limiter.admit_key(&k, T + 59).is_ok());
-        let refused = limiter.admit_key(&k, T + 59).unwrap_err();
+        assert!(limiter.admit_key(&k, T + 58, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&k, T + 59, Reserve::default()).is_ok());
+        let refused = limiter
+            .admit_key(&k, T + 59, Reserve::default())
+            .unwrap_err();
         assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             refused.retry_after,
@@ -503,9 +513,9 @@ mod tests {
             "one second left in the minute"
         );
         // The next minute starts at T + 60 exactly.
-        assert!(limiter.admit_key(&k, T + 60).is_ok());
-        assert!(limiter.admit_key(&k, T + 61).is_ok());
-        assert!(limiter.admit_key(&k, T + 119).is_err());
+        assert!(limiter.admit_key(&k, T + 60, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&k, T + 61, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&k, T + 119, Reserve::default()).is_err());
     }
 
     #[test]
@@ -519,15 +529,23 @@ mod tests {
             None,
         );
         let before_midnight = T + 4 * 3600 - 1;
-        assert!(limiter.admit_key(&k, before_midnight).is_ok());
+        assert!(
+            limiter
+                .admit_key(&k, before_midnight, Reserve::default())
+                .is_ok()
+        );
         assert_eq!(
             limiter
-                .admit_key(&k, before_midnight)
+                .admit_key(&k, before_midnight, Reserve::default())
                 .unwrap_err()
                 .retry_after,
             Some(1)
         );
-        assert!(limiter.admit_key(&k, before_midnight + 1).is_ok());
+        assert!(
+            limiter
+                .admit_key(&k, before_midnight + 1, Reserve::default())
+                .is_ok()
+        );
     }
 
     #[test]
@@ -543,7 +561,8 @@ mod tests {
                         },
                         None
                     ),
-                    T
+                    T,
+                    Reserve::default()
                 )
                 .is_err()
         );
@@ -554,9 +573,9 @@ mod tests {
             },
             None,
         );
-        assert!(limiter.admit_key(&k, T).is_ok());
-        limiter.refund_key(&k, T);
-        assert!(limiter.admit_key(&k, T).is_ok());
+        assert!(limiter.admit_key(&k, T, Reserve::default()).is_ok());
+        limiter.refund_key(&k, T, Reserve::default());
+        assert!(limiter.admit_key(&k, T, Reserve::default()).is_ok());
     }
 
     #[test]
@@ -573,19 +592,58 @@ mod tests {
                 period: BudgetPeriod::Day,
             }),
         );
-        assert!(limiter.admit_key(&k, T).is_ok());
+        assert!(limiter.admit_key(&k, T, Reserve::default()).is_ok());
         limiter.settle(&key_scope("k"), T, 100, 0.5);
         assert_eq!(
-            limiter.admit_key(&k, T + 1).unwrap_err().code,
+            limiter
+                .admit_key(&k, T + 1, Reserve::default())
+                .unwrap_err()
+                .code,
             "rate_limit_exceeded"
         );
         assert!(
-            limiter.admit_key(&k, T + 60).is_ok(),
+            limiter.admit_key(&k, T + 60, Reserve::default()).is_ok(),
             "tokens per minute reset"
         );
         limiter.settle(&key_scope("k"), T + 60, 10, 0.6);
-        let over = limiter.admit_key(&k, T + 120).unwrap_err();
+        let over = limiter
+            .admit_key(&k, T + 120, Reserve::default())
+            .unwrap_err();
         assert_eq!(over.code, "budget_exceeded");
         assert_eq!(over.retry_after, Some(4 * 3600 - 120));
+    }
+
+    #[test]
+    fn reservations_hold_tokens_until_the_answer_settles_them() {
+        let limiter = Limiter::default();
+        let k = key(
+            Limits {
+                tpm: Some(100),
+                ..Limits::default()
+            },
+            None,
+        );
+        let reserve = Reserve {
+            tokens: 100,
+            cost: 0.0,
+        };
+        assert!(limiter.admit_key(&k, T, reserve).is_ok());
+        assert!(
+            limiter.admit_key(&k, T, Reserve::default()).is_err(),
+            "a request in flight holds its estimate"
+        );
+        // The answer used 30 tokens: 70 go back.
+        limiter.settle(&key_scope("k"), T, 30 - 100, 0.0);
+        assert!(limiter.admit_key(&k, T, reserve).is_ok());
+        assert_eq!(
+            limiter.usage(&key_scope("k"), Period::Minute, T).tokens,
+            130
+        );
+        limiter.refund_key(&k, T, reserve);
+        assert_eq!(limiter.usage(&key_scope("k"), Period::Minute, T).tokens, 30);
+        assert_eq!(
+            limiter.usage(&key_scope("k"), Period::Minute, T).requests,
+            1
+        );
     }
 }

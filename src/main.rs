@@ -240,7 +240,12 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
             .await;
     // Whatever the log still holds is written before the process ends.
     let flushing = current.load();
+    let shared_state = flushing.shared_state.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown()).await;
+    // Usage settled by the last answers goes to Redis before the process ends.
+    if let Some(shared_state) = shared_state {
+        shared_state.flush().await;
+    }
     tracing::info!("request log flushed; bye");
     served
 }

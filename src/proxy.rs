@@ -25,9 +25,9 @@ use tokio::time::{Instant, Sleep};
 use crate::access::Caller;
 use crate::body::{Body, BoxError};
 use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, KeyTicket};
 use crate::headers::{strip_hop_by_hop, upstream_request_headers};
-use crate::limits::unix_now;
+use crate::limits::{Reserve, unix_now};
 use crate::recorder::{LogSink, Pending};
 use crate::rewrite;
 use crate::routing::{Choice, Tried};
@@ -86,12 +86,22 @@ pub async fn forward(
 ) -> Response<Body> {
     let mut record = record;
     let mut tries = 0;
-    match forward_inner(gateway, &caller, parts, body, path, &mut record, &mut tries).await {
+    let mut ticket = None;
+    let exchange = Exchange {
+        record: &mut record,
+        tries: &mut tries,
+        ticket: &mut ticket,
+    };
+    match forward_inner(gateway, &caller, parts, body, path, exchange).await {
         Ok(response) => response,
         Err(error) => {
             // Refused before anything went upstream: the request does not count.
-            if let (0, Caller::Gateway(key)) = (tries, &caller) {
-                gateway.limiter.refund_key(key, unix_now());
+            if let (0, Caller::Gateway(key), Some(ticket)) = (tries, &caller, ticket) {
+                gateway.refund(key, ticket);
+                if let Some(record) = record.as_mut() {
+                    record.counted = false;
+                    record.ticket = None;
+                }
             }
             gateway.record_error(record, &error);
             error.into_response()
@@ -116,16 +126,27 @@ enum Failure {
     Error(ApiError),
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What [`forward`] learns of a request while it is forwarded: its log record, the tries
+/// sent and where its key was counted.
+struct Exchange<'a> {
+    record: &'a mut Option<Box<Pending>>,
+    tries: &'a mut usize,
+    ticket: &'a mut Option<KeyTicket>,
+}
+
 async fn forward_inner(
     gateway: &Gateway,
     caller: &Caller,
     parts: Parts,
     body: Incoming,
     path: &str,
-    record: &mut Option<Box<Pending>>,
-    tries: &mut usize,
+    exchange: Exchange<'_>,
 ) -> Result<Response<Body>, ApiError> {
+    let Exchange {
+        record,
+        tries,
+        ticket,
+    } = exchange;
     let limit = gateway.config.server.max_body;
     let declared_length = content_length(&parts.headers);
     if declared_length.is_some_and(|len| len > limit) {
@@ -192,6 +213,14 @@ async fn forward_inner(
             ));
         }
     }
+    let reserve = match caller {
+        Caller::Gateway(key) => gateway.estimate(
+            key,
+            model.as_deref(),
+            buffered.as_ref().map_or(0, Bytes::len),
+        ),
+        _ => Reserve::default(),
+    };
     let now = unix_now();
     let mut candidates = gateway.candidates(model.as_deref())?;
     // Upstreams at their own limits are skipped while others can serve.
@@ -262,7 +291,21 @@ async fn forward_inner(
         let Some(upstream) = gateway.upstreams.get(choice.upstream) else {
             break;
         };
-        if !gateway.take_upstream(&upstream.config).await {
+        // The key is admitted with the first upstream it tries, in one round trip.
+        let key_to_admit = match caller {
+            Caller::Gateway(key) if ticket.is_none() => Some((key.as_ref(), reserve)),
+            _ => None,
+        };
+        let (admitted, upstream_ok) = gateway.admit(key_to_admit, Some(&upstream.config)).await?;
+        if let Some(admitted) = admitted {
+            *ticket = Some(admitted);
+            if let (Caller::Gateway(key), Some(record)) = (caller, record.as_mut()) {
+                record.key = Some(key.clone());
+                record.counted = true;
+                record.ticket = Some(admitted);
+            }
+        }
+        if !upstream_ok {
             // It reached its limit since the candidates were listed.
             tried.exclude_upstream(choice.upstream);
             continue;
@@ -343,7 +386,7 @@ async fn forward_inner(
                 attempt.status = Some(response.status().as_u16());
                 attempts.push(attempt);
                 if let Some(session) = &session {
-                    gateway.router.remember(session, choice);
+                    gateway.remember_session(session, choice);
                 }
                 let log = take_record(
                     record,
@@ -537,7 +580,7 @@ async fn send(
     let started = Instant::now();
     let response = match tokio::time::timeout(first_byte, request.send()).await {
         Err(_) => {
-            upstream.record_failure(routing.cooldown);
+            gateway.rest_upstream(upstream, routing.cooldown);
             let error = ApiError::gateway_timeout(format!(
                 "upstream `{name}` sent no response within {}",
                 humantime::format_duration(first_byte)
@@ -554,7 +597,7 @@ async fn send(
             if api_error.status == StatusCode::PAYLOAD_TOO_LARGE {
                 return Outcome::Final(Failure::Error(api_error));
             }
-            upstream.record_failure(routing.cooldown);
+            gateway.rest_upstream(upstream, routing.cooldown);
             let retry = if error.is_timeout() {
                 routing.retry_on.timeout
             } else {
@@ -583,7 +626,7 @@ async fn send(
                 .filter(|_| status == 429)
                 .unwrap_or(routing.cooldown);
             if let Some(key) = choice.key {
-                upstream.cool_key(key, rest);
+                gateway.rest_key(upstream, key, rest);
                 tracing::warn!(upstream = %name, key = %upstream.masked_key(key).unwrap_or_default(), status, "key rests for {}", humantime::format_duration(rest));
             }
             // Another key of the pool may well work where this one was refused.
@@ -595,7 +638,7 @@ async fn send(
         }
         429 => {
             if let Some(rest) = retry_after(response.headers()).filter(|_| pooled) {
-                upstream.record_failure(rest);
+                gateway.rest_upstream(upstream, rest);
             }
             if retry_listed {
                 Outcome::Retryable(Failure::Response(response))
@@ -604,7 +647,8 @@ async fn send(
             }
         }
         500..=599 => {
-            upstream.record_failure(retry_after(response.headers()).unwrap_or(routing.cooldown));
+            let rest = retry_after(response.headers()).unwrap_or(routing.cooldown);
+            gateway.rest_upstream(upstream, rest);
             if retry_listed {
                 Outcome::Retryable(Failure::Response(response))
             } else {

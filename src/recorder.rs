@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use crate::config::{GatewayKey, Price, Storage, mask};
 use crate::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
 use crate::proxy::Attempt;
+use crate::shared::Settlement;
 use crate::store::{CounterDelta, LogRecord, Store};
 use crate::usage::{self, Reply, UsageSource};
 
@@ -90,6 +91,8 @@ pub struct Pending {
     pub key_label: String,
     /// Whether the key's request counters counted this request.
     pub counted: bool,
+    /// Where the key was counted and what it reserved, which the settlement corrects.
+    pub ticket: Option<crate::gateway::KeyTicket>,
     pub method: Method,
     pub path: String,
     pub model: Option<String>,
@@ -120,6 +123,7 @@ impl Pending {
             key: None,
             key_label: "-".into(),
             counted: false,
+            ticket: None,
             method,
             path: path.to_string(),
             model: None,
@@ -202,7 +206,7 @@ impl Recorder {
         limiter: Arc<Limiter>,
         metrics: Arc<crate::metrics::Metrics>,
         pricing: HashMap<String, Price>,
-        shared: Option<(Arc<crate::shared::SharedLimits>, tokio::runtime::Handle)>,
+        shared: Option<Arc<crate::shared::SharedState>>,
     ) -> anyhow::Result<Self> {
         restore_counters(store.as_ref(), &limiter)?;
         let (sender, receiver) = sync_channel(storage.queue);
@@ -297,7 +301,7 @@ struct Writer {
     limiter: Arc<Limiter>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Limits shared through Redis, settled from this thread through the gateway's runtime.
-    shared: Option<(Arc<crate::shared::SharedLimits>, tokio::runtime::Handle)>,
+    shared: Option<Arc<crate::shared::SharedState>>,
     pricing: HashMap<String, Price>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
@@ -405,8 +409,7 @@ impl Writer {
             };
             if let Some(key) = &pending.key {
                 let scope = key_scope(&key.name);
-                self.limiter.settle(&scope, at, tokens, cost);
-                self.settle_shared(&scope, tokens, cost);
+                self.settle_key(&scope, &pending, at, tokens, cost);
                 add(
                     scope,
                     Usage {
@@ -428,8 +431,17 @@ impl Writer {
             }
             if let Some(upstream) = &pending.upstream {
                 let scope = upstream_scope(upstream);
-                self.limiter.settle(&scope, at, tokens, cost);
-                self.settle_shared(&scope, tokens, cost);
+                let signed = i64::try_from(tokens).unwrap_or(i64::MAX);
+                self.limiter.settle(&scope, at, signed, cost);
+                if let Some(shared) = &self.shared {
+                    shared.settle(Settlement {
+                        scope: scope.clone(),
+                        at: None,
+                        requests: 0,
+                        tokens: signed,
+                        cost,
+                    });
+                }
                 add(
                     scope,
                     Usage {
@@ -465,15 +477,46 @@ impl Writer {
         }
     }
 
-    fn settle_shared(&self, scope: &str, tokens: u64, cost: f64) {
-        let Some((shared, runtime)) = &self.shared else {
-            return;
-        };
-        if tokens == 0 && cost == 0.0 {
-            return;
-        }
-        if let Err(error) = runtime.block_on(shared.settle(scope, tokens, cost)) {
-            tracing::warn!("cannot settle usage in Redis: {error:#}");
+    /// Corrects the key's counts by the answer: what it used less what its admission
+    /// reserved, in the windows of that admission. A request counted in Redis is counted
+    /// here by its tokens only (this instance's fallback view); one counted here is added
+    /// to Redis whole.
+    fn settle_key(&self, scope: &str, pending: &Pending, at: i64, tokens: u64, cost: f64) {
+        let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+        let ticket = pending.ticket;
+        let reserved = ticket.map(|t| t.reserve).unwrap_or_default();
+        let reserved_tokens = i64::try_from(reserved.tokens).unwrap_or(i64::MAX);
+        match ticket {
+            Some(ticket) if ticket.shared => {
+                self.limiter.settle(scope, at, tokens, cost);
+                if let Some(shared) = &self.shared {
+                    shared.settle(Settlement {
+                        scope: scope.to_string(),
+                        at: Some(ticket.at),
+                        requests: 0,
+                        tokens: tokens - reserved_tokens,
+                        cost: cost - reserved.cost,
+                    });
+                }
+            }
+            _ => {
+                let local_at = ticket.map_or(at, |t| t.at);
+                self.limiter.settle(
+                    scope,
+                    local_at,
+                    tokens - reserved_tokens,
+                    cost - reserved.cost,
+                );
+                if let Some(shared) = &self.shared {
+                    shared.settle(Settlement {
+                        scope: scope.to_string(),
+                        at: None,
+                        requests: i64::from(pending.counted),
+                        tokens,
+                        cost,
+                    });
+                }
+            }
         }
     }
 

@@ -54,6 +54,14 @@ impl Tried {
 
 const SESSION_LIMIT: usize = 100_000;
 
+/// Where a session sticks, until when, and when other instances were last told.
+#[derive(Debug, Clone, Copy)]
+struct Pin {
+    choice: Choice,
+    expires: Instant,
+    told: Instant,
+}
+
 #[derive(Debug)]
 pub struct Router {
     strategy: Strategy,
@@ -61,7 +69,7 @@ pub struct Router {
     /// Smooth weighted round robin state, one entry per upstream.
     weights: Mutex<Vec<i64>>,
     session_ttl: Option<Duration>,
-    sessions: Mutex<HashMap<String, (Choice, Instant)>>,
+    sessions: Mutex<HashMap<String, Pin>>,
 }
 
 impl Router {
@@ -201,27 +209,76 @@ impl Router {
         Some(position)
     }
 
+    /// Where `session` sticks now, if anywhere.
+    pub fn pinned(&self, session: &str) -> Option<Choice> {
+        self.session_choice(session)
+    }
+
     fn session_choice(&self, session: &str) -> Option<Choice> {
         self.session_ttl?;
         let sessions = self.sessions.lock().ok()?;
-        let (choice, expires) = sessions.get(session)?;
-        (Instant::now() < *expires).then_some(*choice)
+        let pin = sessions.get(session)?;
+        (Instant::now() < pin.expires).then_some(pin.choice)
     }
 
-    /// Pins a session to the upstream and key that just served it.
-    pub fn remember(&self, session: &str, choice: Choice) {
-        let Some(ttl) = self.session_ttl else { return };
-        let Ok(mut sessions) = self.sessions.lock() else {
-            return;
+    /// Pins a session to the upstream and key that just served it. Says whether other
+    /// instances should hear of it: a new or moved pin, or one last told a while ago (so
+    /// theirs does not expire while it is in use here).
+    pub fn remember(&self, session: &str, choice: Choice) -> bool {
+        let Some(ttl) = self.session_ttl else {
+            return false;
         };
         let now = Instant::now();
-        if sessions.len() >= SESSION_LIMIT {
-            sessions.retain(|_, (_, expires)| *expires > now);
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return false;
+        };
+        let tell = sessions.get(session).is_none_or(|pin| {
+            pin.choice != choice || pin.expires <= now || now.duration_since(pin.told) > ttl / 4
+        });
+        let told = match sessions.get(session) {
+            Some(pin) if !tell => pin.told,
+            _ => now,
+        };
+        Self::insert(
+            &mut sessions,
+            session,
+            Pin {
+                choice,
+                expires: now + ttl,
+                told,
+            },
+        );
+        tell
+    }
+
+    /// Takes a pin another instance made, holding for `left`.
+    pub fn adopt(&self, session: &str, choice: Choice, left: Duration) {
+        if self.session_ttl.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if let Ok(mut sessions) = self.sessions.lock() {
+            Self::insert(
+                &mut sessions,
+                session,
+                Pin {
+                    choice,
+                    expires: now + left,
+                    told: now,
+                },
+            );
+        }
+    }
+
+    fn insert(sessions: &mut HashMap<String, Pin>, session: &str, pin: Pin) {
+        if sessions.len() >= SESSION_LIMIT && !sessions.contains_key(session) {
+            let now = Instant::now();
+            sessions.retain(|_, pin| pin.expires > now);
             if sessions.len() >= SESSION_LIMIT {
                 sessions.clear();
             }
         }
-        sessions.insert(session.to_string(), (choice, now + ttl));
+        sessions.insert(session.to_string(), pin);
     }
 }
 

@@ -24,6 +24,7 @@ use crate::access::{Caller, client_ip};
 use crate::body::{Body, json_response};
 use crate::error::ApiError;
 use crate::gateway::{Current, Gateway};
+use crate::limits::Reserve;
 use crate::{admin, models, proxy};
 
 /// How long open exchanges may run on after shutdown begins.
@@ -69,6 +70,15 @@ pub async fn serve_current(
     let local = listener.local_addr()?.ip();
     let graceful = GracefulShutdown::new();
     let busy_poll = BusyPoll::start(current.load().config.server.busy_poll);
+    // Cooldowns and session pins other instances announce apply to whichever gateway is
+    // in force when they arrive.
+    let follower = match (role, current.load().shared_state.clone()) {
+        (Role::Gateway, Some(shared)) => {
+            let current = current.clone();
+            Some(shared.follow(move |event| current.load().apply_shared_event(event)))
+        }
+        _ => None,
+    };
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -107,6 +117,9 @@ pub async fn serve_current(
         });
     }
     drop(listener);
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
@@ -258,17 +271,23 @@ async fn respond(
             if let Some(record) = record.as_mut() {
                 record.key_label = caller.label().to_string();
             }
-            if let Caller::Gateway(key) = &caller {
-                if let Err(error) = gateway.admit_key(key).await {
-                    gateway.record_error(record, &error);
-                    return error.into_response();
-                }
-                if let Some(record) = record.as_mut() {
-                    record.key = Some(key.clone());
-                    record.counted = true;
-                }
-            }
             if parts.method == Method::GET && route == "/v1/models" {
+                // Answered here: the key is admitted alone. Forwarded requests admit it
+                // with the upstream they try (one round trip when limits are shared).
+                if let Caller::Gateway(key) = &caller {
+                    let ticket = match gateway.admit(Some((key, Reserve::default())), None).await {
+                        Ok((ticket, _)) => ticket,
+                        Err(error) => {
+                            gateway.record_error(record, &error);
+                            return error.into_response();
+                        }
+                    };
+                    if let Some(record) = record.as_mut() {
+                        record.key = Some(key.clone());
+                        record.counted = true;
+                        record.ticket = ticket;
+                    }
+                }
                 models::list(gateway, caller, parts, body, &route, record).await
             } else {
                 proxy::forward(gateway, caller, parts, body, &route, record).await

@@ -164,6 +164,19 @@ impl UpstreamRuntime {
         }
     }
 
+    /// Rests the upstream for at least `duration` from now, as another instance asked.
+    pub fn rest_at_least(&self, duration: Duration) {
+        self.cooldown_until
+            .fetch_max(now_ms() + millis(duration), Ordering::Relaxed);
+    }
+
+    /// Rests one key for at least `duration` from now, as another instance asked.
+    pub fn rest_key_at_least(&self, index: usize, duration: Duration) {
+        if let Some(until) = self.key_cooldown_until.get(index) {
+            until.fetch_max(now_ms() + millis(duration), Ordering::Relaxed);
+        }
+    }
+
     /// Records a failure of the upstream itself; it rests for `duration`.
     pub fn record_failure(&self, duration: Duration) {
         self.failures.fetch_add(1, Ordering::Relaxed);

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use sluice::mock::{Fault, MockOptions, MockServer};
 
 fn prefix() -> String {
     format!("sluice-test-{:016x}", fastrand::u64(..))
@@ -43,7 +44,7 @@ async fn get(gw: &TestGateway) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_one_redis_admit_exactly_the_limit() {
-    let mock = mock_with(sluice::mock::MockOptions {
+    let mock = mock_with(MockOptions {
         record: false,
         ..Default::default()
     })
@@ -64,6 +65,21 @@ async fn three_instances_on_one_redis_admit_exactly_the_limit() {
         "{statuses:?}"
     );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 200);
+
+    // Any instance's status shows every instance's requests.
+    let status = json(
+        client()
+            .get(instances[1].url("/v1/status"))
+            .header("authorization", "Bearer fk-alice-0001")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        status["keys"][0]["usage"]["minute"]["requests"], 100,
+        "{status}"
+    );
 
     // Every instance restarted: the counts live in Redis.
     drop(instances);
@@ -150,4 +166,188 @@ async fn when_redis_stops_fail_open_uses_local_limits_fail_closed_refuses_and_bo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(recovered, "back to shared limits once Redis is back");
+}
+
+fn served_by(response: &reqwest::Response) -> String {
+    response.headers()["x-sluice-upstream"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn named(name: &str, fault: Option<Fault>) -> MockServer {
+    mock_with(MockOptions {
+        name: name.into(),
+        fault,
+        ..MockOptions::default()
+    })
+    .await
+}
+
+fn two_upstreams(a: &MockServer, b: &MockServer, prefix: &str, extra: &str) -> String {
+    format!(
+        "routing: {{strategy: round_robin, retries: 0, cooldown: 1m, session_ttl: 10m}}
+upstreams:
+  - {{name: a, base_url: '{}'}}
+  - {{name: b, base_url: '{}'}}
+shared_state: {{redis: 'redis://127.0.0.1:6379', prefix: '{prefix}'}}
+{extra}",
+        a.url(),
+        b.url()
+    )
+}
+
+async fn chat(gw: &TestGateway, session: Option<&str>) -> reqwest::Response {
+    let mut request = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat_body("gpt-4o", false));
+    if let Some(session) = session {
+        request = request.header("x-session-id", session);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_resting_on_one_instance_rests_on_all() {
+    let (a, b) = (
+        named("a", Some(Fault::ServerError)).await,
+        named("b", None).await,
+    );
+    let yaml = two_upstreams(&a, &b, &prefix(), "");
+    let (one, two) = (gateway(&yaml).await, gateway(&yaml).await);
+    // The first pick of round robin is `a`, which fails on instance one and rests.
+    let failed = chat(&one, None).await;
+    assert_eq!(failed.status(), 500);
+    assert_eq!(served_by(&failed), "a");
+    let heard = eventually(Duration::from_secs(5), || {
+        two.gateway.upstreams[0].is_cooling(sluice::clock::now_ms())
+    })
+    .await;
+    assert!(heard, "instance two learns that `a` rests");
+    for _ in 0..6 {
+        let response = chat(&two, None).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            served_by(&response),
+            "b",
+            "instance two skips the resting `a`"
+        );
+    }
+    let status = json(client().get(two.url("/v1/status")).send().await.unwrap()).await;
+    assert_eq!(
+        status["upstreams"][0]["health"]["cooling_down"], true,
+        "{status}"
+    );
+
+    // An instance started later reads the cooldown from Redis.
+    let three = gateway(&yaml).await;
+    let caught_up = eventually(Duration::from_secs(5), || {
+        three.gateway.upstreams[0].is_cooling(sluice::clock::now_ms())
+    })
+    .await;
+    assert!(caught_up, "a new instance catches up with stored cooldowns");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_pinned_on_one_instance_sticks_on_another() {
+    let (a, b) = (named("a", None).await, named("b", None).await);
+    let yaml = two_upstreams(&a, &b, &prefix(), "");
+    let (one, two) = (gateway(&yaml).await, gateway(&yaml).await);
+    // Round robin on instance one: `a`, then the session's first request goes to `b`.
+    assert_eq!(served_by(&chat(&one, None).await), "a");
+    let pinned = served_by(&chat(&one, Some("conversation-7")).await);
+    assert_eq!(pinned, "b");
+    let heard = eventually(Duration::from_secs(5), || {
+        two.gateway.router.pinned("conversation-7").is_some()
+    })
+    .await;
+    assert!(heard, "instance two learns the pin");
+    // Instance two's own round robin would start at `a`.
+    for _ in 0..4 {
+        assert_eq!(served_by(&chat(&two, Some("conversation-7")).await), pinned);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_limits_are_shared_and_checked_in_the_same_round_trip() {
+    let mock = mock().await;
+    let yaml = format!(
+        "access: {{keys: [{{name: alice, key: fk-alice-0001, rpm: 1000}}]}}
+upstreams: [{{name: m, base_url: '{}', rpm: 10}}]
+shared_state: {{redis: 'redis://127.0.0.1:6379', prefix: '{}', on_error: closed}}
+storage: {{url: none}}
+",
+        mock.url(),
+        prefix()
+    );
+    let instances = [gateway(&yaml).await, gateway(&yaml).await];
+    start_of_a_minute().await;
+    let statuses = futures_util::future::join_all((0..30).map(|i| get(&instances[i % 2]))).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    let status = json(
+        client()
+            .get(instances[0].url("/v1/status"))
+            .header("authorization", "Bearer fk-alice-0001")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        status["keys"][0]["usage"]["minute"]["requests"], 10,
+        "requests refused for want of an upstream are not counted against the key: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_reserved_at_admission_hold_a_token_limit_across_instances() {
+    // Each answer takes 400 ms; the prompt (~2 KB, ~500 tokens estimated) alone fills
+    // `tpm: 100`, so while the first request is in flight every other one is refused.
+    let mock = mock_with(MockOptions {
+        fault: Some(Fault::SlowFirstByte(Duration::from_millis(400))),
+        ..MockOptions::default()
+    })
+    .await;
+    let yaml = format!(
+        "access: {{keys: [{{name: bob, key: fk-bob-0001, tpm: 100}}]}}
+upstreams: [{{name: m, base_url: '{}'}}]
+shared_state: {{redis: 'redis://127.0.0.1:6379', prefix: '{}', on_error: closed}}
+",
+        mock.url(),
+        prefix()
+    );
+    let instances = [gateway(&yaml).await, gateway(&yaml).await];
+    start_of_a_minute().await;
+    let long = "word ".repeat(400);
+    let body =
+        serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": long}]})
+            .to_string();
+    let send = |gw: &TestGateway| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", "Bearer fk-bob-0001")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    let responses = futures_util::future::join_all((0..6).map(|i| send(&instances[i % 2]))).await;
+    let statuses: Vec<u16> = responses
+        .iter()
+        .map(|r| r.as_ref().unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        5,
+        "{statuses:?}"
+    );
 }
