@@ -141,9 +141,37 @@ impl ListQuery {
     }
 }
 
+/// A list's total is counted up to this many matches: past it, counting costs more than
+/// the page (hundreds of milliseconds at ten million rows) and says little more.
+pub const COUNT_LIMIT: u64 = 100_000;
+
+/// SQL counting the rows matching `clause`, at most [`COUNT_LIMIT`] + 1 of them.
+pub fn capped_count_sql(clause: &str) -> String {
+    format!(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM requests {clause} LIMIT {}) AS matched",
+        COUNT_LIMIT + 1
+    )
+}
+
+/// A search first looks through this many of the newest rows matching the other filters
+/// (cheap: a common term fills a page there), and only if they hold too few matches asks
+/// the search index (cheap for a rare term).
+pub const SEARCH_RECENT_ROWS: i64 = 5_000;
+
 impl Page {
-    /// A page from up to `per_page + 1` rows (the extra one only says there are more).
-    pub fn from_rows(mut data: Vec<Value>, page: u64, per_page: u64, total: i64) -> Self {
+    /// A page of search results: matches are not counted (counting a common term costs a
+    /// scan of the log), so `total` is what the pages so far have shown, exact only on
+    /// the last page.
+    pub fn from_search_rows(data: Vec<Value>, page: u64, per_page: u64, offset: u64) -> Self {
+        let mut page = Self::from_rows(data, page, per_page, 0);
+        page.total = offset + page.data.len() as u64;
+        page.total_exact = !page.has_more;
+        page
+    }
+
+    /// A page from up to `per_page + 1` rows (the extra one only says there are more);
+    /// `counted` comes from [`capped_count_sql`].
+    pub fn from_rows(mut data: Vec<Value>, page: u64, per_page: u64, counted: i64) -> Self {
         let has_more = data.len() as u64 > per_page;
         data.truncate(usize::try_from(per_page).unwrap_or(usize::MAX));
         let next_before = data
@@ -160,7 +188,8 @@ impl Page {
             data,
             page,
             per_page,
-            total: u64::try_from(total).unwrap_or(0),
+            total: u64::try_from(counted).unwrap_or(0).min(COUNT_LIMIT),
+            total_exact: u64::try_from(counted).unwrap_or(0) <= COUNT_LIMIT,
             has_more,
             next_before,
         }
@@ -172,7 +201,11 @@ pub struct Page {
     pub data: Vec<Value>,
     pub page: u64,
     pub per_page: u64,
+    /// Matching rows, counted up to [`COUNT_LIMIT`]; for a search, the rows up to and on
+    /// this page.
     pub total: u64,
+    /// `false` when there are more than `total`.
+    pub total_exact: bool,
     pub has_more: bool,
     /// The cursor (`before`) for the next, older page.
     pub next_before: Option<String>,
@@ -236,10 +269,11 @@ pub fn histogram_percentile(buckets: &[(i64, i64)], percentile: f64) -> Option<f
 /// fast however many rows the log holds.
 #[derive(Debug, Default)]
 pub struct Rollup {
-    /// (hour, model, upstream, key) → sums.
-    pub hourly: std::collections::HashMap<(i64, String, String, String), RollupRow>,
+    /// (hour, model, upstream, key) → sums. Ordered, so every writer upserts rows in one
+    /// order and concurrent instances cannot deadlock on them.
+    pub hourly: std::collections::BTreeMap<(i64, String, String, String), RollupRow>,
     /// (hour, latency bucket) → count.
-    pub latency: std::collections::HashMap<(i64, i64), u64>,
+    pub latency: std::collections::BTreeMap<(i64, i64), u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -305,6 +339,20 @@ pub fn search_text(r: &LogRecord) -> String {
         clip(&r.reply_text),
     ]
     .join("\n")
+    .to_lowercase()
+}
+
+/// A search as a `LIKE` pattern (escape `\`) matching it as a substring of the lowercased
+/// [`search_text`]: plain `LIKE` on lowercased text is several times cheaper than a
+/// case-insensitive match. `None` for an empty search.
+pub fn like_pattern(search: Option<&str>) -> Option<String> {
+    let search = search.map(str::trim).filter(|s| !s.is_empty())?;
+    let escaped = search
+        .to_lowercase()
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    Some(format!("%{escaped}%"))
 }
 
 /// Opens the store a URL names.

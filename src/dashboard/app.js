@@ -257,6 +257,7 @@ async function renderRequests(params) {
     location.hash = `#/requests?${params}`;
   };
   const pages = Math.max(1, Math.ceil(list.total / list.per_page));
+  const more = list.total_exact ? "" : "+"; // counted up to a limit
   render(
     h("h1", {}, "Requests"),
     h("form", { class: "toolbar", onsubmit: apply, id: "filters" },
@@ -282,7 +283,7 @@ async function renderRequests(params) {
         ? "No requests logged yet." : "No requests match these filters."),
     h("div", { class: "pager" },
       h("button", { type: "button", id: "prev", disabled: page <= 1, onclick: () => history.back() }, "← Newer"),
-      h("span", { id: "page-info" }, `Page ${page} of ${pages} · ${fmt.int(list.total)} requests`),
+      h("span", { id: "page-info" }, `Page ${page}${list.total_exact ? ` of ${fmt.int(pages)}` : ""} · ${fmt.int(list.total)}${more} requests`),
       h("button", { type: "button", id: "next", disabled: !list.has_more, onclick: older }, "Older →")),
   );
   if (auto) refreshTimer = setTimeout(() => route(), 5000);

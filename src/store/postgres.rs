@@ -137,18 +137,9 @@ fn filters(query: &ListQuery) -> (String, Vec<Param>) {
         let placeholder = next(&mut values, Param::Int(to));
         clauses.push(format!("ts <= {placeholder}"));
     }
-    if let Some(search) = query
-        .search
-        .as_ref()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-    {
-        let escaped = search
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        let placeholder = next(&mut values, Param::Text(format!("%{escaped}%")));
-        clauses.push(format!("search_text ILIKE {placeholder}"));
+    if let Some(pattern) = super::like_pattern(query.search.as_deref()) {
+        let placeholder = next(&mut values, Param::Text(pattern));
+        clauses.push(format!("search_text LIKE {placeholder}"));
     }
     if let Some((ts, id)) = &query.before {
         let a = next(&mut values, Param::Int(*ts));
@@ -162,6 +153,47 @@ fn filters(query: &ListQuery) -> (String, Vec<Param>) {
         format!("WHERE {}", clauses.join(" AND "))
     };
     (clause, values)
+}
+
+/// Up to `limit` matching rows after `offset`, newest first: among the newest rows
+/// matching the other filters when they hold enough matches (a common term), else through
+/// the trigram index (a rare one).
+async fn search(
+    client: &Client,
+    query: &ListQuery,
+    pattern: &str,
+    limit: u64,
+    offset: u64,
+) -> anyhow::Result<Vec<Value>> {
+    let (clause, mut values) = filters(&ListQuery {
+        search: None,
+        ..query.clone()
+    });
+    values.push(Param::Text(pattern.to_string()));
+    let recent = format!(
+        "WITH recent AS MATERIALIZED (SELECT id, ts, search_text FROM requests {clause} \
+         ORDER BY ts DESC, id DESC LIMIT {}) \
+         SELECT (SELECT COUNT(*) FROM recent), ARRAY(SELECT id FROM recent WHERE search_text LIKE ${} \
+         ORDER BY ts DESC, id DESC LIMIT {limit} OFFSET {offset})",
+        super::SEARCH_RECENT_ROWS,
+        values.len()
+    );
+    let row = client.query_one(&recent, &params(&values)).await?;
+    let (scanned, ids): (i64, Vec<String>) = (row.get(0), row.get(1));
+    let rows = if ids.len() as u64 >= limit || scanned < super::SEARCH_RECENT_ROWS {
+        // Enough matches, or nothing older to look through.
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM requests WHERE id = ANY($1) ORDER BY ts DESC, id DESC"
+        );
+        client.query(&sql, &[&ids]).await?
+    } else {
+        let (clause, values) = filters(query);
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {limit} OFFSET {offset}"
+        );
+        client.query(&sql, &params(&values)).await?
+    };
+    Ok(rows.iter().map(row_to_json).collect())
 }
 
 fn row_to_json(row: &Row) -> Value {
@@ -358,13 +390,17 @@ impl Store for PostgresStore {
     fn list(&self, query: &ListQuery) -> anyhow::Result<Page> {
         let query = query.clone();
         self.call(move |client| async move {
+            let (page, per_page, offset) = query.window();
+            if let Some(pattern) = super::like_pattern(query.search.as_deref()) {
+                let data = search(&client, &query, &pattern, per_page + 1, offset).await?;
+                return Ok(Page::from_search_rows(data, page, per_page, offset));
+            }
             let (count_clause, count_values) = filters(&ListQuery { before: None, ..query.clone() });
             let total: i64 = client
-                .query_one(&format!("SELECT COUNT(*) FROM requests {count_clause}"), &params(&count_values))
+                .query_one(&super::capped_count_sql(&count_clause), &params(&count_values))
                 .await?
                 .get(0);
             let (clause, values) = filters(&query);
-            let (page, per_page, offset) = query.window();
             let sql = format!(
                 "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
                 per_page + 1
@@ -401,31 +437,6 @@ impl Store for PostgresStore {
                     })
                     .collect()
             };
-            let mut totals = row_to_json(
-                &client
-                    .query_one(&format!("SELECT {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2"), &[&first, &to_ms])
-                    .await?,
-            );
-            super::sqlite::finish_rates(&mut totals);
-            let buckets: Vec<(i64, i64)> = client
-                .query(
-                    "SELECT bucket, CAST(SUM(count) AS BIGINT) FROM rollup_latency WHERE hour_ms >= $1 AND hour_ms <= $2 \
-                     GROUP BY bucket ORDER BY bucket",
-                    &[&first, &to_ms],
-                )
-                .await?
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect();
-            totals["p95_latency_ms"] = json!(super::histogram_percentile(&buckets, 95.0));
-            let mut by = Map::new();
-            for (name, column) in [("by_model", "model"), ("by_upstream", "upstream"), ("by_key", "key_name")] {
-                let sql = format!(
-                    "SELECT {column} AS name, {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2 \
-                     GROUP BY {column} ORDER BY requests DESC"
-                );
-                by.insert(name.into(), Value::Array(finish(client.query(&sql, &[&first, &to_ms]).await?)));
-            }
             let since_hour = (now_ms.div_euclid(hour) - 47) * hour;
             let since_day = (now_ms.div_euclid(day) - 29) * day;
             let series = |bucket: i64, by: Option<&str>| {
@@ -435,17 +446,62 @@ impl Store for PostgresStore {
                 };
                 format!(
                     "SELECT (hour_ms / {bucket}) * {bucket} AS start_ms{select}, {AGGREGATES} FROM rollup_hourly \
-                     WHERE hour_ms >= $1 GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms"
+                     WHERE hour_ms >= $1 GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms{group}"
                 )
             };
+            let range: [&(dyn ToSql + Sync); 2] = [&first, &to_ms];
+            let hours: [&(dyn ToSql + Sync); 1] = [&since_hour];
+            let days: [&(dyn ToSql + Sync); 1] = [&since_day];
+            let columns = [("model", "model"), ("upstream", "upstream"), ("key", "key_name")];
+            // Every query of the page, in this order; sent at once (tokio-postgres pipelines
+            // them), so the page costs one round trip plus the server's work.
+            let mut queries: Vec<(String, &[&(dyn ToSql + Sync)])> = vec![
+                (format!("SELECT {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2"), &range),
+                (
+                    "SELECT bucket, CAST(SUM(count) AS BIGINT) FROM rollup_latency WHERE hour_ms >= $1 AND hour_ms <= $2 \
+                     GROUP BY bucket ORDER BY bucket"
+                        .to_string(),
+                    &range,
+                ),
+                (series(hour, None), &hours),
+                (series(day, None), &days),
+            ];
+            for (_, column) in columns {
+                queries.push((
+                    format!(
+                        "SELECT {column} AS name, {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2 \
+                         GROUP BY {column} ORDER BY requests DESC, name"
+                    ),
+                    &range,
+                ));
+                queries.push((series(hour, Some(column)), &hours));
+                queries.push((series(day, Some(column)), &days));
+            }
+            let mut answers = futures_util::future::try_join_all(
+                queries.iter().map(|(sql, params)| client.query(sql.as_str(), params)),
+            )
+            .await?
+            .into_iter();
+            let mut next = || answers.next().unwrap_or_default();
+            let mut totals = next().first().map_or_else(|| json!({}), row_to_json);
+            super::sqlite::finish_rates(&mut totals);
+            let buckets: Vec<(i64, i64)> = next().iter().map(|row| (row.get(0), row.get(1))).collect();
+            totals["p95_latency_ms"] = json!(super::histogram_percentile(&buckets, 95.0));
+            let hourly = finish(next());
+            let daily = finish(next());
+            let mut by = Map::new();
             let mut hourly_by = Map::new();
             let mut daily_by = Map::new();
-            for (name, column) in [("model", "model"), ("upstream", "upstream"), ("key", "key_name")] {
-                hourly_by.insert(name.into(), Value::Array(finish(client.query(&series(hour, Some(column)), &[&since_hour]).await?)));
-                daily_by.insert(name.into(), Value::Array(finish(client.query(&series(day, Some(column)), &[&since_day]).await?)));
+            for (name, column) in columns {
+                let key = match column {
+                    "model" => "by_model",
+                    "upstream" => "by_upstream",
+                    _ => "by_key",
+                };
+                by.insert(key.into(), Value::Array(finish(next())));
+                hourly_by.insert(name.into(), Value::Array(finish(next())));
+                daily_by.insert(name.into(), Value::Array(finish(next())));
             }
-            let hourly = finish(client.query(&series(hour, None), &[&since_hour]).await?);
-            let daily = finish(client.query(&series(day, None), &[&since_day]).await?);
             let mut out = json!({
                 "from_ms": from_ms, "to_ms": to_ms, "totals": totals,
                 "hourly": hourly, "daily": daily, "hourly_by": hourly_by, "daily_by": daily_by,
@@ -479,53 +535,59 @@ async fn write_batch(
              $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) ON CONFLICT (id) DO NOTHING",
         )
         .await?;
-    for r in records {
-        let status = i32::from(r.status);
-        let stream = i32::from(r.stream);
-        let tries = i32::try_from(r.tries).unwrap_or(i32::MAX);
-        let search = super::search_text(r);
-        let (prompt, completion, total) = (
-            r.prompt_tokens.map(to_i64),
-            r.completion_tokens.map(to_i64),
-            r.total_tokens.map(to_i64),
-        );
-        client
-            .execute(
-                &insert,
-                &[
-                    &r.id,
-                    &r.ts,
-                    &r.client_ip,
-                    &r.key_name,
-                    &r.method,
-                    &r.path,
-                    &r.model,
-                    &r.upstream_model,
-                    &r.upstream,
-                    &r.upstream_key,
-                    &status,
-                    &r.latency_ms,
-                    &r.ttfb_ms,
-                    &prompt,
-                    &completion,
-                    &total,
-                    &r.cost,
-                    &r.usage_source,
-                    &stream,
-                    &r.error,
-                    &tries,
-                    &r.attempts,
-                    &r.request_headers,
-                    &r.response_headers,
-                    &r.request_body,
-                    &r.response_body,
-                    &r.reply_text,
-                    &r.reply_tool_calls,
-                    &search,
-                ],
-            )
-            .await?;
-    }
+    // Every insert of the batch is sent before the first answer is awaited: tokio-postgres
+    // pipelines them over the connection, so a batch costs about one round trip.
+    let inserts = records.iter().map(|r| {
+        let insert = &insert;
+        async move {
+            let status = i32::from(r.status);
+            let stream = i32::from(r.stream);
+            let tries = i32::try_from(r.tries).unwrap_or(i32::MAX);
+            let search = super::search_text(r);
+            let (prompt, completion, total) = (
+                r.prompt_tokens.map(to_i64),
+                r.completion_tokens.map(to_i64),
+                r.total_tokens.map(to_i64),
+            );
+            client
+                .execute(
+                    insert,
+                    &[
+                        &r.id,
+                        &r.ts,
+                        &r.client_ip,
+                        &r.key_name,
+                        &r.method,
+                        &r.path,
+                        &r.model,
+                        &r.upstream_model,
+                        &r.upstream,
+                        &r.upstream_key,
+                        &status,
+                        &r.latency_ms,
+                        &r.ttfb_ms,
+                        &prompt,
+                        &completion,
+                        &total,
+                        &r.cost,
+                        &r.usage_source,
+                        &stream,
+                        &r.error,
+                        &tries,
+                        &r.attempts,
+                        &r.request_headers,
+                        &r.response_headers,
+                        &r.request_body,
+                        &r.response_body,
+                        &r.reply_text,
+                        &r.reply_tool_calls,
+                        &search,
+                    ],
+                )
+                .await
+        }
+    });
+    futures_util::future::try_join_all(inserts).await?;
     let rollup = super::Rollup::of(records);
     let hourly = client
         .prepare(
@@ -539,45 +601,56 @@ async fn write_batch(
              total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
         )
         .await?;
-    for ((hour, model, upstream, key), row) in &rollup.hourly {
-        let numbers = [
-            row.requests,
-            row.succeeded,
-            row.prompt_tokens,
-            row.completion_tokens,
-            row.total_tokens,
-        ]
-        .map(to_i64);
-        client
-            .execute(
-                &hourly,
-                &[
-                    hour,
-                    model,
-                    upstream,
-                    key,
-                    &numbers[0],
-                    &numbers[1],
-                    &row.latency_sum,
-                    &numbers[2],
-                    &numbers[3],
-                    &numbers[4],
-                    &row.cost,
-                ],
-            )
-            .await?;
-    }
+    let hourly_rows = rollup
+        .hourly
+        .iter()
+        .map(|((hour, model, upstream, key), row)| {
+            let hourly = &hourly;
+            async move {
+                let numbers = [
+                    row.requests,
+                    row.succeeded,
+                    row.prompt_tokens,
+                    row.completion_tokens,
+                    row.total_tokens,
+                ]
+                .map(to_i64);
+                client
+                    .execute(
+                        hourly,
+                        &[
+                            hour,
+                            model,
+                            upstream,
+                            key,
+                            &numbers[0],
+                            &numbers[1],
+                            &row.latency_sum,
+                            &numbers[2],
+                            &numbers[3],
+                            &numbers[4],
+                            &row.cost,
+                        ],
+                    )
+                    .await
+            }
+        });
+    futures_util::future::try_join_all(hourly_rows).await?;
     let latency = client
         .prepare(
             "INSERT INTO rollup_latency (hour_ms, bucket, count) VALUES ($1, $2, $3) \
              ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = rollup_latency.count + excluded.count",
         )
         .await?;
-    for ((hour, bucket), count) in &rollup.latency {
-        client
-            .execute(&latency, &[hour, bucket, &to_i64(*count)])
-            .await?;
-    }
+    let latency_rows = rollup.latency.iter().map(|((hour, bucket), count)| {
+        let latency = &latency;
+        async move {
+            client
+                .execute(latency, &[hour, bucket, &to_i64(*count)])
+                .await
+        }
+    });
+    futures_util::future::try_join_all(latency_rows).await?;
     let upsert = client
         .prepare(
             "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -585,6 +658,11 @@ async fn write_batch(
              tokens = usage_counters.tokens + excluded.tokens, cost = usage_counters.cost + excluded.cost",
         )
         .await?;
+    // In one order for every instance, so concurrent writers cannot deadlock.
+    let mut counters: Vec<&CounterDelta> = counters.iter().collect();
+    counters.sort_by(|a, b| {
+        (&a.scope, a.period.name(), a.window).cmp(&(&b.scope, b.period.name(), b.window))
+    });
     for c in counters {
         let (requests, tokens) = (to_i64(c.usage.requests), to_i64(c.usage.tokens));
         client

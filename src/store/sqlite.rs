@@ -162,17 +162,8 @@ fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
         clauses.push("ts <= ?".into());
         values.push(SqlValue::Integer(to));
     }
-    if let Some(search) = query
-        .search
-        .as_ref()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-    {
-        let escaped = search
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        let pattern = format!("%{escaped}%");
+    if let Some(pattern) = super::like_pattern(query.search.as_deref()) {
+        let search = query.search.as_deref().unwrap_or_default().trim();
         if search.chars().count() >= 3 {
             // The trigram index answers substring searches without scanning the log.
             clauses.push(
@@ -442,18 +433,27 @@ impl Store for SqliteStore {
 
     fn list(&self, query: &ListQuery) -> anyhow::Result<Page> {
         let connection = self.reader()?;
-        // The total counts every match, wherever the cursor stands.
-        let (count_clause, count_values) = filters(&ListQuery {
-            before: None,
-            ..query.clone()
-        });
-        let total: i64 = connection.query_row(
-            &format!("SELECT COUNT(*) FROM requests {count_clause}"),
-            params_from_iter(count_values.iter()),
-            |row| row.get(0),
-        )?;
-        let (clause, values) = filters(query);
         let (page, per_page, offset) = query.window();
+        let searching = query
+            .search
+            .as_deref()
+            .is_some_and(|s| !s.trim().is_empty());
+        // The total counts every match, wherever the cursor stands (searches: see
+        // `Page::from_search_rows`).
+        let total: i64 = if searching {
+            0
+        } else {
+            let (count_clause, count_values) = filters(&ListQuery {
+                before: None,
+                ..query.clone()
+            });
+            connection.query_row(
+                &super::capped_count_sql(&count_clause),
+                params_from_iter(count_values.iter()),
+                |row| row.get(0),
+            )?
+        };
+        let (clause, values) = filters(query);
         let sql = format!(
             "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
             per_page + 1
@@ -462,7 +462,11 @@ impl Store for SqliteStore {
             .into_iter()
             .map(present)
             .collect();
-        Ok(Page::from_rows(data, page, per_page, total))
+        Ok(if searching {
+            Page::from_search_rows(data, page, per_page, offset)
+        } else {
+            Page::from_rows(data, page, per_page, total)
+        })
     }
 
     fn get(&self, id: &str) -> anyhow::Result<Option<Value>> {
@@ -527,7 +531,7 @@ impl Store for SqliteStore {
         let breakdown = |column: &str| -> anyhow::Result<Vec<Value>> {
             let sql = format!(
                 "SELECT {column} AS name, {aggregates} FROM rollup_hourly WHERE hour_ms >= ? AND hour_ms <= ? \
-                 GROUP BY {column} ORDER BY requests DESC"
+                 GROUP BY {column} ORDER BY requests DESC, name"
             );
             Ok(finish(query_values(&connection, &sql, &range)?))
         };
@@ -540,7 +544,7 @@ impl Store for SqliteStore {
             };
             let sql = format!(
                 "SELECT (hour_ms / {bucket}) * {bucket} AS start_ms{select}, {aggregates} FROM rollup_hourly \
-                 WHERE hour_ms >= ? GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms"
+                 WHERE hour_ms >= ? GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms{group}"
             );
             Ok(finish(query_values(
                 &connection,

@@ -1,0 +1,201 @@
+//! The two stores give the same answers: the same records written to an embedded SQLite
+//! file and to a fresh database on the local PostgreSQL, then every kind of list, search,
+//! detail and stats query compared field by field.
+
+mod common;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use sluice::store::{ListQuery, LogRecord, Store};
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// More rows than a search looks through among the newest, so both of its paths run.
+const ROWS: usize = 6_000;
+
+fn record(i: usize, now_ms: i64) -> LogRecord {
+    let models = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"];
+    let status = match i % 20 {
+        0 => 500,
+        1 => 429,
+        _ => 200,
+    };
+    // The oldest rows carry a phrase no newer row has.
+    let rare = if i < 3 { " Zeppelin-Harbour" } else { "" };
+    LogRecord {
+        id: format!("req_{i:08}"),
+        // Over the last two days, older for smaller `i`, two rows to each millisecond.
+        ts: now_ms - 48 * HOUR_MS + (i as i64 / 2) * (48 * HOUR_MS / ROWS as i64),
+        client_ip: "10.0.0.1".into(),
+        key_name: format!("key-{}", i % 4),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: Some(models[i % 3].into()),
+        upstream_model: Some(models[i % 3].into()),
+        upstream: Some(["openai", "azure"][i % 2].into()),
+        upstream_key: Some("sk-…a1b2".into()),
+        status,
+        latency_ms: 10.0 + (i % 97) as f64,
+        ttfb_ms: Some(5.0),
+        prompt_tokens: Some(10 + (i % 7) as u64),
+        completion_tokens: Some(3),
+        total_tokens: Some(13 + (i % 7) as u64),
+        cost: Some(0.001),
+        usage_source: Some("upstream".into()),
+        stream: i % 2 == 0,
+        error: (status != 200).then(|| "upstream said no".into()),
+        tries: 1,
+        attempts: "[]".into(),
+        request_headers: "{}".into(),
+        response_headers: "{}".into(),
+        request_body: Some(format!(
+            r#"{{"messages":[{{"content":"Question {i} about LIGHTHOUSES{rare}"}}]}}"#
+        )),
+        response_body: Some(format!(r#"{{"answer":"reply {i}"}}"#)),
+        reply_text: Some(format!("reply {i}")),
+        reply_tool_calls: None,
+    }
+}
+
+fn query(edit: impl FnOnce(&mut ListQuery)) -> ListQuery {
+    let mut query = ListQuery {
+        page: 1,
+        per_page: 50,
+        ..ListQuery::default()
+    };
+    edit(&mut query);
+    query
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_and_postgres_answer_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}", dir.path().join("log.db").display());
+    let postgres_url = common::fresh_postgres_database().await;
+    let now_ms = sluice::limits::unix_now_ms();
+    let records: Vec<LogRecord> = (0..ROWS).map(|i| record(i, now_ms)).collect();
+    let (sqlite, postgres) = tokio::task::spawn_blocking(move || {
+        let sqlite = sluice::store::open(&sqlite_url).unwrap();
+        let postgres = sluice::store::open(&postgres_url).unwrap();
+        for store in [&sqlite, &postgres] {
+            for batch in records.chunks(1000) {
+                store.write(batch, &[]).unwrap();
+            }
+        }
+        (sqlite, postgres)
+    })
+    .await
+    .unwrap();
+
+    let queries = [
+        query(|_| {}),
+        query(|q| q.page = 3),
+        query(|q| q.model = Some("gpt-4o-mini".into())),
+        query(|q| q.key = Some("key-2".into())),
+        query(|q| q.status = Some("5xx".into())),
+        query(|q| q.status = Some("429".into())),
+        query(|q| q.status = Some("error".into())),
+        query(|q| q.from_ms = Some(now_ms - 24 * HOUR_MS)),
+        query(|q| q.before = Some((now_ms - 47 * HOUR_MS, "req_00000100".into()))),
+        // Common terms fill a page among the newest rows; case does not matter.
+        query(|q| q.search = Some("lighthouses".into())),
+        query(|q| q.search = Some("Question 59".into())),
+        query(|q| {
+            q.search = Some("lighthouses".into());
+            q.page = 2;
+        }),
+        // Rare terms are found through the index, past the newest rows.
+        query(|q| q.search = Some("zeppelin-harbour".into())),
+        query(|q| q.search = Some("Question 123 ".into())),
+        query(|q| q.search = Some("50%_off".into())),
+    ];
+    for list_query in queries {
+        let answers = both(&sqlite, &postgres, move |store| {
+            serde_json::to_value(store.list(&list_query).unwrap()).unwrap()
+        })
+        .await;
+        let (a, b) = (&answers[0], &answers[1]);
+        assert_eq!(ids(a), ids(b), "same rows");
+        for field in ["total", "total_exact", "has_more", "next_before", "page"] {
+            assert_eq!(a[field], b[field], "{field}");
+        }
+        assert_eq!(a["data"], b["data"], "same fields and values");
+    }
+    let searched = both(&sqlite, &postgres, |store| {
+        serde_json::to_value(
+            store
+                .list(&query(|q| q.search = Some("ZEPPELIN-harbour".into())))
+                .unwrap(),
+        )
+        .unwrap()
+    })
+    .await;
+    assert_eq!(
+        ids(&searched[0]),
+        ["req_00000002", "req_00000001", "req_00000000"]
+    );
+
+    let details = both(&sqlite, &postgres, |store| {
+        store.get("req_00000042").unwrap()
+    })
+    .await;
+    assert_eq!(details[0], details[1]);
+    assert!(details[0].is_some());
+
+    let stats = both(&sqlite, &postgres, move |store| {
+        store.stats(now_ms - 72 * HOUR_MS, now_ms, now_ms).unwrap()
+    })
+    .await;
+    assert_eq!(stats[0]["totals"]["requests"], ROWS);
+    for part in [
+        "totals",
+        "by_model",
+        "by_upstream",
+        "by_key",
+        "hourly",
+        "daily",
+        "hourly_by",
+    ] {
+        assert_eq!(
+            round(&stats[0][part]),
+            round(&stats[1][part]),
+            "stats {part}"
+        );
+    }
+}
+
+/// Runs `ask` on both stores (off the runtime: the stores are synchronous).
+async fn both<T: Send + 'static>(
+    sqlite: &Arc<dyn Store>,
+    postgres: &Arc<dyn Store>,
+    ask: impl Fn(&dyn Store) -> T + Send + Sync + Clone + 'static,
+) -> [T; 2] {
+    let (a, b) = (sqlite.clone(), postgres.clone());
+    tokio::task::spawn_blocking(move || [ask(a.as_ref()), ask(b.as_ref())])
+        .await
+        .unwrap()
+}
+
+/// Sums of floats may differ in the last bits between the two databases.
+fn round(value: &Value) -> Value {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            serde_json::json!((n.as_f64().unwrap() * 1e6).round() / 1e6)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(round).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), round(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
