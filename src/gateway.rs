@@ -254,13 +254,11 @@ impl Gateway {
         let admission = match shared.admit(&scopes).await {
             Ok(admission) => admission,
             Err(error) if shared.fail_open => {
-                tracing::warn!("shared limits unavailable ({error:#}); using this instance's own");
+                shared.report_outage(&error, "using this instance's own limits (on_error: open)");
                 return self.admit_locally(key, upstream, now);
             }
             Err(error) => {
-                tracing::warn!(
-                    "shared limits unavailable ({error:#}); refusing (on_error: closed)"
-                );
+                shared.report_outage(&error, "refusing requests (on_error: closed)");
                 return Err(ApiError::new(
                     http::StatusCode::SERVICE_UNAVAILABLE,
                     "server_error",

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -386,6 +387,9 @@ pub struct SharedState {
     jobs: mpsc::Sender<Job>,
     /// Tells this instance's own events from the others'.
     origin: u64,
+    /// When an outage was last logged (Unix seconds), so a busy gateway logs it once a
+    /// second rather than once a request.
+    outage_logged: AtomicI64,
 }
 
 impl std::fmt::Debug for SharedState {
@@ -428,6 +432,7 @@ impl SharedState {
             fail_open,
             jobs,
             origin: fastrand::u64(1..),
+            outage_logged: AtomicI64::new(0),
         })
     }
 
@@ -469,6 +474,15 @@ impl SharedState {
             anyhow::Ok(Admission { at, refused })
         };
         redis.within(redis.timeout, call).await
+    }
+
+    /// Logs that Redis did not answer and what the gateway does instead, at most once a
+    /// second.
+    pub fn report_outage(&self, error: &anyhow::Error, instead: &str) {
+        let now = crate::limits::unix_now();
+        if self.outage_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!("shared state unavailable ({error:#}); {instead}");
+        }
     }
 
     /// Queues a correction of a scope's counts. Never blocks; callable from any thread.

@@ -125,8 +125,37 @@ fn start_redis(port: u16) -> RedisServer {
     panic!("redis-server did not start");
 }
 
+/// Requests `gw` in a few concurrent loops until `stop`, keeping every status.
+fn load(
+    gw: &TestGateway,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u16>> {
+    let url = gw.url("/v1/models/gpt-4o");
+    tokio::spawn(async move {
+        let loops = (0..4).map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let status = client()
+                        .get(&url)
+                        .header("authorization", "Bearer fk-alice-0001")
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                        .map_or(0, |r| r.status().as_u16());
+                    statuses.push(status);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                statuses
+            }
+        });
+        futures_util::future::join_all(loops).await.concat()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_redis_stops_fail_open_uses_local_limits_fail_closed_refuses_and_both_recover() {
+async fn when_redis_stops_mid_load_fail_open_admits_fail_closed_refuses_and_both_recover() {
     let mock = mock().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -135,19 +164,18 @@ async fn when_redis_stops_fail_open_uses_local_limits_fail_closed_refuses_and_bo
         .port();
     let redis = format!("redis://127.0.0.1:{port}");
     let server = start_redis(port);
-    let open = gateway(&config(&mock, &redis, &prefix(), 1000, "open")).await;
-    let closed = gateway(&config(&mock, &redis, &prefix(), 1000, "closed")).await;
+    let open = gateway(&config(&mock, &redis, &prefix(), 100_000, "open")).await;
+    let closed = gateway(&config(&mock, &redis, &prefix(), 100_000, "closed")).await;
     assert_eq!(get(&open).await, 200);
     assert_eq!(get(&closed).await, 200);
 
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let open_load = load(&open, stop.clone());
+    let closed_load = load(&closed, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
     drop(server);
-    for _ in 0..5 {
-        assert_eq!(
-            get(&open).await,
-            200,
-            "fail-open admits on the instance's own limits"
-        );
-    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Mid-outage, fail-closed answers in OpenAI shape.
     let response = client()
         .get(closed.url("/v1/models/gpt-4o"))
         .header("authorization", "Bearer fk-alice-0001")
@@ -166,6 +194,23 @@ async fn when_redis_stops_fail_open_uses_local_limits_fail_closed_refuses_and_bo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(recovered, "back to shared limits once Redis is back");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (open_statuses, closed_statuses) = (open_load.await.unwrap(), closed_load.await.unwrap());
+    assert!(
+        open_statuses.iter().all(|s| *s == 200),
+        "fail-open admits every request on the instance's own limits: {open_statuses:?}"
+    );
+    assert!(
+        closed_statuses.iter().all(|s| *s == 200 || *s == 503),
+        "fail-closed answers 200 or 503, nothing else: {closed_statuses:?}"
+    );
+    assert!(closed_statuses.contains(&503), "{closed_statuses:?}");
+    assert_eq!(
+        closed_statuses.last(),
+        Some(&200),
+        "fail-closed admits again after the outage"
+    );
 }
 
 fn served_by(response: &reqwest::Response) -> String {

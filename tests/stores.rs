@@ -199,3 +199,87 @@ fn round(value: &Value) -> Value {
         other => other.clone(),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_log_from_an_earlier_version_is_migrated_at_start() {
+    let url = common::fresh_postgres_database().await;
+    let now_ms = sluice::limits::unix_now_ms();
+    let opened = url.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = sluice::store::open(&opened).unwrap();
+        store.write(&[record(7, now_ms)], &[]).unwrap();
+    })
+    .await
+    .unwrap();
+    // As the version before migration 1 wrote it: search text in its original case.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "UPDATE requests SET search_text = search_text || ' MixedCase-Marker';
+             UPDATE sluice_schema SET version = 0;",
+        )
+        .await
+        .unwrap();
+
+    let found = tokio::task::spawn_blocking(move || {
+        let store = sluice::store::open(&url).unwrap();
+        store
+            .list(&query(|q| q.search = Some("mixedcase-MARKER".into())))
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        found.data.len(),
+        1,
+        "the old row is found case-insensitively"
+    );
+    let version: i32 = client
+        .query_one("SELECT version FROM sluice_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(version >= 1);
+}
+
+#[tokio::test]
+async fn a_sqlite_log_from_an_earlier_version_is_migrated_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let url = format!("sqlite://{}", path.display());
+    let now_ms = sluice::limits::unix_now_ms();
+    let records: Vec<LogRecord> = (0..3).map(|i| record(i, now_ms)).collect();
+    sluice::store::open(&url)
+        .unwrap()
+        .write(&records, &[])
+        .unwrap();
+    // As the version before migration 1 wrote it: search rows numbered on their own, in
+    // their original case.
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    connection
+        .execute_batch(
+            "UPDATE requests SET request_body = request_body || ' MixedCase-Marker' WHERE id = 'req_00000001';
+             DELETE FROM requests_search;
+             INSERT INTO requests_search (rowid, id, text)
+                 SELECT 100 + rowid, id, id || request_body FROM requests ORDER BY rowid DESC;
+             PRAGMA user_version = 0;",
+        )
+        .unwrap();
+    drop(connection);
+
+    let store = sluice::store::open(&url).unwrap();
+    let found = store
+        .list(&query(|q| q.search = Some("mixedcase-MARKER".into())))
+        .unwrap();
+    assert_eq!(
+        found
+            .data
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect::<Vec<_>>(),
+        ["req_00000001"]
+    );
+}

@@ -302,14 +302,64 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
             tracing::error!("PostgreSQL connection ended: {error}");
         }
     });
-    client
-        .batch_execute(SCHEMA)
-        .await
-        .context("cannot apply the schema")?;
-    if let Err(error) = client.batch_execute(TRIGRAM_INDEX).await {
-        tracing::warn!("no pg_trgm index ({error}); text search scans the log");
-    }
+    migrate(&client).await.context("cannot apply the schema")?;
     Ok(client)
+}
+
+/// Changes to a log an earlier sluice wrote, in order; `sluice_schema.version` counts
+/// those applied. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: search text is kept lowercased, so a search is a plain LIKE.
+    "UPDATE requests SET search_text = lower(search_text) WHERE search_text <> lower(search_text)",
+];
+
+/// Any number of lock key: instances starting together take turns applying the schema
+/// (concurrent `CREATE … IF NOT EXISTS` can collide in PostgreSQL).
+const SCHEMA_LOCK: i64 = 0x736c_7569_6365;
+
+/// Creates what is missing and applies pending migrations, in one transaction.
+async fn migrate(client: &Client) -> anyhow::Result<()> {
+    client.batch_execute("BEGIN").await?;
+    let applied = async {
+        client
+            .query_one("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await?;
+        client.batch_execute(SCHEMA).await?;
+        client.batch_execute("SAVEPOINT trigram").await?;
+        if let Err(error) = client.batch_execute(TRIGRAM_INDEX).await {
+            tracing::warn!("no pg_trgm index ({error}); text search scans the log");
+            client.batch_execute("ROLLBACK TO SAVEPOINT trigram").await?;
+        }
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER NOT NULL);
+                 INSERT INTO sluice_schema SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM sluice_schema);",
+            )
+            .await?;
+        let version: i32 = client
+            .query_one("SELECT version FROM sluice_schema", &[])
+            .await?
+            .get(0);
+        let done = usize::try_from(version).unwrap_or(0);
+        for (number, migration) in MIGRATIONS.iter().enumerate().skip(done) {
+            tracing::info!("applying log migration {}", number + 1);
+            client.batch_execute(migration).await?;
+        }
+        let latest = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+        client
+            .execute("UPDATE sluice_schema SET version = $1", &[&latest])
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    match applied {
+        Ok(()) => client.batch_execute("COMMIT").await?,
+        Err(error) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 impl Store for PostgresStore {

@@ -110,6 +110,7 @@ impl SqliteStore {
         writer
             .execute_batch(SCHEMA)
             .context("cannot create the schema")?;
+        migrate(&writer).context("cannot migrate the log")?;
         let reader = connect(path)?;
         Ok(Self {
             writer: Mutex::new(writer),
@@ -124,8 +125,80 @@ impl SqliteStore {
     }
 }
 
+/// Changes to a log an earlier sluice wrote, in order; `PRAGMA user_version` counts those
+/// applied. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: each search row shares its request's rowid (a search can then look through the
+    // newest requests' text directly) and holds lowercased text.
+    "DELETE FROM requests_search;
+     INSERT INTO requests_search (rowid, id, text)
+     SELECT rowid, id, lower(id || char(10) || path || char(10) || coalesce(model, '') || char(10)
+         || coalesce(upstream_model, '') || char(10) || key_name || char(10) || coalesce(upstream, '')
+         || char(10) || coalesce(error, '') || char(10) || substr(coalesce(request_body, ''), 1, 65536)
+         || char(10) || substr(coalesce(response_body, ''), 1, 65536) || char(10)
+         || substr(coalesce(reply_text, ''), 1, 65536))
+     FROM requests;",
+];
+
+fn migrate(connection: &Connection) -> anyhow::Result<()> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let done = usize::try_from(version).unwrap_or(0);
+    for (number, migration) in MIGRATIONS.iter().enumerate().skip(done) {
+        tracing::info!("applying log migration {}", number + 1);
+        let transaction = connection.unchecked_transaction()?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", i64::try_from(number + 1)?)?;
+        transaction.commit()?;
+    }
+    Ok(())
+}
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A search among the newest rows matching the other filters: the page when they hold
+/// enough matches (a common term) or are all there is, else `None` (the trigram index
+/// answers instead).
+fn search_recent(
+    connection: &Connection,
+    query: &ListQuery,
+    pattern: &str,
+    limit: u64,
+    offset: u64,
+) -> anyhow::Result<Option<Vec<Value>>> {
+    let (clause, mut values) = filters(&ListQuery {
+        search: None,
+        ..query.clone()
+    });
+    let recent = format!(
+        "SELECT rowid AS rid, id, ts FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {}",
+        super::SEARCH_RECENT_ROWS
+    );
+    let filter_values = values.clone();
+    values.push(SqlValue::Text(pattern.to_string()));
+    let sql = format!(
+        "SELECT {} FROM ({recent}) AS recent JOIN requests_search ON requests_search.rowid = recent.rid \
+         JOIN requests ON requests.rowid = recent.rid \
+         WHERE requests_search.text LIKE ? ESCAPE '\\' \
+         ORDER BY recent.ts DESC, recent.id DESC LIMIT {limit} OFFSET {offset}",
+        SUMMARY_COLUMNS
+            .split(',')
+            .map(|c| format!("requests.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let data = query_values(connection, &sql, &values)?;
+    if data.len() as u64 >= limit {
+        return Ok(Some(data));
+    }
+    // Too few matches: complete only if the newest rows were all the rows there are.
+    let scanned: i64 = connection.query_row(
+        &format!("SELECT COUNT(*) FROM ({recent})"),
+        params_from_iter(filter_values.iter()),
+        |row| row.get(0),
+    )?;
+    Ok((scanned < super::SEARCH_RECENT_ROWS).then_some(data))
 }
 
 /// Builds the WHERE clause of a list query.
@@ -314,8 +387,10 @@ impl Store for SqliteStore {
                     r.reply_tool_calls,
                 ])?;
             }
-            let mut search = transaction
-                .prepare_cached("INSERT INTO requests_search (id, text) VALUES (?1, ?2)")?;
+            // The search row takes its request's rowid (see `search`).
+            let mut search = transaction.prepare_cached(
+                "INSERT INTO requests_search (rowid, id, text) SELECT rowid, id, ?2 FROM requests WHERE id = ?1",
+            )?;
             for r in records {
                 search.execute(params![r.id, super::search_text(r)])?;
             }
@@ -453,15 +528,24 @@ impl Store for SqliteStore {
                 |row| row.get(0),
             )?
         };
-        let (clause, values) = filters(query);
-        let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
-            per_page + 1
-        );
-        let data: Vec<Value> = query_values(&connection, &sql, &values)?
-            .into_iter()
-            .map(present)
-            .collect();
+        let recent = match super::like_pattern(query.search.as_deref()) {
+            Some(pattern) => search_recent(&connection, query, &pattern, per_page + 1, offset)?,
+            None => None,
+        };
+        let data: Vec<Value> = match recent {
+            Some(data) => data,
+            None => {
+                let (clause, values) = filters(query);
+                let sql = format!(
+                    "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
+                    per_page + 1
+                );
+                query_values(&connection, &sql, &values)?
+            }
+        }
+        .into_iter()
+        .map(present)
+        .collect();
         Ok(if searching {
             Page::from_search_rows(data, page, per_page, offset)
         } else {
