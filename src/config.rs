@@ -125,6 +125,18 @@ pub struct Config {
     pub pricing: HashMap<String, Price>,
     /// Limits shared with other instances through Redis.
     pub shared_state: Option<SharedState>,
+    /// Where to send a trace of each request (OTLP over HTTP); `None` sends none.
+    pub traces: Option<Traces>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Traces {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans go to
+    /// `{endpoint}/v1/traces`.
+    pub endpoint: String,
+    pub service_name: String,
+    /// Sent with every export (a vendor's API key, say); values are secret.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

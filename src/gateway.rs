@@ -30,6 +30,8 @@ pub struct Gateway {
     pub sessions: Arc<crate::dashboard::Sessions>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub shared_state: Option<Arc<SharedState>>,
+    /// Sends request traces to a collector, when configured.
+    pub traces: Option<Arc<crate::traces::Exporter>>,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
@@ -81,6 +83,7 @@ pub struct Shared {
     pub recorder: Option<Arc<Recorder>>,
     pub sessions: Arc<crate::dashboard::Sessions>,
     pub shared_state: Option<Arc<SharedState>>,
+    pub traces: Option<Arc<crate::traces::Exporter>>,
 }
 
 impl Shared {
@@ -100,6 +103,16 @@ impl Shared {
             )),
             None => None,
         };
+        let traces = match (&config.traces, &config.storage.url) {
+            (Some(traces), Some(_)) => Some(crate::traces::Exporter::start(traces)?),
+            (Some(_), None) => {
+                tracing::warn!(
+                    "traces are built from the request log; with storage off none are sent"
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let recorder = match &config.storage.url {
             Some(url) => {
                 let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
@@ -113,6 +126,7 @@ impl Shared {
                     metrics.clone(),
                     pricing,
                     settle,
+                    traces.clone(),
                 )?))
             }
             None => None,
@@ -123,6 +137,7 @@ impl Shared {
             recorder,
             sessions: Default::default(),
             shared_state,
+            traces,
         })
     }
 }
@@ -166,6 +181,7 @@ impl Gateway {
             recorder: shared.recorder,
             sessions: shared.sessions,
             shared_state: shared.shared_state,
+            traces: shared.traces,
             metrics: shared.metrics,
             read_json_always,
         })
@@ -179,6 +195,7 @@ impl Gateway {
             recorder: self.recorder.clone(),
             sessions: self.sessions.clone(),
             shared_state: self.shared_state.clone(),
+            traces: self.traces.clone(),
         }
     }
 
@@ -190,12 +207,16 @@ impl Gateway {
         path: &str,
     ) -> Option<Box<Pending>> {
         self.recorder.as_ref().map(|_| {
-            Box::new(Pending::new(
+            let mut pending = Box::new(Pending::new(
                 client,
                 parts.method.clone(),
                 path,
                 parts.headers.clone(),
-            ))
+            ));
+            if self.traces.is_some() {
+                pending.trace = Some(crate::traces::TraceContext::from_headers(&parts.headers));
+            }
+            pending
         })
     }
 

@@ -47,5 +47,6 @@ pub mod shared;
 pub mod store;
 pub mod sys;
 pub mod token;
+pub mod traces;
 pub mod upstream;
 pub mod usage;

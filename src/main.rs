@@ -241,10 +241,14 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
     // Whatever the log still holds is written before the process ends.
     let flushing = current.load();
     let shared_state = flushing.shared_state.clone();
+    let traces = flushing.traces.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown()).await;
     // Usage settled by the last answers goes to Redis before the process ends.
     if let Some(shared_state) = shared_state {
         shared_state.flush().await;
+    }
+    if let Some(traces) = traces {
+        traces.flush().await;
     }
     tracing::info!("request log flushed; bye");
     served

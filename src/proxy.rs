@@ -41,6 +41,8 @@ pub const TRIES_HEADER: &str = "x-sluice-tries";
 /// The request header that pins a conversation to one upstream and key.
 pub const SESSION_HEADER: &str = "x-session-id";
 
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Only the fields routing needs; everything else is skipped (but still checked as JSON).
@@ -70,6 +72,8 @@ pub struct Attempt {
     /// The upstream's status, or `None` if no response came.
     pub status: Option<u16>,
     pub error: Option<String>,
+    /// When it started, from the start of the request.
+    pub offset: Duration,
     pub elapsed: Duration,
 }
 
@@ -343,6 +347,9 @@ async fn forward_inner(
         for (name, value) in &upstream.config.headers {
             headers.insert(name.clone(), value.clone());
         }
+        if let Some(trace) = record.as_ref().and_then(|r| r.trace.as_ref()) {
+            headers.insert(TRACEPARENT, trace.traceparent());
+        }
 
         let url = upstream.url(path, parts.uri.query());
         let mut request = upstream
@@ -374,11 +381,15 @@ async fn forward_inner(
         )
         .await;
         let elapsed = started.elapsed();
+        let offset = record.as_ref().map_or(Duration::ZERO, |r| {
+            started.into_std().saturating_duration_since(r.started)
+        });
         let mut attempt = Attempt {
             upstream: upstream.config.name.clone(),
             key: choice.key.and_then(|k| upstream.masked_key(k)),
             status: None,
             error: None,
+            offset,
             elapsed,
         };
         let failure = match outcome {

@@ -93,6 +93,8 @@ pub struct Pending {
     pub counted: bool,
     /// Where the key was counted and what it reserved, which the settlement corrects.
     pub ticket: Option<crate::gateway::KeyTicket>,
+    /// Its place in a trace, when traces are exported.
+    pub trace: Option<crate::traces::TraceContext>,
     pub method: Method,
     pub path: String,
     pub model: Option<String>,
@@ -124,6 +126,7 @@ impl Pending {
             key_label: "-".into(),
             counted: false,
             ticket: None,
+            trace: None,
             method,
             path: path.to_string(),
             model: None,
@@ -207,6 +210,7 @@ impl Recorder {
         metrics: Arc<crate::metrics::Metrics>,
         pricing: HashMap<String, Price>,
         shared: Option<Arc<crate::shared::SharedState>>,
+        traces: Option<Arc<crate::traces::Exporter>>,
     ) -> anyhow::Result<Self> {
         restore_counters(store.as_ref(), &limiter)?;
         let (sender, receiver) = sync_channel(storage.queue);
@@ -216,6 +220,7 @@ impl Recorder {
             limiter,
             metrics,
             shared,
+            traces,
             pricing,
             stats: stats.clone(),
             log_bodies: storage.log_bodies,
@@ -302,6 +307,7 @@ struct Writer {
     metrics: Arc<crate::metrics::Metrics>,
     /// Limits shared through Redis, settled from this thread through the gateway's runtime.
     shared: Option<Arc<crate::shared::SharedState>>,
+    traces: Option<Arc<crate::traces::Exporter>>,
     pricing: HashMap<String, Price>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
@@ -452,6 +458,9 @@ impl Writer {
                 );
             }
             self.metrics.observe(&record);
+            if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {
+                traces.export(crate::traces::spans(&record, trace, &pending.attempts));
+            }
             records.push(record);
         }
         let counters: Vec<CounterDelta> = counters

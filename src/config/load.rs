@@ -10,17 +10,17 @@ use http::{HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::raw::RawSharedState;
 use super::raw::{
     RawAccess, RawAdmin, RawBudget, RawGatewayKey, RawPrice, RawRouting, RawServer, RawStorage,
     RawTimeouts, RawToken, RawUpstream, Scalar,
 };
+use super::raw::{RawSharedState, RawTraces};
 use super::{
     Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn,
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
     parse_net, parse_size,
 };
-use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage};
+use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -75,6 +75,7 @@ const SECTIONS: &[&str] = &[
     "admin",
     "pricing",
     "shared_state",
+    "traces",
 ];
 
 /// Loads and checks the configuration. On failure, returns every problem found.
@@ -329,6 +330,9 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
     let raw_shared: RawSharedState =
         section(top.get("shared_state"), "shared_state", &mut problems).unwrap_or_default();
     let shared_state = resolve_shared_state(raw_shared, &mut problems);
+    let raw_traces: RawTraces =
+        section(top.get("traces"), "traces", &mut problems).unwrap_or_default();
+    let traces = resolve_traces(raw_traces, env, &mut problems);
 
     if problems.is_empty() {
         Ok(Config {
@@ -340,6 +344,7 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
             admin,
             pricing,
             shared_state,
+            traces,
         })
     } else {
         Err(problems)
@@ -747,6 +752,21 @@ fn resolve_shared_state(raw: RawSharedState, problems: &mut Vec<Problem>) -> Opt
         fail_open,
         timeout,
         prefix: raw.prefix.unwrap_or_else(|| "sluice".into()),
+    })
+}
+
+fn resolve_traces(raw: RawTraces, env: &EnvMap, problems: &mut Vec<Problem>) -> Option<Traces> {
+    let endpoint = raw.otlp_endpoint.filter(|u| !u.trim().is_empty())?;
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        problems.push(Problem::new(
+            "traces.otlp_endpoint",
+            "not a URL like http://collector:4318",
+        ));
+    }
+    Some(Traces {
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        service_name: raw.service_name.unwrap_or_else(|| "sluice".into()),
+        headers: resolve_headers(&raw.headers, "traces.headers", env, problems),
     })
 }
 

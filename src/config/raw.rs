@@ -172,3 +172,11 @@ pub struct RawSharedState {
     pub timeout: Option<Scalar>,
     pub prefix: Option<String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTraces {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub headers: BTreeMap<String, String>,
+}
