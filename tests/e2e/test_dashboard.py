@@ -165,6 +165,8 @@ def test_requests_search_filter_page_and_detail(site, browser):
     assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == total - 50
 
     browser.get(f"http://{gateway.address}/#/requests?auto=0")
+    # The view re-renders on the hash change: take the search field of the new render.
+    wait(browser, EC.text_to_be_present_in_element((By.ID, "page-info"), "Page 1 of 2"))
     search = wait(browser, EC.presence_of_element_located((By.NAME, "search")))
     search.send_keys("needle-alpha")
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
