@@ -81,6 +81,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stats_cover_whole_hours_of_the_range_and_rank_busiest_first() {
+        let now: i64 = 1_795_636_800_000 + 30 * 60_000; // 20:30 UTC
+        let row = |hours_ago: i64, model: &str, requests: u64| HourRow {
+            hour_ms: (now.div_euclid(HOUR_MS) - hours_ago) * HOUR_MS,
+            model: model.into(),
+            upstream: "u".into(),
+            key_name: "k".into(),
+            sums: RollupRow {
+                requests,
+                succeeded: requests - 1,
+                latency_sum: 10.0 * requests as f64,
+                ..RollupRow::default()
+            },
+        };
+        let rows = [
+            row(0, "b", 2),
+            row(0, "a", 2),
+            row(1, "c", 5),
+            row(72, "old", 9),
+        ];
+        // The last 90 minutes: the current hour and the one before, not the old row.
+        let answer = stats_answer(&rows, &[], now - 90 * 60_000, now, now);
+        assert_eq!(answer["totals"]["requests"], 9);
+        assert_eq!(answer["totals"]["errors"], 3);
+        assert_eq!(answer["totals"]["avg_latency_ms"], 10.0);
+        let names: Vec<&str> = answer["by_model"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["c", "a", "b"], "busiest first, ties by name");
+        assert_eq!(answer["hourly"].as_array().unwrap().len(), 2);
+        let daily: Vec<u64> = answer["daily"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["requests"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            daily,
+            [9, 9],
+            "three days ago (outside the range) and today"
+        );
+        assert_eq!(answer["hourly_by"]["model"].as_array().unwrap().len(), 3);
+        let empty = stats_answer(&[], &[], now - HOUR_MS, now, now);
+        assert_eq!(empty["totals"]["requests"], 0);
+        assert!(empty["totals"]["avg_latency_ms"].is_null());
+    }
+
+    #[test]
     fn histogram_percentiles_are_within_five_percent() {
         for latency in [0.05, 0.3, 1.0, 12.5, 900.0] {
             let upper = bucket_upper_ms(latency_bucket(latency));
@@ -313,6 +364,144 @@ impl Rollup {
         }
         rollup
     }
+}
+
+impl RollupRow {
+    fn add(&mut self, other: &RollupRow) {
+        self.requests += other.requests;
+        self.succeeded += other.succeeded;
+        self.latency_sum += other.latency_sum;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+        self.cost += other.cost;
+    }
+
+    /// The aggregate as the stats answer shows it, rates included.
+    fn to_json(&self) -> Value {
+        let errors = self.requests - self.succeeded.min(self.requests);
+        serde_json::json!({
+            "requests": self.requests,
+            "succeeded": self.succeeded,
+            "avg_latency_ms": (self.requests > 0).then(|| self.latency_sum / self.requests as f64),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cost": self.cost,
+            "errors": errors,
+            "success_rate": if self.requests > 0 { self.succeeded as f64 / self.requests as f64 } else { 0.0 },
+        })
+    }
+}
+
+/// One row of the hourly rollup table, as both stores read it.
+#[derive(Debug, Clone)]
+pub struct HourRow {
+    pub hour_ms: i64,
+    pub model: String,
+    pub upstream: String,
+    pub key_name: String,
+    pub sums: RollupRow,
+}
+
+/// The hours a stats answer covers: (first hour of `[from, to]`, the earliest hour any
+/// part of the answer reads). Rows from the earliest hour on are what
+/// [`stats_answer`] needs.
+pub fn stats_span(from_ms: i64, now_ms: i64) -> (i64, i64) {
+    let first = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    let (since_hour, since_day) = series_starts(now_ms);
+    (first, first.min(since_hour).min(since_day))
+}
+
+/// Where the hourly (48 h) and daily (30 days) series start.
+fn series_starts(now_ms: i64) -> (i64, i64) {
+    let day = 24 * HOUR_MS;
+    (
+        (now_ms.div_euclid(HOUR_MS) - 47) * HOUR_MS,
+        (now_ms.div_euclid(day) - 29) * day,
+    )
+}
+
+/// `/api/stats` from the rollup rows since [`stats_span`]'s earliest hour and the latency
+/// histogram of `[from, to]`: totals and breakdowns of `[from, to]` (whole hours), and
+/// the hourly and daily series, overall and by model, upstream and key. Both stores read
+/// the rows in one query each and share this, so they answer alike, in one order.
+pub fn stats_answer(
+    rows: &[HourRow],
+    buckets: &[(i64, i64)],
+    from_ms: i64,
+    to_ms: i64,
+    now_ms: i64,
+) -> Value {
+    use std::collections::BTreeMap;
+    let (first, _) = stats_span(from_ms, now_ms);
+    let (since_hour, since_day) = series_starts(now_ms);
+    let day = 24 * HOUR_MS;
+    let in_range: Vec<&HourRow> = rows
+        .iter()
+        .filter(|r| r.hour_ms >= first && r.hour_ms <= to_ms)
+        .collect();
+    let mut totals_sum = RollupRow::default();
+    for row in &in_range {
+        totals_sum.add(&row.sums);
+    }
+    let mut totals = totals_sum.to_json();
+    totals["p95_latency_ms"] = serde_json::json!(histogram_percentile(buckets, 95.0));
+
+    type Name = fn(&HourRow) -> &str;
+    let dimensions: [(&str, &str, Name); 3] = [
+        ("model", "by_model", |r| &r.model),
+        ("upstream", "by_upstream", |r| &r.upstream),
+        ("key", "by_key", |r| &r.key_name),
+    ];
+    let series = |bucket: i64, since: i64, name: Option<Name>| -> Vec<Value> {
+        let mut groups: BTreeMap<(i64, &str), RollupRow> = BTreeMap::new();
+        for row in rows.iter().filter(|r| r.hour_ms >= since) {
+            let start = row.hour_ms.div_euclid(bucket) * bucket;
+            let label = name.map_or("", |name| name(row));
+            groups.entry((start, label)).or_default().add(&row.sums);
+        }
+        groups
+            .into_iter()
+            .map(|((start, label), sums)| {
+                let mut value = sums.to_json();
+                value["start_ms"] = serde_json::json!(start);
+                if name.is_some() {
+                    value["name"] = serde_json::json!(label);
+                }
+                value
+            })
+            .collect()
+    };
+    let mut answer = serde_json::json!({
+        "from_ms": from_ms,
+        "to_ms": to_ms,
+        "totals": totals,
+        "hourly": series(HOUR_MS, since_hour, None),
+        "daily": series(day, since_day, None),
+        "hourly_by": {},
+        "daily_by": {},
+    });
+    for (label, breakdown, name) in dimensions {
+        let mut groups: BTreeMap<&str, RollupRow> = BTreeMap::new();
+        for row in &in_range {
+            groups.entry(name(row)).or_default().add(&row.sums);
+        }
+        let mut ranked: Vec<(&str, RollupRow)> = groups.into_iter().collect();
+        // Busiest first; ties by name (the map's order, kept by a stable sort).
+        ranked.sort_by(|a, b| b.1.requests.cmp(&a.1.requests));
+        answer[breakdown] = ranked
+            .into_iter()
+            .map(|(label, sums)| {
+                let mut value = sums.to_json();
+                value["name"] = serde_json::json!(label);
+                value
+            })
+            .collect();
+        answer["hourly_by"][label] = series(HOUR_MS, since_hour, Some(name)).into();
+        answer["daily_by"][label] = series(day, since_day, Some(name)).into();
+    }
+    answer
 }
 
 /// What text search looks through for one record.

@@ -226,14 +226,6 @@ fn row_to_json(row: &Row) -> Value {
     super::sqlite::present(Value::Object(object))
 }
 
-const AGGREGATES: &str = "CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
-     CAST(COALESCE(SUM(succeeded), 0) AS BIGINT) AS succeeded, \
-     CAST(SUM(latency_sum) / NULLIF(SUM(requests), 0) AS DOUBLE PRECISION) AS avg_latency_ms, \
-     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-     CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
-     CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) AS total_tokens, \
-     CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) AS cost";
-
 impl PostgresStore {
     /// Connects, applies the schema, and starts the store's thread.
     pub fn open(url: &str) -> anyhow::Result<Self> {
@@ -475,91 +467,42 @@ impl Store for PostgresStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         self.call(move |client| async move {
-            let hour = super::HOUR_MS;
-            let day = 24 * hour;
-            let first = from_ms.div_euclid(hour) * hour;
-            let finish = |rows: Vec<Row>| -> Vec<Value> {
-                rows.iter()
-                    .map(|row| {
-                        let mut value = row_to_json(row);
-                        super::sqlite::finish_rates(&mut value);
-                        value
-                    })
-                    .collect()
-            };
-            let since_hour = (now_ms.div_euclid(hour) - 47) * hour;
-            let since_day = (now_ms.div_euclid(day) - 29) * day;
-            let series = |bucket: i64, by: Option<&str>| {
-                let (select, group) = match by {
-                    Some(column) => (format!(", {column} AS name"), format!(", {column}")),
-                    None => (String::new(), String::new()),
-                };
-                format!(
-                    "SELECT (hour_ms / {bucket}) * {bucket} AS start_ms{select}, {AGGREGATES} FROM rollup_hourly \
-                     WHERE hour_ms >= $1 GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms{group}"
-                )
-            };
-            let range: [&(dyn ToSql + Sync); 2] = [&first, &to_ms];
-            let hours: [&(dyn ToSql + Sync); 1] = [&since_hour];
-            let days: [&(dyn ToSql + Sync); 1] = [&since_day];
-            let columns = [("model", "model"), ("upstream", "upstream"), ("key", "key_name")];
-            // Every query of the page, in this order; sent at once (tokio-postgres pipelines
-            // them), so the page costs one round trip plus the server's work.
-            let mut queries: Vec<(String, &[&(dyn ToSql + Sync)])> = vec![
-                (format!("SELECT {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2"), &range),
-                (
-                    "SELECT bucket, CAST(SUM(count) AS BIGINT) FROM rollup_latency WHERE hour_ms >= $1 AND hour_ms <= $2 \
-                     GROUP BY bucket ORDER BY bucket"
-                        .to_string(),
-                    &range,
+            let (first, earliest) = super::stats_span(from_ms, now_ms);
+            // Both queries go out at once (pipelined).
+            let (hours, histogram) = futures_util::future::try_join(
+                client.query(
+                    "SELECT hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, prompt_tokens, \
+                     completion_tokens, total_tokens, cost FROM rollup_hourly WHERE hour_ms >= $1",
+                    &[&earliest],
                 ),
-                (series(hour, None), &hours),
-                (series(day, None), &days),
-            ];
-            for (_, column) in columns {
-                queries.push((
-                    format!(
-                        "SELECT {column} AS name, {AGGREGATES} FROM rollup_hourly WHERE hour_ms >= $1 AND hour_ms <= $2 \
-                         GROUP BY {column} ORDER BY requests DESC, name"
-                    ),
-                    &range,
-                ));
-                queries.push((series(hour, Some(column)), &hours));
-                queries.push((series(day, Some(column)), &days));
-            }
-            let mut answers = futures_util::future::try_join_all(
-                queries.iter().map(|(sql, params)| client.query(sql.as_str(), params)),
+                client.query(
+                    "SELECT bucket, CAST(SUM(count) AS BIGINT) FROM rollup_latency WHERE hour_ms >= $1 AND hour_ms <= $2 \
+                     GROUP BY bucket ORDER BY bucket",
+                    &[&first, &to_ms],
+                ),
             )
-            .await?
-            .into_iter();
-            let mut next = || answers.next().unwrap_or_default();
-            let mut totals = next().first().map_or_else(|| json!({}), row_to_json);
-            super::sqlite::finish_rates(&mut totals);
-            let buckets: Vec<(i64, i64)> = next().iter().map(|row| (row.get(0), row.get(1))).collect();
-            totals["p95_latency_ms"] = json!(super::histogram_percentile(&buckets, 95.0));
-            let hourly = finish(next());
-            let daily = finish(next());
-            let mut by = Map::new();
-            let mut hourly_by = Map::new();
-            let mut daily_by = Map::new();
-            for (name, column) in columns {
-                let key = match column {
-                    "model" => "by_model",
-                    "upstream" => "by_upstream",
-                    _ => "by_key",
-                };
-                by.insert(key.into(), Value::Array(finish(next())));
-                hourly_by.insert(name.into(), Value::Array(finish(next())));
-                daily_by.insert(name.into(), Value::Array(finish(next())));
-            }
-            let mut out = json!({
-                "from_ms": from_ms, "to_ms": to_ms, "totals": totals,
-                "hourly": hourly, "daily": daily, "hourly_by": hourly_by, "daily_by": daily_by,
-            });
-            for (name, value) in by {
-                out[name] = value;
-            }
-            Ok(out)
+            .await?;
+            let count = |value: i64| u64::try_from(value).unwrap_or(0);
+            let rows: Vec<super::HourRow> = hours
+                .iter()
+                .map(|row| super::HourRow {
+                    hour_ms: row.get(0),
+                    model: row.get(1),
+                    upstream: row.get(2),
+                    key_name: row.get(3),
+                    sums: super::RollupRow {
+                        requests: count(row.get(4)),
+                        succeeded: count(row.get(5)),
+                        latency_sum: row.get(6),
+                        prompt_tokens: count(row.get(7)),
+                        completion_tokens: count(row.get(8)),
+                        total_tokens: count(row.get(9)),
+                        cost: row.get(10),
+                    },
+                })
+                .collect();
+            let buckets: Vec<(i64, i64)> = histogram.iter().map(|row| (row.get(0), row.get(1))).collect();
+            Ok(super::stats_answer(&rows, &buckets, from_ms, to_ms, now_ms))
         })
     }
 

@@ -565,121 +565,42 @@ impl Store for SqliteStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         let connection = self.reader()?;
-        let hour = super::HOUR_MS;
-        let day = 24 * hour;
-        // Hour buckets overlapping [from, to].
-        let first = from_ms.div_euclid(hour) * hour;
-        let range = [SqlValue::Integer(first), SqlValue::Integer(to_ms)];
-        let aggregates = "SUM(requests) AS requests, SUM(succeeded) AS succeeded, \
-            SUM(latency_sum) / SUM(requests) AS avg_latency_ms, SUM(prompt_tokens) AS prompt_tokens, \
-            SUM(completion_tokens) AS completion_tokens, SUM(total_tokens) AS total_tokens, SUM(cost) AS cost";
-        let finish = |rows: Vec<Value>| -> Vec<Value> {
-            rows.into_iter()
-                .map(|mut v| {
-                    finish_rates(&mut v);
-                    v
+        let (first, earliest) = super::stats_span(from_ms, now_ms);
+        let mut hours = connection.prepare_cached(
+            "SELECT hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, prompt_tokens, \
+             completion_tokens, total_tokens, cost FROM rollup_hourly WHERE hour_ms >= ?1",
+        )?;
+        let count = |value: i64| u64::try_from(value).unwrap_or(0);
+        let rows: Vec<super::HourRow> = hours
+            .query_map(params![earliest], |row| {
+                Ok(super::HourRow {
+                    hour_ms: row.get(0)?,
+                    model: row.get(1)?,
+                    upstream: row.get(2)?,
+                    key_name: row.get(3)?,
+                    sums: super::RollupRow {
+                        requests: count(row.get(4)?),
+                        succeeded: count(row.get(5)?),
+                        latency_sum: row.get(6)?,
+                        prompt_tokens: count(row.get(7)?),
+                        completion_tokens: count(row.get(8)?),
+                        total_tokens: count(row.get(9)?),
+                        cost: row.get(10)?,
+                    },
                 })
-                .collect()
-        };
-        let mut totals = query_values(
-            &connection,
-            &format!("SELECT {aggregates} FROM rollup_hourly WHERE hour_ms >= ? AND hour_ms <= ?"),
-            &range,
-        )?
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| json!({}));
-        for field in [
-            "requests",
-            "succeeded",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-        ] {
-            if totals[field].is_null() {
-                totals[field] = json!(0);
-            }
-        }
-        if totals["cost"].is_null() {
-            totals["cost"] = json!(0.0);
-        }
-        finish_rates(&mut totals);
-        let mut histogram = connection.prepare(
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut histogram = connection.prepare_cached(
             "SELECT bucket, SUM(count) FROM rollup_latency WHERE hour_ms >= ?1 AND hour_ms <= ?2 GROUP BY bucket ORDER BY bucket",
         )?;
         let buckets: Vec<(i64, i64)> = histogram
             .query_map(params![first, to_ms], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        totals["p95_latency_ms"] = json!(super::histogram_percentile(&buckets, 95.0));
-
-        let breakdown = |column: &str| -> anyhow::Result<Vec<Value>> {
-            let sql = format!(
-                "SELECT {column} AS name, {aggregates} FROM rollup_hourly WHERE hour_ms >= ? AND hour_ms <= ? \
-                 GROUP BY {column} ORDER BY requests DESC, name"
-            );
-            Ok(finish(query_values(&connection, &sql, &range)?))
-        };
-        let since_hour = (now_ms.div_euclid(hour) - 47) * hour;
-        let since_day = (now_ms.div_euclid(day) - 29) * day;
-        let series = |bucket: i64, since: i64, by: Option<&str>| -> anyhow::Result<Vec<Value>> {
-            let (select, group) = match by {
-                Some(column) => (format!(", {column} AS name"), format!(", {column}")),
-                None => (String::new(), String::new()),
-            };
-            let sql = format!(
-                "SELECT (hour_ms / {bucket}) * {bucket} AS start_ms{select}, {aggregates} FROM rollup_hourly \
-                 WHERE hour_ms >= ? GROUP BY hour_ms / {bucket}{group} ORDER BY start_ms{group}"
-            );
-            Ok(finish(query_values(
-                &connection,
-                &sql,
-                &[SqlValue::Integer(since)],
-            )?))
-        };
-        let mut hourly_by = serde_json::Map::new();
-        let mut daily_by = serde_json::Map::new();
-        for (name, column) in [
-            ("model", "model"),
-            ("upstream", "upstream"),
-            ("key", "key_name"),
-        ] {
-            hourly_by.insert(
-                name.into(),
-                Value::Array(series(hour, since_hour, Some(column))?),
-            );
-            daily_by.insert(
-                name.into(),
-                Value::Array(series(day, since_day, Some(column))?),
-            );
-        }
-        Ok(json!({
-            "from_ms": from_ms,
-            "to_ms": to_ms,
-            "totals": totals,
-            "by_model": breakdown("model")?,
-            "by_upstream": breakdown("upstream")?,
-            "by_key": breakdown("key_name")?,
-            "hourly": series(hour, since_hour, None)?,
-            "daily": series(day, since_day, None)?,
-            "hourly_by": hourly_by,
-            "daily_by": daily_by,
-        }))
+        Ok(super::stats_answer(&rows, &buckets, from_ms, to_ms, now_ms))
     }
 
     fn ping(&self) -> anyhow::Result<()> {
         self.reader()?.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
     }
-}
-
-/// Adds `success_rate` (0–1) and `errors` to an aggregate row.
-pub(super) fn finish_rates(value: &mut Value) {
-    let requests = value.get("requests").and_then(Value::as_i64).unwrap_or(0);
-    let succeeded = value.get("succeeded").and_then(Value::as_i64).unwrap_or(0);
-    value["errors"] = json!(requests - succeeded);
-    value["success_rate"] = json!(if requests > 0 {
-        succeeded as f64 / requests as f64
-    } else {
-        0.0
-    });
 }
