@@ -489,7 +489,7 @@ pub fn stats_answer(
         }
         let mut ranked: Vec<(&str, RollupRow)> = groups.into_iter().collect();
         // Busiest first; ties by name (the map's order, kept by a stable sort).
-        ranked.sort_by(|a, b| b.1.requests.cmp(&a.1.requests));
+        ranked.sort_by_key(|(_, sums)| std::cmp::Reverse(sums.requests));
         answer[breakdown] = ranked
             .into_iter()
             .map(|(label, sums)| {
