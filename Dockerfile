@@ -6,6 +6,8 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# The repository's release profile keeps debug info for profiling; the image does not.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY bench bench
