@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real outbound proxies for the proxy tests, and a real browser for the dashboard tests,
-# from Debian's packages.
+# Real outbound proxies for the proxy tests, a real browser for the dashboard tests, and
+# the PostgreSQL and Redis clients and server the tests drive, from Debian's packages.
 missing=()
 for tool in tinyproxy microsocks; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# psql creates the SDK tests' PostgreSQL databases; redis-server runs the outage test.
+command -v psql >/dev/null || missing+=(postgresql-client)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
