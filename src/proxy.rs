@@ -103,7 +103,6 @@ pub async fn forward(
             if let (0, Caller::Gateway(key), Some(ticket)) = (tries, &caller, ticket) {
                 gateway.refund(key, ticket);
                 if let Some(record) = record.as_mut() {
-                    record.counted = false;
                     record.ticket = None;
                 }
             }
@@ -304,9 +303,7 @@ async fn forward_inner(
         if let Some(admitted) = admitted {
             *ticket = Some(admitted);
             if let (Caller::Gateway(key), Some(record)) = (caller, record.as_mut()) {
-                record.key = Some(key.clone());
-                record.counted = true;
-                record.ticket = Some(admitted);
+                record.admitted(key, Some(admitted));
             }
         }
         if !upstream_ok {

@@ -89,9 +89,8 @@ pub struct Pending {
     pub client_ip: IpAddr,
     pub key: Option<Arc<GatewayKey>>,
     pub key_label: String,
-    /// Whether the key's request counters counted this request.
-    pub counted: bool,
-    /// Where the key was counted and what it reserved, which the settlement corrects.
+    /// Where the key's counters counted this request and what it reserved, which the
+    /// settlement corrects; `None` when the request was not counted (refused or refunded).
     pub ticket: Option<crate::gateway::KeyTicket>,
     /// Its place in a trace, when traces are exported.
     pub trace: Option<crate::traces::TraceContext>,
@@ -115,6 +114,12 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Marks the request as its gateway key's, counted as `ticket` says.
+    pub fn admitted(&mut self, key: &Arc<GatewayKey>, ticket: Option<crate::gateway::KeyTicket>) {
+        self.key = Some(key.clone());
+        self.ticket = ticket;
+    }
+
     pub fn new(client_ip: IpAddr, method: Method, path: &str, request_headers: HeaderMap) -> Self {
         let started_ms = crate::limits::unix_now_ms();
         Self {
@@ -124,7 +129,6 @@ impl Pending {
             client_ip,
             key: None,
             key_label: "-".into(),
-            counted: false,
             ticket: None,
             trace: None,
             method,
@@ -419,7 +423,7 @@ impl Writer {
                 add(
                     scope,
                     Usage {
-                        requests: u64::from(pending.counted),
+                        requests: u64::from(pending.ticket.is_some()),
                         tokens,
                         cost,
                     },
@@ -520,7 +524,7 @@ impl Writer {
                     shared.settle(Settlement {
                         scope: scope.to_string(),
                         at: None,
-                        requests: i64::from(pending.counted),
+                        requests: i64::from(ticket.is_some()),
                         tokens,
                         cost,
                     });

@@ -283,9 +283,7 @@ async fn respond(
                         }
                     };
                     if let Some(record) = record.as_mut() {
-                        record.key = Some(key.clone());
-                        record.counted = true;
-                        record.ticket = ticket;
+                        record.admitted(key, ticket);
                     }
                 }
                 models::list(gateway, caller, parts, body, &route, record).await
