@@ -292,16 +292,11 @@ impl Gateway {
         if let Some(refusal) = admission.refused {
             match (key_limited, scopes.get(refusal.scope)) {
                 (Some((k, _)), Some(scope)) if scope.required => {
-                    let budget = refusal.what.contains("budget");
-                    let (code, verb) = if budget {
-                        ("budget_exceeded", "used up")
-                    } else {
-                        ("rate_limit_exceeded", "reached its limit of")
-                    };
-                    return Err(crate::limits::limited(
-                        code,
-                        format!("API key `{}` {verb} {}", k.name, refusal.what),
+                    return Err(crate::limits::key_refused(
+                        &k.name,
+                        &refusal.what,
                         refusal.retry_after,
+                        refusal.budget,
                     ));
                 }
                 _ => upstream_ok = false,

@@ -276,6 +276,25 @@ pub fn limited(code: &'static str, message: String, retry_after: u64) -> ApiErro
     error
 }
 
+/// The 429 for a gateway key at a rate limit or, with `budget`, out of budget; `what` names
+/// the limit ("60 requests per minute", "the day budget"). Local and shared limits say
+/// it alike.
+pub fn key_refused(key: &str, what: &str, retry_after: u64, budget: bool) -> ApiError {
+    if budget {
+        limited(
+            "budget_exceeded",
+            format!("API key `{key}` used up {what}"),
+            retry_after,
+        )
+    } else {
+        limited(
+            "rate_limit_exceeded",
+            format!("API key `{key}` reached its limit of {what}"),
+            retry_after,
+        )
+    }
+}
+
 /// The first limit `usage` breaks, as (what, retry-after seconds).
 fn check_limits(limits: &Limits, state: Option<&ScopeState>, now: i64) -> Option<(String, u64)> {
     let usage = |period| state.map_or_else(Usage::default, |s| s.usage(period, now));
@@ -337,22 +356,14 @@ impl Limiter {
         let scope = key_scope(&key.name);
         let state = guard.scopes.get(&scope);
         if let Some((what, retry)) = check_limits(&key.limits, state, now) {
-            return Err(limited(
-                "rate_limit_exceeded",
-                format!("API key `{}` reached its limit of {what}", key.name),
-                retry,
-            ));
+            return Err(key_refused(&key.name, &what, retry, false));
         }
         if let Some((what, retry)) = key
             .budget
             .as_ref()
             .and_then(|b| check_budget(b, state, now))
         {
-            return Err(limited(
-                "budget_exceeded",
-                format!("API key `{}` used up {what}", key.name),
-                retry,
-            ));
+            return Err(key_refused(&key.name, &what, retry, true));
         }
         let state = guard.scopes.entry(scope).or_default();
         for period in Period::ALL {

@@ -189,6 +189,8 @@ pub struct Refusal {
     /// Which limit, and seconds until its window ends.
     pub what: String,
     pub retry_after: u64,
+    /// A budget refused, rather than a rate limit.
+    pub budget: bool,
 }
 
 /// A correction to a scope's counts, queued and sent in batches.
@@ -468,6 +470,8 @@ impl SharedState {
                 invocation.invoke_async(&mut connection).await?;
             let refused = (status != 1).then(|| Refusal {
                 scope: usize::try_from(index - 1).unwrap_or(0),
+                // ADMIT names a budget refusal "the <period> budget".
+                budget: what.ends_with(" budget"),
                 what,
                 retry_after: u64::try_from(retry).unwrap_or(1).max(1),
             });
