@@ -311,8 +311,7 @@ const SCHEMA_LOCK: i64 = 0x736c_7569_6365;
 
 /// Creates what is missing and applies pending migrations, in one transaction.
 async fn migrate(client: &Client) -> anyhow::Result<()> {
-    client.batch_execute("BEGIN").await?;
-    let applied = async {
+    in_transaction(client, async {
         client
             .query_one("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .await?;
@@ -341,17 +340,29 @@ async fn migrate(client: &Client) -> anyhow::Result<()> {
         client
             .execute("UPDATE sluice_schema SET version = $1", &[&latest])
             .await?;
-        anyhow::Ok(())
-    }
-    .await;
-    match applied {
-        Ok(()) => client.batch_execute("COMMIT").await?,
+        Ok(())
+    })
+    .await
+}
+
+/// Runs `work` (a future not yet started) between BEGIN and COMMIT on `client`, rolling
+/// back if it fails. The client is shared, but its calls are sequential, so nothing else
+/// runs inside the transaction.
+async fn in_transaction<T>(
+    client: &Client,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    client.batch_execute("BEGIN").await?;
+    match work.await {
+        Ok(done) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(done)
+        }
         Err(error) => {
             let _ = client.batch_execute("ROLLBACK").await;
-            return Err(error);
+            Err(error)
         }
     }
-    Ok(())
 }
 
 impl Store for PostgresStore {
@@ -359,18 +370,8 @@ impl Store for PostgresStore {
         let records = records.to_vec();
         let counters = counters.to_vec();
         self.call(move |client| async move {
-            // One transaction per batch; the client is shared, so BEGIN/COMMIT run on it
-            // and no other call interleaves (calls are sequential per batch writer).
-            client.batch_execute("BEGIN").await?;
-            let outcome = write_batch(&client, &records, &counters).await;
-            match outcome {
-                Ok(()) => client.batch_execute("COMMIT").await?,
-                Err(error) => {
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    return Err(error);
-                }
-            }
-            Ok(())
+            // One transaction per batch.
+            in_transaction(&client, write_batch(&client, &records, &counters)).await
         })
     }
 
