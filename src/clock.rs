@@ -1,7 +1,9 @@
-//! A cheap monotonic millisecond clock for cooldowns and expiries kept in atomics.
+//! A cheap monotonic millisecond clock for cooldowns and expiries kept in atomics, and a
+//! throttle on it for warnings.
 
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -18,4 +20,51 @@ pub fn now_ms() -> u64 {
 /// Microseconds since the process first asked.
 pub fn now_us() -> u64 {
     u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Says yes at most once per interval: for warnings a busy gateway would otherwise log
+/// once a request (a store that does not answer, a collector that is down).
+#[derive(Debug)]
+pub struct Throttle {
+    every_ms: u64,
+    /// When it last said yes (`now_ms`), 0 for never.
+    last: AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the interval has passed since it last said yes; if so, it starts again.
+    pub fn ready(&self) -> bool {
+        let now = now_ms();
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now >= last.saturating_add(self.every_ms);
+        due && self
+            .last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_says_yes_once_per_interval() {
+        let throttle = Throttle::new(Duration::from_millis(50));
+        assert!(throttle.ready());
+        assert!(!throttle.ready());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            throttle.ready(),
+            "due again after the interval, however often it was asked"
+        );
+        assert!(!throttle.ready());
+    }
 }

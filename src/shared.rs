@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -389,9 +388,8 @@ pub struct SharedState {
     jobs: mpsc::Sender<Job>,
     /// Tells this instance's own events from the others'.
     origin: u64,
-    /// When an outage was last logged (Unix seconds), so a busy gateway logs it once a
-    /// second rather than once a request.
-    outage_logged: AtomicI64,
+    /// Outages are logged once a second, not once a request.
+    outage_log: crate::clock::Throttle,
 }
 
 impl std::fmt::Debug for SharedState {
@@ -434,7 +432,7 @@ impl SharedState {
             fail_open,
             jobs,
             origin: fastrand::u64(1..),
-            outage_logged: AtomicI64::new(0),
+            outage_log: crate::clock::Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -483,8 +481,7 @@ impl SharedState {
     /// Logs that Redis did not answer and what the gateway does instead, at most once a
     /// second.
     pub fn report_outage(&self, error: &anyhow::Error, instead: &str) {
-        let now = crate::limits::unix_now();
-        if self.outage_logged.swap(now, Ordering::Relaxed) != now {
+        if self.outage_log.ready() {
             tracing::warn!("shared state unavailable ({error:#}); {instead}");
         }
     }

@@ -9,7 +9,6 @@
 //! slowing requests. Traces therefore need the request log on (`storage`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
@@ -249,7 +248,7 @@ async fn send(
     resource: Value,
     mut jobs: mpsc::Receiver<Job>,
 ) {
-    let failure_logged = AtomicI64::new(0);
+    let failure_log = crate::clock::Throttle::new(Duration::from_secs(10));
     while let Some(first) = jobs.recv().await {
         let mut spans = Vec::new();
         let mut flushes = Vec::new();
@@ -285,8 +284,7 @@ async fn send(
                 Err(error) => Some(error.without_url().to_string()),
             };
             if let Some(problem) = problem {
-                let now = crate::limits::unix_now();
-                if failure_logged.swap(now, Ordering::Relaxed) + 10 <= now {
+                if failure_log.ready() {
                     tracing::warn!("cannot export traces: {problem}");
                 }
             }
