@@ -394,6 +394,10 @@ impl RollupRow {
     }
 }
 
+/// The rollup columns a [`HourRow`] is read from, in its fields' order.
+pub const HOUR_ROW_COLUMNS: &str = "hour_ms, model, upstream, key_name, requests, succeeded, \
+    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost";
+
 /// One row of the hourly rollup table, as both stores read it.
 #[derive(Debug, Clone)]
 pub struct HourRow {

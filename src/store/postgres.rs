@@ -472,8 +472,10 @@ impl Store for PostgresStore {
             // Both queries go out at once (pipelined).
             let (hours, histogram) = futures_util::future::try_join(
                 client.query(
-                    "SELECT hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, prompt_tokens, \
-                     completion_tokens, total_tokens, cost FROM rollup_hourly WHERE hour_ms >= $1",
+                    &format!(
+                        "SELECT {} FROM rollup_hourly WHERE hour_ms >= $1",
+                        super::HOUR_ROW_COLUMNS
+                    ),
                     &[&earliest],
                 ),
                 client.query(

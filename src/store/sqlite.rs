@@ -566,10 +566,10 @@ impl Store for SqliteStore {
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         let connection = self.reader()?;
         let (first, earliest) = super::stats_span(from_ms, now_ms);
-        let mut hours = connection.prepare_cached(
-            "SELECT hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, prompt_tokens, \
-             completion_tokens, total_tokens, cost FROM rollup_hourly WHERE hour_ms >= ?1",
-        )?;
+        let mut hours = connection.prepare_cached(&format!(
+            "SELECT {} FROM rollup_hourly WHERE hour_ms >= ?1",
+            super::HOUR_ROW_COLUMNS
+        ))?;
         let count = |value: i64| u64::try_from(value).unwrap_or(0);
         let rows: Vec<super::HourRow> = hours
             .query_map(params![earliest], |row| {
