@@ -232,13 +232,11 @@ impl Router {
         let Ok(mut sessions) = self.sessions.lock() else {
             return false;
         };
-        let tell = sessions.get(session).is_none_or(|pin| {
+        let previous = sessions.get(session).copied();
+        let tell = previous.is_none_or(|pin| {
             pin.choice != choice || pin.expires <= now || now.duration_since(pin.told) > ttl / 4
         });
-        let told = match sessions.get(session) {
-            Some(pin) if !tell => pin.told,
-            _ => now,
-        };
+        let told = previous.filter(|_| !tell).map_or(now, |pin| pin.told);
         Self::insert(
             &mut sessions,
             session,
@@ -270,8 +268,14 @@ impl Router {
         }
     }
 
+    /// Sets a session's pin: in place when it has one (no new key on the hot path), else
+    /// added, making room first when the map is full.
     fn insert(sessions: &mut HashMap<String, Pin>, session: &str, pin: Pin) {
-        if sessions.len() >= SESSION_LIMIT && !sessions.contains_key(session) {
+        if let Some(slot) = sessions.get_mut(session) {
+            *slot = pin;
+            return;
+        }
+        if sessions.len() >= SESSION_LIMIT {
             let now = Instant::now();
             sessions.retain(|_, pin| pin.expires > now);
             if sessions.len() >= SESSION_LIMIT {
