@@ -388,8 +388,9 @@ pub struct SharedState {
     jobs: mpsc::Sender<Job>,
     /// Tells this instance's own events from the others'.
     origin: u64,
-    /// Outages are logged once a second, not once a request.
+    /// Outages and a full queue are logged once a second, not once a request.
     outage_log: crate::clock::Throttle,
+    queue_full_log: crate::clock::Throttle,
 }
 
 impl std::fmt::Debug for SharedState {
@@ -433,6 +434,7 @@ impl SharedState {
             jobs,
             origin: fastrand::u64(1..),
             outage_log: crate::clock::Throttle::new(Duration::from_secs(1)),
+            queue_full_log: crate::clock::Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -504,8 +506,12 @@ impl SharedState {
     }
 
     fn queue(&self, job: Job) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.jobs.try_send(job) {
-            tracing::warn!("shared state queue full; a settlement or event was dropped");
+        let full = matches!(
+            self.jobs.try_send(job),
+            Err(mpsc::error::TrySendError::Full(_))
+        );
+        if full && self.queue_full_log.ready() {
+            tracing::warn!("shared state queue full; settlements or events are being dropped");
         }
     }
 
