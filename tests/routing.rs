@@ -8,15 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use sluice::mock::{Fault, MockOptions, MockServer};
-
-async fn named(name: &str) -> MockServer {
-    mock_with(MockOptions {
-        name: name.into(),
-        ..MockOptions::default()
-    })
-    .await
-}
+use sluice::mock::{Fault, MockOptions};
 
 async fn post_chat(gw: &TestGateway, model: &str, stream: bool) -> reqwest::Response {
     client()
@@ -28,17 +20,10 @@ async fn post_chat(gw: &TestGateway, model: &str, stream: bool) -> reqwest::Resp
         .unwrap()
 }
 
-fn served_by(response: &reqwest::Response) -> String {
-    response.headers()["x-sluice-upstream"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test]
 async fn models_route_to_the_upstream_serving_them_and_aliases_rewrite_both_ways() {
-    let a = named("a").await;
-    let b = named("b").await;
+    let a = named_mock("a", None).await;
+    let b = named_mock("b", None).await;
     let yaml = format!(
         "upstreams:
   - {{name: a, base_url: '{}', models: [gpt-4o]}}
@@ -136,7 +121,7 @@ async fn distribution(strategy: &str, weights: &[u32], requests: usize) -> Vec<u
     let mut mocks = Vec::new();
     let mut yaml = format!("routing: {{strategy: {strategy}, retries: 0}}\nupstreams:\n");
     for (i, weight) in weights.iter().enumerate() {
-        let mock = named(&format!("u{i}")).await;
+        let mock = named_mock(&format!("u{i}"), None).await;
         yaml.push_str(&format!(
             "  - {{name: u{i}, base_url: '{}', weight: {weight}}}\n",
             mock.url()
@@ -169,7 +154,7 @@ async fn least_busy_avoids_an_upstream_holding_open_streams() {
         ..MockOptions::default()
     })
     .await;
-    let idle = named("idle").await;
+    let idle = named_mock("idle", None).await;
     let yaml = format!(
         "routing: {{strategy: least_busy, retries: 0}}\nupstreams:\n  - {{name: busy, base_url: '{}'}}\n  - {{name: idle, base_url: '{}'}}\n",
         busy.url(),
@@ -201,7 +186,7 @@ async fn lowest_latency_prefers_the_fast_upstream() {
         ..MockOptions::default()
     })
     .await;
-    let fast = named("fast").await;
+    let fast = named_mock("fast", None).await;
     let yaml = format!(
         "routing: {{strategy: lowest_latency, retries: 0}}\nupstreams:\n  - {{name: slow, base_url: '{}'}}\n  - {{name: fast, base_url: '{}'}}\n",
         slow.url(),
@@ -227,7 +212,7 @@ async fn a_failing_upstream_is_failed_over_rests_and_comes_back() {
         ..MockOptions::default()
     })
     .await;
-    let good = named("good").await;
+    let good = named_mock("good", None).await;
     let yaml = format!(
         "routing: {{retries: 2, cooldown: 400ms, backoff: 1ms}}\nupstreams:\n  - {{name: bad, base_url: '{}'}}\n  - {{name: good, base_url: '{}'}}\n",
         bad.url(),
@@ -270,7 +255,7 @@ async fn connect_errors_and_first_byte_timeouts_fail_over() {
         ..MockOptions::default()
     })
     .await;
-    let good = named("good").await;
+    let good = named_mock("good", None).await;
     let yaml = format!(
         "routing: {{strategy: round_robin, retries: 2, backoff: 1ms}}
 upstreams:
@@ -320,8 +305,8 @@ async fn exhausted_retries_report_the_last_failure() {
 
 #[tokio::test]
 async fn client_errors_are_never_retried() {
-    let a = named("a").await;
-    let b = named("b").await;
+    let a = named_mock("a", None).await;
+    let b = named_mock("b", None).await;
     let yaml = format!(
         "upstreams:\n  - {{name: a, base_url: '{}'}}\n  - {{name: b, base_url: '{}'}}\n",
         a.url(),
@@ -349,7 +334,7 @@ async fn nothing_is_retried_once_a_byte_reached_the_client() {
         ..MockOptions::default()
     })
     .await;
-    let other = named("other").await;
+    let other = named_mock("other", None).await;
     let yaml = format!(
         "routing: {{strategy: round_robin}}\nupstreams:\n  - {{name: cut, base_url: '{}'}}\n  - {{name: other, base_url: '{}'}}\n",
         cut.url(),
@@ -375,7 +360,7 @@ async fn nothing_is_retried_once_a_byte_reached_the_client() {
 
 #[tokio::test]
 async fn a_rate_limited_key_rests_for_retry_after_and_another_key_answers() {
-    let mock = named("m").await;
+    let mock = named_mock("m", None).await;
     let yaml = format!(
         "routing: {{backoff: 1ms}}\nupstreams:\n  - {{name: m, base_url: '{}', keys: [sk-key-one-0001, sk-key-two-0002]}}\n",
         mock.url()
@@ -505,7 +490,11 @@ async fn tokens_are_refreshed_before_they_expire() {
 
 #[tokio::test]
 async fn sessions_stick_to_one_upstream_and_move_when_it_fails() {
-    let mocks = [named("a").await, named("b").await, named("c").await];
+    let mocks = [
+        named_mock("a", None).await,
+        named_mock("b", None).await,
+        named_mock("c", None).await,
+    ];
     let yaml = format!(
         "routing: {{session_ttl: 10m, backoff: 1ms, cooldown: 1m}}\nupstreams:\n{}",
         mocks

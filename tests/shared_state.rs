@@ -213,22 +213,6 @@ async fn when_redis_stops_mid_load_fail_open_admits_fail_closed_refuses_and_both
     );
 }
 
-fn served_by(response: &reqwest::Response) -> String {
-    response.headers()["x-sluice-upstream"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-async fn named(name: &str, fault: Option<Fault>) -> MockServer {
-    mock_with(MockOptions {
-        name: name.into(),
-        fault,
-        ..MockOptions::default()
-    })
-    .await
-}
-
 fn two_upstreams(a: &MockServer, b: &MockServer, prefix: &str, extra: &str) -> String {
     format!(
         "routing: {{strategy: round_robin, retries: 0, cooldown: 1m, session_ttl: 10m}}
@@ -256,8 +240,8 @@ async fn chat(gw: &TestGateway, session: Option<&str>) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_resting_on_one_instance_rests_on_all() {
     let (a, b) = (
-        named("a", Some(Fault::ServerError)).await,
-        named("b", None).await,
+        named_mock("a", Some(Fault::ServerError)).await,
+        named_mock("b", None).await,
     );
     let yaml = two_upstreams(&a, &b, &prefix(), "");
     let (one, two) = (gateway(&yaml).await, gateway(&yaml).await);
@@ -296,7 +280,7 @@ async fn an_upstream_resting_on_one_instance_rests_on_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_pinned_on_one_instance_sticks_on_another() {
-    let (a, b) = (named("a", None).await, named("b", None).await);
+    let (a, b) = (named_mock("a", None).await, named_mock("b", None).await);
     let yaml = two_upstreams(&a, &b, &prefix(), "");
     let (one, two) = (gateway(&yaml).await, gateway(&yaml).await);
     // Round robin on instance one: `a`, then the session's first request goes to `b`.

@@ -114,6 +114,25 @@ pub async fn mock() -> MockServer {
     mock_with(MockOptions::default()).await
 }
 
+/// A mock upstream that names itself `name` (in `x-mock-upstream` and its replies),
+/// answering with `fault` if given.
+pub async fn named_mock(name: &str, fault: Option<sluice::mock::Fault>) -> MockServer {
+    mock_with(MockOptions {
+        name: name.into(),
+        fault,
+        ..MockOptions::default()
+    })
+    .await
+}
+
+/// The upstream that answered, from sluice's `x-sluice-upstream`.
+pub fn served_by(response: &reqwest::Response) -> String {
+    response.headers()["x-sluice-upstream"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 pub async fn mock_with(options: MockOptions) -> MockServer {
     MockServer::start(options).await.expect("mock starts")
 }
