@@ -50,6 +50,13 @@ class Process:
             self.proc.kill()
 
 
+def admin_get(address, path, admin_key):
+    """GET an admin endpoint of the gateway at `address` with `admin_key`; its JSON."""
+    request = urllib.request.Request(f"http://{address}{path}", headers={"Authorization": f"Bearer {admin_key}"})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+
+
 class Mock(Process):
     def requests(self):
         with urllib.request.urlopen(f"http://{self.address}/_mock/requests") as response:

@@ -1,8 +1,5 @@
 """The dashboard in a real headless Chromium (Debian's chromium + chromium-driver)."""
 
-import json
-import os
-import pathlib
 import shutil
 import tempfile
 import time
@@ -17,7 +14,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import ROOT, Mock, start_gateway
+from conftest import ROOT, Mock, admin_get, start_gateway
 
 ADMIN_KEY = "adm-e2e-dashboard-secret-1"
 GATEWAY_KEY = "fk-e2e-dashboard-key-0001"
@@ -25,11 +22,6 @@ UPSTREAM_KEY = "sk-e2e-dashboard-upstream-1"
 SECRETS = (ADMIN_KEY, GATEWAY_KEY, UPSTREAM_KEY)
 SHOTS = ROOT / "target" / "screenshots"
 
-
-def admin_get(address, path):
-    request = urllib.request.Request(f"http://{address}{path}", headers={"authorization": f"Bearer {ADMIN_KEY}"})
-    with urllib.request.urlopen(request) as response:
-        return json.load(response)
 
 
 def status_of(url, headers=None):
@@ -62,7 +54,7 @@ pricing: {{gpt-4o: {{input: 2.5, output: 10}}}}
         client.embeddings.create(model="text-embedding-3-small", input=f"row {i}")
     total = 57
     for _ in range(200):
-        if admin_get(gateway.address, "/api/requests")["total"] == total:
+        if admin_get(gateway.address, "/api/requests", ADMIN_KEY)["total"] == total:
             break
         time.sleep(0.05)
     yield gateway, total
@@ -128,7 +120,7 @@ def test_login_and_overview_match_the_api(site, browser):
     shot(browser, "login")
     login(browser, gateway.address, ADMIN_KEY)
     card = wait(browser, EC.presence_of_element_located((By.CSS_SELECTOR, "[data-stat=requests] .value")))
-    stats = admin_get(gateway.address, f"/api/stats?from={int(time.time() * 1000) - 86400000}")
+    stats = admin_get(gateway.address, f"/api/stats?from={int(time.time() * 1000) - 86400000}", ADMIN_KEY)
     assert card.text == f"{stats['totals']['requests']:,}" == f"{total:,}"
     tokens = browser.find_element(By.CSS_SELECTOR, "[data-stat=total_tokens] .value").text
     assert tokens == f"{stats['totals']['total_tokens']:,}"

@@ -2,16 +2,14 @@
 sharing limits through the local Redis and one request log in a fresh PostgreSQL database,
 driven with the official OpenAI SDK."""
 
-import json
 import secrets
 import subprocess
 import time
-import urllib.request
 
 import openai
 import pytest
 
-from conftest import GATEWAY_KEY, UPSTREAM_KEY, start_gateway
+from conftest import GATEWAY_KEY, UPSTREAM_KEY, admin_get, start_gateway
 
 ADMIN_KEY = "admin-e2e-instances-0001"
 
@@ -45,11 +43,6 @@ admin: {{key: {ADMIN_KEY}}}
         process.stop()
 
 
-def admin_get(address, path):
-    request = urllib.request.Request(f"http://{address}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    with urllib.request.urlopen(request) as response:
-        return json.load(response)
-
 
 def test_a_key_limit_holds_across_instances_and_one_log_shows_both(instances):
     # Limits count in fixed minutes: start the burst early in one.
@@ -74,13 +67,13 @@ def test_a_key_limit_holds_across_instances_and_one_log_shows_both(instances):
     assert int(refused[0].response.headers["retry-after"]) >= 1
 
     # Either instance's status counts both instances' requests.
-    status = admin_get(instances[1].address, "/v1/status")
+    status = admin_get(instances[1].address, "/v1/status", ADMIN_KEY)
     assert status["keys"][0]["usage"]["minute"]["requests"] == 4
 
     # One log: each instance's admin API lists the six requests of both.
     deadline = time.time() + 10
     while time.time() < deadline:
-        listed = admin_get(instances[0].address, "/api/requests?key=alice")
+        listed = admin_get(instances[0].address, "/api/requests?key=alice", ADMIN_KEY)
         if listed["total"] == 6:
             break
         time.sleep(0.2)
