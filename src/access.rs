@@ -75,6 +75,13 @@ impl Caller {
     pub fn restricts_models(&self) -> bool {
         matches!(self, Caller::Gateway(key) if !key.models.any)
     }
+
+    /// Whether a decision about this caller depends on the request's model: its key may
+    /// use some models only, or pays from a cost budget priced by model. Such a request
+    /// whose model cannot be told is refused, never waved through.
+    pub fn needs_known_model(&self) -> bool {
+        matches!(self, Caller::Gateway(key) if !key.models.any || key.budget.is_some())
+    }
 }
 
 impl Guard {

@@ -32,9 +32,14 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(every: Duration) -> Self {
+    pub const fn new(every: Duration) -> Self {
+        let ms = every.as_millis();
         Self {
-            every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+            every_ms: if ms > u64::MAX as u128 {
+                u64::MAX
+            } else {
+                ms as u64
+            },
             last: AtomicU64::new(0),
         }
     }

@@ -306,6 +306,13 @@ pub struct Server {
     pub busy_poll: Duration,
     /// Origins browsers may call the API from (`"*"` for any); empty = no CORS.
     pub cors_origins: Vec<String>,
+    /// Longest a client may go without sending a byte of its request body.
+    pub body_idle_timeout: Duration,
+    /// Longest a request body may take to arrive in all.
+    pub body_timeout: Duration,
+    /// Open connections one client address may hold (the TCP peer; trusted proxies are
+    /// exempt). Zero = no cap.
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone)]

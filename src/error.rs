@@ -92,6 +92,17 @@ impl ApiError {
         )
     }
 
+    /// The client did not send its body in time (`server.body_idle_timeout`,
+    /// `server.body_timeout`).
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            "the request body did not arrive in time",
+        )
+    }
+
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,

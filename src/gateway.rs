@@ -36,6 +36,7 @@ pub struct Gateway {
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
     read_json_always: bool,
+    routes_by_model: bool,
 }
 
 /// Where and when a request's key was counted, and what it reserved: what its settlement
@@ -184,6 +185,7 @@ impl Gateway {
             traces: shared.traces,
             metrics: shared.metrics,
             read_json_always,
+            routes_by_model: routing_needs_model,
         })
     }
 
@@ -460,7 +462,13 @@ impl Gateway {
 
     /// Whether a JSON request body from this caller must be read before forwarding.
     pub fn must_read_json(&self, caller: &Caller) -> bool {
-        self.read_json_always || caller.restricts_models()
+        self.read_json_always || caller.needs_known_model()
+    }
+
+    /// Whether the upstream a request goes to depends on its model, so a form body
+    /// (audio, images) is read for its `model` field too.
+    pub fn routes_by_model(&self) -> bool {
+        self.routes_by_model
     }
 
     /// Upstreams that can serve `model`; without a model, those serving anything (or all).

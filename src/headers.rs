@@ -28,15 +28,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Credentials a client may send sluice, in any provider's style or sluice's own: none
+/// of them is the upstream's business. Cookies belong to the gateway's site (the dashboard
+/// session among them), never to a provider.
+const CLIENT_CREDENTIALS: [HeaderName; 7] = [
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+    HeaderName::from_static("x-admin-key"),
+];
+
 /// Prepares a client's request headers for an upstream: no hop-by-hop headers, no `Host`
 /// (the upstream's is set from its URL) and no client credential.
 pub fn upstream_request_headers(mut headers: HeaderMap) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove("api-key");
-    headers.remove("x-api-key");
+    for name in &CLIENT_CREDENTIALS {
+        headers.remove(name);
+    }
     headers
+}
+
+/// Whether a header's value is a credential, shown masked wherever sluice shows headers.
+/// Judged by the name's class, so a provider's new key header is covered before anyone
+/// lists it: anything naming a key, token, secret, password, signature, session, cookie
+/// or authorisation.
+pub fn is_credential_header(name: &str) -> bool {
+    const MARKS: [&str; 10] = [
+        "auth",
+        "key",
+        "token",
+        "secret",
+        "passw",
+        "signature",
+        "session",
+        "cookie",
+        "credential",
+        "jwt",
+    ];
+    let name = name.to_ascii_lowercase();
+    MARKS.iter().any(|mark| name.contains(mark))
 }
 
 #[cfg(test)]
@@ -53,6 +87,13 @@ mod tests {
         headers.insert(header::HOST, "gateway".parse().unwrap());
         headers.insert(header::AUTHORIZATION, "Bearer fk".parse().unwrap());
         headers.insert("api-key", "fk".parse().unwrap());
+        headers.insert("x-goog-api-key", "fk".parse().unwrap());
+        headers.insert("x-admin-key", "admin".parse().unwrap());
+        headers.insert(
+            header::COOKIE,
+            "sluice_session=abc; theme=dark".parse().unwrap(),
+        );
+        headers.insert(header::PROXY_AUTHORIZATION, "Basic eA==".parse().unwrap());
         headers.insert("openai-organization", "org-1".parse().unwrap());
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         let out = upstream_request_headers(headers);
@@ -60,5 +101,32 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(out.contains_key("openai-organization"));
         assert!(out.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn credential_headers_are_known_by_their_class() {
+        for name in [
+            "authorization",
+            "Proxy-Authorization",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+            "x-admin-key",
+            "cookie",
+            "set-cookie",
+            "x-amz-security-token",
+            "x-client-secret",
+            "x-signature",
+        ] {
+            assert!(is_credential_header(name), "{name}");
+        }
+        for name in [
+            "content-type",
+            "openai-organization",
+            "x-request-id",
+            "accept",
+        ] {
+            assert!(!is_credential_header(name), "{name}");
+        }
     }
 }

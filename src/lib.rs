@@ -9,6 +9,7 @@
 //! - [`models`]: `GET /v1/models`.
 //! - [`routing`]: strategies, health, cooldowns and sessions: which upstream and key.
 //! - [`rewrite`], [`shape`]: request rewrites and response shaping (model aliases).
+//! - [`multipart`]: the model field of a form body, for allow-lists and budgets.
 //! - [`limits`], [`shared`]: rate limits and budgets over fixed UTC windows, locally or
 //!   shared by several instances through Redis.
 //! - [`recorder`], [`store`], [`usage`]: the request log off the hot path, its SQLite store,
@@ -37,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mock;
 pub mod models;
+pub mod multipart;
 pub mod proxy;
 pub mod recorder;
 pub mod rewrite;

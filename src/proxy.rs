@@ -23,16 +23,16 @@ use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use crate::access::Caller;
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BodyTimeout, BoxError, TimedBody};
 use crate::error::ApiError;
 use crate::gateway::{Gateway, KeyTicket};
 use crate::headers::{strip_hop_by_hop, upstream_request_headers};
 use crate::limits::{Reserve, unix_now};
 use crate::recorder::{LogSink, Pending};
-use crate::rewrite;
 use crate::routing::{Choice, Tried};
 use crate::shape::{ModelRename, Shaper};
 use crate::upstream::{InFlight, UpstreamRuntime};
+use crate::{multipart, rewrite};
 
 /// The response header naming the upstream that answered.
 pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";
@@ -150,72 +150,22 @@ async fn forward_inner(
         tries,
         ticket,
     } = exchange;
-    let limit = gateway.config.server.max_body;
-    let declared_length = content_length(&parts.headers);
-    if declared_length.is_some_and(|len| len > limit) {
-        return Err(ApiError::payload_too_large(limit));
-    }
-    let has_body = declared_length.is_some_and(|len| len > 0)
-        || parts.headers.contains_key(header::TRANSFER_ENCODING);
-    let must_read = has_body
-        && parts.method == Method::POST
-        && is_json(&parts.headers)
-        && gateway.must_read_json(caller);
-    let mut strip_usage = false;
-
-    let (buffered, mut streamed, model, user) = if must_read {
-        let mut bytes = read_body(body, limit).await?;
-        let peek: Peek = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_json",
-                format!("the request body is not valid JSON: {e}"),
-            )
-        })?;
-        let model = peek.model.map(Cow::into_owned);
-        let user = peek.user.map(Cow::into_owned);
-        if let Some(record) = record.as_mut() {
-            record.model = model.clone();
-            record.request_body = Some(Bytes::copy_from_slice(
-                &bytes[..bytes.len().min(record_limit(gateway))],
-            ));
-        }
-        // To count a stream's tokens, ask for its usage chunk and hide it from a client
-        // that did not ask for it.
-        let wants_usage = peek.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
-        if record.is_some()
-            && peek.stream == Some(true)
-            && !wants_usage
-            && matches!(path, "/v1/chat/completions" | "/v1/completions")
-        {
-            if let Some(with_usage) =
-                rewrite::with_usage_requested(&bytes, peek.stream_options.is_some())
-            {
-                bytes = with_usage;
-                strip_usage = true;
-            }
-        }
-        (Some(bytes), None, model, user)
-    } else {
-        let streamed = has_body.then(|| {
-            reqwest::Body::wrap(Limited::new(
-                body,
-                usize::try_from(limit).unwrap_or(usize::MAX),
-            ))
-        });
-        let model = model_in_path(&parts.method, path).map(str::to_string);
-        if let Some(record) = record.as_mut() {
-            record.model = model.clone();
-        }
-        (None, streamed, model, None)
-    };
-    if let Some(model) = &model {
-        if !caller.may_use(model) {
-            return Err(ApiError::forbidden(
-                "model_not_allowed",
-                format!("this API key may not use the model `{model}`"),
-            ));
-        }
-    }
+    let Inbound {
+        buffered,
+        json: buffered_json,
+        mut streamed,
+        model,
+        user,
+        strip_usage,
+    } = read_inbound(gateway, caller, &parts, body, path, record).await?;
+    authorise_model(
+        caller,
+        path,
+        &parts,
+        &model,
+        buffered.as_ref(),
+        buffered_json,
+    )?;
     let reserve = match caller {
         Caller::Gateway(key) => gateway.estimate(
             key,
@@ -255,7 +205,8 @@ async fn forward_inner(
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .or(user)
+        // A session is a routing key held for its TTL: an end-user id, not a payload.
+        .or(user.filter(|u| u.len() <= MAX_MODEL_NAME))
         .filter(|_| gateway.router.sessions_enabled());
 
     let mut base_headers = upstream_request_headers(parts.headers);
@@ -353,7 +304,9 @@ async fn forward_inner(
             .client
             .request(parts.method.clone(), url)
             .headers(headers);
-        if let Some(bytes) = &buffered {
+        if let Some(bytes) = buffered.as_ref().filter(|_| !buffered_json) {
+            request = request.body(bytes.clone());
+        } else if let Some(bytes) = &buffered {
             let rewritten = rewrite::request_body(bytes, model.as_deref(), &upstream.config)
                 .map_err(|e| {
                     ApiError::bad_request(
@@ -515,6 +468,268 @@ async fn forward_inner(
     }
 }
 
+/// What the read stage learned of a request: its body (held, or to stream), its model and
+/// end user, and whether the usage chunk was asked for on the client's behalf.
+struct Inbound {
+    buffered: Option<Bytes>,
+    /// `buffered` is a JSON document (so it may be rewritten for an upstream).
+    json: bool,
+    streamed: Option<reqwest::Body>,
+    model: Option<String>,
+    user: Option<String>,
+    strip_usage: bool,
+}
+
+/// Reads what must be read of a request to route, authorise and price it. Whether the
+/// body is read never depends on what the client declares: any body a feature needs is
+/// read and recognised by its content (JSON, or a form with a boundary); everything else
+/// streams through under the body timeouts.
+async fn read_inbound(
+    gateway: &Gateway,
+    caller: &Caller,
+    parts: &Parts,
+    body: Incoming,
+    path: &str,
+    record: &mut Option<Box<Pending>>,
+) -> Result<Inbound, ApiError> {
+    let server = &gateway.config.server;
+    let limit = server.max_body;
+    let declared_length = content_length(&parts.headers);
+    if declared_length.is_some_and(|len| len > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let body = TimedBody::new(body, server.body_idle_timeout, server.body_timeout);
+    let has_body = declared_length.is_some_and(|len| len > 0)
+        || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let form = content_type.and_then(multipart::boundary);
+    let must_read = has_body
+        && match form {
+            Some(_) => caller.needs_known_model() || gateway.routes_by_model(),
+            None => gateway.must_read_json(caller),
+        };
+    if !must_read {
+        let streamed = has_body.then(|| {
+            reqwest::Body::wrap(Limited::new(
+                body,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            ))
+        });
+        let model = model_in_path(&parts.method, path).map(str::to_string);
+        if let Some(model) = &model {
+            check_model_name(model)?;
+        }
+        if let Some(record) = record.as_mut() {
+            record.model = model.clone();
+        }
+        return Ok(Inbound {
+            buffered: None,
+            json: false,
+            streamed,
+            model,
+            user: None,
+            strip_usage: false,
+        });
+    }
+    let mut bytes = read_body(body, limit).await?;
+    if let Some(boundary) = form {
+        // A form's model is read where it decides something; a form that cannot be read
+        // then has no model sluice can vouch for.
+        let model = boundary
+            .and_then(|b| multipart::field(&bytes, b, "model"))
+            .map_err(|e| {
+                ApiError::bad_request("invalid_form", format!("cannot read the form: {e}"))
+            })?;
+        if let Some(model) = &model {
+            check_model_name(model)?;
+        }
+        if let Some(record) = record.as_mut() {
+            record.model = model.clone();
+        }
+        return Ok(Inbound {
+            buffered: Some(bytes),
+            json: false,
+            streamed: None,
+            model,
+            user: None,
+            strip_usage: false,
+        });
+    }
+    let peek = if bytes.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<Peek>(&bytes) {
+            Ok(peek) => Some(peek),
+            // Declared JSON that is not: the client's mistake, said plainly.
+            Err(e) if content_type.is_some_and(is_json_type) => {
+                return Err(ApiError::bad_request(
+                    "invalid_json",
+                    format!("the request body is not valid JSON: {e}"),
+                ));
+            }
+            // Something else (text, binary): relayed as it is, with no model.
+            Err(_) => None,
+        }
+    };
+    let json = peek.is_some();
+    let (model, user) = match &peek {
+        Some(peek) => (
+            peek.model.as_deref().map(str::to_string),
+            peek.user.as_deref().map(str::to_string),
+        ),
+        None => (None, None),
+    };
+    if let Some(model) = &model {
+        check_model_name(model)?;
+    }
+    if let Some(record) = record.as_mut() {
+        record.model = model.clone();
+        record.request_body = Some(Bytes::copy_from_slice(
+            &bytes[..bytes.len().min(record_limit(gateway))],
+        ));
+    }
+    // To count a stream's tokens, ask for its usage chunk and hide it from a client
+    // that did not ask for it.
+    let mut strip_usage = false;
+    if let Some(peek) = &peek {
+        let wants_usage = peek.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+        if record.is_some()
+            && peek.stream == Some(true)
+            && !wants_usage
+            && matches!(path, "/v1/chat/completions" | "/v1/completions")
+        {
+            if let Some(with_usage) =
+                rewrite::with_usage_requested(&bytes, peek.stream_options.is_some())
+            {
+                bytes = with_usage;
+                strip_usage = true;
+            }
+        }
+    }
+    Ok(Inbound {
+        buffered: Some(bytes),
+        json,
+        streamed: None,
+        model,
+        user,
+        strip_usage,
+    })
+}
+
+/// The longest model name sluice accepts: real ones (fine-tunes included) are far shorter,
+/// and every name becomes a log field, a search term and a routing key.
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// Refuses model names no provider uses: over [`MAX_MODEL_NAME`] bytes, or with control
+/// characters (NUL breaks stores, line breaks forge log lines).
+fn check_model_name(model: &str) -> Result<(), ApiError> {
+    if model.len() > MAX_MODEL_NAME {
+        return Err(ApiError::bad_request(
+            "invalid_model",
+            format!("the model name is longer than {MAX_MODEL_NAME} bytes"),
+        ));
+    }
+    if model.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_model",
+            "the model name contains control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Decides whether the caller may make this request with this model. For a key limited
+/// to some models or paying from a budget, a request whose model cannot be told (a body
+/// that is neither JSON nor a form, or no model where the endpoint uses one) is refused:
+/// sluice never guesses in the caller's favour.
+fn authorise_model(
+    caller: &Caller,
+    path: &str,
+    parts: &Parts,
+    model: &Option<String>,
+    buffered: Option<&Bytes>,
+    json: bool,
+) -> Result<(), ApiError> {
+    let forbidden = |model: &str| {
+        ApiError::forbidden(
+            "model_not_allowed",
+            format!("this API key may not use the model `{model}`"),
+        )
+    };
+    if let Some(model) = model {
+        if !caller.may_use(model) {
+            return Err(forbidden(model));
+        }
+    }
+    if !caller.needs_known_model() {
+        return Ok(());
+    }
+    // A model in the query string (`/v1/realtime?model=…`) is checked too.
+    if let Some(query) = parts.uri.query() {
+        for (name, value) in form_urlencoded_pairs(query) {
+            if name == "model" && !caller.may_use(&value) {
+                return Err(forbidden(&value));
+            }
+        }
+    }
+    let body = buffered.filter(|b| !b.is_empty());
+    let is_form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(multipart::boundary)
+        .is_some();
+    match (model, body) {
+        (Some(_), _) | (None, None) => Ok(()),
+        (None, Some(_)) if !json && !is_form => Err(ApiError::bad_request(
+            "model_unknown",
+            "this API key is limited to some models or a budget, and the model of this request \
+             cannot be read: send a JSON body (or a form) with a `model` field",
+        )),
+        (None, Some(_)) if model_less(path) => Ok(()),
+        (None, Some(_)) => Err(ApiError::bad_request(
+            "model_required",
+            "this API key is limited to some models or a budget: name the `model` in the request",
+        )),
+    }
+}
+
+/// Query pairs, percent-decoded.
+fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+}
+
+/// Endpoints whose requests use no model: objects (files, batches, stores, threads…) and
+/// operations on something already made. Any other endpoint with a body and no `model`
+/// may fall back to a default model upstream, which a limited key must not reach.
+fn model_less(path: &str) -> bool {
+    const FAMILIES: [&str; 7] = [
+        "/v1/files",
+        "/v1/uploads",
+        "/v1/batches",
+        "/v1/vector_stores",
+        "/v1/conversations",
+        "/v1/containers",
+        "/v1/models",
+    ];
+    const ON_OBJECTS: [&str; 4] = [
+        "/v1/chat/completions/",
+        "/v1/responses/",
+        "/v1/fine_tuning/jobs/",
+        "/v1/assistants/",
+    ];
+    let in_family = |family: &str| {
+        path.strip_prefix(family)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    FAMILIES.iter().any(|f| in_family(f))
+        || (in_family("/v1/threads") && !path.contains("/runs"))
+        || ON_OBJECTS.iter().any(|p| path.starts_with(p))
+}
+
 /// What the log keeps of each body.
 fn record_limit(gateway: &Gateway) -> usize {
     gateway.recorder.as_ref().map_or(0, |r| r.sink.body_limit)
@@ -602,7 +817,11 @@ async fn send(
         Ok(Err(error)) => {
             let limit = gateway.config.server.max_body;
             let api_error = classify(&error, name, limit);
-            if api_error.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The client's fault (too big, too slow): the upstream is not to blame.
+            if matches!(
+                api_error.status,
+                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+            ) {
                 return Outcome::Final(Failure::Error(api_error));
             }
             gateway.rest_upstream(upstream, routing.cooldown);
@@ -750,8 +969,13 @@ fn relay(
     }
     headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
     headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
+    let shaper = (rename.is_some() || strip_usage).then(|| Shaper::new(sse, rename, strip_usage));
+    // A body relayed unchanged with a declared length is complete when that many bytes
+    // are handed over; hyper may drop it then without asking for its end.
+    let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
     let relay = RelayBody {
         inner: upstream_body,
+        remaining,
         idle: timeouts.idle,
         deadline,
         timer: Box::pin(tokio::time::sleep_until(RelayBody::next_wake(
@@ -761,7 +985,7 @@ fn relay(
         sse,
         upstream: upstream.config.name.clone(),
         done: false,
-        shaper: (rename.is_some() || strip_usage).then(|| Shaper::new(sse, rename, strip_usage)),
+        shaper,
         _in_flight: in_flight,
         record,
         sink: log.sink,
@@ -786,11 +1010,14 @@ fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        })
+        .is_some_and(is_json_type)
+}
+
+fn is_json_type(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/json")
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
@@ -812,14 +1039,20 @@ fn model_in_path<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
     path.strip_prefix("/v1/models/").filter(|id| !id.is_empty())
 }
 
-/// Reads a whole request body, refusing more than `limit` bytes.
-pub async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
+/// Reads a whole request body, refusing more than `limit` bytes (and, for a
+/// [`TimedBody`], one that is too slow).
+pub async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, ApiError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
     {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(ApiError::payload_too_large(limit)),
+        Err(error) if error.is::<BodyTimeout>() => Err(ApiError::body_timeout()),
         Err(_) => Err(ApiError::bad_request(
             "body_read_error",
             "the request body could not be read",
@@ -835,6 +1068,9 @@ fn classify(error: &reqwest::Error, upstream: &str, limit: u64) -> ApiError {
     while let Some(cause) = source {
         if cause.is::<LengthLimitError>() {
             return ApiError::payload_too_large(limit);
+        }
+        if cause.is::<BodyTimeout>() {
+            return ApiError::body_timeout();
         }
         deepest = cause.to_string();
         source = cause.source();
@@ -862,6 +1098,8 @@ struct RelayBody {
     sse: bool,
     upstream: String,
     done: bool,
+    /// Bytes still to relay of a body with a declared length, when relayed unchanged.
+    remaining: Option<u64>,
     shaper: Option<Shaper>,
     /// Keeps the upstream's in-flight count up until the body ends or the client leaves.
     _in_flight: Option<InFlight>,
@@ -872,7 +1110,14 @@ struct RelayBody {
 
 impl Drop for RelayBody {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        // Every declared byte handed over (or nothing left to read) is a complete answer,
+        // even if hyper never asked for the end of the body.
+        if self.remaining == Some(0) || self.inner.is_end_stream() {
+            self.finish(None);
+        } else {
             self.finish(Some(
                 "the client went away before the end of the response".into(),
             ));
@@ -931,15 +1176,28 @@ impl HttpBody for RelayBody {
                         record.response_body.push(data, sink.body_limit);
                     }
                     let Some(shaper) = this.shaper.as_mut() else {
+                        if let (Some(remaining), Some(data)) =
+                            (this.remaining.as_mut(), frame.data_ref())
+                        {
+                            *remaining = remaining.saturating_sub(data.len() as u64);
+                            if *remaining == 0 {
+                                this.done = true;
+                                this._in_flight = None;
+                                this.finish(None);
+                            }
+                        }
                         return Poll::Ready(Some(Ok(frame)));
                     };
                     match frame.into_data() {
-                        Ok(data) => {
-                            let out = shaper.push(data);
-                            if !out.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                        Ok(data) => match shaper.push(data) {
+                            Ok(out) if out.is_empty() => {}
+                            Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            Err(too_large) => {
+                                let message = format!("upstream `{}`: {too_large}", this.upstream);
+                                tracing::warn!(upstream = %this.upstream, "{message}");
+                                return this.fail(ApiError::bad_gateway(message));
                             }
-                        }
+                        },
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     }
                 }

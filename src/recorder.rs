@@ -678,22 +678,12 @@ fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// Headers whose values are credentials, shown masked in the log.
-const SECRET_HEADERS: [&str; 6] = [
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-];
-
 /// Headers as a JSON object, credentials masked (`Bearer fk-…a1b2`).
 pub fn masked_headers(headers: &HeaderMap) -> Value {
     let mut object = serde_json::Map::new();
     for (name, value) in headers {
         let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        let shown = if SECRET_HEADERS.contains(&name.as_str()) || value.is_sensitive() {
+        let shown = if crate::headers::is_credential_header(name.as_str()) || value.is_sensitive() {
             match text.split_once(' ') {
                 Some((scheme, secret))
                     if scheme.eq_ignore_ascii_case("bearer")
@@ -723,10 +713,18 @@ mod tests {
             "Bearer fk-alice-secret-1234".parse().unwrap(),
         );
         headers.insert("x-api-key", "sk-another-secret-9999".parse().unwrap());
+        headers.insert("x-admin-key", "admin-secret-4242".parse().unwrap());
+        headers.insert(
+            "cookie",
+            "sluice_session=session-secret-77".parse().unwrap(),
+        );
         headers.insert("content-type", "application/json".parse().unwrap());
         let shown = masked_headers(&headers).to_string();
         assert!(
-            !shown.contains("alice-secret") && !shown.contains("another-secret"),
+            !shown.contains("alice-secret")
+                && !shown.contains("another-secret")
+                && !shown.contains("admin-secret")
+                && !shown.contains("session-secret"),
             "{shown}"
         );
         assert!(shown.contains("Bearer fk-…1234"), "{shown}");

@@ -79,6 +79,7 @@ pub async fn serve_current(
         }
         _ => None,
     };
+    let per_ip = ConnectionsPerIp::default();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -97,6 +98,23 @@ pub async fn serve_current(
             },
             () = &mut shutdown => break,
         };
+        let server_config = &current.load().config.server;
+        let slot = if server_config.max_connections_per_ip == 0
+            || server_config
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&peer.ip()))
+        {
+            None
+        } else {
+            match per_ip.open(peer.ip(), server_config.max_connections_per_ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    tokio::spawn(refuse_connection(stream, peer));
+                    continue;
+                }
+            }
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {error}");
         }
@@ -114,6 +132,7 @@ pub async fn serve_current(
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, "connection ended with an error: {error}");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -125,6 +144,69 @@ pub async fn serve_current(
         () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
     }
     Ok(())
+}
+
+/// Open connections per client address, so one address cannot take every file descriptor.
+#[derive(Debug, Default, Clone)]
+struct ConnectionsPerIp(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One open connection of an address; closing it (dropping this) frees its place.
+struct ConnectionSlot {
+    counts: ConnectionsPerIp,
+    ip: std::net::IpAddr,
+}
+
+impl ConnectionsPerIp {
+    /// A place for a new connection from `ip`, or `None` if it holds `cap` already.
+    fn open(&self, ip: std::net::IpAddr, cap: usize) -> Option<ConnectionSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_default();
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over its address's cap with a 429 and closes it.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    static WARN: crate::clock::Throttle = crate::clock::Throttle::new(Duration::from_secs(10));
+    if WARN.ready() {
+        tracing::warn!(client = %peer.ip(), "too many open connections from one address; refusing more (server.max_connections_per_ip)");
+    }
+    let body = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "too_many_connections",
+        "too many open connections from this address",
+    )
+    .to_json();
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Busy polling: after each request a task keeps the worker polling for `window` instead
@@ -202,6 +284,16 @@ async fn respond(
     // Liveness stays answerable for load balancers whatever the IP rules say.
     if path == "/health" {
         return health();
+    }
+    // `..` (plain or encoded) would lift a forwarded path above the upstream's base URL,
+    // where other tenants' or admin endpoints may live; no API path needs one.
+    if !is_plain_path(path) {
+        return ApiError::bad_request(
+            "invalid_path",
+            "the path has a dot segment (`.` or `..`, plain or percent-encoded) or an encoded \
+             slash; send the path without them",
+        )
+        .into_response();
     }
     let client = client_ip(
         &gateway.config.server.trusted_proxies,
@@ -316,6 +408,39 @@ async fn ready(gateway: &Gateway) -> Response<Body> {
     }
 }
 
+/// Whether no segment of `path`, percent-decoded, is `.` or `..` or holds a slash or
+/// backslash: what reaches an upstream is always below its base URL.
+pub fn is_plain_path(path: &str) -> bool {
+    path.split('/').all(|segment| {
+        if !segment.contains(['%', '.', '\\']) {
+            return true;
+        }
+        let decoded = percent_decode(segment);
+        decoded != b"." && decoded != b".." && !decoded.iter().any(|b| matches!(b, b'/' | b'\\'))
+    })
+}
+
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(value).unwrap_or(b'%'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn health() -> Response<Body> {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
@@ -326,4 +451,35 @@ fn unknown_route(method: &Method, path: &str) -> Response<Body> {
         format!("Unknown request URL: {method} {path}."),
     )
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_and_encoded_slashes_are_not_plain() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/files/file-abc.jsonl/content",
+            "/v1/models/ft:gpt-4o:org:x..y",
+            "/v1/models/a%20b",
+            "/",
+        ] {
+            assert!(is_plain_path(path), "{path}");
+        }
+        for path in [
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1/%2e%2e/%2e%2e/tenant-b/admin",
+            "/v1/%2E%2e/x",
+            "/v1/.%2e/x",
+            "/v1/x/..",
+            "/v1/a%2fb",
+            "/v1/a%5C..%5Cb",
+            "/v1/a\\b",
+        ] {
+            assert!(!is_plain_path(path), "{path}");
+        }
+    }
 }

@@ -9,6 +9,24 @@ use serde_json::Value;
 
 /// Responses larger than this are relayed unshaped rather than held in memory.
 const JSON_LIMIT: usize = 16 * 1024 * 1024;
+/// The largest SSE event sluice holds while waiting for its blank line. Real events are
+/// far smaller (a Responses API `response.completed` with a long reply is a few hundred
+/// KiB); an upstream that sends more without ending the event is broken or hostile.
+pub const MAX_EVENT: usize = 8 * 1024 * 1024;
+
+/// An SSE event grew past [`MAX_EVENT`] without its blank line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTooLarge;
+
+impl std::fmt::Display for EventTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the upstream sent a server-sent event larger than {} MiB",
+            MAX_EVENT / (1024 * 1024)
+        )
+    }
+}
 
 /// Puts the client's model name back where the upstream wrote its own.
 #[derive(Debug, Clone)]
@@ -40,6 +58,8 @@ pub struct Shaper {
     strip_usage: bool,
     /// Gave up shaping (too large); the rest passes through.
     bypass: bool,
+    /// How much of `buffer` is known to hold no event end, so each chunk is scanned once.
+    scanned: usize,
 }
 
 impl Shaper {
@@ -50,27 +70,40 @@ impl Shaper {
             rename,
             strip_usage: strip_usage && sse,
             bypass: false,
+            scanned: 0,
         }
     }
 
-    /// Takes a chunk; returns what can be sent now (possibly empty).
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+    /// Takes a chunk; returns what can be sent now (possibly empty), or an error when an
+    /// SSE event outgrows [`MAX_EVENT`] (the stream must then end).
+    pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLarge> {
         if self.bypass {
-            return chunk;
+            return Ok(chunk);
         }
         self.buffer.extend_from_slice(&chunk);
         if !self.sse {
             if self.buffer.len() > JSON_LIMIT {
                 self.bypass = true;
-                return self.buffer.split().freeze();
+                return Ok(self.buffer.split().freeze());
             }
-            return Bytes::new();
+            return Ok(Bytes::new());
         }
-        let Some(end) = last_event_end(&self.buffer) else {
-            return Bytes::new();
+        // The buffer before `scanned` holds no event end; a terminator may straddle the
+        // boundary by up to three bytes (`\r\n\r\n`).
+        let from = self.scanned.saturating_sub(3);
+        let Some(end) = last_event_end(&self.buffer[from..]).map(|end| end + from) else {
+            self.scanned = self.buffer.len();
+            if self.buffer.len() > MAX_EVENT {
+                self.buffer = BytesMut::new();
+                self.scanned = 0;
+                self.bypass = true;
+                return Err(EventTooLarge);
+            }
+            return Ok(Bytes::new());
         };
         let complete = self.buffer.split_to(end).freeze();
-        self.shape_events(&complete)
+        self.scanned = self.buffer.len();
+        Ok(self.shape_events(&complete))
     }
 
     /// The rest, at the end of the body.
@@ -210,11 +243,15 @@ mod tests {
     #[test]
     fn sse_events_are_renamed_as_soon_as_complete() {
         let mut shaper = Shaper::new(true, Some(rename()), false);
-        let first = shaper.push(Bytes::from_static(
-            b"data: {\"model\":\"real\",\"n\":1}\n\ndata: {\"mod",
-        ));
+        let first = shaper
+            .push(Bytes::from_static(
+                b"data: {\"model\":\"real\",\"n\":1}\n\ndata: {\"mod",
+            ))
+            .unwrap();
         assert_eq!(&first[..], b"data: {\"model\":\"alias\",\"n\":1}\n\n");
-        let second = shaper.push(Bytes::from_static(b"el\":\"real\"}\n\ndata: [DONE]\n\n"));
+        let second = shaper
+            .push(Bytes::from_static(b"el\":\"real\"}\n\ndata: [DONE]\n\n"))
+            .unwrap();
         assert_eq!(
             &second[..],
             b"data: {\"model\":\"alias\"}\n\ndata: [DONE]\n\n"
@@ -225,9 +262,11 @@ mod tests {
     #[test]
     fn responses_api_events_carry_the_model_inside_response() {
         let mut shaper = Shaper::new(true, Some(rename()), false);
-        let out = shaper.push(Bytes::from_static(
-            b"event: response.created\ndata: {\"response\":{\"model\":\"real\"}}\n\n",
-        ));
+        let out = shaper
+            .push(Bytes::from_static(
+                b"event: response.created\ndata: {\"response\":{\"model\":\"real\"}}\n\n",
+            ))
+            .unwrap();
         assert_eq!(
             &out[..],
             b"event: response.created\ndata: {\"response\":{\"model\":\"alias\"}}\n\n"
@@ -239,7 +278,7 @@ mod tests {
         let mut shaper = Shaper::new(true, None, true);
         let out = shaper.push(Bytes::from_static(
             b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\ndata: [DONE]\n\n",
-        ));
+        )).unwrap();
         assert_eq!(
             &out[..],
             b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: [DONE]\n\n"
@@ -257,12 +296,50 @@ mod tests {
     }
 
     #[test]
+    fn events_split_anywhere_shape_alike_and_each_byte_is_scanned_once() {
+        let input: &[u8] = b"data: {\"model\":\"real\",\"n\":1}\r\n\r\ndata: {\"model\":\"real\"}\n\ndata: [DONE]\n\n";
+        let mut whole = Shaper::new(true, Some(rename()), false);
+        let mut expected = whole.push(Bytes::from_static(input)).unwrap().to_vec();
+        expected.extend_from_slice(&whole.finish());
+        for size in 1..input.len() {
+            let mut shaper = Shaper::new(true, Some(rename()), false);
+            let mut out = Vec::new();
+            for piece in input.chunks(size) {
+                out.extend_from_slice(&shaper.push(Bytes::copy_from_slice(piece)).unwrap());
+            }
+            out.extend_from_slice(&shaper.finish());
+            assert_eq!(out, expected, "pieces of {size}");
+        }
+    }
+
+    #[test]
+    fn an_event_without_end_is_bounded() {
+        let mut shaper = Shaper::new(true, Some(rename()), false);
+        let piece = Bytes::from(vec![b'x'; 8 * 1024]);
+        let mut refused = false;
+        for _ in 0..(MAX_EVENT / piece.len() + 2) {
+            if shaper.push(piece.clone()).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "an endless event must be refused");
+        assert!(shaper.buffer.capacity() < 1024, "its bytes are released");
+    }
+
+    #[test]
     fn json_bodies_are_renamed_at_the_end() {
         let mut shaper = Shaper::new(false, Some(rename()), false);
-        assert!(shaper.push(Bytes::from_static(b"{\"model\":")).is_empty());
+        assert!(
+            shaper
+                .push(Bytes::from_static(b"{\"model\":"))
+                .unwrap()
+                .is_empty()
+        );
         assert!(
             shaper
                 .push(Bytes::from_static(b"\"real\",\"id\":1}"))
+                .unwrap()
                 .is_empty()
         );
         assert_eq!(&shaper.finish()[..], b"{\"model\":\"alias\",\"id\":1}");

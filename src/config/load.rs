@@ -399,6 +399,14 @@ fn redact_quoted(message: &str) -> String {
     out
 }
 
+/// A client that sends nothing of its body for this long is cut off (408).
+const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A whole body must arrive within this (32 MiB at 1 Mbit/s takes under 5 minutes).
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Enough for a busy client's connection pool; a few hundred idle sockets from one address
+/// are an attack on the open-files limit.
+const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+
 fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
     let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
@@ -448,6 +456,22 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
             ));
         }
     }
+    let body_idle_timeout = duration_field(
+        raw.body_idle_timeout.as_ref(),
+        "server.body_idle_timeout",
+        "a duration between 1s and 1h, like 30s",
+        |d| d >= Duration::from_secs(1) && d <= Duration::from_secs(3600),
+        problems,
+    )
+    .unwrap_or(DEFAULT_BODY_IDLE_TIMEOUT);
+    let body_timeout = duration_field(
+        raw.body_timeout.as_ref(),
+        "server.body_timeout",
+        "a duration between 1s and 24h, like 5m",
+        |d| d >= Duration::from_secs(1) && d <= Duration::from_secs(86_400),
+        problems,
+    )
+    .unwrap_or(DEFAULT_BODY_TIMEOUT);
     Server {
         listen,
         route_prefix,
@@ -455,6 +479,11 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
         trusted_proxies,
         busy_poll,
         cors_origins: raw.cors_origins,
+        body_idle_timeout,
+        body_timeout,
+        max_connections_per_ip: raw
+            .max_connections_per_ip
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
     }
 }
 

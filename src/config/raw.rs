@@ -32,6 +32,9 @@ pub struct RawServer {
     pub trusted_proxies: Vec<String>,
     pub busy_poll: Option<Scalar>,
     pub cors_origins: Vec<String>,
+    pub body_idle_timeout: Option<Scalar>,
+    pub body_timeout: Option<Scalar>,
+    pub max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
