@@ -6,7 +6,6 @@
 //! stream) either for every request or per request via `x-mock-*` headers. It records what
 //! reached it so tests can assert on the path, headers, key and body an upstream saw.
 
-mod multipart;
 mod responses;
 
 pub use responses::speech_bytes;

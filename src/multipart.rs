@@ -46,51 +46,72 @@ pub fn boundary(content_type: &str) -> Option<Result<&str, FormError>> {
     })
 }
 
-/// The value of the form field `name`, if the form has one.
-pub fn field(body: &[u8], boundary: &str, name: &str) -> Result<Option<String>, FormError> {
+/// One part of a form.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub name: String,
+    pub filename: Option<String>,
+    pub data: bytes::Bytes,
+}
+
+/// Every part of a form, or why it cannot be read.
+pub fn parts(body: &bytes::Bytes, boundary: &str) -> Result<Vec<Part>, FormError> {
     let delimiter = format!("--{boundary}");
     let delimiter = delimiter.as_bytes();
-    let mut rest = match find(body, delimiter) {
-        Some(at) => &body[at + delimiter.len()..],
-        None => return Err(FormError::Malformed),
-    };
-    let mut value = None;
+    let mut at = find(body, delimiter).ok_or(FormError::Malformed)? + delimiter.len();
+    let mut parts = Vec::new();
     loop {
         // After a delimiter: `--` closes the form, else a line break opens a part.
+        let rest = &body[at..];
         if rest.starts_with(b"--") {
-            return Ok(value);
+            return Ok(parts);
         }
-        rest = strip_line_break(rest).ok_or(FormError::Malformed)?;
-        let head_end = find(rest, b"\r\n\r\n").ok_or(FormError::Malformed)?;
-        let head = &rest[..head_end];
-        let content = &rest[head_end + 4..];
-        let end = find(content, delimiter).ok_or(FormError::Malformed)?;
+        let head_start =
+            at + (rest.len() - strip_line_break(rest).ok_or(FormError::Malformed)?.len());
+        let head_len = find(&body[head_start..], b"\r\n\r\n").ok_or(FormError::Malformed)?;
+        let head = &body[head_start..head_start + head_len];
+        let data_start = head_start + head_len + 4;
+        let end = find(&body[data_start..], delimiter).ok_or(FormError::Malformed)?;
         // The part's content ends before the line break that precedes the delimiter.
-        let data = content[..end]
-            .strip_suffix(b"\r\n")
-            .ok_or(FormError::Malformed)?;
-        if part_name(head).as_deref() == Some(name) {
-            if value.is_some() {
-                return Err(FormError::Repeated);
-            }
-            let text = std::str::from_utf8(data).map_err(|_| FormError::NotText)?;
-            value = Some(text.to_string());
+        if !body[data_start..data_start + end].ends_with(b"\r\n") {
+            return Err(FormError::Malformed);
         }
-        rest = &content[end + delimiter.len()..];
+        parts.push(Part {
+            name: disposition_param(head, "name").unwrap_or_default(),
+            filename: disposition_param(head, "filename"),
+            data: body.slice(data_start..data_start + end - 2),
+        });
+        at = data_start + end + delimiter.len();
     }
 }
 
-/// The `name` of a part, from its `Content-Disposition: form-data; name="…"` header.
-fn part_name(head: &[u8]) -> Option<String> {
+/// The value of the form field `name`, if the form has one.
+pub fn field(body: &bytes::Bytes, boundary: &str, name: &str) -> Result<Option<String>, FormError> {
+    let mut value = None;
+    for part in parts(body, boundary)? {
+        if part.name != name {
+            continue;
+        }
+        if value.is_some() {
+            return Err(FormError::Repeated);
+        }
+        let text = std::str::from_utf8(&part.data).map_err(|_| FormError::NotText)?;
+        value = Some(text.to_string());
+    }
+    Ok(value)
+}
+
+/// A parameter (`name`, `filename`) of a part's `Content-Disposition: form-data` header.
+fn disposition_param(head: &[u8], param: &str) -> Option<String> {
     let head = std::str::from_utf8(head).ok()?;
     head.split("\r\n").find_map(|line| {
         let (header, value) = line.split_once(':')?;
         if !header.trim().eq_ignore_ascii_case("content-disposition") {
             return None;
         }
-        value.split(';').skip(1).find_map(|param| {
-            let (key, value) = param.split_once('=')?;
-            (key.trim().eq_ignore_ascii_case("name"))
+        value.split(';').skip(1).find_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            (key.trim().eq_ignore_ascii_case(param))
                 .then(|| value.trim().trim_matches('"').to_string())
         })
     })
@@ -113,7 +134,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn form(parts: &[(&str, &str)]) -> Vec<u8> {
+    fn form(parts: &[(&str, &str)]) -> bytes::Bytes {
         let mut body = Vec::new();
         for (name, value) in parts {
             body.extend_from_slice(
@@ -124,7 +145,7 @@ mod tests {
             );
         }
         body.extend_from_slice(b"--XyZ--\r\n");
-        body
+        body.into()
     }
 
     #[test]
@@ -145,6 +166,19 @@ mod tests {
     }
 
     #[test]
+    fn files_and_fields_are_parts() {
+        let body = bytes::Bytes::from_static(
+            b"--XX\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n{\"a\":1}\n\r\n--XX--\r\n",
+        );
+        let parts = parts(&body, "XX").unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].name, "purpose");
+        assert_eq!(&parts[0].data[..], b"batch");
+        assert_eq!(parts[1].filename.as_deref(), Some("a.jsonl"));
+        assert_eq!(&parts[1].data[..], b"{\"a\":1}\n");
+    }
+
+    #[test]
     fn a_field_is_found_among_others() {
         let body = form(&[("file", "RIFF....binary"), ("model", "whisper-1")]);
         assert_eq!(
@@ -160,11 +194,15 @@ mod tests {
         assert_eq!(field(&body, "XyZ", "model"), Err(FormError::Repeated));
         let body = form(&[("model", "gpt-4o")]);
         assert_eq!(
-            field(&body[..body.len() - 12], "XyZ", "model"),
+            field(&body.slice(..body.len() - 12), "XyZ", "model"),
             Err(FormError::Malformed)
         );
         assert_eq!(
-            field(b"{\"model\":\"gpt-4o\"}", "XyZ", "model"),
+            field(
+                &bytes::Bytes::from_static(b"{\"model\":\"gpt-4o\"}"),
+                "XyZ",
+                "model"
+            ),
             Err(FormError::Malformed)
         );
         assert_eq!(field(&body, "other", "model"), Err(FormError::Malformed));

@@ -13,8 +13,9 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Value, json};
 
-use super::{DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error, multipart};
+use super::{DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error};
 use crate::body::{Body, BoxError, json_response};
+use crate::multipart;
 
 fn now() -> u64 {
     SystemTime::now()
@@ -452,14 +453,20 @@ fn speech() -> Response<Body> {
 }
 
 fn transcription(content_type: &str, body: &Bytes) -> Response<Body> {
-    let Some(boundary) = multipart::boundary(content_type) else {
+    let Some(Ok(boundary)) = multipart::boundary(content_type) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "expected multipart/form-data",
         );
     };
-    let parts = multipart::parse(body, &boundary);
+    let Ok(parts) = multipart::parts(body, boundary) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the form is malformed",
+        );
+    };
     let Some(file) = parts.iter().find(|p| p.name == "file") else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -485,14 +492,20 @@ fn transcription(content_type: &str, body: &Bytes) -> Response<Body> {
 }
 
 fn upload(state: &MockState, content_type: &str, body: &Bytes) -> Response<Body> {
-    let Some(boundary) = multipart::boundary(content_type) else {
+    let Some(Ok(boundary)) = multipart::boundary(content_type) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "expected multipart/form-data",
         );
     };
-    let parts = multipart::parse(body, &boundary);
+    let Ok(parts) = multipart::parts(body, boundary) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the form is malformed",
+        );
+    };
     let Some(file) = parts.iter().find(|p| p.name == "file") else {
         return error(
             StatusCode::BAD_REQUEST,
