@@ -332,7 +332,11 @@ async fn sigterm_finishes_open_streams_and_flushes_the_log() {
 
     let store = sluice::store::sqlite::SqliteStore::open(db.to_str().unwrap()).unwrap();
     let page = sluice::store::Store::list(&store, &Default::default()).unwrap();
-    assert_eq!(page.total, 1, "the streamed request was logged before exit");
+    assert_eq!(
+        page.total,
+        Some(1),
+        "the streamed request was logged before exit"
+    );
     assert_eq!(page.data[0]["stream"], true);
 }
 
