@@ -147,8 +147,10 @@ async fn parallel_logins_cannot_guess_past_the_throttle() {
         futures_util::future::join_all((0..40).map(|i| login(format!("guess-{i:04}")))).await;
     let tried = statuses.iter().filter(|s| **s == 401).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!(tried, 5, "{statuses:?}");
-    assert_eq!(refused, 35, "{statuses:?}");
+    // Five are compared; the fifth locks the address for a second, long enough for the
+    // rest to be refused unchecked (a sixth only if a busy machine took over a second).
+    assert!((5..=6).contains(&tried), "{statuses:?}");
+    assert_eq!(tried + refused, 40, "{statuses:?}");
     assert_eq!(login(ADMIN.to_string()).await, 429);
 }
 
