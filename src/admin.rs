@@ -16,34 +16,99 @@ use serde_json::{Value, json};
 use crate::access::{Caller, presented_key};
 use crate::body::{Body, json_response};
 use crate::clock::now_ms;
-use crate::config::{GatewayKey, Limits};
+use crate::config::{GatewayKey, Limits, Secret};
 use crate::dashboard;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::limits::{Period, Usage, key_scope, unix_now, upstream_scope};
 use crate::store::ListQuery;
 
+pub mod throttle;
+
+use throttle::Verdict;
+
 /// The OpenAPI document of the admin API.
 pub const OPENAPI: &str = include_str!("admin/openapi.json");
 
-/// Whether a request is the admin's: it carries the admin key or a dashboard session; or,
-/// with no admin key configured, it comes from loopback to a loopback listener.
-pub fn is_admin(gateway: &Gateway, headers: &HeaderMap, client: IpAddr, local: IpAddr) -> bool {
-    match &gateway.config.admin.key {
-        Some(key) => {
-            if dashboard::session_token(headers)
-                .is_some_and(|token| gateway.sessions.is_valid(token))
-            {
-                return true;
-            }
-            let presented = headers
-                .get("x-admin-key")
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| presented_key(headers));
-            presented.is_some_and(|p| constant_time_eq(p.as_bytes(), key.expose().as_bytes()))
-        }
-        None => open_without_key(client, local),
+/// Whether a request is the admin's: it carries a dashboard session opened with the admin
+/// key in force, or the admin key; or, with no admin key configured, it comes from
+/// loopback to a loopback listener. `Ok(false)`: it presents no admin credential at all.
+/// `Err`: a wrong key (401, counted against the client's address) or an address locked
+/// out for failing too often (429 with `Retry-After`, the key not even compared).
+pub fn authorize(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    client: IpAddr,
+    local: IpAddr,
+) -> Result<bool, ApiError> {
+    authorize_or(gateway, headers, client, local, |_| false)
+        .map(|found| found == Some(Verdict::Pass))
+}
+
+/// [`authorize`] for a route that also accepts other keys (`accepts`): `Some(Other)` for
+/// such a key, which is not counted as a failure; `None` when no key was presented.
+fn authorize_or(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    client: IpAddr,
+    local: IpAddr,
+    accepts: impl FnOnce(&str) -> bool,
+) -> Result<Option<Verdict>, ApiError> {
+    let Some(key) = &gateway.config.admin.key else {
+        return Ok(open_without_key(client, local).then_some(Verdict::Pass));
+    };
+    // A session already proved the key; it is no guess, so a lockout does not refuse it.
+    if dashboard::session_token(headers).is_some_and(|token| gateway.sessions.is_valid(token, key))
+    {
+        return Ok(Some(Verdict::Pass));
     }
+    let presented = headers
+        .get("x-admin-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .or_else(|| presented_key(headers));
+    let Some(presented) = presented else {
+        return Ok(None);
+    };
+    let verdict = check_key(gateway, client, presented, key, accepts)?;
+    match verdict {
+        Verdict::Fail => Err(wrong_key()),
+        _ => Ok(Some(verdict)),
+    }
+}
+
+/// Compares a presented key with the admin key through the client's throttle.
+fn check_key(
+    gateway: &Gateway,
+    client: IpAddr,
+    presented: &str,
+    key: &Secret,
+    accepts: impl FnOnce(&str) -> bool,
+) -> Result<Verdict, ApiError> {
+    gateway
+        .admin_auth
+        .attempt(client, now_ms(), || {
+            if constant_time_eq(presented.as_bytes(), key.expose().as_bytes()) {
+                Verdict::Pass
+            } else if accepts(presented) {
+                Verdict::Other
+            } else {
+                Verdict::Fail
+            }
+        })
+        .map_err(locked_out)
+}
+
+fn locked_out(retry_after: u64) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "admin_auth_locked",
+        "too many failed admin authentications from this address; try again later",
+    );
+    error.retry_after = Some(retry_after);
+    error
 }
 
 /// Without an admin key, the admin side is open only on loopback, to loopback clients.
@@ -71,10 +136,12 @@ pub async fn dashboard(
         )
         .into_response();
     }
-    let admin = is_admin(gateway, request.headers(), client, local);
     match (request.method(), path.as_str()) {
-        (&Method::GET, "/") => dashboard::index(admin),
-        (&Method::POST, "/api/login") => login(gateway, request).await,
+        (&Method::GET, "/") => dashboard::index(matches!(
+            authorize(gateway, request.headers(), client, local),
+            Ok(true)
+        )),
+        (&Method::POST, "/api/login") => login(gateway, request, client).await,
         (&Method::POST, "/api/logout") => {
             if let Some(token) = dashboard::session_token(request.headers()) {
                 gateway.sessions.end(token);
@@ -85,16 +152,27 @@ pub async fn dashboard(
                 .insert(http::header::SET_COOKIE, dashboard::cookie(None));
             response
         }
-        (&Method::GET, "/api/session") if admin => {
-            json_response(StatusCode::OK, &json!({"ok": true}))
+        (_, "/api/openapi.json") => {
+            let mut response = Response::new(crate::body::full(OPENAPI));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            response
         }
-        (&Method::GET, "/api/session") => unauthorized(),
-        _ => api(gateway, request, &path, admin).await,
+        _ => match authorize(gateway, request.headers(), client, local) {
+            Err(error) => error.into_response(),
+            Ok(false) => unauthorized(),
+            Ok(true) if path == "/api/session" && request.method() == Method::GET => {
+                json_response(StatusCode::OK, &json!({"ok": true}))
+            }
+            Ok(true) => api(gateway, request, &path).await,
+        },
     }
 }
 
 /// `POST /api/login` with `{"key": "…"}` (or a form field `key`): sets the session cookie.
-async fn login(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) -> Response<Body> {
     let Some(admin_key) = &gateway.config.admin.key else {
         return json_response(
             StatusCode::OK,
@@ -114,12 +192,17 @@ async fn login(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> 
                 .and_then(|mut form| form.remove("key"))
         })
         .unwrap_or_default();
-    if !constant_time_eq(presented.as_bytes(), admin_key.expose().as_bytes()) {
-        // Slows guessing without holding anything but this request.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        return unauthorized();
+    match check_key(gateway, client, &presented, admin_key, |_| false) {
+        Err(error) => return error.into_response(),
+        Ok(Verdict::Pass) => {}
+        Ok(_) => {
+            // Counted already (parallel guesses meet the lockout); this only slows a
+            // client that guesses one at a time.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            return unauthorized();
+        }
     }
-    let Some(token) = gateway.sessions.create() else {
+    let Some(token) = gateway.sessions.create(admin_key) else {
         return ApiError::internal("cannot create a session").into_response();
     };
     let mut response = json_response(StatusCode::OK, &json!({"ok": true}));
@@ -134,31 +217,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unauthorized() -> Response<Body> {
+    wrong_key().into_response()
+}
+
+fn wrong_key() -> ApiError {
     ApiError::unauthorized(
         "invalid_admin_key",
         "this needs the admin key (Authorization: Bearer ADMIN_KEY)",
     )
-    .into_response()
 }
 
-/// `/api/*`.
-async fn api(
-    gateway: &Gateway,
-    request: Request<Incoming>,
-    route: &str,
-    admin: bool,
-) -> Response<Body> {
-    if route == "/api/openapi.json" {
-        let mut response = Response::new(crate::body::full(OPENAPI));
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        return response;
-    }
-    if !admin {
-        return unauthorized();
-    }
+/// `/api/*` for the admin.
+async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Response<Body> {
     if request.method() != Method::GET {
         return ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -209,6 +279,13 @@ async fn api(
             tokio::task::spawn_blocking(move || store.stats(from, to, now)).await
         }
         _ => match route.strip_prefix("/api/requests/") {
+            Some(id) if id.len() > MAX_TEXT => {
+                return ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("a request id is at most {MAX_TEXT} bytes"),
+                )
+                .into_response();
+            }
             Some(id) if !id.is_empty() && !id.contains('/') => {
                 let id = id.to_string();
                 let found = tokio::task::spawn_blocking(move || store.get(&id)).await;
@@ -239,70 +316,135 @@ async fn api(
     }
 }
 
-/// Parses a time filter: Unix milliseconds, or an RFC 3339 date-time.
-fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+/// The longest text filter (`search`, `model`, …) and cursor id taken.
+const MAX_TEXT: usize = 1000;
+/// The deepest numbered page: deeper, the `before` cursor pages at the same cost.
+const MAX_PAGE: u64 = 1_000_000;
+const MAX_PER_PAGE: u64 = 500;
+/// Time filters lie between the Unix epoch and the end of year 9999 (milliseconds).
+const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+/// A text parameter as given (trimmed), refused when it holds control characters (NUL
+/// included, which PostgreSQL cannot even compare) or is longer than [`MAX_TEXT`].
+fn text_param(query: &HashMap<String, String>, name: &str) -> Result<Option<String>, ApiError> {
     let Some(text) = query.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(Some(ms));
+    if text.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("`{name}` must not contain control characters"),
+        ));
     }
-    humantime::parse_rfc3339_weak(text)
+    if text.len() > MAX_TEXT {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("`{name}` is longer than {MAX_TEXT} bytes"),
+        ));
+    }
+    Ok(Some(text.to_string()))
+}
+
+/// A whole number in `1..=max`, or `default` when absent.
+fn number_param(
+    query: &HashMap<String, String>,
+    name: &str,
+    default: u64,
+    max: u64,
+) -> Result<u64, ApiError> {
+    let Some(text) = query.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) else {
+        return Ok(default);
+    };
+    text.parse::<u64>()
         .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_number",
+                format!("`{name}` must be a whole number from 1 to {max}"),
+            )
+        })
+}
+
+/// Parses a time filter: Unix milliseconds, or an RFC 3339 date-time, between the epoch
+/// and the end of year 9999.
+fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    let Some(text) = text_param(query, name)? else {
+        return Ok(None);
+    };
+    let ms = match text.parse::<i64>() {
+        Ok(ms) => Some(ms),
+        Err(_) => humantime::parse_rfc3339_weak(&text)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_millis()).ok()),
+    };
+    ms.filter(|ms| (0..=MAX_TIME_MS).contains(ms))
         .map(Some)
         .ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_time",
-                format!("`{name}` must be Unix milliseconds or RFC 3339"),
+                format!(
+                    "`{name}` must be Unix milliseconds or RFC 3339, from 1970 to the year 9999"
+                ),
+            )
+        })
+}
+
+/// `status`: an exact status (`429`), a class (`4xx`) or `error`.
+fn status_param(query: &HashMap<String, String>) -> Result<Option<String>, ApiError> {
+    let Some(text) = text_param(query, "status")? else {
+        return Ok(None);
+    };
+    let valid = match crate::store::StatusFilter::parse(&text) {
+        crate::store::StatusFilter::Range(low, _) => {
+            text == "error" || (100..=500).contains(&low) && text.len() == 3
+        }
+        crate::store::StatusFilter::Exact(code) => (100..=599).contains(&code),
+        crate::store::StatusFilter::Nothing => false,
+    };
+    if !valid {
+        return Err(ApiError::bad_request(
+            "invalid_status",
+            "`status` must be a status (429), a class (1xx to 5xx) or `error`",
+        ));
+    }
+    Ok(Some(text))
+}
+
+/// `before`: a cursor from `next_before` (`{ts}_{id}`).
+fn cursor_param(query: &HashMap<String, String>) -> Result<Option<(i64, String)>, ApiError> {
+    let Some(cursor) = text_param(query, "before")? else {
+        return Ok(None);
+    };
+    cursor
+        .split_once('_')
+        .and_then(|(ts, id)| {
+            let ts = ts.parse::<i64>().ok()?;
+            ((0..=MAX_TIME_MS).contains(&ts) && !id.is_empty()).then(|| (ts, id.to_string()))
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_cursor",
+                "`before` must be a cursor from `next_before`",
             )
         })
 }
 
 fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
-    let number = |name: &str, default: u64| -> Result<u64, ApiError> {
-        query.get(name).map_or(Ok(default), |v| {
-            v.trim().parse().map_err(|_| {
-                ApiError::bad_request("invalid_number", format!("`{name}` must be a number"))
-            })
-        })
-    };
-    let text = |name: &str| {
-        query
-            .get(name)
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-    };
     Ok(ListQuery {
-        search: text("search"),
-        model: text("model"),
-        key: text("key"),
-        upstream: text("upstream"),
-        path: text("path"),
-        status: text("status"),
+        search: text_param(query, "search")?,
+        model: text_param(query, "model")?,
+        key: text_param(query, "key")?,
+        upstream: text_param(query, "upstream")?,
+        path: text_param(query, "path")?,
+        status: status_param(query)?,
         from_ms: time_param(query, "from")?,
         to_ms: time_param(query, "to")?,
-        before: match query
-            .get("before")
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-        {
-            None => None,
-            Some(cursor) => Some(
-                cursor
-                    .split_once('_')
-                    .and_then(|(ts, id)| Some((ts.parse::<i64>().ok()?, id.to_string())))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_cursor",
-                            "`before` must be a cursor from `next_before`",
-                        )
-                    })?,
-            ),
-        },
-        page: number("page", 1)?.max(1),
-        per_page: number("per_page", 50)?.clamp(1, 500),
+        before: cursor_param(query)?,
+        page: number_param(query, "page", 1, MAX_PAGE)?,
+        per_page: number_param(query, "per_page", 50, MAX_PER_PAGE)?,
     })
 }
 
@@ -352,14 +494,23 @@ pub async fn status(
     local: IpAddr,
 ) -> Response<Body> {
     let now = unix_now();
-    if !is_admin(gateway, headers, client, local) {
-        return match gateway.guard.authenticate(headers) {
-            Ok(Caller::Gateway(key)) => json_response(
-                StatusCode::OK,
-                &json!({"keys": [key_json(gateway, &key, now).await]}),
-            ),
-            _ => unauthorized(),
-        };
+    let own_key = || match gateway.guard.authenticate(headers) {
+        Ok(Caller::Gateway(key)) => Some(key),
+        _ => None,
+    };
+    // A gateway key reads its own use; anything else presented is an admin guess.
+    match authorize_or(gateway, headers, client, local, |_| own_key().is_some()) {
+        Err(error) => return error.into_response(),
+        Ok(Some(Verdict::Pass)) => {}
+        Ok(_) => {
+            return match own_key() {
+                Some(key) => json_response(
+                    StatusCode::OK,
+                    &json!({"keys": [key_json(gateway, &key, now).await]}),
+                ),
+                None => unauthorized(),
+            };
+        }
     }
     let clock = now_ms();
     let upstream_counts = futures_util::future::join_all(

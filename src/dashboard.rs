@@ -5,12 +5,14 @@
 //! `SameSite=Strict` cookie, so the key never sits in a URL or in the page's script.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 use crate::body::{Body, full};
+use crate::config::Secret;
 
 const INDEX: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
@@ -65,37 +67,92 @@ fn asset_response(content_type: &'static str, body: &'static str) -> Response<Bo
     response
 }
 
-/// Logged-in sessions: token → expiry.
+/// Logged-in sessions: token → expiry and the admin key it was opened with.
+///
+/// A session is valid only under the admin key it was opened with, and binding a new key
+/// (a reload that changes `admin.key`) ends every session, so changing the key locks out
+/// whoever held the old one, and changing it back does not bring their sessions back.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    live: Mutex<HashMap<String, Instant>>,
+    state: Mutex<SessionState>,
+    /// Fingerprints admin keys: SipHash under keys random to this process, so the
+    /// fingerprint says nothing of the key outside it.
+    hasher: RandomState,
+}
+
+#[derive(Debug, Default)]
+struct SessionState {
+    live: HashMap<String, Session>,
+    /// The fingerprint of the admin key in force, once bound.
+    key: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    expires: Instant,
+    key: u64,
 }
 
 impl Sessions {
-    /// A new session token (128 random bits from the operating system).
-    pub fn create(&self) -> Option<String> {
+    fn fingerprint(&self, admin_key: &Secret) -> u64 {
+        self.hasher.hash_one(admin_key.expose())
+    }
+
+    /// Makes `admin_key` the key in force; a different key from the one bound before ends
+    /// every session.
+    pub fn bind(&self, admin_key: Option<&Secret>) {
+        let key = admin_key.map(|k| self.fingerprint(k));
+        if let Ok(mut state) = self.state.lock() {
+            if state.key != key {
+                if state.key.is_some() && !state.live.is_empty() {
+                    tracing::info!(
+                        ended = state.live.len(),
+                        "The admin key changed; every dashboard session ends."
+                    );
+                }
+                state.live.clear();
+                state.key = key;
+            }
+        }
+    }
+
+    /// A new session token (128 random bits from the operating system), opened with
+    /// `admin_key`.
+    pub fn create(&self, admin_key: &Secret) -> Option<String> {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).ok()?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let mut live = self.live.lock().ok()?;
+        let key = self.fingerprint(admin_key);
+        let mut state = self.state.lock().ok()?;
         let now = Instant::now();
-        if live.len() >= SESSION_LIMIT {
-            live.retain(|_, expires| *expires > now);
+        if state.live.len() >= SESSION_LIMIT {
+            state.live.retain(|_, session| session.expires > now);
         }
-        live.insert(token.clone(), now + SESSION_TTL);
+        state.live.insert(
+            token.clone(),
+            Session {
+                expires: now + SESSION_TTL,
+                key,
+            },
+        );
         Some(token)
     }
 
-    pub fn is_valid(&self, token: &str) -> bool {
-        self.live.lock().is_ok_and(|live| {
-            live.get(token)
-                .is_some_and(|expires| *expires > Instant::now())
+    /// Whether `token` is a live session opened with `admin_key`.
+    pub fn is_valid(&self, token: &str, admin_key: &Secret) -> bool {
+        let key = self.fingerprint(admin_key);
+        self.state.lock().is_ok_and(|state| {
+            state.key.is_none_or(|bound| bound == key)
+                && state
+                    .live
+                    .get(token)
+                    .is_some_and(|session| session.key == key && session.expires > Instant::now())
         })
     }
 
     pub fn end(&self, token: &str) {
-        if let Ok(mut live) = self.live.lock() {
-            live.remove(token);
+        if let Ok(mut state) = self.state.lock() {
+            state.live.remove(token);
         }
     }
 }
@@ -132,15 +189,34 @@ mod tests {
 
     #[test]
     fn sessions_are_random_and_end() {
+        let key = Secret::new("admin-key-0001");
         let sessions = Sessions::default();
-        let a = sessions.create().unwrap();
-        let b = sessions.create().unwrap();
+        sessions.bind(Some(&key));
+        let a = sessions.create(&key).unwrap();
+        let b = sessions.create(&key).unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
-        assert!(sessions.is_valid(&a));
+        assert!(sessions.is_valid(&a, &key));
         sessions.end(&a);
-        assert!(!sessions.is_valid(&a));
-        assert!(!sessions.is_valid("forged"));
+        assert!(!sessions.is_valid(&a, &key));
+        assert!(!sessions.is_valid("forged", &key));
+    }
+
+    #[test]
+    fn sessions_live_under_the_key_they_were_opened_with() {
+        let (old, new) = (Secret::new("admin-key-0001"), Secret::new("admin-key-0002"));
+        let sessions = Sessions::default();
+        sessions.bind(Some(&old));
+        let token = sessions.create(&old).unwrap();
+        sessions.bind(Some(&old));
+        assert!(
+            sessions.is_valid(&token, &old),
+            "the same key keeps sessions"
+        );
+        assert!(!sessions.is_valid(&token, &new));
+        sessions.bind(Some(&new));
+        sessions.bind(Some(&old));
+        assert!(!sessions.is_valid(&token, &old), "a key change ended it");
     }
 
     #[test]

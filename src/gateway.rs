@@ -28,6 +28,8 @@ pub struct Gateway {
     pub recorder: Option<Arc<Recorder>>,
     /// Dashboard login sessions.
     pub sessions: Arc<crate::dashboard::Sessions>,
+    /// Failed admin authentication per client address.
+    pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub shared_state: Option<Arc<SharedState>>,
     /// Sends request traces to a collector, when configured.
@@ -76,13 +78,15 @@ impl Current {
     }
 }
 
-/// What outlives a config reload: counters, the request log, metrics, dashboard sessions.
+/// What outlives a config reload: counters, the request log, metrics, dashboard sessions,
+/// the admin authentication throttle.
 #[derive(Debug, Clone)]
 pub struct Shared {
     pub limiter: Arc<Limiter>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
     pub sessions: Arc<crate::dashboard::Sessions>,
+    pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
     pub traces: Option<Arc<crate::traces::Exporter>>,
 }
@@ -137,6 +141,7 @@ impl Shared {
             metrics,
             recorder,
             sessions: Default::default(),
+            admin_auth: Default::default(),
             shared_state,
             traces,
         })
@@ -167,6 +172,8 @@ impl Gateway {
                     .iter()
                     .any(|u| u.key_count() > 1 || u.token.is_some()));
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
+        // Sessions opened with another admin key end here.
+        shared.sessions.bind(config.admin.key.as_ref());
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
             || rewrites
@@ -181,6 +188,7 @@ impl Gateway {
             limiter: shared.limiter,
             recorder: shared.recorder,
             sessions: shared.sessions,
+            admin_auth: shared.admin_auth,
             shared_state: shared.shared_state,
             traces: shared.traces,
             metrics: shared.metrics,
@@ -196,6 +204,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             sessions: self.sessions.clone(),
+            admin_auth: self.admin_auth.clone(),
             shared_state: self.shared_state.clone(),
             traces: self.traces.clone(),
         }

@@ -212,6 +212,16 @@ pub fn render(gateway: &Gateway) -> String {
             u8::from(upstream.is_cooling(clock))
         );
     }
+    let auth = &gateway.admin_auth;
+    let _ = write!(
+        out,
+        "# HELP sluice_admin_auth_failures_total Wrong admin keys presented (admin API, login, /metrics, /v1/status).\n# TYPE sluice_admin_auth_failures_total counter\nsluice_admin_auth_failures_total {}\n\
+         # HELP sluice_admin_lockouts_total Client addresses locked out after failing admin authentication too often.\n# TYPE sluice_admin_lockouts_total counter\nsluice_admin_lockouts_total {}\n\
+         # HELP sluice_admin_auth_refused_total Admin authentications refused unchecked from a locked-out address.\n# TYPE sluice_admin_auth_refused_total counter\nsluice_admin_auth_refused_total {}\n",
+        auth.failures(),
+        auth.lockouts(),
+        auth.refused(),
+    );
     if let Some(recorder) = &gateway.recorder {
         let s = &recorder.stats;
         let _ = write!(

@@ -245,6 +245,14 @@ async fn forward_inner(
         let Some(upstream) = gateway.upstreams.get(choice.upstream) else {
             break;
         };
+        // A passthrough caller's own key goes out, never one of the pool: none is named.
+        let choice = match caller {
+            Caller::Passthrough(_) => Choice {
+                key: None,
+                ..choice
+            },
+            _ => choice,
+        };
         // The key is admitted with the first upstream it tries, in one round trip.
         let key_to_admit = match caller {
             Caller::Gateway(key) if ticket.is_none() => Some((key.as_ref(), reserve)),

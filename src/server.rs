@@ -313,19 +313,22 @@ async fn respond(
         return admin::dashboard(gateway, request, client, local).await;
     }
     if path == "/metrics" && request.method() == Method::GET {
-        return if admin::is_admin(gateway, request.headers(), client, local) {
-            let mut response = Response::new(crate::body::full(crate::metrics::render(gateway)));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        } else {
-            ApiError::unauthorized(
+        return match admin::authorize(gateway, request.headers(), client, local) {
+            Ok(true) => {
+                let mut response =
+                    Response::new(crate::body::full(crate::metrics::render(gateway)));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            Ok(false) => ApiError::unauthorized(
                 "invalid_admin_key",
                 "/metrics needs the admin key (Authorization: Bearer ADMIN_KEY)",
             )
-            .into_response()
+            .into_response(),
+            Err(error) => error.into_response(),
         };
     }
     if role == Role::Admin {

@@ -162,7 +162,10 @@ impl StatusFilter {
             return Self::Range(400, 1000);
         }
         if let Some(class) = text.strip_suffix("xx").and_then(|d| d.parse::<i64>().ok()) {
-            return Self::Range(class * 100, class * 100 + 100);
+            return match class.checked_mul(100) {
+                Some(low) if low < i64::MAX - 100 => Self::Range(low, low + 100),
+                _ => Self::Nothing,
+            };
         }
         text.parse().map_or(Self::Nothing, Self::Exact)
     }
@@ -210,13 +213,18 @@ pub fn capped_count_sql(clause: &str) -> String {
 pub const SEARCH_RECENT_ROWS: i64 = 5_000;
 
 impl Page {
-    /// A page of search results: matches are not counted (counting a common term costs a
-    /// scan of the log), so `total` is what the pages so far have shown, exact only on
-    /// the last page.
-    pub fn from_search_rows(data: Vec<Value>, page: u64, per_page: u64, offset: u64) -> Self {
-        let mut page = Self::from_rows(data, page, per_page, 0);
-        page.total = offset + page.data.len() as u64;
-        page.total_exact = !page.has_more;
+    /// A page of search results (`query` asked for up to `per_page + 1` rows). Matches
+    /// are not counted (counting a common term costs a scan of the log), so `total` is
+    /// the rows up to and on this page: exact on the last page, a lower bound before it,
+    /// and absent where the page does not know where it stands: after a cursor (the rows
+    /// before it are unknown) or past the last page (where the last one ended is unknown).
+    pub fn from_search_rows(data: Vec<Value>, query: &ListQuery) -> Self {
+        let (number, per_page, offset) = query.window();
+        let mut page = Self::from_rows(data, number, per_page, 0);
+        let shown = offset + page.data.len() as u64;
+        let placed = query.before.is_none() && (offset == 0 || !page.data.is_empty());
+        page.total = placed.then_some(shown);
+        page.total_exact = placed && !page.has_more;
         page
     }
 
@@ -239,7 +247,7 @@ impl Page {
             data,
             page,
             per_page,
-            total: u64::try_from(counted).unwrap_or(0).min(COUNT_LIMIT),
+            total: Some(u64::try_from(counted).unwrap_or(0).min(COUNT_LIMIT)),
             total_exact: u64::try_from(counted).unwrap_or(0) <= COUNT_LIMIT,
             has_more,
             next_before,
@@ -253,9 +261,11 @@ pub struct Page {
     pub page: u64,
     pub per_page: u64,
     /// Matching rows, counted up to [`COUNT_LIMIT`]; for a search, the rows up to and on
-    /// this page.
-    pub total: u64,
-    /// `false` when there are more than `total`.
+    /// this page, or `None` where that is unknown (see [`Page::from_search_rows`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// `true` when `total` is every match; `false` when more match than `total`, or
+    /// `total` is absent.
     pub total_exact: bool,
     pub has_more: bool,
     /// The cursor (`before`) for the next, older page.

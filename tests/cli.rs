@@ -112,6 +112,53 @@ upstreams:
     }
 }
 
+#[test]
+fn check_finds_shared_secrets_without_showing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.yaml");
+    std::fs::write(
+        &path,
+        "
+access:
+  keys:
+    - {name: alice, key: fk-shared-secret-1}
+    - {name: bob, key_env: BOB_KEY}
+    - {name: carol, key: 98765432123}
+    - {name: dave, key: adm-shared-secret-1}
+upstreams:
+  - {name: a, base_url: 'http://127.0.0.1:1', keys: [sk-good-key-123456]}
+admin: {key: adm-shared-secret-1}
+",
+    )
+    .unwrap();
+    let output = sluice()
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .env("BOB_KEY", "fk-shared-secret-1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    for expected in [
+        "access.keys[1].key_env: the same key is given to two names",
+        "access.keys[2].key: invalid type: integer, expected a string",
+        "admin.key: the admin key is also the gateway key `dave`",
+        "3 problem(s) found",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    for secret in ["fk-shared-secret", "98765432123", "adm-shared-secret"] {
+        assert!(
+            !stdout.contains(secret),
+            "secret {secret:?} shown in:\n{stdout}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn with_no_config_file_it_forwards_with_keys_from_env_and_dotenv() {
     let mock = mock().await;
@@ -332,7 +379,11 @@ async fn sigterm_finishes_open_streams_and_flushes_the_log() {
 
     let store = sluice::store::sqlite::SqliteStore::open(db.to_str().unwrap()).unwrap();
     let page = sluice::store::Store::list(&store, &Default::default()).unwrap();
-    assert_eq!(page.total, 1, "the streamed request was logged before exit");
+    assert_eq!(
+        page.total,
+        Some(1),
+        "the streamed request was logged before exit"
+    );
     assert_eq!(page.data[0]["stream"], true);
 }
 

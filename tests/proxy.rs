@@ -899,3 +899,59 @@ async fn browsers_get_cors_for_listed_origins_only() {
         .unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test]
+async fn passthrough_log_rows_name_no_pool_key() {
+    let mock = mock().await;
+    let yaml = simple_config(&mock).replace("access:\n", "access:\n  passthrough: true\n");
+    let gw = gateway(&yaml).await;
+    for key in ["sk-client-own-key", "fk-alice-0001"] {
+        let response = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(chat_body("gpt-4o", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let recorder = gw.gateway.recorder.as_ref().unwrap();
+    recorder.flush().await;
+    let list = recorder
+        .store
+        .list(&sluice::store::ListQuery {
+            per_page: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut seen = Vec::new();
+    for row in &list.data {
+        let detail = recorder
+            .store
+            .get(row["id"].as_str().unwrap())
+            .unwrap()
+            .unwrap();
+        let attempts = detail["attempts"].to_string();
+        seen.push((
+            detail["key_name"].as_str().unwrap().to_string(),
+            detail["upstream_key"].clone(),
+            attempts,
+        ));
+    }
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let [(alice, pool_key, _), (passthrough, own_key, own_attempts)] = &seen[..] else {
+        panic!("{seen:?}");
+    };
+    assert_eq!(
+        (alice.as_str(), passthrough.as_str()),
+        ("alice", "passthrough")
+    );
+    assert!(
+        pool_key.as_str().is_some_and(|k| k.starts_with("sk-…")),
+        "{pool_key}"
+    );
+    // The caller's own key was sent: no pool key is named, in the row or its tries.
+    assert!(own_key.is_null(), "{own_key}");
+    assert!(!own_attempts.contains("sk-…"), "{own_attempts}");
+}

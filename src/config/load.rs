@@ -304,6 +304,27 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
     let storage = resolve_storage(raw_storage, &mut problems);
     let raw_admin: RawAdmin = section(top.get("admin"), "admin", &mut problems).unwrap_or_default();
     let admin = resolve_admin(&raw_admin, env, &mut problems);
+    // A gateway key that is also the admin key would make its holder the admin.
+    if let Some(admin_key) = &admin.key {
+        if let Some(shared) = access
+            .keys
+            .iter()
+            .find(|k| constant_time_eq(k.key.expose(), admin_key.expose()))
+        {
+            let path = if raw_admin.key.is_some() {
+                "admin.key"
+            } else {
+                "admin.key_env"
+            };
+            problems.push(Problem::new(
+                path,
+                format!(
+                    "the admin key is also the gateway key `{}`; give the admin a key of its own",
+                    shared.name
+                ),
+            ));
+        }
+    }
     let raw_pricing: BTreeMap<String, RawPrice> =
         section(top.get("pricing"), "pricing", &mut problems).unwrap_or_default();
     let mut pricing = std::collections::HashMap::new();
@@ -381,22 +402,40 @@ fn section<T: DeserializeOwned>(
     }
 }
 
-/// serde quotes offending string values in its messages (`invalid type: string "sk-…"`);
-/// such a value may be a secret, so it is replaced before the message is shown.
+/// serde quotes offending values in its messages (`invalid type: string "sk-…"`, or
+/// ``integer `12345` `` for a key written as a number); such a value may be a secret, so
+/// it is replaced before the message is shown.
 fn redact_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(start) = rest.find("string \"") {
-        out.push_str(&rest[..start]);
-        out.push_str("a string");
-        let after = &rest[start + "string \"".len()..];
-        rest = match after.find('"') {
-            Some(end) => &after[end + 1..],
-            None => "",
-        };
+    let mut text = message.to_string();
+    for (opening, closing, replacement) in [
+        ("string \"", '"', "a string"),
+        ("integer `", '`', "integer"),
+        ("floating point `", '`', "floating point"),
+    ] {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find(opening) {
+            out.push_str(&rest[..start]);
+            out.push_str(replacement);
+            let after = &rest[start + opening.len()..];
+            rest = match after.find(closing) {
+                Some(end) => &after[end + 1..],
+                None => "",
+            };
+        }
+        out.push_str(rest);
+        text = out;
     }
-    out.push_str(rest);
-    out
+    text
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// A client that sends nothing of its body for this long is cut off (408).

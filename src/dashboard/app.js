@@ -256,7 +256,10 @@ async function renderRequests(params) {
     params.set("before", list.next_before); params.set("page", String(page + 1));
     location.hash = `#/requests?${params}`;
   };
-  const pages = Math.max(1, Math.ceil(list.total / list.per_page));
+  // A search's total is exact on its last page, a lower bound before it ("+"), and absent
+  // where the page cannot know it (after a cursor, past the end): then only the page shows.
+  const known = typeof list.total === "number";
+  const pages = known ? Math.max(1, Math.ceil(list.total / list.per_page)) : 0;
   const more = list.total_exact ? "" : "+"; // counted up to a limit
   render(
     h("h1", {}, "Requests"),
@@ -283,7 +286,7 @@ async function renderRequests(params) {
         ? "No requests logged yet." : "No requests match these filters."),
     h("div", { class: "pager" },
       h("button", { type: "button", id: "prev", disabled: page <= 1, onclick: () => history.back() }, "← Newer"),
-      h("span", { id: "page-info" }, `Page ${page}${list.total_exact ? ` of ${fmt.int(pages)}` : ""} · ${fmt.int(list.total)}${more} requests`),
+      h("span", { id: "page-info" }, `Page ${page}${known && list.total_exact ? ` of ${fmt.int(pages)}` : ""}${known ? ` · ${fmt.int(list.total)}${more} requests` : ""}`),
       h("button", { type: "button", id: "next", disabled: !list.has_more, onclick: older }, "Older →")),
   );
   if (auto) refreshTimer = setTimeout(() => route(), 5000);

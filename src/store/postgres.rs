@@ -436,7 +436,7 @@ impl Store for PostgresStore {
             let (page, per_page, offset) = query.window();
             if let Some(pattern) = super::like_pattern(query.search.as_deref()) {
                 let data = search(&client, &query, &pattern, per_page + 1, offset).await?;
-                return Ok(Page::from_search_rows(data, page, per_page, offset));
+                return Ok(Page::from_search_rows(data, &query));
             }
             let (count_clause, count_values) = filters(&ListQuery { before: None, ..query.clone() });
             let total: i64 = client

@@ -547,7 +547,7 @@ impl Store for SqliteStore {
         .map(present)
         .collect();
         Ok(if searching {
-            Page::from_search_rows(data, page, per_page, offset)
+            Page::from_search_rows(data, query)
         } else {
             Page::from_rows(data, page, per_page, total)
         })
