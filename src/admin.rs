@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -179,7 +180,13 @@ async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) ->
             &json!({"ok": true, "note": "no admin key is configured"}),
         );
     };
-    let body = match crate::proxy::read_body(request.into_body(), 4096).await {
+    // A login is a few bytes: a client that trickles them holds nothing for long.
+    let timed = crate::body::TimedBody::new(
+        request.into_body(),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    );
+    let body = match crate::proxy::read_body(timed, 4096).await {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
