@@ -160,11 +160,8 @@ impl Gateway {
         let routing_needs_model =
             upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
         let rewrites = upstreams.iter().any(|u| u.config.rewrites_bodies());
-        let can_retry = routing.retries > 0
-            && (upstreams.len() > 1
-                || upstreams
-                    .iter()
-                    .any(|u| u.key_count() > 1 || u.token.is_some()));
+        // Even a lone upstream and key is tried again after a failure.
+        let can_retry = routing.retries > 0;
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model

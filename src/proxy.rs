@@ -265,12 +265,13 @@ async fn forward_inner(
     }
     let routing = &gateway.config.routing;
     let replayable = streamed.is_none();
-    // Headers are copied per try only when a second try is possible.
+    // Headers are copied per try only when a second try is possible (a lone upstream and
+    // key is tried again too, after its back-off).
     let might_retry = replayable
-        && (candidates.len() > 1
-            || candidates.iter().any(|&i| {
-                gateway.upstreams[i].key_count() > 1 || gateway.upstreams[i].token.is_some()
-            }));
+        && (routing.retries > 0
+            || candidates
+                .iter()
+                .any(|&i| gateway.upstreams[i].token.is_some()));
     let mut base_headers = Some(base_headers);
     let mut tried = Tried::default();
     let mut attempts: Vec<Attempt> = Vec::new();
@@ -281,12 +282,17 @@ async fn forward_inner(
     loop {
         let choice = match retry_choice.take() {
             Some(choice) => choice,
-            None => match gateway.router.choose(
-                &gateway.upstreams,
-                &candidates,
-                &tried,
-                session.as_deref(),
-            ) {
+            None => match gateway
+                .router
+                .choose(&gateway.upstreams, &candidates, &tried, session.as_deref())
+                .or_else(|| {
+                    // A retry with nothing untried left goes back to what was tried.
+                    last_failure.as_ref().and_then(|_| {
+                        gateway
+                            .router
+                            .choose_again(&gateway.upstreams, &candidates, &tried)
+                    })
+                }) {
                 Some(choice) => choice,
                 None => break,
             },
@@ -308,10 +314,11 @@ async fn forward_inner(
         }
         if !upstream_ok {
             // It reached its limit since the candidates were listed.
-            tried.exclude_upstream(choice.upstream);
+            tried.exclude_limited(choice.upstream);
             continue;
         }
         *tries += 1;
+        tried.sent(choice);
         let started = Instant::now();
 
         let mut headers = if might_retry {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use sluice::mock::{Fault, MockOptions};
+use sluice::mock::{Fault, MockOptions, MockServer};
 
 async fn post_chat(gw: &TestGateway, model: &str, stream: bool) -> reqwest::Response {
     client()
@@ -297,10 +297,77 @@ async fn exhausted_retries_report_the_last_failure() {
     let response = post_chat(&gw, "gpt-4o", false).await;
     assert_eq!(
         response.headers()["x-sluice-tries"],
-        "2",
-        "each upstream once, then nothing healthy is left"
+        "6",
+        "the first try and five retries, back to the tried upstreams once both failed"
+    );
+    assert_eq!(a.requests().len(), 3);
+    assert_eq!(b.requests().len(), 3);
+    assert_error(response, 500, "server_error").await;
+}
+
+/// One upstream whose first request (or every one, `limit: None`) fails with `fault`.
+async fn lone_upstream(
+    fault: Fault,
+    limit: Option<usize>,
+    keys: &str,
+) -> (MockServer, TestGateway) {
+    let mock = mock_with(MockOptions {
+        name: "only".into(),
+        fault: Some(fault),
+        fault_limit: limit,
+        ..MockOptions::default()
+    })
+    .await;
+    let yaml = format!(
+        "routing: {{retries: 2, backoff: 1ms}}\nupstreams:\n  - {{name: only, base_url: '{}', keys: [{keys}]}}\n",
+        mock.url()
+    );
+    let gw = gateway(&yaml).await;
+    (mock, gw)
+}
+
+fn keys_seen(mock: &MockServer) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lone_upstream_is_retried_on_its_other_key_after_a_500_or_a_dropped_connection() {
+    for fault in [Fault::ServerError, Fault::Drop] {
+        let (mock, gw) = lone_upstream(fault, Some(1), "sk-key-one-0001, sk-key-two-0002").await;
+        let response = post_chat(&gw, "gpt-4o", false).await;
+        assert_eq!(response.status(), 200, "{fault:?}");
+        assert_eq!(response.headers()["x-sluice-tries"], "2", "{fault:?}");
+        let keys = keys_seen(&mock);
+        assert_eq!(keys.len(), 2, "{fault:?}");
+        assert_ne!(
+            keys[0], keys[1],
+            "{fault:?}: the retry uses the pool's other key"
+        );
+        // The upstream rests after its failure, yet the next request is still served.
+        assert_eq!(post_chat(&gw, "gpt-4o", false).await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_lone_upstream_and_key_is_retried_within_retries() {
+    let (mock, gw) = lone_upstream(Fault::ServerError, Some(2), "sk-key-one-0001").await;
+    let response = post_chat(&gw, "gpt-4o", false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-tries"], "3");
+    assert_eq!(keys_seen(&mock), ["Bearer sk-key-one-0001"; 3]);
+
+    let (mock, gw) = lone_upstream(Fault::ServerError, None, "sk-key-one-0001").await;
+    let response = post_chat(&gw, "gpt-4o", false).await;
+    assert_eq!(
+        response.headers()["x-sluice-tries"],
+        "3",
+        "1 + retries, no more"
     );
     assert_error(response, 500, "server_error").await;
+    assert_eq!(mock.requests().len(), 3);
 }
 
 #[tokio::test]
