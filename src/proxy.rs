@@ -355,7 +355,10 @@ async fn forward_inner(
             headers.insert(TRACEPARENT, trace.traceparent());
         }
 
-        let url = upstream.url(path, parts.uri.query());
+        let url = upstream.url(
+            &upstream_path(&parts.method, path, &upstream.config),
+            parts.uri.query(),
+        );
         let mut request = upstream
             .client
             .request(parts.method.clone(), url)
@@ -817,6 +820,21 @@ fn model_in_path<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
         return None;
     }
     path.strip_prefix("/v1/models/").filter(|id| !id.is_empty())
+}
+
+/// The path to send to `upstream`: a model named in the path (`/v1/models/{alias}`) gets
+/// the upstream's own name for it.
+fn upstream_path<'a>(
+    method: &Method,
+    path: &'a str,
+    upstream: &crate::config::Upstream,
+) -> Cow<'a, str> {
+    match model_in_path(method, path) {
+        Some(model) if upstream.upstream_model(model) != model => {
+            Cow::Owned(format!("/v1/models/{}", upstream.upstream_model(model)))
+        }
+        _ => Cow::Borrowed(path),
+    }
 }
 
 /// Reads a whole request body, refusing more than `limit` bytes.

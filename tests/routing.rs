@@ -661,3 +661,37 @@ upstreams:
         );
     }
 }
+
+#[tokio::test]
+async fn a_model_alias_is_retrieved_by_its_upstream_name_and_answered_as_the_alias() {
+    let a = named_mock("a", None).await;
+    let b = named_mock("b", None).await;
+    let yaml = format!(
+        "upstreams:
+  - {{name: a, base_url: '{}', models: [gpt-4o]}}
+  - {{name: b, base_url: '{}', models: [llama-3], model_map: {{gpt-4: gpt-4o-2024-08-06}}}}
+",
+        a.url(),
+        b.url()
+    );
+    let gw = gateway(&yaml).await;
+    let response = client()
+        .get(gw.url("/v1/models/gpt-4"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "b");
+    let model = json(response).await;
+    assert_eq!(model["id"], "gpt-4", "{model}");
+    assert_eq!(model["object"], "model");
+    assert_eq!(b.last().unwrap().path, "/v1/models/gpt-4o-2024-08-06");
+
+    let response = client()
+        .get(gw.url("/v1/models/gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(response).await["id"], "gpt-4o");
+    assert_eq!(a.last().unwrap().path, "/v1/models/gpt-4o");
+}
