@@ -25,6 +25,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod affinity;
 pub mod body;
 pub mod clock;
 pub mod config;

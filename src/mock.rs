@@ -170,6 +170,8 @@ impl MockState {
     pub fn new(options: MockOptions) -> Arc<Self> {
         Arc::new(Self {
             options: Mutex::new(options),
+            // IDs differ between mocks, as an upstream's own objects do.
+            next_id: AtomicUsize::new(fastrand::usize(..1 << 20) << 10),
             ..Self::default()
         })
     }

@@ -226,6 +226,10 @@ async fn forward_inner(
     };
     let now = unix_now();
     let mut candidates = gateway.candidates(model.as_deref())?;
+    // A request naming an object (a file, a previous response…) goes where it lives.
+    let object_choice = gateway
+        .object_choice(path, buffered.as_deref(), model.as_deref(), &mut candidates)
+        .await;
     // Upstreams at their own limits are skipped while others can serve.
     let mut soonest_wait: Option<u64> = None;
     candidates.retain(|&i| {
@@ -277,7 +281,8 @@ async fn forward_inner(
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut last_failure: Option<(Failure, Choice)> = None;
     let mut token_refreshed = false;
-    let mut retry_choice: Option<Choice> = None;
+    // The next try's choice when it is decided ahead: an object's home, a token refresh.
+    let mut retry_choice: Option<Choice> = object_choice;
 
     loop {
         let choice = match retry_choice.take() {
@@ -401,6 +406,7 @@ async fn forward_inner(
         };
         let failure = match outcome {
             Outcome::Answer(response) => {
+                let response = gateway.learn_objects(&parts.method, path, response, choice, caller);
                 attempt.status = Some(response.status().as_u16());
                 attempts.push(attempt);
                 if let Some(session) = &session {
