@@ -613,12 +613,9 @@ impl HttpBody for Learner {
                 }
                 // Learned before the last byte is handed on, so the client's next request
                 // finds it.
-                let complete = this.inner.is_end_stream()
-                    || this
-                        .inner
-                        .size_hint()
-                        .exact()
-                        .is_some_and(|len| len == this.buffer.len() as u64);
+                // (What is left to come, once nothing is: not every body says it ended.)
+                let complete =
+                    this.inner.is_end_stream() || this.inner.size_hint().exact() == Some(0);
                 if complete {
                     this.finish();
                 }

@@ -633,7 +633,7 @@ async fn a_total_timeout_ends_a_long_stream() {
 #[test]
 fn bad_routing_configs_are_caught_with_their_paths() {
     let yaml = "
-routing: {strategy: round_robn, retry_on: [connect, 200]}
+routing: {strategy: round_robn, retry_on: [connect, 200], affinity: {ttl: soon}}
 access:
   keys: [{name: a, key: fk-aaaaaaaaaaaa, models: [gpt-4o, gpt-9]}]
 upstreams:
@@ -652,6 +652,7 @@ upstreams:
     for expected in [
         "routing.strategy: \"round_robn\" is not one of",
         "routing.retry_on[1]:",
+        "routing.affinity.ttl: \"soon\" is not a duration",
         "access.keys[0].models[1]: no upstream serves the model \"gpt-9\"",
         "upstreams[0].proxy: scheme \"ftp\"",
     ] {
