@@ -218,6 +218,9 @@ pub struct Budget {
     pub period: BudgetPeriod,
 }
 
+/// How long an upstream's objects route back to it unless `routing.affinity.ttl` says.
+pub const DEFAULT_AFFINITY_TTL: Duration = Duration::from_secs(30 * 86_400);
+
 /// How a request picks its upstream and what happens when one fails.
 #[derive(Debug, Clone)]
 pub struct Routing {
@@ -231,6 +234,11 @@ pub struct Routing {
     pub backoff: Duration,
     /// Keep a session (`X-Session-Id` or the body's `user`) on one upstream and key.
     pub session_ttl: Option<Duration>,
+    /// Where requests without a model go (by name; validated against `upstreams`).
+    pub default_upstream: Option<String>,
+    /// How long an object an upstream created (file, batch, response…) routes requests
+    /// naming it back to that upstream and key; `None`: object affinity is off.
+    pub affinity_ttl: Option<Duration>,
 }
 
 impl Default for Routing {
@@ -242,6 +250,8 @@ impl Default for Routing {
             cooldown: Duration::from_secs(30),
             backoff: Duration::from_millis(50),
             session_ttl: None,
+            default_upstream: None,
+            affinity_ttl: Some(DEFAULT_AFFINITY_TTL),
         }
     }
 }

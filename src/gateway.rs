@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::access::{Caller, Guard};
+use crate::affinity::{self, Affinity, Learner};
 use crate::config::{Config, GatewayKey, Upstream};
 use crate::error::ApiError;
 use crate::limits::{Limiter, Reserve};
@@ -34,6 +35,13 @@ pub struct Gateway {
     pub shared_state: Option<Arc<SharedState>>,
     /// Sends request traces to a collector, when configured.
     pub traces: Option<Arc<crate::traces::Exporter>>,
+    /// Which upstream created which object (file, batch, response…).
+    pub affinity: Arc<Affinity>,
+    /// Where requests without a model go, when `routing.default_upstream` says.
+    default_upstream: Option<usize>,
+    /// Whether requests naming objects look up where they live: object affinity is on and
+    /// there is a choice to make (several upstreams, or a pool of keys).
+    object_routing: bool,
     /// Whether JSON bodies must be read whatever the caller: the route depends on the model,
     /// a body is rewritten, a retry may resend it, or sessions read its `user`. With none
     /// of these, bodies stream straight through.
@@ -83,6 +91,7 @@ impl Current {
 #[derive(Debug, Clone)]
 pub struct Shared {
     pub limiter: Arc<Limiter>,
+    pub affinity: Arc<Affinity>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
     pub sessions: Arc<crate::dashboard::Sessions>,
@@ -136,8 +145,13 @@ impl Shared {
             }
             None => None,
         };
+        let affinity = Arc::new(Affinity::new(
+            shared_state.clone(),
+            recorder.as_ref().map(|r| r.store.clone()),
+        ));
         Ok(Self {
             limiter,
+            affinity,
             metrics,
             recorder,
             sessions: Default::default(),
@@ -166,19 +180,23 @@ impl Gateway {
         let routing_needs_model =
             upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
         let rewrites = upstreams.iter().any(|u| u.config.rewrites_bodies());
-        let can_retry = routing.retries > 0
-            && (upstreams.len() > 1
-                || upstreams
-                    .iter()
-                    .any(|u| u.key_count() > 1 || u.token.is_some()));
+        // Even a lone upstream and key is tried again after a failure.
+        let can_retry = routing.retries > 0;
         let router = Router::new(routing.strategy, upstreams.len(), routing.session_ttl);
         // Sessions opened with another admin key end here.
         shared.sessions.bind(config.admin.key.as_ref());
+        let object_routing = routing.affinity_ttl.is_some()
+            && (upstreams.len() > 1 || upstreams.iter().any(|u| u.key_count() > 1));
+        let default_upstream = routing
+            .default_upstream
+            .as_ref()
+            .and_then(|name| upstreams.iter().position(|u| &u.config.name == name));
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
             || rewrites
             || can_retry
             || router.sessions_enabled()
+            || object_routing
             || shared.recorder.is_some();
         Ok(Self {
             guard: Guard::new(&config.access),
@@ -192,6 +210,9 @@ impl Gateway {
             shared_state: shared.shared_state,
             traces: shared.traces,
             metrics: shared.metrics,
+            affinity: shared.affinity,
+            default_upstream,
+            object_routing,
             read_json_always,
             routes_by_model: routing_needs_model,
         })
@@ -201,6 +222,7 @@ impl Gateway {
     pub fn shared(&self) -> Shared {
         Shared {
             limiter: self.limiter.clone(),
+            affinity: self.affinity.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             sessions: self.sessions.clone(),
@@ -494,6 +516,9 @@ impl Gateway {
                     Ok(serving)
                 }
             }
+            None if self.default_upstream.is_some() => {
+                Ok(self.default_upstream.into_iter().collect())
+            }
             None => {
                 let any: Vec<usize> = indexes
                     .clone()
@@ -506,6 +531,118 @@ impl Gateway {
                 })
             }
         }
+    }
+}
+
+impl Gateway {
+    /// Where a request that names objects (in `path` or its JSON `body`) must go: the
+    /// upstream that created the first one known, and the key that did when it is still in
+    /// the pool. `candidates` is narrowed to that upstream. Nothing when the request names
+    /// no known object, when that upstream left the config, or when it does not serve the
+    /// request's `model`.
+    pub async fn object_choice(
+        &self,
+        path: &str,
+        body: Option<&[u8]>,
+        model: Option<&str>,
+        candidates: &mut Vec<usize>,
+    ) -> Option<Choice> {
+        if !self.object_routing {
+            return None;
+        }
+        let mut ids: Vec<String> = affinity::path_object(path)
+            .map(str::to_string)
+            .into_iter()
+            .collect();
+        if let Some(body) = body {
+            ids.extend(affinity::body_objects(path, body));
+        }
+        if ids.is_empty() {
+            return None;
+        }
+        let route = self.affinity.lookup(&ids).await?;
+        let index = self
+            .upstreams
+            .iter()
+            .position(|u| u.config.name == route.upstream)?;
+        if model.is_some() && !candidates.contains(&index) {
+            return None;
+        }
+        let upstream = &self.upstreams[index];
+        let now = crate::clock::now_ms();
+        let key = route.key.as_ref().and_then(|masked| {
+            (0..upstream.key_count()).find(|&k| upstream.masked_key(k).as_ref() == Some(masked))
+        });
+        // A resting key gives way to another of the pool, if one is usable.
+        let key = key
+            .filter(|&k| !upstream.key_is_cooling(k, now))
+            .or_else(|| upstream.pick_key(now, |_| false).flatten())
+            .or(key)
+            .or_else(|| upstream.soonest_key());
+        *candidates = vec![index];
+        Some(Choice {
+            upstream: index,
+            key,
+        })
+    }
+
+    /// Learns, from an answer of `choice`, the objects it created (reading its body on the
+    /// side as it streams), or forgets the one it deleted. A caller's own key is not
+    /// remembered: its later requests carry it anyway.
+    pub fn learn_objects(
+        &self,
+        method: &http::Method,
+        path: &str,
+        response: reqwest::Response,
+        choice: Choice,
+        caller: &Caller,
+    ) -> reqwest::Response {
+        let Some(ttl) = self.config.routing.affinity_ttl else {
+            return response;
+        };
+        if !response.status().is_success() {
+            return response;
+        }
+        if let Some(id) = affinity::deleted_object(method, path) {
+            self.affinity.forget(id);
+            return response;
+        }
+        if !affinity::learns(method, path) {
+            return response;
+        }
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .trim_start()
+            .to_ascii_lowercase();
+        let sse = content_type.starts_with("text/event-stream");
+        if !sse && !content_type.starts_with("application/json") {
+            return response;
+        }
+        if response
+            .content_length()
+            .is_some_and(|len| len > affinity::LEARN_LIMIT as u64)
+        {
+            return response;
+        }
+        let Some(upstream) = self.upstreams.get(choice.upstream) else {
+            return response;
+        };
+        let route = affinity::Route {
+            upstream: upstream.config.name.clone(),
+            key: match caller {
+                Caller::Passthrough(_) => None,
+                _ => choice.key.and_then(|k| upstream.masked_key(k)),
+            },
+        };
+        let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+        let learner = Learner::new(body, self.affinity.clone(), route, ttl, sse);
+        reqwest::Response::from(http::Response::from_parts(
+            parts,
+            reqwest::Body::wrap(learner),
+        ))
     }
 }
 

@@ -26,6 +26,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod affinity;
 pub mod body;
 pub mod clock;
 pub mod config;

@@ -242,6 +242,8 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
     let flushing = current.load();
     let shared_state = flushing.shared_state.clone();
     let traces = flushing.traces.clone();
+    // Object routes learned last go to the store and Redis too.
+    flushing.affinity.flush().await;
     let _ = tokio::task::spawn_blocking(move || flushing.shutdown()).await;
     // Usage settled by the last answers goes to Redis before the process ends.
     if let Some(shared_state) = shared_state {

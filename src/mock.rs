@@ -77,6 +77,8 @@ pub struct MockOptions {
     /// Pause between streamed chunks.
     pub interval: Duration,
     pub fault: Option<Fault>,
+    /// Inject `fault` into this many requests only, then answer normally (`None`: every one).
+    pub fault_limit: Option<usize>,
     /// Keys the mock accepts; empty accepts any (or none).
     pub keys: Vec<String>,
     /// Keep the last requests for `/_mock/requests` and [`MockServer::requests`].
@@ -95,6 +97,7 @@ impl Default for MockOptions {
             chunks: 8,
             interval: Duration::ZERO,
             fault: None,
+            fault_limit: None,
             keys: Vec::new(),
             record: true,
             require_token: false,
@@ -146,6 +149,8 @@ pub struct MockState {
     /// Tokens issued by `POST /_mock/token`.
     pub tokens_issued: AtomicUsize,
     next_id: AtomicUsize,
+    /// Faults injected so far, against `fault_limit`.
+    faults: AtomicUsize,
     /// Requests answered (faults included).
     pub requests: AtomicUsize,
     pub streams_started: AtomicUsize,
@@ -164,6 +169,8 @@ impl MockState {
     pub fn new(options: MockOptions) -> Arc<Self> {
         Arc::new(Self {
             options: Mutex::new(options),
+            // IDs differ between mocks, as an upstream's own objects do.
+            next_id: AtomicUsize::new(fastrand::usize(..1 << 20) << 10),
             ..Self::default()
         })
     }
@@ -281,7 +288,7 @@ async fn handle(
     };
     let options = state.options();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    let plan = Plan {
+    let mut plan = Plan {
         name: options.name.clone(),
         chunks: header("x-mock-chunks")
             .and_then(|v| v.parse().ok())
@@ -295,6 +302,11 @@ async fn handle(
     let path = parts.uri.path().to_string();
     if path.starts_with("/_mock/") {
         return Ok(control(&state, &parts.method, &path));
+    }
+    if let (Some(limit), None) = (options.fault_limit, header("x-mock-fault")) {
+        if plan.fault.is_some() && state.faults.fetch_add(1, Ordering::SeqCst) >= limit {
+            plan.fault = None;
+        }
     }
     state.requests.fetch_add(1, Ordering::Relaxed);
     if options.record {

@@ -176,6 +176,10 @@ async fn forward_inner(
     };
     let now = unix_now();
     let mut candidates = gateway.candidates(model.as_deref())?;
+    // A request naming an object (a file, a previous response…) goes where it lives.
+    let object_choice = gateway
+        .object_choice(path, buffered.as_deref(), model.as_deref(), &mut candidates)
+        .await;
     // Upstreams at their own limits are skipped while others can serve.
     let mut soonest_wait: Option<u64> = None;
     candidates.retain(|&i| {
@@ -216,28 +220,35 @@ async fn forward_inner(
     }
     let routing = &gateway.config.routing;
     let replayable = streamed.is_none();
-    // Headers are copied per try only when a second try is possible.
+    // Headers are copied per try only when a second try is possible (a lone upstream and
+    // key is tried again too, after its back-off).
     let might_retry = replayable
-        && (candidates.len() > 1
-            || candidates.iter().any(|&i| {
-                gateway.upstreams[i].key_count() > 1 || gateway.upstreams[i].token.is_some()
-            }));
+        && (routing.retries > 0
+            || candidates
+                .iter()
+                .any(|&i| gateway.upstreams[i].token.is_some()));
     let mut base_headers = Some(base_headers);
     let mut tried = Tried::default();
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut last_failure: Option<(Failure, Choice)> = None;
     let mut token_refreshed = false;
-    let mut retry_choice: Option<Choice> = None;
+    // The next try's choice when it is decided ahead: an object's home, a token refresh.
+    let mut retry_choice: Option<Choice> = object_choice;
 
     loop {
         let choice = match retry_choice.take() {
             Some(choice) => choice,
-            None => match gateway.router.choose(
-                &gateway.upstreams,
-                &candidates,
-                &tried,
-                session.as_deref(),
-            ) {
+            None => match gateway
+                .router
+                .choose(&gateway.upstreams, &candidates, &tried, session.as_deref())
+                .or_else(|| {
+                    // A retry with nothing untried left goes back to what was tried.
+                    last_failure.as_ref().and_then(|_| {
+                        gateway
+                            .router
+                            .choose_again(&gateway.upstreams, &candidates, &tried)
+                    })
+                }) {
                 Some(choice) => choice,
                 None => break,
             },
@@ -267,10 +278,11 @@ async fn forward_inner(
         }
         if !upstream_ok {
             // It reached its limit since the candidates were listed.
-            tried.exclude_upstream(choice.upstream);
+            tried.exclude_limited(choice.upstream);
             continue;
         }
         *tries += 1;
+        tried.sent(choice);
         let started = Instant::now();
 
         let mut headers = if might_retry {
@@ -307,7 +319,10 @@ async fn forward_inner(
             headers.insert(TRACEPARENT, trace.traceparent());
         }
 
-        let url = upstream.url(path, parts.uri.query());
+        let url = upstream.url(
+            &upstream_path(&parts.method, path, &upstream.config),
+            parts.uri.query(),
+        );
         let mut request = upstream
             .client
             .request(parts.method.clone(), url)
@@ -352,6 +367,7 @@ async fn forward_inner(
         };
         let failure = match outcome {
             Outcome::Answer(response) => {
+                let response = gateway.learn_objects(&parts.method, path, response, choice, caller);
                 attempt.status = Some(response.status().as_u16());
                 attempts.push(attempt);
                 if let Some(session) = &session {
@@ -1045,6 +1061,21 @@ fn model_in_path<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
         return None;
     }
     path.strip_prefix("/v1/models/").filter(|id| !id.is_empty())
+}
+
+/// The path to send to `upstream`: a model named in the path (`/v1/models/{alias}`) gets
+/// the upstream's own name for it.
+fn upstream_path<'a>(
+    method: &Method,
+    path: &'a str,
+    upstream: &crate::config::Upstream,
+) -> Cow<'a, str> {
+    match model_in_path(method, path) {
+        Some(model) if upstream.upstream_model(model) != model => {
+            Cow::Owned(format!("/v1/models/{}", upstream.upstream_model(model)))
+        }
+        _ => Cow::Borrowed(path),
+    }
 }
 
 /// Reads a whole request body, refusing more than `limit` bytes (and, for a

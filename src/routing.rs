@@ -5,7 +5,9 @@
 //! and key it used last while they are healthy. Otherwise the strategy picks among the
 //! healthy candidates: not resting after a failure and with a usable key. A first try
 //! never fails for want of a healthy upstream: it takes the one back soonest. Retries go
-//! only to healthy upstreams and keys not yet tried.
+//! to healthy upstreams and keys not yet tried; when none is left, [`Router::choose_again`]
+//! goes back to a candidate already tried (a lone upstream is retried, another key of its
+//! pool first), so `retries` means tries, not other upstreams.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,11 +30,26 @@ pub struct Choice {
 pub struct Tried {
     upstreams: Vec<usize>,
     keys: Vec<(usize, usize)>,
+    /// Upstreams at their own limits: not even a try again goes there.
+    limited: Vec<usize>,
+    /// Where each try went.
+    sent: Vec<Choice>,
 }
 
 impl Tried {
     pub fn exclude_upstream(&mut self, upstream: usize) {
         self.upstreams.push(upstream);
+    }
+
+    /// Excludes an upstream at its own limits, for good.
+    pub fn exclude_limited(&mut self, upstream: usize) {
+        self.upstreams.push(upstream);
+        self.limited.push(upstream);
+    }
+
+    /// Notes where a try went.
+    pub fn sent(&mut self, choice: Choice) {
+        self.sent.push(choice);
     }
 
     pub fn exclude_key(&mut self, upstream: usize, key: usize) {
@@ -156,6 +173,62 @@ impl Router {
             upstream: index,
             key,
         })
+    }
+
+    /// A retry when [`Router::choose`] has nothing left: a candidate tried already, the one
+    /// back soonest (resting or not: the request asked for more tries, and waits its
+    /// back-off), never one at its own limits. Its key is one this request has not used
+    /// yet if it has one, else one not refused (401/403/429) here, the one back soonest;
+    /// `None` when every key of the pool was refused.
+    pub fn choose_again(
+        &self,
+        upstreams: &[Arc<UpstreamRuntime>],
+        candidates: &[usize],
+        tried: &Tried,
+    ) -> Option<Choice> {
+        let now = now_ms();
+        let mut best: Option<(u64, Choice)> = None;
+        for &index in candidates {
+            if tried.limited.contains(&index) {
+                continue;
+            }
+            let Some(upstream) = upstreams.get(index) else {
+                continue;
+            };
+            let key = if upstream.key_count() == 0 {
+                None
+            } else {
+                let refused = |k: usize| tried.key_excluded(index, k);
+                let unused = |k: usize| {
+                    !refused(k)
+                        && !tried
+                            .sent
+                            .iter()
+                            .any(|c| c.upstream == index && c.key == Some(k))
+                };
+                let fresh = upstream.pick_key(now, |k| !unused(k)).flatten();
+                let key = fresh.or_else(|| {
+                    (0..upstream.key_count())
+                        .filter(|&k| !refused(k))
+                        .min_by_key(|&k| upstream.key_cooldown_until(k))
+                });
+                match key {
+                    Some(key) => Some(key),
+                    None => continue,
+                }
+            };
+            let back = upstream.cooldown_until.load(Ordering::Relaxed);
+            if best.is_none_or(|(soonest, _)| back < soonest) {
+                best = Some((
+                    back,
+                    Choice {
+                        upstream: index,
+                        key,
+                    },
+                ));
+            }
+        }
+        best.map(|(_, choice)| choice)
     }
 
     /// A position in `healthy` (non-empty) by the configured strategy.

@@ -45,6 +45,15 @@ impl ModelRename {
                 }
             }
         }
+        // A model object (`GET /v1/models/{alias}`) names itself in `id`.
+        if value.get("object").and_then(Value::as_str) == Some("model") {
+            if let Some(slot) = value.get_mut("id").filter(|id| id.is_string()) {
+                if slot.as_str() != Some(self.to.as_str()) {
+                    *slot = Value::String(self.to.clone());
+                    changed = true;
+                }
+            }
+        }
         changed
     }
 }

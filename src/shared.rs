@@ -16,6 +16,10 @@
 //! its expiry, and announced on a pub/sub channel); every instance applies what it hears,
 //! and one that (re)connects first reads what is stored. Another instance learns of a
 //! cooldown within a message's latency; until then it may send one more request there.
+//!
+//! **Object routes** (which upstream created a file, batch, response…) are stored with
+//! their expiry, queued like events; an instance that does not know an object asks Redis
+//! once (only requests naming an object do).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -234,6 +238,12 @@ pub enum EventKind {
 enum Job {
     Settle(Settlement),
     Publish(Event),
+    /// Stores an object's route for `ms` milliseconds, or with `None` deletes it.
+    Object {
+        id: String,
+        route: Option<String>,
+        ms: u64,
+    },
     Flush(oneshot::Sender<()>),
 }
 
@@ -296,6 +306,29 @@ impl Redis {
                 .arg(cost_arg(s.cost));
         }
         let _: i64 = invocation.invoke_async(&mut connection).await?;
+        Ok(())
+    }
+
+    fn object_key(&self, id: &str) -> String {
+        format!("{}:object:{id}", self.prefix)
+    }
+
+    async fn send_objects(&self, objects: &[(String, Option<String>, u64)]) -> anyhow::Result<()> {
+        let mut connection = self.connection().await?;
+        let mut pipe = redis::pipe();
+        for (id, route, ms) in objects {
+            match route {
+                Some(route) => pipe
+                    .cmd("SET")
+                    .arg(self.object_key(id))
+                    .arg(route)
+                    .arg("PX")
+                    .arg((*ms).max(1))
+                    .ignore(),
+                None => pipe.cmd("DEL").arg(self.object_key(id)).ignore(),
+            };
+        }
+        let () = pipe.query_async(&mut connection).await?;
         Ok(())
     }
 
@@ -515,6 +548,30 @@ impl SharedState {
         }
     }
 
+    /// Stores where an object lives (`route`, opaque here) for `hold`; `None` forgets it.
+    pub fn object_route(&self, id: &str, route: Option<String>, hold: Duration) {
+        self.queue(Job::Object {
+            id: id.to_string(),
+            route,
+            ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
+        });
+    }
+
+    /// Where an object lives, as stored by [`SharedState::object_route`]; `Err` when Redis
+    /// did not answer in time.
+    pub async fn object(&self, id: &str) -> anyhow::Result<Option<String>> {
+        let redis = &self.redis;
+        let call = async {
+            let mut connection = redis.connection().await?;
+            let route: Option<String> = redis::cmd("GET")
+                .arg(redis.object_key(id))
+                .query_async(&mut connection)
+                .await?;
+            anyhow::Ok(route)
+        };
+        redis.within(redis.timeout, call).await
+    }
+
     /// Waits (up to a few seconds) until what is queued has been sent.
     pub async fn flush(&self) {
         let (done, sent) = oneshot::channel();
@@ -610,6 +667,7 @@ async fn work(redis: Arc<Redis>, mut jobs: mpsc::Receiver<Job>) {
         }
         let mut merged: HashMap<(String, Option<i64>), Settlement> = HashMap::new();
         let mut events = Vec::new();
+        let mut objects = Vec::new();
         let mut flushes = Vec::new();
         for job in batch.drain(..) {
             match job {
@@ -628,6 +686,7 @@ async fn work(redis: Arc<Redis>, mut jobs: mpsc::Receiver<Job>) {
                     slot.cost += s.cost;
                 }
                 Job::Publish(event) => events.push(event),
+                Job::Object { id, route, ms } => objects.push((id, route, ms)),
                 Job::Flush(done) => flushes.push(done),
             }
         }
@@ -663,6 +722,14 @@ async fn work(redis: Arc<Redis>, mut jobs: mpsc::Receiver<Job>) {
                 .await
             {
                 tracing::warn!("cannot share {} routing events: {error:#}", events.len());
+            }
+        }
+        if !objects.is_empty() {
+            if let Err(error) = redis
+                .within(redis.timeout * 10, redis.send_objects(&objects))
+                .await
+            {
+                tracing::warn!("cannot share {} object routes: {error:#}", objects.len());
             }
         }
         for done in flushes {

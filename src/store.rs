@@ -289,6 +289,32 @@ pub trait Store: Send + Sync {
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value>;
     /// Whether the store answers.
     fn ping(&self) -> anyhow::Result<()>;
+    /// Remembers (or, with `upstream` empty, forgets) which upstream created objects.
+    fn write_objects(&self, routes: &[ObjectRoute]) -> anyhow::Result<()> {
+        let _ = routes;
+        Ok(())
+    }
+    /// Where the object `id` lives, unless unknown or expired at `now_ms`.
+    fn object(&self, id: &str, now_ms: i64) -> anyhow::Result<Option<ObjectRoute>> {
+        let _ = (id, now_ms);
+        Ok(None)
+    }
+    /// Deletes the routes expired at `now_ms`.
+    fn purge_objects(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let _ = now_ms;
+        Ok(0)
+    }
+}
+
+/// Which upstream (and key of its pool, masked) created an object, until when: what object
+/// affinity keeps across restarts. An empty `upstream` in a write forgets the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRoute {
+    pub id: String,
+    pub upstream: String,
+    pub key: Option<String>,
+    /// Unix milliseconds.
+    pub expires_ms: i64,
 }
 
 pub const HOUR_MS: i64 = 3_600_000;

@@ -908,7 +908,8 @@ async fn metrics_count_requests_latency_tokens_and_refusals_by_name_never_key() 
         "{text}"
     );
     assert!(
-        text.contains(r#"sluice_upstream_errors_total{upstream="main",kind="500"} 1"#),
+        // The failing request's first try and its two retries (`retries: 2` by default).
+        text.contains(r#"sluice_upstream_errors_total{upstream="main",kind="500"} 3"#),
         "{text}"
     );
     assert!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::json;
-use sluice::mock::{Fault, MockOptions};
+use sluice::mock::{Fault, MockOptions, MockServer};
 
 async fn post_chat(gw: &TestGateway, model: &str, stream: bool) -> reqwest::Response {
     client()
@@ -297,10 +297,77 @@ async fn exhausted_retries_report_the_last_failure() {
     let response = post_chat(&gw, "gpt-4o", false).await;
     assert_eq!(
         response.headers()["x-sluice-tries"],
-        "2",
-        "each upstream once, then nothing healthy is left"
+        "6",
+        "the first try and five retries, back to the tried upstreams once both failed"
+    );
+    assert_eq!(a.requests().len(), 3);
+    assert_eq!(b.requests().len(), 3);
+    assert_error(response, 500, "server_error").await;
+}
+
+/// One upstream whose first request (or every one, `limit: None`) fails with `fault`.
+async fn lone_upstream(
+    fault: Fault,
+    limit: Option<usize>,
+    keys: &str,
+) -> (MockServer, TestGateway) {
+    let mock = mock_with(MockOptions {
+        name: "only".into(),
+        fault: Some(fault),
+        fault_limit: limit,
+        ..MockOptions::default()
+    })
+    .await;
+    let yaml = format!(
+        "routing: {{retries: 2, backoff: 1ms}}\nupstreams:\n  - {{name: only, base_url: '{}', keys: [{keys}]}}\n",
+        mock.url()
+    );
+    let gw = gateway(&yaml).await;
+    (mock, gw)
+}
+
+fn keys_seen(mock: &MockServer) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lone_upstream_is_retried_on_its_other_key_after_a_500_or_a_dropped_connection() {
+    for fault in [Fault::ServerError, Fault::Drop] {
+        let (mock, gw) = lone_upstream(fault, Some(1), "sk-key-one-0001, sk-key-two-0002").await;
+        let response = post_chat(&gw, "gpt-4o", false).await;
+        assert_eq!(response.status(), 200, "{fault:?}");
+        assert_eq!(response.headers()["x-sluice-tries"], "2", "{fault:?}");
+        let keys = keys_seen(&mock);
+        assert_eq!(keys.len(), 2, "{fault:?}");
+        assert_ne!(
+            keys[0], keys[1],
+            "{fault:?}: the retry uses the pool's other key"
+        );
+        // The upstream rests after its failure, yet the next request is still served.
+        assert_eq!(post_chat(&gw, "gpt-4o", false).await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_lone_upstream_and_key_is_retried_within_retries() {
+    let (mock, gw) = lone_upstream(Fault::ServerError, Some(2), "sk-key-one-0001").await;
+    let response = post_chat(&gw, "gpt-4o", false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-tries"], "3");
+    assert_eq!(keys_seen(&mock), ["Bearer sk-key-one-0001"; 3]);
+
+    let (mock, gw) = lone_upstream(Fault::ServerError, None, "sk-key-one-0001").await;
+    let response = post_chat(&gw, "gpt-4o", false).await;
+    assert_eq!(
+        response.headers()["x-sluice-tries"],
+        "3",
+        "1 + retries, no more"
     );
     assert_error(response, 500, "server_error").await;
+    assert_eq!(mock.requests().len(), 3);
 }
 
 #[tokio::test]
@@ -566,7 +633,7 @@ async fn a_total_timeout_ends_a_long_stream() {
 #[test]
 fn bad_routing_configs_are_caught_with_their_paths() {
     let yaml = "
-routing: {strategy: round_robn, retry_on: [connect, 200]}
+routing: {strategy: round_robn, retry_on: [connect, 200], affinity: {ttl: soon}}
 access:
   keys: [{name: a, key: fk-aaaaaaaaaaaa, models: [gpt-4o, gpt-9]}]
 upstreams:
@@ -585,6 +652,7 @@ upstreams:
     for expected in [
         "routing.strategy: \"round_robn\" is not one of",
         "routing.retry_on[1]:",
+        "routing.affinity.ttl: \"soon\" is not a duration",
         "access.keys[0].models[1]: no upstream serves the model \"gpt-9\"",
         "upstreams[0].proxy: scheme \"ftp\"",
     ] {
@@ -593,4 +661,38 @@ upstreams:
             "missing {expected:?} in {problems:#?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_model_alias_is_retrieved_by_its_upstream_name_and_answered_as_the_alias() {
+    let a = named_mock("a", None).await;
+    let b = named_mock("b", None).await;
+    let yaml = format!(
+        "upstreams:
+  - {{name: a, base_url: '{}', models: [gpt-4o]}}
+  - {{name: b, base_url: '{}', models: [llama-3], model_map: {{gpt-4: gpt-4o-2024-08-06}}}}
+",
+        a.url(),
+        b.url()
+    );
+    let gw = gateway(&yaml).await;
+    let response = client()
+        .get(gw.url("/v1/models/gpt-4"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "b");
+    let model = json(response).await;
+    assert_eq!(model["id"], "gpt-4", "{model}");
+    assert_eq!(model["object"], "model");
+    assert_eq!(b.last().unwrap().path, "/v1/models/gpt-4o-2024-08-06");
+
+    let response = client()
+        .get(gw.url("/v1/models/gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(response).await["id"], "gpt-4o");
+    assert_eq!(a.last().unwrap().path, "/v1/models/gpt-4o");
 }

@@ -284,6 +284,14 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
     let raw_routing: RawRouting =
         section(top.get("routing"), "routing", &mut problems).unwrap_or_default();
     let routing = resolve_routing(raw_routing, &mut problems);
+    if let Some(name) = &routing.default_upstream {
+        if !upstreams.iter().any(|u| &u.name == name) {
+            problems.push(Problem::new(
+                "routing.default_upstream",
+                format!("no upstream is named {name:?}"),
+            ));
+        }
+    }
 
     // A key's model that no upstream serves can never be used: almost surely a typo.
     if !upstreams.is_empty() {
@@ -1153,6 +1161,11 @@ fn resolve_routing(raw: RawRouting, problems: &mut Vec<Problem>) -> Routing {
         cooldown: duration(&raw.cooldown, "cooldown").unwrap_or(defaults.cooldown),
         backoff: duration(&raw.backoff, "backoff").unwrap_or(defaults.backoff),
         session_ttl: duration(&raw.session_ttl, "session_ttl").filter(|d| !d.is_zero()),
+        affinity_ttl: match &raw.affinity.ttl {
+            None => defaults.affinity_ttl,
+            Some(ttl) => duration(&Some(ttl.clone()), "affinity.ttl").filter(|d| !d.is_zero()),
+        },
+        default_upstream: raw.default_upstream,
     }
 }
 

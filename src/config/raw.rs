@@ -156,6 +156,14 @@ pub struct RawRouting {
     pub cooldown: Option<Scalar>,
     pub backoff: Option<Scalar>,
     pub session_ttl: Option<Scalar>,
+    pub default_upstream: Option<String>,
+    pub affinity: RawAffinity,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAffinity {
+    pub ttl: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

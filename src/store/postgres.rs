@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS usage_counters (
     scope TEXT NOT NULL, period TEXT NOT NULL, win BIGINT NOT NULL, requests BIGINT NOT NULL,
     tokens BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL, PRIMARY KEY (scope, period, win)
 );
+CREATE TABLE IF NOT EXISTS object_routes (
+    id TEXT PRIMARY KEY, upstream TEXT NOT NULL, key_mask TEXT, expires_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS object_routes_expires ON object_routes (expires_ms);
 ";
 
 const TRIGRAM_INDEX: &str = "CREATE EXTENSION IF NOT EXISTS pg_trgm;
@@ -366,6 +370,58 @@ async fn in_transaction<T>(
 }
 
 impl Store for PostgresStore {
+    fn write_objects(&self, routes: &[super::ObjectRoute]) -> anyhow::Result<()> {
+        let routes = routes.to_vec();
+        self.call(move |client| async move {
+            for route in &routes {
+                if route.upstream.is_empty() {
+                    client
+                        .execute("DELETE FROM object_routes WHERE id = $1", &[&route.id])
+                        .await?;
+                } else {
+                    client
+                        .execute(
+                            "INSERT INTO object_routes (id, upstream, key_mask, expires_ms) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (id) DO UPDATE SET upstream = excluded.upstream, \
+                             key_mask = excluded.key_mask, expires_ms = excluded.expires_ms",
+                            &[&route.id, &route.upstream, &route.key, &route.expires_ms],
+                        )
+                        .await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn object(&self, id: &str, now_ms: i64) -> anyhow::Result<Option<super::ObjectRoute>> {
+        let id = id.to_string();
+        self.call(move |client| async move {
+            let row = client
+                .query_opt(
+                    "SELECT upstream, key_mask, expires_ms FROM object_routes WHERE id = $1 AND expires_ms > $2",
+                    &[&id, &now_ms],
+                )
+                .await?;
+            Ok(row.map(|row| super::ObjectRoute {
+                id,
+                upstream: row.get(0),
+                key: row.get(1),
+                expires_ms: row.get(2),
+            }))
+        })
+    }
+
+    fn purge_objects(&self, now_ms: i64) -> anyhow::Result<u64> {
+        self.call(move |client| async move {
+            Ok(client
+                .execute(
+                    "DELETE FROM object_routes WHERE expires_ms <= $1",
+                    &[&now_ms],
+                )
+                .await?)
+        })
+    }
+
     fn write(&self, records: &[LogRecord], counters: &[CounterDelta]) -> anyhow::Result<()> {
         let records = records.to_vec();
         let counters = counters.to_vec();

@@ -77,6 +77,13 @@ CREATE TABLE IF NOT EXISTS usage_counters (
     cost DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (scope, period, win)
 );
+CREATE TABLE IF NOT EXISTS object_routes (
+    id TEXT PRIMARY KEY,
+    upstream TEXT NOT NULL,
+    key_mask TEXT,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS object_routes_expires ON object_routes (expires_ms);
 ";
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
@@ -86,6 +93,9 @@ const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model,
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// Object routes, on a connection of their own: a lookup never waits behind a log
+    /// batch or an admin query.
+    objects: Mutex<Connection>,
 }
 
 fn connect(path: &str) -> anyhow::Result<Connection> {
@@ -112,10 +122,18 @@ impl SqliteStore {
             .context("cannot create the schema")?;
         migrate(&writer).context("cannot migrate the log")?;
         let reader = connect(path)?;
+        let objects = connect(path)?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            objects: Mutex::new(objects),
         })
+    }
+
+    fn objects(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
+        self.objects
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the store's object connection is poisoned"))
     }
 
     fn reader(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
@@ -341,6 +359,60 @@ fn query_values(
 }
 
 impl Store for SqliteStore {
+    fn write_objects(&self, routes: &[super::ObjectRoute]) -> anyhow::Result<()> {
+        let mut connection = self.objects()?;
+        let transaction = connection.transaction()?;
+        {
+            let mut upsert = transaction.prepare_cached(
+                "INSERT INTO object_routes (id, upstream, key_mask, expires_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (id) DO UPDATE SET upstream = excluded.upstream, key_mask = excluded.key_mask, \
+                 expires_ms = excluded.expires_ms",
+            )?;
+            let mut delete =
+                transaction.prepare_cached("DELETE FROM object_routes WHERE id = ?1")?;
+            for route in routes {
+                if route.upstream.is_empty() {
+                    delete.execute(params![route.id])?;
+                } else {
+                    upsert.execute(params![
+                        route.id,
+                        route.upstream,
+                        route.key,
+                        route.expires_ms
+                    ])?;
+                }
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    fn object(&self, id: &str, now_ms: i64) -> anyhow::Result<Option<super::ObjectRoute>> {
+        let connection = self.objects()?;
+        let mut select = connection.prepare_cached(
+            "SELECT upstream, key_mask, expires_ms FROM object_routes WHERE id = ?1 AND expires_ms > ?2",
+        )?;
+        Ok(select
+            .query_row(params![id, now_ms], |row| {
+                Ok(super::ObjectRoute {
+                    id: id.to_string(),
+                    upstream: row.get(0)?,
+                    key: row.get(1)?,
+                    expires_ms: row.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn purge_objects(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let connection = self.objects()?;
+        let removed = connection.execute(
+            "DELETE FROM object_routes WHERE expires_ms <= ?1",
+            params![now_ms],
+        )?;
+        Ok(u64::try_from(removed).unwrap_or(0))
+    }
+
     fn write(&self, records: &[LogRecord], counters: &[CounterDelta]) -> anyhow::Result<()> {
         let mut connection = self
             .writer
