@@ -239,8 +239,9 @@ async fn api(
     }
 }
 
-/// Parses a time filter: Unix milliseconds, or an RFC 3339 date-time.
-fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+/// Parses a time filter: Unix milliseconds, or an RFC 3339 date-time. Public for the fuzz
+/// targets (`fuzz/`).
+pub fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
     let Some(text) = query.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
@@ -260,7 +261,8 @@ fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>
         })
 }
 
-fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
+/// The filters and page of `/api/requests`. Public for the fuzz targets (`fuzz/`).
+pub fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     let number = |name: &str, default: u64| -> Result<u64, ApiError> {
         query.get(name).map_or(Ok(default), |v| {
             v.trim().parse().map_err(|_| {
