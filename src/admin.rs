@@ -374,8 +374,8 @@ fn number_param(
 }
 
 /// Parses a time filter: Unix milliseconds, or an RFC 3339 date-time, between the epoch
-/// and the end of year 9999.
-fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+/// and the end of year 9999. Public for the fuzz targets (`fuzz/`).
+pub fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
     let Some(text) = text_param(query, name)? else {
         return Ok(None);
     };
@@ -439,7 +439,8 @@ fn cursor_param(query: &HashMap<String, String>) -> Result<Option<(i64, String)>
         })
 }
 
-fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
+/// The list filters of `/api/requests`, validated. Public for the fuzz targets (`fuzz/`).
+pub fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     Ok(ListQuery {
         search: text_param(query, "search")?,
         model: text_param(query, "model")?,

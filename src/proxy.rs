@@ -46,22 +46,34 @@ const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Only the fields routing needs; everything else is skipped (but still checked as JSON).
+/// Public for the fuzz targets (`fuzz/`), which check the usage request against it.
 #[derive(Deserialize)]
-struct Peek<'a> {
+pub struct Peek<'a> {
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    pub model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    user: Option<Cow<'a, str>>,
+    pub user: Option<Cow<'a, str>>,
     #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptionsPeek>,
+    pub stream: Option<bool>,
+    /// `None` when absent; `Some(None)` when `null`, which the body still holds (so the
+    /// usage request must replace it, not add a second key).
+    #[serde(default, deserialize_with = "present")]
+    pub stream_options: Option<Option<StreamOptionsPeek>>,
+}
+
+/// Deserialises a field that is there (even as `null`) as `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
-struct StreamOptionsPeek {
+pub struct StreamOptionsPeek {
     #[serde(default)]
-    include_usage: Option<bool>,
+    pub include_usage: Option<bool>,
 }
 
 /// One try at an upstream, as the request log records it.
@@ -619,7 +631,12 @@ async fn read_inbound(
     // that did not ask for it.
     let mut strip_usage = false;
     if let Some(peek) = &peek {
-        let wants_usage = peek.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+        let wants_usage = peek
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.as_ref())
+            .and_then(|o| o.include_usage)
+            == Some(true);
         if record.is_some()
             && peek.stream == Some(true)
             && !wants_usage
@@ -1311,6 +1328,22 @@ mod tests {
         assert_eq!(model_in_path(&Method::GET, "/v1/models/"), None);
         assert_eq!(model_in_path(&Method::POST, "/v1/models/x"), None);
         assert_eq!(model_in_path(&Method::GET, "/v1/files/x"), None);
+    }
+
+    #[test]
+    fn a_null_stream_options_is_there() {
+        let peek: Peek = serde_json::from_str(r#"{"stream_options": null}"#).unwrap();
+        assert!(matches!(peek.stream_options, Some(None)));
+        let peek: Peek = serde_json::from_str(r#"{}"#).unwrap();
+        assert!(peek.stream_options.is_none());
+        let peek: Peek =
+            serde_json::from_str(r#"{"stream_options": {"include_usage": true}}"#).unwrap();
+        assert!(matches!(
+            peek.stream_options,
+            Some(Some(StreamOptionsPeek {
+                include_usage: Some(true)
+            }))
+        ));
     }
 
     #[test]

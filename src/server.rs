@@ -285,22 +285,31 @@ async fn respond(
     if path == "/health" {
         return health();
     }
-    // `..` (plain or encoded) would lift a forwarded path above the upstream's base URL,
-    // where other tenants' or admin endpoints may live; no API path needs one.
-    if !is_plain_path(path) {
-        return ApiError::bad_request(
-            "invalid_path",
-            "the path has a dot segment (`.` or `..`, plain or percent-encoded) or an encoded \
-             slash; send the path without them",
-        )
-        .into_response();
-    }
     let client = client_ip(
         &gateway.config.server.trusted_proxies,
         peer.ip(),
         request.headers(),
     );
     if let Err(error) = gateway.guard.check_ip(client) {
+        return error.into_response();
+    }
+    // `..` (plain or encoded) would lift a forwarded path above the upstream's base URL,
+    // where other tenants' or admin endpoints may live; no API path needs one.
+    if !is_plain_path(path) {
+        let error = ApiError::bad_request(
+            "invalid_path",
+            "the path has a dot segment (`.` or `..`, plain or percent-encoded), an encoded \
+             slash or an encoded control character; send the path without them",
+        );
+        let route = path
+            .strip_prefix(gateway.config.server.route_prefix.as_str())
+            .unwrap_or(path);
+        if route == "/v1" || route.starts_with("/v1/") {
+            // Refused, but logged like every other API request.
+            let route = route.to_string();
+            let (parts, _) = request.into_parts();
+            gateway.record_error(gateway.start_record(client, &parts, &route), &error);
+        }
         return error.into_response();
     }
     let dashboard_here = role == Role::Admin || gateway.config.admin.listen.is_none();
@@ -411,15 +420,20 @@ async fn ready(gateway: &Gateway) -> Response<Body> {
     }
 }
 
-/// Whether no segment of `path`, percent-decoded, is `.` or `..` or holds a slash or
-/// backslash: what reaches an upstream is always below its base URL.
+/// Whether no segment of `path`, percent-decoded, is `.` or `..` or holds a slash, a
+/// backslash or a control character (NUL among them): what reaches an upstream is always
+/// below its base URL, and means the same to every server on the way.
 pub fn is_plain_path(path: &str) -> bool {
     path.split('/').all(|segment| {
-        if !segment.contains(['%', '.', '\\']) {
+        if !segment.contains(['%', '.', '\\']) && !segment.chars().any(char::is_control) {
             return true;
         }
         let decoded = percent_decode(segment);
-        decoded != b"." && decoded != b".." && !decoded.iter().any(|b| matches!(b, b'/' | b'\\'))
+        decoded != b"."
+            && decoded != b".."
+            && !decoded
+                .iter()
+                .any(|b| matches!(b, b'/' | b'\\') || b.is_ascii_control())
     })
 }
 
@@ -481,6 +495,9 @@ mod tests {
             "/v1/a%2fb",
             "/v1/a%5C..%5Cb",
             "/v1/a\\b",
+            "/v1/chat/completions%00",
+            "/v1/files/file-abc%0a/content",
+            "/v1/x%7f",
         ] {
             assert!(!is_plain_path(path), "{path}");
         }

@@ -138,67 +138,78 @@ impl Shaper {
     }
 
     fn shape_events(&self, events: &Bytes) -> Bytes {
-        let Ok(text) = std::str::from_utf8(events) else {
-            return events.clone();
-        };
-        let mut out = String::with_capacity(text.len() + 16);
+        let mut out = BytesMut::with_capacity(events.len() + 16);
         let mut changed = false;
-        for event in split_events(text) {
-            if self.strip_usage && is_usage_only(event) {
-                changed = true;
-                continue;
-            }
-            let Some(rename) = &self.rename else {
-                out.push_str(event);
-                continue;
-            };
-            for line in event.split_inclusive('\n') {
-                let shaped = line.strip_prefix("data:").and_then(|data| {
-                    let payload = data.trim();
-                    if !payload.starts_with('{') {
-                        return None;
-                    }
-                    let mut value: Value = serde_json::from_str(payload).ok()?;
-                    rename.apply(&mut value).then(|| value.to_string())
-                });
-                match shaped {
-                    Some(json) => {
-                        changed = true;
-                        out.push_str("data: ");
-                        out.push_str(&json);
-                        out.push_str(if line.ends_with("\r\n") { "\r\n" } else { "\n" });
-                    }
-                    None => out.push_str(line),
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            let end = first_event_end(rest).unwrap_or(rest.len());
+            let (event, tail) = rest.split_at(end);
+            rest = tail;
+            // Each event on its own: one that is not text passes as it is and leaves the
+            // others shaped, however the stream was cut into reads.
+            match std::str::from_utf8(event)
+                .ok()
+                .and_then(|e| self.shape_event(e))
+            {
+                Some(shaped) => {
+                    changed = true;
+                    out.extend_from_slice(shaped.as_bytes());
                 }
+                None => out.extend_from_slice(event),
             }
         }
         if changed {
-            Bytes::from(out)
+            out.freeze()
         } else {
             events.clone()
         }
     }
+
+    /// The event as the client must see it (empty: dropped), or `None` if unchanged.
+    fn shape_event(&self, event: &str) -> Option<String> {
+        if self.strip_usage && is_usage_only(event) {
+            return Some(String::new());
+        }
+        let rename = self.rename.as_ref()?;
+        let mut out = String::with_capacity(event.len() + 16);
+        let mut changed = false;
+        for line in event.split_inclusive('\n') {
+            let shaped = line.strip_prefix("data:").and_then(|data| {
+                let payload = data.trim();
+                if !payload.starts_with('{') {
+                    return None;
+                }
+                let mut value: Value = serde_json::from_str(payload).ok()?;
+                rename.apply(&mut value).then(|| value.to_string())
+            });
+            match shaped {
+                Some(json) => {
+                    changed = true;
+                    out.push_str("data: ");
+                    out.push_str(&json);
+                    out.push_str(if line.ends_with("\r\n") { "\r\n" } else { "\n" });
+                }
+                None => out.push_str(line),
+            }
+        }
+        changed.then_some(out)
+    }
 }
 
-/// Splits SSE text into events, each with its terminating blank line.
-fn split_events(text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
+/// The end of the first SSE event in `bytes` (just after its blank line: `\n\n`,
+/// `\r\n\r\n` or `\n\r\n`), found in one pass.
+fn first_event_end(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(offset) = bytes[from..].iter().position(|&b| b == b'\n') {
+        let at = from + offset;
+        match bytes.get(at + 1) {
+            Some(b'\n') => return Some(at + 2),
+            Some(b'\r') if bytes.get(at + 2) == Some(&b'\n') => return Some(at + 3),
+            _ => {}
         }
-        let end = [
-            rest.find("\n\n").map(|p| p + 2),
-            rest.find("\r\n\r\n").map(|p| p + 4),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(rest.len());
-        let (event, tail) = rest.split_at(end);
-        rest = tail;
-        Some(event)
-    })
+        from = at + 1;
+    }
+    None
 }
 
 /// The chunk `stream_options.include_usage` adds: no choices, only usage.
@@ -233,12 +244,13 @@ fn has_usage_object(event: &str) -> bool {
 
 /// The end of the last complete SSE event in `buffer` (just after its blank line).
 fn last_event_end(buffer: &[u8]) -> Option<usize> {
-    let lf = buffer.windows(2).rposition(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buffer
-        .windows(4)
-        .rposition(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4);
-    lf.max(crlf)
+    let mut last = None;
+    let mut from = 0;
+    while let Some(end) = first_event_end(&buffer[from..]) {
+        from += end;
+        last = Some(from);
+    }
+    last
 }
 
 #[cfg(test)]
@@ -319,6 +331,34 @@ mod tests {
             out.extend_from_slice(&shaper.finish());
             assert_eq!(out, expected, "pieces of {size}");
         }
+    }
+
+    #[test]
+    fn an_event_that_is_not_text_leaves_its_neighbours_shaped() {
+        let mut shaper = Shaper::new(true, Some(rename()), true);
+        let out = shaper
+            .push(Bytes::from_static(
+                b"data: {\"model\":\"real\",\"x\":\"\xff\"}\n\ndata: {\"model\":\"real\"}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":1}}\n\n",
+            ))
+            .unwrap();
+        assert_eq!(
+            &out[..],
+            b"data: {\"model\":\"real\",\"x\":\"\xff\"}\n\ndata: {\"model\":\"alias\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn many_events_in_one_read_are_split_in_one_pass() {
+        let mut input = Vec::new();
+        for _ in 0..20_000 {
+            input.extend_from_slice(b"data: {\"model\":\"real\"}\r\n\r\n");
+        }
+        let mut shaper = Shaper::new(true, Some(rename()), false);
+        let out = shaper.push(Bytes::from(input)).unwrap();
+        assert_eq!(
+            out.len(),
+            20_000 * "data: {\"model\":\"alias\"}\r\n\r\n".len()
+        );
     }
 
     #[test]

@@ -448,7 +448,7 @@ pub struct HourRow {
 /// part of the answer reads). Rows from the earliest hour on are what
 /// [`stats_answer`] needs.
 pub fn stats_span(from_ms: i64, now_ms: i64) -> (i64, i64) {
-    let first = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    let first = from_ms.div_euclid(HOUR_MS).saturating_mul(HOUR_MS);
     let (since_hour, since_day) = series_starts(now_ms);
     (first, first.min(since_hour).min(since_day))
 }

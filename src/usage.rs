@@ -54,7 +54,8 @@ pub fn parse_usage(usage: &Value) -> Option<TokenUsage> {
     let completion = number(usage.get("completion_tokens"))
         .or_else(|| number(usage.get("output_tokens")))
         .unwrap_or(0);
-    let total = number(usage.get("total_tokens")).unwrap_or(prompt + completion);
+    let total =
+        number(usage.get("total_tokens")).unwrap_or_else(|| prompt.saturating_add(completion));
     Some(TokenUsage {
         prompt,
         completion,

@@ -131,15 +131,19 @@ impl SqliteStore {
     }
 
     fn objects(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
-        self.objects
+        Ok(self
+            .objects
             .lock()
-            .map_err(|_| anyhow::anyhow!("the store's object connection is poisoned"))
+            // A panic under the lock rolled its transaction back; the connection is sound.
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     fn reader(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
-        self.reader
+        Ok(self
+            .reader
             .lock()
-            .map_err(|_| anyhow::anyhow!("the store's reader is poisoned"))
+            // A panic under the lock rolled its transaction back; the connection is sound.
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 
@@ -417,7 +421,8 @@ impl Store for SqliteStore {
         let mut connection = self
             .writer
             .lock()
-            .map_err(|_| anyhow::anyhow!("the store's writer is poisoned"))?;
+            // A panic under the lock rolled its transaction back; the connection is sound.
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let transaction = connection.transaction()?;
         {
             let mut insert = transaction.prepare_cached(
@@ -523,7 +528,8 @@ impl Store for SqliteStore {
         let connection = self
             .writer
             .lock()
-            .map_err(|_| anyhow::anyhow!("the store's writer is poisoned"))?;
+            // A panic under the lock rolled its transaction back; the connection is sound.
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         connection.execute(
             "DELETE FROM requests_search WHERE id IN (SELECT id FROM requests WHERE ts < ?1)",
             params![before_ms],
