@@ -854,6 +854,16 @@ fn resolve_storage(raw: RawStorage, problems: &mut Vec<Problem>) -> Storage {
     if queue == 0 {
         problems.push(Problem::new("storage.queue", "must be at least 1"));
     }
+    let overflow = match raw.overflow.as_deref().map(str::trim) {
+        None => defaults.overflow,
+        Some(text) => crate::config::Overflow::parse(text).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                "storage.overflow",
+                format!("{text:?} is not one of shed_bodies, shed_rows, backpressure"),
+            ));
+            defaults.overflow
+        }),
+    };
     Storage {
         url,
         log_bodies: raw.log_bodies.unwrap_or(defaults.log_bodies),
@@ -861,6 +871,7 @@ fn resolve_storage(raw: RawStorage, problems: &mut Vec<Problem>) -> Storage {
         retention_days: raw.retention.days.unwrap_or(defaults.retention_days),
         max_rows: raw.retention.max_rows.unwrap_or(defaults.max_rows),
         queue: queue.max(1),
+        overflow,
     }
 }
 
