@@ -428,6 +428,7 @@ pub async fn status(
         let s = &r.stats;
         json!({
             "queued": s.queued.load(Ordering::Relaxed),
+            "unaccounted": s.unaccounted.load(Ordering::Relaxed),
             "written": s.written.load(Ordering::Relaxed),
             "dropped": s.dropped.load(Ordering::Relaxed),
             "trimmed": s.trimmed.load(Ordering::Relaxed),

@@ -208,8 +208,8 @@ pub struct RecorderStats {
     /// Rows waiting for the writer (being accounted, in the backlog, being written).
     pub queued: AtomicUsize,
     pub queued_bytes: AtomicUsize,
-    /// Records being accounted but shed as rows.
-    pub accounting: AtomicUsize,
+    /// Records waiting for the accountant (shed rows included).
+    pub unaccounted: AtomicUsize,
     pub written: AtomicU64,
     /// Rows lost to the store: refused one by one, a full disk, or a backlog past its
     /// bound while the store was unreachable.
@@ -450,13 +450,13 @@ impl LogSink {
                     "the request log is behind: rows are shed (accounting is kept); see shed in /v1/status"
                 );
             }
-            stats.accounting.fetch_add(1, Ordering::Relaxed);
+            stats.unaccounted.fetch_add(1, Ordering::Relaxed);
             if self
                 .sender
                 .send(Message::Record(Box::new(pending)))
                 .is_err()
             {
-                stats.accounting.fetch_sub(1, Ordering::Relaxed);
+                stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
             }
             return;
         }
@@ -470,6 +470,7 @@ impl LogSink {
         let bytes = pending.body_bytes();
         stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         stats.queued.fetch_add(1, Ordering::Relaxed);
+        stats.unaccounted.fetch_add(1, Ordering::Relaxed);
         if self
             .sender
             .send(Message::Record(Box::new(pending)))
@@ -478,6 +479,7 @@ impl LogSink {
             // The recorder has stopped (shutdown).
             stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             stats.queued.fetch_sub(1, Ordering::Relaxed);
+            stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
             stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -654,9 +656,8 @@ impl Accountant {
         if pending.keep_row {
             state.rows.push_back((record, bytes));
             state.handed += 1;
-        } else {
-            self.stats.accounting.fetch_sub(1, Ordering::Relaxed);
         }
+        self.stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
         if state.since.is_none() {
             state.since = Some(Instant::now());
             self.backlog.ready.notify_one();
