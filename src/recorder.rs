@@ -1221,6 +1221,28 @@ mod tests {
     }
 
     #[test]
+    fn statistics_name_configured_models_only() {
+        let config = |yaml: &str| {
+            let env = crate::config::EnvMap::from_pairs(std::iter::empty::<(&str, &str)>());
+            let document = crate::config::load::parse_document(yaml).unwrap();
+            crate::config::load::resolve(&document, &env).unwrap()
+        };
+        let mut config = config(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9', models: [listed, allowed], model_map: {alias: target}}]
+access: {keys: [{name: k, key: fk-key-00000001, models: [allowed]}]}
+pricing: {priced: {input: 1, output: 1}}",
+        );
+        let catalog = Catalog::of(&config);
+        for named in ["priced", "listed", "alias", "target", "allowed"] {
+            assert_eq!(catalog.label(Some(named)), named);
+        }
+        assert_eq!(catalog.label(Some("chosen-by-a-client")), "other");
+        assert_eq!(catalog.label(None), "");
+        config.pricing.clear();
+        assert_eq!(Catalog::of(&config).label(Some("priced")), "other");
+    }
+
+    #[test]
     fn captures_are_bounded_and_keep_tails() {
         let mut captured = Captured::default();
         captured.push(&Bytes::from_static(b"0123456789"), 6);

@@ -1222,6 +1222,34 @@ mod tests {
     }
 
     #[test]
+    fn storage_overflow_is_one_of_three_policies() {
+        let yaml = |overflow: &str| {
+            format!(
+                "upstreams: [{{name: a, base_url: 'http://127.0.0.1:9/'}}]\nstorage: {{overflow: {overflow}}}"
+            )
+        };
+        let config = check(&yaml("backpressure"), &[]).unwrap();
+        assert_eq!(
+            config.storage.overflow,
+            crate::config::Overflow::Backpressure
+        );
+        let default = check(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9/'}]",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            default.storage.overflow,
+            crate::config::Overflow::ShedBodies
+        );
+        let found = problems(&yaml("drop_everything"));
+        assert!(
+            found.iter().any(|p| p.starts_with("storage.overflow:")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let found = problems(
             "
