@@ -44,11 +44,11 @@ const TAIL: usize = 8 * 1024;
 /// every batch, reach the store within ~100 ms however far behind the rows are.
 const BATCH: usize = 1024;
 const BATCH_MIN: usize = 8;
-const BATCH_TIME: Duration = Duration::from_millis(30);
+const BATCH_TIME: Duration = Duration::from_millis(20);
 /// What a row is assumed to take before any was written (seconds): a first batch of ~150.
 const INITIAL_ROW_COST: f64 = 200e-6;
 /// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
-const BATCH_WAIT: Duration = Duration::from_millis(20);
+const BATCH_WAIT: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// Back-off between tries while the store cannot be reached.
 const RETRY_FIRST: Duration = Duration::from_millis(100);

@@ -2,7 +2,9 @@
 //! writes, a connection for each.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value as SqlValue};
@@ -86,6 +88,42 @@ const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model,
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// Tells the checkpointer thread to stop.
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How often the write-ahead log is copied into the database, off the writer's thread.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the WAL from a connection of its own, so that a commit never waits for a
+/// checkpoint (and its fsync): the writer's connection has automatic checkpoints off.
+/// PASSIVE: it never blocks the writer or readers, and catches up at the next round.
+fn checkpoint_in_background(path: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let connection = connect(path)?;
+    std::thread::Builder::new()
+        .name("sluice-checkpoint".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() < CHECKPOINT_EVERY {
+                    continue;
+                }
+                last = Instant::now();
+                if let Err(error) =
+                    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::debug!("WAL checkpoint failed: {error}");
+                }
+            }
+        })?;
+    Ok(())
 }
 
 fn connect(path: &str) -> anyhow::Result<Connection> {
@@ -114,10 +152,14 @@ impl SqliteStore {
             .execute_batch(SCHEMA)
             .context("cannot create the schema")?;
         migrate(&writer).context("cannot migrate the log")?;
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        checkpoint_in_background(path, stop.clone())?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            stop,
         })
     }
 
