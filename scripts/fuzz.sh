@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 shift || true
-all_targets=(shape_sse rewrite usage config admin_query)
+all_targets=(shape_sse rewrite usage config admin_query multipart)
 targets=("${@:-${all_targets[@]}}")
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

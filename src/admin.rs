@@ -315,10 +315,19 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
     };
     match result {
         Ok(Ok(value)) => json_response(StatusCode::OK, &value),
-        Ok(Err(error)) => {
-            tracing::error!("admin query failed: {error:#}");
-            ApiError::internal("the log store failed to answer").into_response()
-        }
+        Ok(Err(error)) => match crate::store::unavailable(&error) {
+            Some(unavailable) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "storage_unavailable",
+                format!("the log store does not answer: {unavailable}"),
+            )
+            .into_response(),
+            None => {
+                tracing::error!("admin query failed: {error:#}");
+                ApiError::internal("the log store failed to answer").into_response()
+            }
+        },
         Err(_) => ApiError::internal("the log query was cancelled").into_response(),
     }
 }
@@ -578,10 +587,13 @@ pub async fn status(
         let s = &r.stats;
         json!({
             "queued": s.queued.load(Ordering::Relaxed),
+            "unaccounted": s.unaccounted.load(Ordering::Relaxed),
             "written": s.written.load(Ordering::Relaxed),
             "dropped": s.dropped.load(Ordering::Relaxed),
             "trimmed": s.trimmed.load(Ordering::Relaxed),
+            "shed": s.shed.load(Ordering::Relaxed),
             "write_errors": s.write_errors.load(Ordering::Relaxed),
+            "store_reachable": !s.store_down.load(Ordering::Relaxed),
         })
     });
     json_response(

@@ -159,8 +159,36 @@ pub struct Storage {
     pub body_limit: usize,
     pub retention_days: u32,
     pub max_rows: u64,
-    /// Records waiting for the writer before new ones lose their bodies, then are dropped.
+    /// Records waiting for the writer before `overflow` applies.
     pub queue: usize,
+    /// What gives when the writer falls behind (the accounting never does).
+    pub overflow: Overflow,
+}
+
+/// What the request log gives up when its writer falls behind. Whatever the choice, every
+/// answered request is accounted (tokens, cost, persisted counters); only rows and bodies
+/// can be shed, and each one shed is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Past half the queue new rows are written without bodies; past the whole queue
+    /// they are shed.
+    #[default]
+    ShedBodies,
+    /// Rows are written whole until the queue is full, then shed.
+    ShedRows,
+    /// Nothing is shed: while the queue is full, new requests wait for room.
+    Backpressure,
+}
+
+impl Overflow {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "shed_bodies" => Some(Self::ShedBodies),
+            "shed_rows" => Some(Self::ShedRows),
+            "backpressure" => Some(Self::Backpressure),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Storage {
@@ -172,6 +200,7 @@ impl Default for Storage {
             retention_days: 30,
             max_rows: 1_000_000,
             queue: 10_000,
+            overflow: Overflow::default(),
         }
     }
 }

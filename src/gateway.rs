@@ -130,15 +130,13 @@ impl Shared {
         let recorder = match &config.storage.url {
             Some(url) => {
                 let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
-                let pricing = config.pricing.clone();
-                // The writer settles tokens into Redis too, through this runtime.
+                // The accountant settles tokens into Redis too, through this runtime.
                 let settle = shared_state.clone();
                 Some(Arc::new(Recorder::start(
                     store,
-                    &config.storage,
+                    config,
                     limiter.clone(),
                     metrics.clone(),
-                    pricing,
                     settle,
                     traces.clone(),
                 )?))
@@ -191,6 +189,10 @@ impl Gateway {
             .default_upstream
             .as_ref()
             .and_then(|name| upstreams.iter().position(|u| &u.config.name == name));
+        if let Some(recorder) = &shared.recorder {
+            // Model names and prices come with the config; the recorder outlives it.
+            recorder.configure(&config);
+        }
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
             || rewrites

@@ -62,7 +62,12 @@ impl Metrics {
         let Ok(mut series) = self.series.lock() else {
             return;
         };
-        let model = record.model.clone().unwrap_or_default();
+        // Configured names only (set by the recorder), so clients cannot add series.
+        let model = record
+            .model_label
+            .clone()
+            .or_else(|| record.model.clone())
+            .unwrap_or_default();
         let upstream = record.upstream.clone().unwrap_or_default();
         let key = record.key_name.clone();
         *series
@@ -228,12 +233,18 @@ pub fn render(gateway: &Gateway) -> String {
             out,
             "# HELP sluice_log_queue_depth Records waiting for the log writer.\n# TYPE sluice_log_queue_depth gauge\nsluice_log_queue_depth {}\n\
              # HELP sluice_log_written_total Records written to the log.\n# TYPE sluice_log_written_total counter\nsluice_log_written_total {}\n\
-             # HELP sluice_log_dropped_total Records dropped because the log queue was full.\n# TYPE sluice_log_dropped_total counter\nsluice_log_dropped_total {}\n\
-             # HELP sluice_log_write_errors_total Failed log writes.\n# TYPE sluice_log_write_errors_total counter\nsluice_log_write_errors_total {}\n",
+             # HELP sluice_log_dropped_total Records the store refused or lost (refused one by one, full disk, unreachable past the queue).\n# TYPE sluice_log_dropped_total counter\nsluice_log_dropped_total {}\n\
+             # HELP sluice_log_shed_total Rows not written because the log writer was behind (storage.overflow); their accounting is kept.\n# TYPE sluice_log_shed_total counter\nsluice_log_shed_total {}\n\
+             # HELP sluice_log_trimmed_total Rows written without all of their bodies, the writer being behind.\n# TYPE sluice_log_trimmed_total counter\nsluice_log_trimmed_total {}\n\
+             # HELP sluice_log_write_errors_total Failed log writes.\n# TYPE sluice_log_write_errors_total counter\nsluice_log_write_errors_total {}\n\
+             # HELP sluice_log_store_up Whether the log store took the last write (1) or could not be reached (0).\n# TYPE sluice_log_store_up gauge\nsluice_log_store_up {}\n",
             s.queued.load(Ordering::Relaxed),
             s.written.load(Ordering::Relaxed),
             s.dropped.load(Ordering::Relaxed),
+            s.shed.load(Ordering::Relaxed),
+            s.trimmed.load(Ordering::Relaxed),
             s.write_errors.load(Ordering::Relaxed),
+            u8::from(!s.store_down.load(Ordering::Relaxed)),
         );
     }
     out

@@ -1,18 +1,26 @@
 //! The request log, off the hot path.
 //!
-//! A request builds a [`Pending`] record as it goes (cheap: clones of headers and
-//! reference-counted body chunks, no parsing) and hands it to [`Recorder::submit`], which
-//! never blocks: the queue is bounded in records and in bytes; past the byte budget a
-//! record keeps only the tail of its bodies (where usage lives), and past the record bound
-//! it is dropped and counted. A writer thread batches records into the store, working out
-//! usage, cost and reassembled streams there, settles token counts into the limiter, and
-//! keeps the retention rules. Shutdown flushes what is queued.
+//! A request builds a [`Pending`] record as it goes (cheap: clones of headers and copied
+//! body chunks, no parsing) and hands it to [`Recorder::submit`], which never blocks.
+//!
+//! Two stages, each on a thread of its own at normal priority:
+//! - the *accountant* takes every record, whatever the load: it works out usage, cost and
+//!   reassembled streams, settles tokens into the limiter (and Redis), feeds metrics and
+//!   traces, and merges the record's counter deltas into the backlog;
+//! - the *writer* writes the backlog to the store in one transaction per batch (at most
+//!   [`BATCH_WAIT`] after a record arrives): rows, rollups and every counter delta so far.
+//!
+//! Only rows (and their bodies) can be shed, by `storage.overflow`, when the rows waiting
+//! pass `storage.queue`; a shed record is still accounted, and every shed one is counted.
+//! A store that cannot be reached keeps the backlog (bounded) and is retried with back-off;
+//! a record the store refuses is isolated (the batch is retried without it) and counted in
+//! `dropped`. Shutdown writes what is queued.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
 use serde_json::{Value, json};
 
-use crate::config::{GatewayKey, Price, Storage, mask};
+use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
 use crate::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
 use crate::proxy::Attempt;
 use crate::shared::Settlement;
@@ -31,9 +39,25 @@ use crate::usage::{self, Reply, UsageSource};
 const BYTE_BUDGET: usize = 64 * 1024 * 1024;
 /// What is kept of a body when the budget is spent: enough for a trailing usage chunk.
 const TAIL: usize = 8 * 1024;
-const BATCH: usize = 512;
-const BATCH_WAIT: Duration = Duration::from_millis(20);
+/// Rows written in one transaction at most. A batch is also sized to take about
+/// [`BATCH_TIME`] (from the time rows took lately), so that counter deltas, written with
+/// every batch, reach the store within ~100 ms however far behind the rows are.
+const BATCH: usize = 1024;
+const BATCH_MIN: usize = 8;
+const BATCH_TIME: Duration = Duration::from_millis(20);
+/// What a row is assumed to take before any was written (seconds): a first batch of ~150.
+const INITIAL_ROW_COST: f64 = 200e-6;
+/// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
+const BATCH_WAIT: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Back-off between tries while the store cannot be reached.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// With `overflow: backpressure`, how long a request waits for room in the log before it
+/// is refused (503 `log_backlog`).
+const ROOM_WAIT: Duration = Duration::from_secs(30);
+/// The writer's nice value: it yields a little to request handling, but is never starved.
+const WRITER_NICE: i32 = 0;
 
 /// Paths whose answers carry token usage.
 pub fn counts_tokens(path: &str) -> bool {
@@ -111,6 +135,10 @@ pub struct Pending {
     pub request_body: Option<Bytes>,
     pub response_body: Captured,
     pub response_content_type: Option<String>,
+    /// Whether the row keeps its bodies (`false` once the log sheds bodies).
+    pub keep_bodies: bool,
+    /// Whether the record becomes a row (`false`: shed, accounted only).
+    pub keep_row: bool,
 }
 
 impl Pending {
@@ -148,11 +176,23 @@ impl Pending {
             request_body: None,
             response_body: Captured::default(),
             response_content_type: None,
+            keep_bodies: true,
+            keep_row: true,
         }
     }
 
     fn body_bytes(&self) -> usize {
         self.request_body.as_ref().map_or(0, Bytes::len) + self.response_body.len()
+    }
+
+    /// Keeps what accounting needs: the tail of the response (where usage lives) and a
+    /// small request (the tokenizer's estimate reads it).
+    fn drop_bodies(&mut self) {
+        if self.request_body.as_ref().is_some_and(|b| b.len() > TAIL) {
+            self.request_body = None;
+        }
+        self.response_body.keep_tail(TAIL);
+        self.keep_bodies = false;
     }
 }
 
@@ -165,21 +205,76 @@ enum Message {
 /// Figures for `/v1/status` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct RecorderStats {
+    /// Rows waiting for the writer (being accounted, in the backlog, being written).
     pub queued: AtomicUsize,
     pub queued_bytes: AtomicUsize,
+    /// Records waiting for the accountant (shed rows included).
+    pub unaccounted: AtomicUsize,
     pub written: AtomicU64,
+    /// Rows lost to the store: refused one by one, a full disk, or a backlog past its
+    /// bound while the store was unreachable.
     pub dropped: AtomicU64,
+    /// Rows not written because the writer was behind (`storage.overflow`); their
+    /// accounting was not shed.
+    pub shed: AtomicU64,
+    /// Rows written without (all of) their bodies, to keep the queue's memory bounded.
     pub trimmed: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Whether the store could not be reached at the last try.
+    pub store_down: AtomicBool,
+}
+
+/// The configured model names (the only ones metrics and rollups show; others count as
+/// `other`) and prices. Swapped whole by a config reload; the recorder outlives reloads.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub models: HashSet<String>,
+    pub pricing: HashMap<String, Price>,
+}
+
+impl Catalog {
+    /// Every model name the config mentions: upstreams' `models` and `model_map` (both
+    /// sides), keys' `models`, `pricing`.
+    pub fn of(config: &Config) -> Self {
+        let mut models: HashSet<String> = config.pricing.keys().cloned().collect();
+        for upstream in &config.upstreams {
+            models.extend(upstream.models.names.iter().cloned());
+            for (alias, target) in &upstream.model_map {
+                models.insert(alias.clone());
+                models.insert(target.clone());
+            }
+        }
+        for key in &config.access.keys {
+            models.extend(key.models.names.iter().cloned());
+        }
+        Self {
+            models,
+            pricing: config.pricing.clone(),
+        }
+    }
+
+    /// The name statistics use for `model`.
+    pub fn label(&self, model: Option<&str>) -> String {
+        match model {
+            None => String::new(),
+            Some(model) if self.models.contains(model) => model.to_string(),
+            Some(_) => "other".to_string(),
+        }
+    }
 }
 
 /// The sending side of the log, cheap to clone into each response body.
 #[derive(Clone)]
 pub struct LogSink {
-    sender: SyncSender<Message>,
+    sender: Sender<Message>,
     pub stats: Arc<RecorderStats>,
     /// Bytes kept of each body.
     pub body_limit: usize,
+    capacity: usize,
+    overflow: Overflow,
+    /// Woken when the writer takes rows (requests waiting for room, with backpressure).
+    room: Arc<tokio::sync::Notify>,
+    shed_warning: Arc<crate::clock::Throttle>,
 }
 
 impl std::fmt::Debug for LogSink {
@@ -194,7 +289,8 @@ pub struct Recorder {
     pub sink: LogSink,
     pub stats: Arc<RecorderStats>,
     pub store: Arc<dyn Store>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -206,45 +302,74 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    /// Starts the writer thread for `store`, restoring persisted counters into `limiter`.
+    /// Starts the accountant and the writer for `store`, restoring persisted counters into
+    /// `limiter`.
     pub fn start(
         store: Arc<dyn Store>,
-        storage: &Storage,
+        config: &Config,
         limiter: Arc<Limiter>,
         metrics: Arc<crate::metrics::Metrics>,
-        pricing: HashMap<String, Price>,
         shared: Option<Arc<crate::shared::SharedState>>,
         traces: Option<Arc<crate::traces::Exporter>>,
     ) -> anyhow::Result<Self> {
+        let storage: &Storage = &config.storage;
         restore_counters(store.as_ref(), &limiter)?;
-        let (sender, receiver) = sync_channel(storage.queue);
+        let (sender, receiver) = channel();
         let stats = Arc::new(RecorderStats::default());
-        let writer = Writer {
-            store: store.clone(),
+        let catalog = Arc::new(RwLock::new(Arc::new(Catalog::of(config))));
+        let room = Arc::new(tokio::sync::Notify::new());
+        let backlog = Arc::new(Backlog::default());
+        let accountant = Accountant {
             limiter,
             metrics,
             shared,
             traces,
-            pricing,
+            catalog: catalog.clone(),
             stats: stats.clone(),
             log_bodies: storage.log_bodies,
-            retention: Duration::from_secs(u64::from(storage.retention_days) * 86_400),
-            queue_capacity: storage.queue,
-            max_rows: storage.max_rows,
+            backlog: backlog.clone(),
         };
-        let thread = std::thread::Builder::new()
+        let writer = Writer {
+            store: store.clone(),
+            stats: stats.clone(),
+            backlog,
+            room: room.clone(),
+            capacity: storage.queue,
+            retention: Duration::from_secs(u64::from(storage.retention_days) * 86_400),
+            max_rows: storage.max_rows,
+            refused_warning: crate::clock::Throttle::new(Duration::from_secs(1)),
+            row_cost: std::cell::Cell::new(INITIAL_ROW_COST),
+        };
+        let accountant = std::thread::Builder::new()
+            .name("sluice-account".into())
+            .spawn(move || accountant.run(receiver))?;
+        let writer = std::thread::Builder::new()
             .name("sluice-log".into())
-            .spawn(move || writer.run(receiver))?;
+            .spawn(move || writer.run())?;
         Ok(Self {
             sink: LogSink {
                 sender,
                 stats: stats.clone(),
                 body_limit: storage.body_limit,
+                capacity: storage.queue,
+                overflow: storage.overflow,
+                room,
+                shed_warning: Arc::new(crate::clock::Throttle::new(Duration::from_secs(1))),
             },
             stats,
             store,
-            thread: Mutex::new(Some(thread)),
+            catalog,
+            threads: Mutex::new(vec![accountant, writer]),
         })
+    }
+
+    /// Takes the model names and prices of a (re)loaded config.
+    pub fn configure(&self, config: &Config) {
+        let catalog = Arc::new(Catalog::of(config));
+        match self.catalog.write() {
+            Ok(mut slot) => *slot = catalog,
+            Err(poisoned) => *poisoned.into_inner() = catalog,
+        }
     }
 
     /// Queues a finished request; never blocks.
@@ -252,31 +377,92 @@ impl Recorder {
         self.sink.submit(pending);
     }
 
-    /// Waits until everything queued so far is written.
+    /// With `overflow: backpressure`, waits while the log's queue is full; `Err` when it
+    /// stays full too long. Other policies never wait.
+    pub async fn wait_for_room(&self) -> Result<(), crate::error::ApiError> {
+        let sink = &self.sink;
+        if sink.overflow != Overflow::Backpressure {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        while sink.stats.queued.load(Ordering::Relaxed) >= sink.capacity {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::error::ApiError::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "log_backlog",
+                    "the request log is behind; try again shortly",
+                ));
+            }
+            let notified = sink.room.notified();
+            if sink.stats.queued.load(Ordering::Relaxed) < sink.capacity {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything queued so far is written (or given up).
     pub async fn flush(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let sender = self.sink.sender.clone();
-        let sent =
-            tokio::task::spawn_blocking(move || sender.send(Message::Flush(done)).is_ok()).await;
-        if matches!(sent, Ok(true)) {
+        if self.sink.sender.send(Message::Flush(done)).is_ok() {
             let _ = wait.await;
         }
     }
 
-    /// Writes what is queued and stops the writer. Later submissions are dropped.
+    /// Writes what is queued and stops both stages. Later submissions are dropped.
     pub fn shutdown(&self) {
         let _ = self.sink.sender.send(Message::Stop);
-        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+        let threads = match self.threads.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(_) => Vec::new(),
+        };
+        for thread in threads {
             let _ = thread.join();
         }
     }
 }
 
 impl LogSink {
-    /// Queues a finished request; never blocks.
+    /// Queues a finished request; never blocks. Past the byte budget a record keeps only
+    /// the tail of its bodies; past the queue, `overflow` says what its row gives up.
     pub fn submit(&self, mut pending: Pending) {
         let stats = &self.stats;
-        if stats.queued_bytes.load(Ordering::Relaxed) + pending.body_bytes() > BYTE_BUDGET {
+        let queued = stats.queued.load(Ordering::Relaxed);
+        let full = queued >= self.capacity;
+        match self.overflow {
+            Overflow::ShedBodies | Overflow::ShedRows if full => pending.keep_row = false,
+            Overflow::ShedBodies if queued >= self.capacity.div_ceil(2) => {
+                pending.drop_bodies();
+                stats.trimmed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if !pending.keep_row {
+            pending.drop_bodies();
+            pending.request_headers.clear();
+            pending.response_headers.clear();
+            stats.shed.fetch_add(1, Ordering::Relaxed);
+            if self.shed_warning.ready() {
+                tracing::warn!(
+                    queued,
+                    "the request log is behind: rows are shed (accounting is kept); see shed in /v1/status"
+                );
+            }
+            stats.unaccounted.fetch_add(1, Ordering::Relaxed);
+            if self
+                .sender
+                .send(Message::Record(Box::new(pending)))
+                .is_err()
+            {
+                stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if pending.keep_bodies
+            && stats.queued_bytes.load(Ordering::Relaxed) + pending.body_bytes() > BYTE_BUDGET
+        {
             pending.request_body = None;
             pending.response_body.keep_tail(TAIL);
             stats.trimmed.fetch_add(1, Ordering::Relaxed);
@@ -284,13 +470,17 @@ impl LogSink {
         let bytes = pending.body_bytes();
         stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         stats.queued.fetch_add(1, Ordering::Relaxed);
-        match self.sender.try_send(Message::Record(Box::new(pending))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                stats.queued.fetch_sub(1, Ordering::Relaxed);
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        stats.unaccounted.fetch_add(1, Ordering::Relaxed);
+        if self
+            .sender
+            .send(Message::Record(Box::new(pending)))
+            .is_err()
+        {
+            // The recorder has stopped (shutdown).
+            stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -305,188 +495,174 @@ fn restore_counters(store: &dyn Store, limiter: &Limiter) -> anyhow::Result<()> 
     Ok(())
 }
 
-struct Writer {
-    store: Arc<dyn Store>,
+type Counters = HashMap<(String, Period, i64), Usage>;
+
+/// What the accountant hands the writer: rows and counter deltas not yet written.
+#[derive(Default)]
+struct Backlog {
+    state: Mutex<BacklogState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct BacklogState {
+    rows: VecDeque<(LogRecord, usize)>,
+    counters: Counters,
+    /// When the oldest unwritten item arrived.
+    since: Option<Instant>,
+    /// Rows handed over so far, in all, and flushes waiting for a count to be written.
+    handed: u64,
+    flushes: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
+    /// No batch before this (after a store that took nothing), unless flushed or stopping.
+    not_before: Option<Instant>,
+    stopping: bool,
+}
+
+impl BacklogState {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.counters.is_empty()
+    }
+}
+
+fn merge(into: &mut Counters, from: Counters) {
+    for (key, usage) in from {
+        let slot = into.entry(key).or_default();
+        slot.requests += usage.requests;
+        slot.tokens += usage.tokens;
+        slot.cost += usage.cost;
+    }
+}
+
+fn lock(backlog: &Backlog) -> std::sync::MutexGuard<'_, BacklogState> {
+    backlog
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Accountant {
     limiter: Arc<Limiter>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Limits shared through Redis, settled from this thread through the gateway's runtime.
     shared: Option<Arc<crate::shared::SharedState>>,
     traces: Option<Arc<crate::traces::Exporter>>,
-    pricing: HashMap<String, Price>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
-    retention: Duration,
-    max_rows: u64,
-    queue_capacity: usize,
+    backlog: Arc<Backlog>,
 }
 
-impl Writer {
+impl Accountant {
     fn run(self, receiver: Receiver<Message>) {
-        // The log must never compete with requests for a core: it runs when the core is
-        // otherwise idle, and at the lowest normal priority only while its queue is more
-        // than half full, so that a sustained load cannot starve it into dropping records.
-        crate::sys::lower_thread_priority();
-        crate::sys::set_idle_policy(true);
-        let mut idle_policy = true;
-        self.retain();
-        let mut last_retention = Instant::now();
-        let mut stopping = false;
-        while !stopping {
-            let mut batch: Vec<Pending> = Vec::new();
-            let mut flushes = Vec::new();
-            let deadline = Instant::now() + BATCH_WAIT;
-            loop {
-                let wait = if batch.is_empty() && flushes.is_empty() {
-                    RETENTION_EVERY
-                } else {
-                    deadline.saturating_duration_since(Instant::now())
-                };
-                match receiver.recv_timeout(wait) {
-                    Ok(Message::Record(pending)) => {
-                        batch.push(*pending);
-                        if batch.len() >= BATCH {
-                            break;
-                        }
-                    }
-                    Ok(Message::Flush(done)) => {
-                        flushes.push(done);
-                        // Everything sent before the flush is already received.
-                        while let Ok(message) = receiver.try_recv() {
-                            match message {
-                                Message::Record(pending) => batch.push(*pending),
-                                Message::Flush(done) => flushes.push(done),
-                                Message::Stop => stopping = true,
-                            }
-                        }
-                        break;
-                    }
-                    Ok(Message::Stop) => {
-                        stopping = true;
-                        while let Ok(Message::Record(pending)) = receiver.try_recv() {
-                            batch.push(*pending);
-                        }
-                        break;
-                    }
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        stopping = true;
-                        break;
-                    }
+        loop {
+            match receiver.recv() {
+                Ok(Message::Record(pending)) => self.account(*pending),
+                Ok(Message::Flush(done)) => {
+                    let mut state = lock(&self.backlog);
+                    let handed = state.handed;
+                    state.flushes.push((handed, done));
+                    state.since.get_or_insert_with(Instant::now);
+                    self.backlog.ready.notify_one();
                 }
-            }
-            let queued = self.stats.queued.load(Ordering::Relaxed);
-            if idle_policy && queued > self.queue_capacity / 2 {
-                crate::sys::set_idle_policy(false);
-                idle_policy = false;
-            } else if !idle_policy && queued < self.queue_capacity / 10 {
-                crate::sys::set_idle_policy(true);
-                idle_policy = true;
-            }
-            if !batch.is_empty() {
-                self.write(batch);
-            }
-            for done in flushes {
-                let _ = done.send(());
-            }
-            if last_retention.elapsed() >= RETENTION_EVERY {
-                last_retention = Instant::now();
-                self.retain();
+                Ok(Message::Stop) | Err(_) => {
+                    // Everything sent before the stop is received already.
+                    while let Ok(Message::Record(pending)) = receiver.try_recv() {
+                        self.account(*pending);
+                    }
+                    lock(&self.backlog).stopping = true;
+                    self.backlog.ready.notify_one();
+                    return;
+                }
             }
         }
     }
 
-    fn write(&self, batch: Vec<Pending>) {
-        let mut records = Vec::with_capacity(batch.len());
-        let mut counters: HashMap<(String, Period, i64), Usage> = HashMap::new();
-        for pending in batch {
-            let bytes = pending.body_bytes();
-            self.stats.queued_bytes.fetch_sub(
-                bytes.min(self.stats.queued_bytes.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            let (record, tokens, cost) = self.finish(&pending);
-            let at = pending.started_ms.div_euclid(1000);
-            let mut add = |scope: String, usage: Usage| {
-                for period in Period::ALL {
-                    let slot = counters
-                        .entry((scope.clone(), period, period.window(at)))
-                        .or_default();
-                    slot.requests += usage.requests;
-                    slot.tokens += usage.tokens;
-                    slot.cost += usage.cost;
-                }
-            };
-            if let Some(key) = &pending.key {
-                let scope = key_scope(&key.name);
-                self.settle_key(&scope, &pending, at, tokens, cost);
-                add(
-                    scope,
-                    Usage {
-                        requests: u64::from(pending.ticket.is_some()),
-                        tokens,
-                        cost,
-                    },
-                );
-            }
-            for attempt in &pending.attempts {
-                add(
-                    upstream_scope(&attempt.upstream),
-                    Usage {
-                        requests: 1,
-                        tokens: 0,
-                        cost: 0.0,
-                    },
-                );
-            }
-            if let Some(upstream) = &pending.upstream {
-                let scope = upstream_scope(upstream);
-                let signed = i64::try_from(tokens).unwrap_or(i64::MAX);
-                self.limiter.settle(&scope, at, signed, cost);
-                if let Some(shared) = &self.shared {
-                    shared.settle(Settlement {
-                        scope: scope.clone(),
-                        at: None,
-                        requests: 0,
-                        tokens: signed,
-                        cost,
-                    });
-                }
-                add(
-                    scope,
-                    Usage {
-                        requests: 0,
-                        tokens,
-                        cost,
-                    },
-                );
-            }
-            self.metrics.observe(&record);
-            if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {
-                traces.export(crate::traces::spans(&record, trace, &pending.attempts));
-            }
-            records.push(record);
+    fn catalog(&self) -> Arc<Catalog> {
+        match self.catalog.read() {
+            Ok(catalog) => catalog.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
-        let counters: Vec<CounterDelta> = counters
-            .into_iter()
-            .filter(|(_, usage)| usage.requests > 0 || usage.tokens > 0 || usage.cost > 0.0)
-            .map(|((scope, period, window), usage)| CounterDelta {
+    }
+
+    /// Accounts one record (settlements, metrics, traces, counter deltas) and hands its
+    /// row and deltas to the writer.
+    fn account(&self, pending: Pending) {
+        let catalog = self.catalog();
+        let bytes = pending.body_bytes();
+        let (record, tokens, cost) = self.finish(&pending, &catalog);
+        let mut counters: Counters = HashMap::new();
+        let at = pending.started_ms.div_euclid(1000);
+        let mut add = |scope: String, usage: Usage| {
+            for period in Period::ALL {
+                let slot = counters
+                    .entry((scope.clone(), period, period.window(at)))
+                    .or_default();
+                slot.requests += usage.requests;
+                slot.tokens += usage.tokens;
+                slot.cost += usage.cost;
+            }
+        };
+        if let Some(key) = &pending.key {
+            let scope = key_scope(&key.name);
+            self.settle_key(&scope, &pending, at, tokens, cost);
+            add(
                 scope,
-                period,
-                window,
-                usage,
-            })
-            .collect();
-        match self.store.write(&records, &counters) {
-            Ok(()) => {
-                self.stats
-                    .written
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                Usage {
+                    requests: u64::from(pending.ticket.is_some()),
+                    tokens,
+                    cost,
+                },
+            );
+        }
+        for attempt in &pending.attempts {
+            add(
+                upstream_scope(&attempt.upstream),
+                Usage {
+                    requests: 1,
+                    tokens: 0,
+                    cost: 0.0,
+                },
+            );
+        }
+        if let Some(upstream) = &pending.upstream {
+            let scope = upstream_scope(upstream);
+            let signed = i64::try_from(tokens).unwrap_or(i64::MAX);
+            self.limiter.settle(&scope, at, signed, cost);
+            if let Some(shared) = &self.shared {
+                shared.settle(Settlement {
+                    scope: scope.clone(),
+                    at: None,
+                    requests: 0,
+                    tokens: signed,
+                    cost,
+                });
             }
-            Err(error) => {
-                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("cannot write {} log records: {error:#}", records.len());
-            }
+            add(
+                scope,
+                Usage {
+                    requests: 0,
+                    tokens,
+                    cost,
+                },
+            );
+        }
+        counters.retain(|_, usage| usage.requests > 0 || usage.tokens > 0 || usage.cost > 0.0);
+        self.metrics.observe(&record);
+        if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {
+            traces.export(crate::traces::spans(&record, trace, &pending.attempts));
+        }
+        let mut state = lock(&self.backlog);
+        merge(&mut state.counters, counters);
+        if pending.keep_row {
+            state.rows.push_back((record, bytes));
+            state.handed += 1;
+        }
+        self.stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
+        if state.since.is_none() {
+            state.since = Some(Instant::now());
+            self.backlog.ready.notify_one();
+        } else if state.rows.len() >= BATCH {
+            self.backlog.ready.notify_one();
         }
     }
 
@@ -533,18 +709,9 @@ impl Writer {
         }
     }
 
-    fn retain(&self) {
-        let now_ms = crate::limits::unix_now_ms();
-        let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
-        match self.store.retain(before, self.max_rows) {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "log retention removed old requests"),
-            Err(error) => tracing::warn!("log retention failed: {error:#}"),
-        }
-    }
-
     /// Turns a pending record into its stored form; returns it with its tokens and cost.
-    fn finish(&self, pending: &Pending) -> (LogRecord, u64, f64) {
+    fn finish(&self, pending: &Pending, catalog: &Catalog) -> (LogRecord, u64, f64) {
+        let log_bodies = self.log_bodies && pending.keep_bodies;
         let request_json: Option<Value> = pending
             .request_body
             .as_ref()
@@ -587,19 +754,19 @@ impl Writer {
         let price = pending
             .model
             .as_deref()
-            .and_then(|m| self.pricing.get(m))
+            .and_then(|m| catalog.pricing.get(m))
             .or_else(|| {
                 pending
                     .upstream_model
                     .as_deref()
-                    .and_then(|m| self.pricing.get(m))
+                    .and_then(|m| catalog.pricing.get(m))
             });
         let cost = match (price, token_usage) {
             (Some(price), Some(u)) => Some(usage::cost(*price, u)),
             _ => None,
         };
         let body_text = |bytes: &Bytes, textual: bool, truncated: bool| -> Option<String> {
-            if !self.log_bodies || bytes.is_empty() {
+            if !log_bodies || bytes.is_empty() {
                 return None;
             }
             if !textual {
@@ -662,16 +829,336 @@ impl Writer {
                 .as_ref()
                 .and_then(|b| body_text(b, request_textual, false)),
             response_body: body_text(&response, textual, pending.response_body.truncated()),
-            reply_text: reply.text.clone().filter(|_| self.log_bodies),
-            reply_tool_calls: (!reply.tool_calls.is_empty() && self.log_bodies)
+            reply_text: reply.text.clone().filter(|_| log_bodies),
+            reply_tool_calls: (!reply.tool_calls.is_empty() && log_bodies)
                 .then(|| Value::Array(reply.tool_calls.clone()).to_string()),
+            model_label: Some(catalog.label(pending.model.as_deref())),
         };
+        let mut record = record;
+        record.sanitise();
         (
             record,
             token_usage.map_or(0, |u| u.total),
             cost.unwrap_or(0.0),
         )
     }
+}
+
+/// One batch taken from the backlog.
+struct Batch {
+    rows: Vec<LogRecord>,
+    /// Each row's queued body bytes.
+    sizes: Vec<usize>,
+    counters: Counters,
+    /// The backlog's `handed` count this batch completes: flushes up to it are done once
+    /// it is written (or given up).
+    through: u64,
+}
+
+struct Writer {
+    store: Arc<dyn Store>,
+    stats: Arc<RecorderStats>,
+    backlog: Arc<Backlog>,
+    room: Arc<tokio::sync::Notify>,
+    /// Rows kept while the store cannot be reached; the oldest past it are dropped.
+    capacity: usize,
+    retention: Duration,
+    max_rows: u64,
+    refused_warning: crate::clock::Throttle,
+    /// Seconds a row took to write lately (a moving average).
+    row_cost: std::cell::Cell<f64>,
+}
+
+impl Writer {
+    /// Rows for the next batch: as many as fit in `BATCH_TIME` lately.
+    fn batch_limit(&self) -> usize {
+        let fit = BATCH_TIME.as_secs_f64() / self.row_cost.get().max(1e-7);
+        (fit as usize).clamp(BATCH_MIN, BATCH)
+    }
+
+    fn run(self) {
+        crate::sys::set_thread_nice(WRITER_NICE);
+        self.retain();
+        let mut last_retention = Instant::now();
+        let mut retry = RETRY_FIRST;
+        let mut down_since: Option<Instant> = None;
+        while let Some(batch) = self.take() {
+            let through = batch.through;
+            match self.write(batch) {
+                Ok(()) => {
+                    retry = RETRY_FIRST;
+                    self.flushed(through);
+                    if let Some(since) = down_since.take() {
+                        self.stats.store_down.store(false, Ordering::Relaxed);
+                        tracing::info!(
+                            "the log store is back after {:.1} s; queued records are written",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+                Err(reason) => {
+                    self.stats.store_down.store(true, Ordering::Relaxed);
+                    if down_since.is_none() {
+                        down_since = Some(Instant::now());
+                        tracing::error!(
+                            "the log store cannot be reached ({reason}); up to {} records stay queued, retrying with back-off",
+                            self.capacity.max(BATCH)
+                        );
+                    }
+                    if lock(&self.backlog).stopping && retry >= RETRY_MAX {
+                        self.give_up();
+                        return;
+                    }
+                    std::thread::sleep(retry);
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+            }
+            if last_retention.elapsed() >= RETENTION_EVERY {
+                last_retention = Instant::now();
+                self.retain();
+            }
+        }
+    }
+
+    /// Waits for rows or counter deltas and lets a batch gather for up to `BATCH_WAIT`;
+    /// `None` when stopping with nothing left.
+    fn take(&self) -> Option<Batch> {
+        let mut state = lock(&self.backlog);
+        loop {
+            if state.is_empty() {
+                // Everything handed so far was written or given up.
+                for (_, done) in state.flushes.drain(..) {
+                    let _ = done.send(());
+                }
+                state.since = None;
+                if state.stopping {
+                    return None;
+                }
+                state = self
+                    .backlog
+                    .ready
+                    .wait_timeout(state, RETENTION_EVERY)
+                    .map_or_else(|e| e.into_inner().0, |(s, _)| s);
+                continue;
+            }
+            let now = Instant::now();
+            let limit = self.batch_limit();
+            let mut due = state.since.map_or(now, |t| t + BATCH_WAIT);
+            if state.rows.len() >= limit {
+                due = now;
+            }
+            if let Some(not_before) = state.not_before {
+                due = due.max(not_before);
+            }
+            if now < due && !state.stopping && state.flushes.is_empty() {
+                state = self
+                    .backlog
+                    .ready
+                    .wait_timeout(state, due - now)
+                    .map_or_else(|e| e.into_inner().0, |(s, _)| s);
+                continue;
+            }
+            state.not_before = None;
+            let take = state.rows.len().min(limit);
+            let (rows, sizes): (Vec<LogRecord>, Vec<usize>) = state.rows.drain(..take).unzip();
+            let counters = std::mem::take(&mut state.counters);
+            let through = state.handed - state.rows.len() as u64;
+            state.since = (!state.rows.is_empty()).then(Instant::now);
+            return Some(Batch {
+                rows,
+                sizes,
+                counters,
+                through,
+            });
+        }
+    }
+
+    /// Completes the flushes waiting for rows up to `through`.
+    fn flushed(&self, through: u64) {
+        let mut state = lock(&self.backlog);
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            state.flushes.drain(..).partition(|(at, _)| *at <= through);
+        state.flushes = waiting;
+        drop(state);
+        for (_, done) in done {
+            let _ = done.send(());
+        }
+    }
+
+    /// Writes a batch; `Err` (with the reason) when the store cannot be reached, the batch
+    /// then back in the backlog. A record the store refuses is isolated and dropped.
+    fn write(&self, batch: Batch) -> Result<(), String> {
+        let deltas = deltas(&batch.counters);
+        let started = Instant::now();
+        match self.store.write(&batch.rows, &deltas) {
+            Ok(()) => {
+                if !batch.rows.is_empty() {
+                    let per_row = started.elapsed().as_secs_f64() / batch.rows.len() as f64;
+                    let average = self.row_cost.get();
+                    self.row_cost.set(if average == 0.0 {
+                        per_row
+                    } else {
+                        0.7 * average + 0.3 * per_row
+                    });
+                }
+                self.stats
+                    .written
+                    .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(reason) = self.unreachable(&error) {
+                    self.requeue(batch);
+                    return Err(reason);
+                }
+                let count = batch.rows.len();
+                self.isolate(batch.rows, &deltas, batch.counters, &error);
+                self.release(count, batch.sizes.iter().sum());
+                return Ok(());
+            }
+        }
+        self.release(batch.rows.len(), batch.sizes.iter().sum());
+        Ok(())
+    }
+
+    /// Why the store cannot be reached, if that is what `error` means.
+    fn unreachable(&self, error: &anyhow::Error) -> Option<String> {
+        if let Some(unavailable) = crate::store::unavailable(error) {
+            return Some(unavailable.to_string());
+        }
+        match self.store.ping() {
+            Ok(()) => None,
+            Err(ping) => Some(format!("{ping:#}")),
+        }
+    }
+
+    /// A batch the store refused while it answers: the counters alone, then the rows in
+    /// halves until each refused record is found; those are dropped and counted.
+    fn isolate(
+        &self,
+        rows: Vec<LogRecord>,
+        deltas: &[CounterDelta],
+        counters: Counters,
+        error: &anyhow::Error,
+    ) {
+        if !deltas.is_empty() && self.store.write(&[], deltas).is_err() {
+            // Nothing can be written (a full disk): the counters wait for a later try.
+            let mut state = lock(&self.backlog);
+            merge(&mut state.counters, counters);
+            state.not_before = Some(Instant::now() + RETRY_MAX);
+            drop(state);
+            self.drop_rows(rows.len(), error);
+            return;
+        }
+        let mut parts = vec![rows];
+        while let Some(mut part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.store.write(&part, &[]) {
+                Ok(()) => {
+                    self.stats
+                        .written
+                        .fetch_add(part.len() as u64, Ordering::Relaxed);
+                }
+                Err(error) if part.len() == 1 => self.drop_rows(1, &error),
+                Err(_) => {
+                    let half = part.split_off(part.len() / 2);
+                    parts.push(half);
+                    parts.push(part);
+                }
+            }
+        }
+    }
+
+    fn drop_rows(&self, count: usize, error: &anyhow::Error) {
+        if count == 0 {
+            return;
+        }
+        self.stats
+            .dropped
+            .fetch_add(count as u64, Ordering::Relaxed);
+        if self.refused_warning.ready() {
+            tracing::error!("the log store refused {count} record(s): {error:#}");
+        }
+    }
+
+    /// Puts a batch back at the head of the backlog, keeping at most `capacity` rows (the
+    /// oldest past it are dropped and counted).
+    fn requeue(&self, batch: Batch) {
+        let mut state = lock(&self.backlog);
+        merge(&mut state.counters, batch.counters);
+        for entry in batch.rows.into_iter().zip(batch.sizes).rev() {
+            state.rows.push_front(entry);
+        }
+        let (mut lost, mut bytes) = (0, 0);
+        while state.rows.len() > self.capacity.max(BATCH) {
+            if let Some((_, size)) = state.rows.pop_front() {
+                lost += 1;
+                bytes += size;
+            }
+        }
+        state.since.get_or_insert_with(Instant::now);
+        drop(state);
+        if lost > 0 {
+            self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+            self.release(lost, bytes);
+        }
+    }
+
+    /// Rows written, refused or given up leave the queue.
+    fn release(&self, rows: usize, bytes: usize) {
+        let stats = &self.stats;
+        let _ = stats
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(rows))
+            });
+        let _ = stats
+            .queued_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(bytes))
+            });
+        self.room.notify_waiters();
+    }
+
+    /// At shutdown with the store unreachable: what is left is lost, and counted.
+    fn give_up(&self) {
+        let mut state = lock(&self.backlog);
+        let lost = state.rows.len();
+        let bytes = state.rows.iter().map(|(_, size)| size).sum();
+        state.rows.clear();
+        state.counters.clear();
+        for (_, done) in state.flushes.drain(..) {
+            let _ = done.send(());
+        }
+        drop(state);
+        self.release(lost, bytes);
+        self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+        tracing::error!("stopping with the log store unreachable: {lost} queued records are lost");
+    }
+
+    fn retain(&self) {
+        let now_ms = crate::limits::unix_now_ms();
+        let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
+        match self.store.retain(before, self.max_rows) {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "log retention removed old requests"),
+            Err(error) => tracing::warn!("log retention failed: {error:#}"),
+        }
+    }
+}
+
+fn deltas(counters: &Counters) -> Vec<CounterDelta> {
+    counters
+        .iter()
+        .map(|((scope, period, window), usage)| CounterDelta {
+            scope: scope.clone(),
+            period: *period,
+            window: *window,
+            usage: *usage,
+        })
+        .collect()
 }
 
 fn millis(duration: Duration) -> f64 {
@@ -729,6 +1216,28 @@ mod tests {
         );
         assert!(shown.contains("Bearer fk-…1234"), "{shown}");
         assert!(shown.contains("application/json"));
+    }
+
+    #[test]
+    fn statistics_name_configured_models_only() {
+        let config = |yaml: &str| {
+            let env = crate::config::EnvMap::from_pairs(std::iter::empty::<(&str, &str)>());
+            let document = crate::config::load::parse_document(yaml).unwrap();
+            crate::config::load::resolve(&document, &env).unwrap()
+        };
+        let mut config = config(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9', models: [listed, allowed], model_map: {alias: target}}]
+access: {keys: [{name: k, key: fk-key-00000001, models: [allowed]}]}
+pricing: {priced: {input: 1, output: 1}}",
+        );
+        let catalog = Catalog::of(&config);
+        for named in ["priced", "listed", "alias", "target", "allowed"] {
+            assert_eq!(catalog.label(Some(named)), named);
+        }
+        assert_eq!(catalog.label(Some("chosen-by-a-client")), "other");
+        assert_eq!(catalog.label(None), "");
+        config.pricing.clear();
+        assert_eq!(Catalog::of(&config).label(Some("priced")), "other");
     }
 
     #[test]

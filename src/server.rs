@@ -363,6 +363,12 @@ async fn respond(
             admin::status(gateway, request.headers(), client, local).await
         }
         (_, r) if r == "/v1" || r.starts_with("/v1/") => {
+            if let Some(recorder) = &gateway.recorder {
+                // Only with `storage.overflow: backpressure` does this ever wait.
+                if let Err(error) = recorder.wait_for_room().await {
+                    return error.into_response();
+                }
+            }
             let (parts, body) = request.into_parts();
             let mut record = gateway.start_record(client, &parts, &route);
             let caller = match gateway.guard.authenticate(&parts.headers) {
@@ -408,16 +414,27 @@ async fn ready(gateway: &Gateway) -> Response<Body> {
         );
     };
     let store = recorder.store.clone();
-    match tokio::task::spawn_blocking(move || store.ping()).await {
-        Ok(Ok(())) => json_response(StatusCode::OK, &json!({"status": "ready", "storage": "ok"})),
-        _ => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "storage_unavailable",
-            "storage does not answer",
-        )
-        .into_response(),
-    }
+    let reason = match tokio::task::spawn_blocking(move || store.ping()).await {
+        Ok(Ok(())) => {
+            return json_response(StatusCode::OK, &json!({"status": "ready", "storage": "ok"}));
+        }
+        Ok(Err(error)) => match crate::store::unavailable(&error) {
+            Some(unavailable) => format!("storage does not answer: {unavailable}"),
+            None => "storage does not answer".to_string(),
+        },
+        Err(_) => "storage does not answer".to_string(),
+    };
+    let queued = recorder
+        .stats
+        .queued
+        .load(std::sync::atomic::Ordering::Relaxed);
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "storage_unavailable",
+        format!("{reason} ({queued} log records queued meanwhile)"),
+    )
+    .into_response()
 }
 
 /// Whether no segment of `path`, percent-decoded, is `.` or `..` or holds a slash, a

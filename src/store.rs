@@ -44,6 +44,69 @@ pub struct LogRecord {
     pub response_body: Option<String>,
     pub reply_text: Option<String>,
     pub reply_tool_calls: Option<String>,
+    /// The model as statistics name it (a configured name, or `other`), so clients cannot
+    /// grow the rollups with names of their own; `None`: the model as sent.
+    #[serde(skip)]
+    pub model_label: Option<String>,
+}
+
+impl LogRecord {
+    /// Makes every text storable: PostgreSQL refuses NUL characters in text, so they
+    /// become U+FFFD (in both stores, so they answer alike).
+    pub fn sanitise(&mut self) {
+        fn clean(text: &mut String) {
+            if text.contains('\0') {
+                *text = text.replace('\0', "\u{FFFD}");
+            }
+        }
+        for text in [
+            &mut self.id,
+            &mut self.client_ip,
+            &mut self.key_name,
+            &mut self.method,
+            &mut self.path,
+            &mut self.attempts,
+            &mut self.request_headers,
+            &mut self.response_headers,
+        ] {
+            clean(text);
+        }
+        for text in [
+            &mut self.model,
+            &mut self.upstream_model,
+            &mut self.upstream,
+            &mut self.upstream_key,
+            &mut self.usage_source,
+            &mut self.error,
+            &mut self.request_body,
+            &mut self.response_body,
+            &mut self.reply_text,
+            &mut self.reply_tool_calls,
+            &mut self.model_label,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(text);
+        }
+    }
+}
+
+/// The store cannot be reached now (it is reconnecting): a state, not a bad request.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// The reason a store error says it is unavailable, if it does.
+pub fn unavailable(error: &anyhow::Error) -> Option<&Unavailable> {
+    error.chain().find_map(|e| e.downcast_ref::<Unavailable>())
 }
 
 /// A change to one persisted counter.
@@ -381,7 +444,10 @@ impl Rollup {
             let hour = r.ts.div_euclid(HOUR_MS) * HOUR_MS;
             let key = (
                 hour,
-                r.model.clone().unwrap_or_default(),
+                r.model_label
+                    .clone()
+                    .or_else(|| r.model.clone())
+                    .unwrap_or_default(),
                 r.upstream.clone().unwrap_or_default(),
                 r.key_name.clone(),
             );

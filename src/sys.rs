@@ -1,19 +1,21 @@
 //! The few operating-system calls std does not offer. The only `unsafe` in sluice.
 
-/// Lowers the calling thread's scheduling priority (nice 19), so background work such as
-/// the log writer yields the core to request handling under load. Best effort: on other
-/// systems, or if refused, nothing changes.
+/// Sets the calling thread's nice value (0 normal, 19 lowest), so background work such as
+/// the log writer yields a little to request handling without being starved by it. Best
+/// effort: on other systems, or if refused, nothing changes.
 #[allow(unsafe_code)]
-pub fn lower_thread_priority() {
+pub fn set_thread_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its integer arguments. On Linux, PRIO_PROCESS with
         // who = 0 applies to the calling thread alone.
-        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
         if result != 0 {
-            tracing::debug!("cannot lower the log writer's priority");
+            tracing::debug!("cannot set the log writer's priority");
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// Returns freed heap memory to the operating system (glibc keeps it otherwise, so a
@@ -62,32 +64,4 @@ pub fn raise_open_files_limit() -> Option<u64> {
     }
     #[cfg(not(unix))]
     None
-}
-
-/// Puts the calling thread in the `SCHED_IDLE` class (`idle = true`): it then runs only
-/// when nothing else wants the core, and any waking request handler preempts it at once,
-/// which nice 19 alone does not guarantee under EEVDF. `idle = false` returns it to the
-/// normal class (at nice 19), for when its backlog must be worked off.
-#[allow(unsafe_code)]
-pub fn set_idle_policy(idle: bool) {
-    #[cfg(target_os = "linux")]
-    {
-        let policy = if idle {
-            libc::SCHED_IDLE
-        } else {
-            libc::SCHED_OTHER
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads the struct passed by reference; pid 0 is the
-        // calling thread.
-        let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
-        if result == 0 && !idle {
-            // SAFETY: as in `lower_thread_priority`.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = idle;
 }

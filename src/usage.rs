@@ -43,8 +43,12 @@ pub struct Reply {
     pub tool_calls: Vec<Value>,
 }
 
+/// More tokens than any request has used (a trillion); an upstream that claims more is
+/// believed only this far, so sums and the log's signed columns never overflow.
+pub const MAX_TOKENS: u64 = 1 << 40;
+
 fn number(value: Option<&Value>) -> Option<u64> {
-    value.and_then(Value::as_u64)
+    value.and_then(Value::as_u64).map(|n| n.min(MAX_TOKENS))
 }
 
 /// Reads an OpenAI `usage` object (chat, completions, embeddings or Responses shape).

@@ -930,6 +930,16 @@ fn resolve_storage(raw: RawStorage, problems: &mut Vec<Problem>) -> Storage {
     if queue == 0 {
         problems.push(Problem::new("storage.queue", "must be at least 1"));
     }
+    let overflow = match raw.overflow.as_deref().map(str::trim) {
+        None => defaults.overflow,
+        Some(text) => crate::config::Overflow::parse(text).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                "storage.overflow",
+                format!("{text:?} is not one of shed_bodies, shed_rows, backpressure"),
+            ));
+            defaults.overflow
+        }),
+    };
     Storage {
         url,
         log_bodies: raw.log_bodies.unwrap_or(defaults.log_bodies),
@@ -937,6 +947,7 @@ fn resolve_storage(raw: RawStorage, problems: &mut Vec<Problem>) -> Storage {
         retention_days: raw.retention.days.unwrap_or(defaults.retention_days),
         max_rows: raw.retention.max_rows.unwrap_or(defaults.max_rows),
         queue: queue.max(1),
+        overflow,
     }
 }
 
@@ -1289,6 +1300,34 @@ mod tests {
         assert_eq!(config.upstreams[0].base_url, "http://127.0.0.1:9");
         assert!(config.upstreams[0].models.any);
         assert!(!config.access.passthrough);
+    }
+
+    #[test]
+    fn storage_overflow_is_one_of_three_policies() {
+        let yaml = |overflow: &str| {
+            format!(
+                "upstreams: [{{name: a, base_url: 'http://127.0.0.1:9/'}}]\nstorage: {{overflow: {overflow}}}"
+            )
+        };
+        let config = check(&yaml("backpressure"), &[]).unwrap();
+        assert_eq!(
+            config.storage.overflow,
+            crate::config::Overflow::Backpressure
+        );
+        let default = check(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9/'}]",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            default.storage.overflow,
+            crate::config::Overflow::ShedBodies
+        );
+        let found = problems(&yaml("drop_everything"));
+        assert!(
+            found.iter().any(|p| p.starts_with("storage.overflow:")),
+            "{found:?}"
+        );
     }
 
     #[test]

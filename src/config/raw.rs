@@ -77,6 +77,7 @@ pub struct RawStorage {
     pub body_limit: Option<Scalar>,
     pub retention: RawRetention,
     pub queue: Option<usize>,
+    pub overflow: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

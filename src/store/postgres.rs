@@ -5,10 +5,16 @@
 //! The `Store` trait is synchronous; this store runs tokio-postgres on a small runtime of
 //! its own, on its own thread, and hands each call to it, so it can be called from the log
 //! writer's thread, from `spawn_blocking`, or once at start-up, without ever nesting runtimes.
+//!
+//! When the connection ends (PostgreSQL restarted, the network cut), the store says so once
+//! in the log and reconnects in the background with exponential back-off (capped at
+//! [`RECONNECT_MAX`]); meanwhile every call fails at once with [`super::Unavailable`],
+//! which `/ready` and the admin API report, and the log writer keeps its records queued.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Map, Value, json};
@@ -65,7 +71,39 @@ const DETAIL_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, 
     stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
     reply_tool_calls";
 
-type Job = Box<dyn FnOnce(Arc<Client>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+type Job = Box<
+    dyn FnOnce(Result<Arc<Client>, super::Unavailable>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send,
+>;
+
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection in use, or why there is none.
+struct Link {
+    client: Option<Arc<Client>>,
+    /// Why the store is unreachable (when `client` is `None`).
+    reason: String,
+    /// When the last connection was lost.
+    since: Option<Instant>,
+}
+
+impl Link {
+    fn client(&self) -> Result<Arc<Client>, super::Unavailable> {
+        match &self.client {
+            Some(client) if !client.is_closed() => Ok(client.clone()),
+            _ => Err(super::Unavailable(format!(
+                "PostgreSQL is unreachable{}, reconnecting with back-off: {}",
+                self.since.map_or(String::new(), |since| format!(
+                    " for {:.1} s",
+                    since.elapsed().as_secs_f64()
+                )),
+                self.reason
+            ))),
+        }
+    }
+}
 
 pub struct PostgresStore {
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
@@ -250,16 +288,26 @@ impl PostgresStore {
                     }
                 };
                 runtime.block_on(async move {
-                    let client = match connect(&url).await {
-                        Ok(client) => Arc::new(client),
+                    let (client, ended) = match connect(&url).await {
+                        Ok(connected) => connected,
                         Err(error) => {
                             let _ = ready.send(Err(error));
                             return;
                         }
                     };
+                    let link = Arc::new(Mutex::new(Link {
+                        client: Some(Arc::new(client)),
+                        reason: String::new(),
+                        since: None,
+                    }));
+                    tokio::spawn(keep_connected(url, link.clone(), ended));
                     let _ = ready.send(Ok(()));
                     while let Some(job) = queue.recv().await {
-                        tokio::spawn(job(client.clone()));
+                        let client = match link.lock() {
+                            Ok(link) => link.client(),
+                            Err(poisoned) => poisoned.into_inner().client(),
+                        };
+                        tokio::spawn(job(client));
                     }
                 });
             })?;
@@ -267,7 +315,8 @@ impl PostgresStore {
         Ok(Self { jobs })
     }
 
-    /// Runs `work` on the store's thread and waits for its result.
+    /// Runs `work` on the store's thread and waits for its result; fails at once with
+    /// [`super::Unavailable`] while the store is reconnecting.
     fn call<T, F, Fut>(&self, work: F) -> anyhow::Result<T>
     where
         T: Send + 'static,
@@ -277,7 +326,11 @@ impl PostgresStore {
         let (done, result) = std::sync::mpsc::channel();
         let job: Job = Box::new(move |client| {
             Box::pin(async move {
-                let _ = done.send(work(client).await);
+                let outcome = match client {
+                    Ok(client) => work(client).await,
+                    Err(unavailable) => Err(anyhow::Error::new(unavailable)),
+                };
+                let _ = done.send(outcome);
             })
         });
         self.jobs
@@ -289,17 +342,70 @@ impl PostgresStore {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+/// Connects and applies the schema; the receiver says why the connection ended, when it
+/// does.
+async fn connect(url: &str) -> anyhow::Result<(Client, tokio::sync::oneshot::Receiver<String>)> {
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, tokio_postgres::connect(url, NoTls));
+    let (client, connection) = connecting
         .await
+        .map_err(|_| anyhow::anyhow!("connecting timed out"))?
         .context("cannot connect to PostgreSQL")?;
+    let (ended, end) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::error!("PostgreSQL connection ended: {error}");
-        }
+        let reason = match connection.await {
+            Ok(()) => "the server closed the connection".to_string(),
+            Err(error) => error.to_string(),
+        };
+        let _ = ended.send(reason);
     });
     migrate(&client).await.context("cannot apply the schema")?;
-    Ok(client)
+    Ok((client, end))
+}
+
+/// Waits for the connection to end, then reconnects with exponential back-off; says once
+/// that the store was lost and once that it is back.
+async fn keep_connected(
+    url: String,
+    link: Arc<Mutex<Link>>,
+    mut ended: tokio::sync::oneshot::Receiver<String>,
+) {
+    let set = |update: &dyn Fn(&mut Link)| match link.lock() {
+        Ok(mut link) => update(&mut link),
+        Err(poisoned) => update(&mut poisoned.into_inner()),
+    };
+    loop {
+        let reason = (&mut ended)
+            .await
+            .unwrap_or_else(|_| "the connection ended".to_string());
+        let since = Instant::now();
+        set(&|link| {
+            link.client = None;
+            link.reason.clone_from(&reason);
+            link.since = Some(since);
+        });
+        tracing::error!("lost the PostgreSQL store ({reason}); reconnecting with back-off");
+        let mut delay = RECONNECT_FIRST;
+        loop {
+            tokio::time::sleep(delay).await;
+            match connect(&url).await {
+                Ok((client, end)) => {
+                    let client = Arc::new(client);
+                    set(&|link| link.client = Some(client.clone()));
+                    ended = end;
+                    tracing::info!(
+                        "the PostgreSQL store is back after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                Err(error) => {
+                    let reason = format!("{error:#}");
+                    set(&|link| link.reason.clone_from(&reason));
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+    }
 }
 
 /// Changes to a log an earlier sluice wrote, in order; `sluice_schema.version` counts

@@ -1,0 +1,518 @@
+//! The request log and the accounting under load and store faults: a full queue, a
+//! PostgreSQL outage, records the store refuses, client-chosen model names. (`kill -9`:
+//! tests/crash.rs, alone in its binary so that its timing is not another test's load.)
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use sluice::limits::{Period, key_scope, unix_now};
+use sluice::mock::MockServer;
+use sluice::store::Store;
+
+const ADMIN: &str = "Bearer admin-secret-0001";
+const ALICE: &str = "Bearer fk-alice-0001";
+
+fn config(mock: &MockServer, storage: &str) -> String {
+    format!(
+        "access:
+  keys:
+    - {{name: alice, key: fk-alice-0001}}
+upstreams:
+  - {{name: main, base_url: '{}', keys: [sk-upstream-key-0001], models: [gpt-4o, gpt-4o-mini]}}
+  - {{name: spare, base_url: '{}', keys: [sk-upstream-key-0002], models: ['*'], model_map: {{house: gpt-4o}}}}
+admin: {{key: admin-secret-0001}}
+pricing:
+  gpt-4o: {{input: 2.5, output: 10}}
+{storage}",
+        mock.url(),
+        mock.url()
+    )
+}
+
+async fn chat(gw: &TestGateway, model: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", ALICE)
+        .header("content-type", "application/json")
+        .body(
+            json!({"model": model, "messages": [{"role": "user", "content": "hello"}]}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn admin_get(base: &str, path: &str) -> reqwest::Response {
+    client()
+        .get(format!("{base}{path}"))
+        .header("authorization", ADMIN)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn flush(gw: &TestGateway) {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        gw.gateway.recorder.as_ref().expect("the log is on").flush(),
+    )
+    .await
+    .expect("the log flushes");
+}
+
+/// Requests the store's counters hold for alice today.
+fn persisted_requests(store: &dyn Store) -> u64 {
+    let day = Period::Day.window(unix_now());
+    store
+        .counters(&[(Period::Day, day)])
+        .unwrap()
+        .iter()
+        .find(|c| c.scope == key_scope("alice"))
+        .map_or(0, |c| c.usage.requests)
+}
+
+fn log_figures(status: &Value) -> (u64, u64, u64) {
+    let log = &status["log"];
+    (
+        log["written"].as_u64().unwrap(),
+        log["shed"].as_u64().unwrap(),
+        log["dropped"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_full_log_queue_sheds_rows_but_never_the_accounting() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let storage = format!(
+        "storage: {{url: 'sqlite://{}', queue: 4, overflow: shed_rows}}\n",
+        path.display()
+    );
+    let gw = gateway(&config(&mock, &storage)).await;
+    // Another process holds the database's write lock: the writer stalls, its queue fills.
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let total = 40;
+    for _ in 0..total {
+        let response = chat(&gw, "gpt-4o").await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    blocker.execute_batch("COMMIT").unwrap();
+    flush(&gw).await;
+    let recorder = gw.gateway.recorder.as_ref().unwrap();
+    assert_eq!(
+        persisted_requests(recorder.store.as_ref()),
+        total,
+        "every answered request is counted in the store, rows shed or not"
+    );
+    let status = json(admin_get(&gw.url(""), "/v1/status").await).await;
+    let (written, shed, dropped) = log_figures(&status);
+    assert!(shed > 0, "{status}");
+    assert_eq!(written + shed, total, "{status}");
+    assert_eq!(dropped, 0, "{status}");
+    assert_eq!(
+        recorder.store.list(&Default::default()).unwrap().total,
+        Some(written)
+    );
+    let metrics = admin_get(&gw.url(""), "/metrics")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("sluice_log_shed_total {shed}")),
+        "{metrics}"
+    );
+    // The key's tokens were settled for every request, shed or not.
+    let tokens = status["keys"][0]["usage"]["day"]["tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(tokens >= total, "{status}");
+    // After a restart the limits start from what was persisted.
+    drop(gw);
+    let again = gateway(&config(&mock, &storage)).await;
+    let status = json(admin_get(&again.url(""), "/v1/status").await).await;
+    assert_eq!(
+        status["keys"][0]["usage"]["day"]["requests"], total,
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn shed_bodies_keeps_the_rows_without_their_bodies_first() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let storage = format!(
+        "storage: {{url: 'sqlite://{}', queue: 20, overflow: shed_bodies}}\n",
+        path.display()
+    );
+    let gw = gateway(&config(&mock, &storage)).await;
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let total = 30;
+    for _ in 0..total {
+        chat(&gw, "gpt-4o").await.bytes().await.unwrap();
+    }
+    blocker.execute_batch("COMMIT").unwrap();
+    flush(&gw).await;
+    let status = json(admin_get(&gw.url(""), "/v1/status").await).await;
+    let (written, shed, _) = log_figures(&status);
+    let trimmed = status["log"]["trimmed"].as_u64().unwrap();
+    assert_eq!(written + shed, total, "{status}");
+    assert!(
+        trimmed >= 9,
+        "past half the queue, rows lose their bodies: {status}"
+    );
+    assert!(shed > 0 && shed < total - 10, "{status}");
+    let store = gw.gateway.recorder.as_ref().unwrap().store.clone();
+    let page = store
+        .list(&sluice::store::ListQuery {
+            per_page: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    let bare = page
+        .data
+        .iter()
+        .filter(|row| {
+            let id = row["id"].as_str().unwrap();
+            store.get(id).unwrap().unwrap()["response_body"].is_null()
+        })
+        .count();
+    assert!(bare >= 1, "some rows were kept without bodies");
+    assert!(bare < page.data.len(), "the first rows kept theirs");
+    assert_eq!(persisted_requests(store.as_ref()), total);
+}
+
+#[tokio::test]
+async fn backpressure_makes_requests_wait_rather_than_shed() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let storage = format!(
+        "storage: {{url: 'sqlite://{}', queue: 3, overflow: backpressure}}\n",
+        path.display()
+    );
+    let gw = Arc::new(gateway(&config(&mock, &storage)).await);
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let (gw, answered) = (gw.clone(), answered.clone());
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                chat(&gw, "gpt-4o").await.bytes().await.unwrap();
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let waiting_at = answered.load(Ordering::SeqCst);
+    assert!(waiting_at < 10, "requests wait while the log is full");
+    blocker.execute_batch("COMMIT").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), sender)
+        .await
+        .expect("requests go on once the log catches up")
+        .unwrap();
+    flush(&gw).await;
+    let status = json(admin_get(&gw.url(""), "/v1/status").await).await;
+    let (written, shed, dropped) = log_figures(&status);
+    assert_eq!((written, shed, dropped), (10, 0, 0), "{status}");
+}
+
+/// A TCP relay to the local PostgreSQL that can be cut (every connection closed, new ones
+/// refused) and restored: what a PostgreSQL restart looks like from sluice.
+struct Relay {
+    port: u16,
+    up: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (flag, list) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                list.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Self {
+            port,
+            up,
+            connections,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+// Opening the store blocks the test's thread; the relay runs on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_reconnects_and_writes_what_was_queued() {
+    let mock = mock().await;
+    let relay = Relay::start().await;
+    let url = fresh_postgres_database()
+        .await
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    let gw = gateway(&config(&mock, &format!("storage: {{url: '{url}'}}\n"))).await;
+    for _ in 0..3 {
+        chat(&gw, "gpt-4o").await.bytes().await.unwrap();
+    }
+    flush(&gw).await;
+    relay.cut();
+    for _ in 0..5 {
+        let response = chat(&gw, "gpt-4o").await;
+        assert_eq!(response.status(), 200, "requests go on without the store");
+        response.bytes().await.unwrap();
+    }
+    let mut ready = client().get(gw.url("/ready")).send().await.unwrap();
+    for _ in 0..50 {
+        if ready.status() == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = client().get(gw.url("/ready")).send().await.unwrap();
+    }
+    let body = assert_error(ready, 503, "storage_unavailable").await;
+    let message = body["error"]["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("reconnect"), "{body}");
+    assert!(
+        !message.contains("postgres://"),
+        "no URL in the answer: {body}"
+    );
+    let listing = admin_get(&gw.url(""), "/api/requests").await;
+    assert_error(listing, 503, "storage_unavailable").await;
+
+    relay.restore();
+    let mut back = false;
+    for _ in 0..100 {
+        if client()
+            .get(gw.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "/ready is 200 again within 10 s");
+    flush(&gw).await;
+    let listing = admin_get(&gw.url(""), "/api/requests").await;
+    assert_eq!(listing.status(), 200);
+    let page = json(listing).await;
+    assert_eq!(page["total"], 8, "the queued records were written: {page}");
+    let store = gw.gateway.recorder.as_ref().unwrap().store.clone();
+    assert_eq!(persisted_requests(store.as_ref()), 8);
+    let status = json(admin_get(&gw.url(""), "/v1/status").await).await;
+    assert_eq!(log_figures(&status), (8, 0, 0), "{status}");
+}
+
+#[tokio::test]
+async fn a_record_the_store_refuses_costs_only_itself_and_is_counted() {
+    // A NUL byte in a model name: PostgreSQL refuses such text.
+    let mock = mock().await;
+    let url = fresh_postgres_database().await;
+    let gw = gateway(&config(&mock, &format!("storage: {{url: '{url}'}}\n"))).await;
+    let recorder = gw.gateway.recorder.as_ref().unwrap();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (url, model) = (
+                gw.url("/v1/chat/completions"),
+                if i == 15 { "gpt\u{0}4o" } else { "gpt-4o" },
+            );
+            let body = json!({"model": model, "messages": [{"role": "user", "content": format!("n{i}\u{0}")}]});
+            tokio::spawn(async move {
+                client()
+                    .post(url)
+                    .header("authorization", ALICE)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    flush(&gw).await;
+    assert_eq!(
+        recorder.store.list(&Default::default()).unwrap().total,
+        Some(30)
+    );
+    assert_eq!(persisted_requests(recorder.store.as_ref()), 30);
+    let status = json(admin_get(&gw.url(""), "/v1/status").await).await;
+    assert_eq!(log_figures(&status), (30, 0, 0), "{status}");
+}
+
+/// A small tmpfs, unmounted on drop; `None` where mounting is not allowed (not root).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "sluice-test"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Self(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: the test's gateway may still hold the file open.
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn records_a_full_disk_cannot_take_are_counted_one_by_one() {
+    let Some(disk) = Tmpfs::mount("640k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let mock = mock().await;
+    let path = disk.0.path().join("log.db");
+    let storage = format!("storage: {{url: 'sqlite://{}'}}\n", path.display());
+    let gw = gateway(&config(&mock, &storage)).await;
+    let total = 40;
+    for _ in 0..total {
+        let big = "x".repeat(30_000);
+        let response = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", ALICE)
+            .body(
+                json!({"model": "gpt-4o", "messages": [{"role": "user", "content": big}]})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        flush(&gw).await;
+    }
+    let status = json(admin_get(&gw.url(""), "/v1/status").await).await;
+    let (written, shed, dropped) = log_figures(&status);
+    assert_eq!(written + dropped, total, "{status}");
+    assert!(dropped >= 1, "the disk filled up: {status}");
+    assert_eq!(shed, 0, "{status}");
+    drop(gw);
+}
+
+#[tokio::test]
+async fn metrics_and_rollups_name_only_configured_models() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "")).await;
+    for model in ["gpt-4o", "gpt-4o-mini", "house", "made-up-1", "made-up-2"] {
+        assert_eq!(chat(&gw, model).await.status(), 200, "{model}");
+    }
+    flush(&gw).await;
+    let metrics = admin_get(&gw.url(""), "/metrics")
+        .await
+        .text()
+        .await
+        .unwrap();
+    for shown in ["gpt-4o", "gpt-4o-mini", "house", "other"] {
+        assert!(
+            metrics.contains(&format!("model=\"{shown}\"")),
+            "{shown} in {metrics}"
+        );
+    }
+    assert!(!metrics.contains("made-up"), "{metrics}");
+    let stats = json(admin_get(&gw.url(""), "/api/stats").await).await;
+    let names: Vec<&str> = stats["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"other") && !names.iter().any(|n| n.starts_with("made-up")),
+        "{names:?}"
+    );
+    let listing = json(admin_get(&gw.url(""), "/api/requests?model=made-up-1").await).await;
+    assert_eq!(listing["total"], 1, "the row keeps the model as sent");
+
+    // A reload that prices made-up-1 names it from then on; the recorder outlives it.
+    let mut document = sluice::config::load::parse_document(&format!(
+        "{}  made-up-1: {{input: 1, output: 1}}\nstorage: {{url: 'sqlite://{}'}}\n",
+        config(&mock, ""),
+        gw.dir.as_ref().unwrap().path().join("sluice.db").display()
+    ))
+    .unwrap();
+    let env = sluice::config::EnvMap::from_pairs(std::iter::empty::<(&str, &str)>());
+    sluice::config::load::apply_env_overrides(&mut document, &env).unwrap();
+    let reloaded = sluice::config::load::resolve(&document, &env).unwrap();
+    let next =
+        Arc::new(sluice::gateway::Gateway::with_shared(reloaded, gw.gateway.shared()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(sluice::server::serve(
+        listener,
+        next.clone(),
+        std::future::pending(),
+    ));
+    let response = client()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", ALICE)
+        .header("content-type", "application/json")
+        .body(
+            json!({"model": "made-up-1", "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    flush(&gw).await;
+    let metrics = admin_get(&format!("http://{addr}"), "/metrics")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("model=\"made-up-1\""), "{metrics}");
+    assert!(!metrics.contains("made-up-2"), "{metrics}");
+}
