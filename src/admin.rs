@@ -14,16 +14,16 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::access::{Caller, presented_key};
-use crate::body::{Body, json_response};
 use crate::clock::now_ms;
 use crate::config::{GatewayKey, Limits, Secret};
-use crate::dashboard;
-use crate::error::ApiError;
 use crate::gateway::Gateway;
-use crate::limits::{Period, Usage, key_scope, unix_now, upstream_scope};
+use crate::http::body::{Body, json_response};
+use crate::http::error::ApiError;
+use crate::pipeline::access::{Caller, presented_key};
+use crate::pure::limits::{Period, Usage, key_scope, unix_now, upstream_scope};
 use crate::store::ListQuery;
 
+pub mod dashboard;
 pub mod throttle;
 
 use throttle::Verdict;
@@ -118,7 +118,7 @@ fn open_without_key(client: IpAddr, local: IpAddr) -> bool {
 }
 
 /// The dashboard and the admin API: `/`, `/assets/*`, `/api/*`.
-pub async fn dashboard(
+pub async fn handle(
     gateway: &Gateway,
     request: Request<Incoming>,
     client: IpAddr,
@@ -154,7 +154,7 @@ pub async fn dashboard(
             response
         }
         (_, "/api/openapi.json") => {
-            let mut response = Response::new(crate::body::full(OPENAPI));
+            let mut response = Response::new(crate::http::body::full(OPENAPI));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),
@@ -181,12 +181,12 @@ async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) ->
         );
     };
     // A login is a few bytes: a client that trickles them holds nothing for long.
-    let timed = crate::body::TimedBody::new(
+    let timed = crate::http::body::TimedBody::new(
         request.into_body(),
         Duration::from_secs(10),
         Duration::from_secs(10),
     );
-    let body = match crate::proxy::read_body(timed, 4096).await {
+    let body = match crate::pipeline::forward::read_body(timed, 4096).await {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
@@ -274,7 +274,7 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
             .await
         }
         "/api/stats" => {
-            let now = crate::limits::unix_now_ms();
+            let now = crate::pure::limits::unix_now_ms();
             let from = match time_param(&query, "from") {
                 Ok(from) => from.unwrap_or(now - 30 * 86_400_000),
                 Err(error) => return error.into_response(),

@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::access::{Caller, Guard};
-use crate::affinity::{self, Affinity, Learner};
+use crate::accounting::recorder::{Pending, Recorder};
+use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::config::{Config, GatewayKey, Upstream};
-use crate::error::ApiError;
-use crate::limits::{Limiter, Reserve};
-use crate::recorder::{Pending, Recorder};
-use crate::routing::Choice;
-use crate::routing::Router;
-use crate::shared::{Event, EventKind, Scope, Settlement, SharedState};
+use crate::http::error::ApiError;
+use crate::pipeline::access::{Caller, Guard};
+use crate::pipeline::affinity::{self, Affinity, Learner};
+use crate::pure::limits::{Limiter, Reserve};
+use crate::pure::routing::Choice;
+use crate::pure::routing::Router;
 use crate::upstream::UpstreamRuntime;
 
 #[derive(Debug)]
@@ -28,13 +28,13 @@ pub struct Gateway {
     /// The request log; `None` when storage is off.
     pub recorder: Option<Arc<Recorder>>,
     /// Dashboard login sessions.
-    pub sessions: Arc<crate::dashboard::Sessions>,
+    pub sessions: Arc<crate::admin::dashboard::Sessions>,
     /// Failed admin authentication per client address.
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::observe::metrics::Metrics>,
     pub shared_state: Option<Arc<SharedState>>,
     /// Sends request traces to a collector, when configured.
-    pub traces: Option<Arc<crate::traces::Exporter>>,
+    pub traces: Option<Arc<crate::observe::traces::Exporter>>,
     /// Which upstream created which object (file, batch, response…).
     pub affinity: Arc<Affinity>,
     /// Where requests without a model go, when `routing.default_upstream` says.
@@ -92,19 +92,19 @@ impl Current {
 pub struct Shared {
     pub limiter: Arc<Limiter>,
     pub affinity: Arc<Affinity>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::observe::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
-    pub sessions: Arc<crate::dashboard::Sessions>,
+    pub sessions: Arc<crate::admin::dashboard::Sessions>,
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
-    pub traces: Option<Arc<crate::traces::Exporter>>,
+    pub traces: Option<Arc<crate::observe::traces::Exporter>>,
 }
 
 impl Shared {
     /// Opens the store and starts the log writer, if storage is on.
     pub fn start(config: &Config) -> anyhow::Result<Self> {
         let limiter = Arc::new(Limiter::default());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let metrics = Arc::new(crate::observe::metrics::Metrics::default());
         let shared_state = match &config.shared_state {
             Some(shared) => Some(Arc::new(
                 SharedState::new(
@@ -118,7 +118,7 @@ impl Shared {
             None => None,
         };
         let traces = match (&config.traces, &config.storage.url) {
-            (Some(traces), Some(_)) => Some(crate::traces::Exporter::start(traces)?),
+            (Some(traces), Some(_)) => Some(crate::observe::traces::Exporter::start(traces)?),
             (Some(_), None) => {
                 tracing::warn!(
                     "traces are built from the request log; with storage off none are sent"
@@ -249,7 +249,9 @@ impl Gateway {
                 parts.headers.clone(),
             ));
             if self.traces.is_some() {
-                pending.trace = Some(crate::traces::TraceContext::from_headers(&parts.headers));
+                pending.trace = Some(crate::observe::traces::TraceContext::from_headers(
+                    &parts.headers,
+                ));
             }
             pending
         })
@@ -276,7 +278,7 @@ impl Gateway {
         key: Option<(&GatewayKey, Reserve)>,
         upstream: Option<&Upstream>,
     ) -> Result<(Option<KeyTicket>, bool), ApiError> {
-        let now = crate::limits::unix_now();
+        let now = crate::pure::limits::unix_now();
         let key_limited = key.filter(|(k, _)| !k.limits.is_unlimited() || k.budget.is_some());
         let upstream_limited = upstream.filter(|u| !u.limits.is_unlimited());
         let shared = self
@@ -286,8 +288,8 @@ impl Gateway {
         let Some(shared) = shared else {
             return self.admit_locally(key, upstream, now);
         };
-        let key_scope = key_limited.map(|(k, _)| crate::limits::key_scope(&k.name));
-        let upstream_scope = upstream_limited.map(|u| crate::limits::upstream_scope(&u.name));
+        let key_scope = key_limited.map(|(k, _)| crate::pure::limits::key_scope(&k.name));
+        let upstream_scope = upstream_limited.map(|u| crate::pure::limits::upstream_scope(&u.name));
         let mut scopes = Vec::with_capacity(2);
         if let (Some((k, reserve)), Some(name)) = (key_limited, &key_scope) {
             scopes.push(Scope {
@@ -327,7 +329,7 @@ impl Gateway {
         if let Some(refusal) = admission.refused {
             match (key_limited, scopes.get(refusal.scope)) {
                 (Some((k, _)), Some(scope)) if scope.required => {
-                    return Err(crate::limits::key_refused(
+                    return Err(crate::pure::limits::key_refused(
                         &k.name,
                         &refusal.what,
                         refusal.retry_after,
@@ -378,7 +380,7 @@ impl Gateway {
         if ticket.shared {
             if let Some(shared) = &self.shared_state {
                 shared.settle(Settlement {
-                    scope: crate::limits::key_scope(&key.name),
+                    scope: crate::pure::limits::key_scope(&key.name),
                     at: Some(ticket.at),
                     requests: -1,
                     tokens: -i64::try_from(ticket.reserve.tokens).unwrap_or(i64::MAX),

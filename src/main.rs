@@ -224,20 +224,28 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
         );
         let (current, stopped) = (current.clone(), stopped.clone());
         tokio::spawn(async move {
-            let role = sluice::server::Role::Admin;
-            if let Err(error) =
-                sluice::server::serve_current(admin_listener, current, role, until_stopped(stopped))
-                    .await
+            let role = sluice::http::server::Role::Admin;
+            if let Err(error) = sluice::http::server::serve_current(
+                admin_listener,
+                current,
+                role,
+                until_stopped(stopped),
+            )
+            .await
             {
                 tracing::error!("admin listener failed: {error:#}");
             }
         });
     }
     tokio::spawn(watch_config(options, loaded.path.clone(), current.clone()));
-    let role = sluice::server::Role::Gateway;
-    let served =
-        sluice::server::serve_current(listener, current.clone(), role, until_stopped(stopped))
-            .await;
+    let role = sluice::http::server::Role::Gateway;
+    let served = sluice::http::server::serve_current(
+        listener,
+        current.clone(),
+        role,
+        until_stopped(stopped),
+    )
+    .await;
     // Whatever the log still holds is written before the process ends.
     let flushing = current.load();
     let shared_state = flushing.shared_state.clone();

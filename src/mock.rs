@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::body::{Body, full, json_response};
+use crate::http::body::{Body, full, json_response};
 
 /// A fault the mock injects instead of (or into) a normal answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ pub mod sqlite;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::limits::{Period, Usage};
+use crate::pure::limits::{Period, Usage};
 
 /// One request as the log keeps it. Secrets in headers are already masked.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -2,6 +2,8 @@
 //! proxy), its credentials (a key pool used in turn, or a token endpoint) and the health
 //! figures routing reads (requests in flight, time to first byte, cooldowns).
 
+pub mod token;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use http::HeaderValue;
 
 use crate::clock::now_ms;
 use crate::config::Upstream;
-use crate::token::TokenCache;
+use crate::upstream::token::TokenCache;
 
 #[derive(Debug)]
 pub struct UpstreamRuntime {
@@ -142,7 +144,9 @@ impl UpstreamRuntime {
 
     /// The upstream's own credential for a request of sluice's making: its token, or its
     /// next usable key.
-    pub async fn own_credential(&self) -> Result<Option<HeaderValue>, crate::error::ApiError> {
+    pub async fn own_credential(
+        &self,
+    ) -> Result<Option<HeaderValue>, crate::http::error::ApiError> {
         if let Some(cache) = &self.token {
             return Ok(Some(cache.get().await?.header));
         }

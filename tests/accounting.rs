@@ -250,7 +250,7 @@ async fn without_upstream_usage_the_tokenizer_counts() {
         assert_eq!(row["usage_source"], "tokenizer", "{row}");
         // 3 + (3 + "user" 1 + "hello world" 2) prompt tokens; "word0 … word7 " in o200k.
         assert_eq!(row["prompt_tokens"], 9, "{row}");
-        let expected = sluice::usage::count_tokens(
+        let expected = sluice::pure::usage::count_tokens(
             "gpt-4o",
             &(0..8).map(|i| format!("word{i} ")).collect::<String>(),
         );
@@ -718,8 +718,8 @@ async fn the_dashboard_can_live_on_its_own_listener() {
     .await;
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin_listener.local_addr().unwrap();
-    let role = sluice::server::Role::Admin;
-    tokio::spawn(sluice::server::serve_as(
+    let role = sluice::http::server::Role::Admin;
+    tokio::spawn(sluice::http::server::serve_as(
         admin_listener,
         gw.gateway.clone(),
         role,
@@ -835,7 +835,7 @@ async fn without_an_admin_key_the_dashboard_is_off_unless_on_loopback() {
 
     let wide = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let port = wide.local_addr().unwrap().port();
-    tokio::spawn(sluice::server::serve(
+    tokio::spawn(sluice::http::server::serve(
         wide,
         loopback.gateway.clone(),
         std::future::pending(),

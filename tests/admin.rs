@@ -161,10 +161,10 @@ async fn reloadable(yaml: &str) -> (Arc<Current>, String) {
     )));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(sluice::server::serve_current(
+    tokio::spawn(sluice::http::server::serve_current(
         listener,
         current.clone(),
-        sluice::server::Role::Gateway,
+        sluice::http::server::Role::Gateway,
         pending(),
     ));
     (current, url)

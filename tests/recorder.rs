@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use sluice::limits::{Period, key_scope, unix_now};
 use sluice::mock::MockServer;
+use sluice::pure::limits::{Period, key_scope, unix_now};
 use sluice::store::Store;
 
 const ADMIN: &str = "Bearer admin-secret-0001";
@@ -510,7 +510,7 @@ async fn metrics_and_rollups_name_only_configured_models() {
         Arc::new(sluice::gateway::Gateway::with_shared(reloaded, gw.gateway.shared()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(sluice::server::serve(
+    tokio::spawn(sluice::http::server::serve(
         listener,
         next.clone(),
         std::future::pending(),

@@ -1,4 +1,4 @@
-//! The form reader (`src/multipart.rs`) on arbitrary bodies: it decides which model a
+//! The form reader (`src/http/multipart.rs`) on arbitrary bodies: it decides which model a
 //! limited key's audio or image request names, so it must be exact, not just not crash.
 //!
 //! Properties:
@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use sluice::multipart::{FormError, field, parts};
+use sluice::http::multipart::{FormError, field, parts};
 
 fuzz_target!(|input: &[u8]| {
     // The first line is the boundary, the rest the body.

@@ -1,4 +1,4 @@
-//! Request rewriting (`src/rewrite.rs`) on arbitrary request bodies.
+//! Request rewriting (`src/pure/rewrite.rs`) on arbitrary request bodies.
 //!
 //! Input: a flags byte choosing the model map and field aliases, then the body.
 //! Properties:
@@ -6,7 +6,7 @@
 //! - nothing is rewritten when nothing applies;
 //! - the mapped model is what the upstream gets; without aliases nothing else changes;
 //! - after renaming `from` to `to`, no object anywhere still has a `from` key;
-//! - asking for the usage chunk (as `proxy.rs` does for a body it has peeked at) keeps the
+//! - asking for the usage chunk (as `pipeline/forward.rs` does for a body it has peeked at) keeps the
 //!   JSON valid, keeps every other field, and really sets `stream_options.include_usage`.
 
 #![no_main]
@@ -17,11 +17,11 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use sluice::config::{Limits, ModelSet, Timeouts, Upstream};
-use sluice::rewrite::{request_body, with_usage_requested};
+use sluice::pure::rewrite::{request_body, with_usage_requested};
 
 const NAMES: [&str; 6] = ["model", "model_id", "messages", "content", "stream", "x"];
 
-/// What `proxy.rs` peeks at before it asks for the usage chunk (a copy of its `Peek`).
+/// An upstream that maps models and renames fields as the fuzz input says.
 fn upstream(model_map: HashMap<String, String>, field_aliases: Vec<(String, String)>) -> Upstream {
     Upstream {
         name: "fuzz".into(),
@@ -103,8 +103,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    // The usage chunk, asked for the way `proxy.rs` does it: only for a body it peeked at.
-    if let Ok(peek) = serde_json::from_slice::<sluice::proxy::Peek>(&body) {
+    // The usage chunk, asked for the way `pipeline/forward.rs` does it: only for a body it peeked at.
+    if let Ok(peek) = serde_json::from_slice::<sluice::pipeline::forward::Peek>(&body) {
         if let Ok(Value::Object(input)) = &parsed {
             let out = with_usage_requested(&body, peek.stream_options.is_some())
                 .expect("an object gets the usage chunk asked for");

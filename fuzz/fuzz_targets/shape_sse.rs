@@ -1,4 +1,4 @@
-//! The response shaper (`src/shape.rs`) on arbitrary upstream bodies.
+//! The response shaper (`src/pure/shape.rs`) on arbitrary upstream bodies.
 //!
 //! Input: a flags byte, a cut count and cut points, then the body.
 //! Properties:
@@ -14,10 +14,10 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::shape::{ModelRename, Shaper};
+use sluice::pure::shape::{ModelRename, Shaper};
 
 /// The most an event (or a JSON body) may hold back before it is relayed unshaped: the
-/// limit `shape.rs` uses for JSON bodies.
+/// limit `pure/shape.rs` uses for JSON bodies.
 const EVENT_LIMIT: usize = 16 * 1024 * 1024;
 const ALIAS: &str = "client-alias";
 

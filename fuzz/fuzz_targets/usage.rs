@@ -1,4 +1,4 @@
-//! Usage extraction (`src/usage.rs`) on arbitrary upstream replies: JSON bodies, SSE
+//! Usage extraction (`src/pure/usage.rs`) on arbitrary upstream replies: JSON bodies, SSE
 //! streams and their reassembly, and the tokenizer fallback.
 //!
 //! Properties:
@@ -11,9 +11,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::usage::{Reply, estimate, read_json_reply, read_stream_reply};
+use sluice::pure::usage::{Reply, estimate, read_json_reply, read_stream_reply};
 
-/// Tool calls a stream can make (`usage.rs` caps the index at 128).
+/// Tool calls a stream can make (`pure/usage.rs` caps the index at 128).
 const MAX_TOOL_CALLS: usize = 129;
 
 fn size(reply: &Reply) -> usize {

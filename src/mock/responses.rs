@@ -14,8 +14,8 @@ use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Value, json};
 
 use super::{DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error};
-use crate::body::{Body, BoxError, json_response};
-use crate::multipart;
+use crate::http::body::{Body, BoxError, json_response};
+use crate::http::multipart;
 
 fn now() -> u64 {
     SystemTime::now()

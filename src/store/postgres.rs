@@ -22,7 +22,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::{CounterDelta, ListQuery, LogRecord, Page, Store};
-use crate::limits::{Period, Usage};
+use crate::pure::limits::{Period, Usage};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::V
 use serde_json::{Map, Value, json};
 
 use super::{CounterDelta, ListQuery, LogRecord, Page, Store};
-use crate::limits::{Period, Usage};
+use crate::pure::limits::{Period, Usage};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (

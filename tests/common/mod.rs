@@ -51,7 +51,11 @@ pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
     let gateway = Arc::new(Gateway::new(config).expect("gateway builds"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice::server::serve(listener, gateway.clone(), pending()));
+    tokio::spawn(sluice::http::server::serve(
+        listener,
+        gateway.clone(),
+        pending(),
+    ));
     TestGateway { addr, gateway, dir }
 }
 
@@ -207,7 +211,7 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
 /// Limits count in fixed minutes of the wall clock: a burst that must land in one minute
 /// starts early in a minute rather than across a boundary.
 pub async fn start_of_a_minute() {
-    let second = sluice::limits::unix_now().rem_euclid(60);
+    let second = sluice::pure::limits::unix_now().rem_euclid(60);
     if second > 45 {
         tokio::time::sleep(std::time::Duration::from_secs(
             u64::try_from(61 - second).unwrap_or(1),

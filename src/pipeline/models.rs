@@ -12,11 +12,11 @@ use http::{Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::access::Caller;
-use crate::body::{Body, json_response};
+use crate::accounting::recorder::Pending;
 use crate::gateway::Gateway;
-use crate::proxy;
-use crate::recorder::Pending;
+use crate::http::body::{Body, json_response};
+use crate::pipeline::access::Caller;
+use crate::pipeline::forward;
 use crate::upstream::UpstreamRuntime;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,7 +32,7 @@ pub async fn list(
     if let [only] = gateway.upstreams.as_slice() {
         if only.config.models.any && only.config.model_map.is_empty() && !caller.restricts_models()
         {
-            return proxy::forward(gateway, caller, parts, body, path, record).await;
+            return forward::forward(gateway, caller, parts, body, path, record).await;
         }
     }
     let mut seen = HashSet::new();

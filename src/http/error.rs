@@ -7,7 +7,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
 
-use crate::body::{Body, full};
+use crate::http::body::{Body, full};
 
 /// An error answered to the client in the OpenAI error shape.
 #[derive(Debug, Clone)]

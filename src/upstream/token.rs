@@ -9,7 +9,7 @@ use http::HeaderValue;
 use serde_json::Value;
 
 use crate::config::{TokenBody, TokenSource};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use crate::body::{Body, full};
 use crate::config::Secret;
+use crate::http::body::{Body, full};
 
 const INDEX: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, header};
 use ipnet::IpNet;
 
 use crate::config::{Access, Config, GatewayKey};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The client's address. `X-Forwarded-For` is walked from the right, skipping trusted
 /// proxies, so a client cannot forge its address by prepending entries.

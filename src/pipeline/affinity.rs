@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::limits::unix_now_ms;
-use crate::shared::SharedState;
+use crate::accounting::shared::SharedState;
+use crate::pure::limits::unix_now_ms;
 use crate::store::{ObjectRoute, Store};
 
 /// Objects held in memory; past it, expired ones go, then an arbitrary quarter.

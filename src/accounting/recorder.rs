@@ -28,12 +28,12 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
 use serde_json::{Value, json};
 
+use crate::accounting::shared::Settlement;
 use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
-use crate::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
-use crate::proxy::Attempt;
-use crate::shared::Settlement;
+use crate::pipeline::forward::Attempt;
+use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
+use crate::pure::usage::{self, Reply, UsageSource};
 use crate::store::{CounterDelta, LogRecord, Store};
-use crate::usage::{self, Reply, UsageSource};
 
 /// Queued body bytes past which records keep only a tail of their bodies.
 const BYTE_BUDGET: usize = 64 * 1024 * 1024;
@@ -117,7 +117,7 @@ pub struct Pending {
     /// settlement corrects; `None` when the request was not counted (refused or refunded).
     pub ticket: Option<crate::gateway::KeyTicket>,
     /// Its place in a trace, when traces are exported.
-    pub trace: Option<crate::traces::TraceContext>,
+    pub trace: Option<crate::observe::traces::TraceContext>,
     pub method: Method,
     pub path: String,
     pub model: Option<String>,
@@ -149,7 +149,7 @@ impl Pending {
     }
 
     pub fn new(client_ip: IpAddr, method: Method, path: &str, request_headers: HeaderMap) -> Self {
-        let started_ms = crate::limits::unix_now_ms();
+        let started_ms = crate::pure::limits::unix_now_ms();
         Self {
             id: format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..)),
             started_ms,
@@ -308,9 +308,9 @@ impl Recorder {
         store: Arc<dyn Store>,
         config: &Config,
         limiter: Arc<Limiter>,
-        metrics: Arc<crate::metrics::Metrics>,
-        shared: Option<Arc<crate::shared::SharedState>>,
-        traces: Option<Arc<crate::traces::Exporter>>,
+        metrics: Arc<crate::observe::metrics::Metrics>,
+        shared: Option<Arc<crate::accounting::shared::SharedState>>,
+        traces: Option<Arc<crate::observe::traces::Exporter>>,
     ) -> anyhow::Result<Self> {
         let storage: &Storage = &config.storage;
         restore_counters(store.as_ref(), &limiter)?;
@@ -379,7 +379,7 @@ impl Recorder {
 
     /// With `overflow: backpressure`, waits while the log's queue is full; `Err` when it
     /// stays full too long. Other policies never wait.
-    pub async fn wait_for_room(&self) -> Result<(), crate::error::ApiError> {
+    pub async fn wait_for_room(&self) -> Result<(), crate::http::error::ApiError> {
         let sink = &self.sink;
         if sink.overflow != Overflow::Backpressure {
             return Ok(());
@@ -387,7 +387,7 @@ impl Recorder {
         let deadline = tokio::time::Instant::now() + ROOM_WAIT;
         while sink.stats.queued.load(Ordering::Relaxed) >= sink.capacity {
             if tokio::time::Instant::now() >= deadline {
-                return Err(crate::error::ApiError::new(
+                return Err(crate::http::error::ApiError::new(
                     http::StatusCode::SERVICE_UNAVAILABLE,
                     "server_error",
                     "log_backlog",
@@ -487,7 +487,7 @@ impl LogSink {
 
 /// Loads the counters of the current windows, so limits hold across a restart.
 fn restore_counters(store: &dyn Store, limiter: &Limiter) -> anyhow::Result<()> {
-    let now = crate::limits::unix_now();
+    let now = crate::pure::limits::unix_now();
     let windows: Vec<(Period, i64)> = Period::ALL.iter().map(|p| (*p, p.window(now))).collect();
     for delta in store.counters(&windows)? {
         limiter.restore(&delta.scope, delta.period, delta.window, delta.usage);
@@ -542,10 +542,10 @@ fn lock(backlog: &Backlog) -> std::sync::MutexGuard<'_, BacklogState> {
 
 struct Accountant {
     limiter: Arc<Limiter>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::observe::metrics::Metrics>,
     /// Limits shared through Redis, settled from this thread through the gateway's runtime.
-    shared: Option<Arc<crate::shared::SharedState>>,
-    traces: Option<Arc<crate::traces::Exporter>>,
+    shared: Option<Arc<crate::accounting::shared::SharedState>>,
+    traces: Option<Arc<crate::observe::traces::Exporter>>,
     catalog: Arc<RwLock<Arc<Catalog>>>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
@@ -649,7 +649,11 @@ impl Accountant {
         counters.retain(|_, usage| usage.requests > 0 || usage.tokens > 0 || usage.cost > 0.0);
         self.metrics.observe(&record);
         if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {
-            traces.export(crate::traces::spans(&record, trace, &pending.attempts));
+            traces.export(crate::observe::traces::spans(
+                &record,
+                trace,
+                &pending.attempts,
+            ));
         }
         let mut state = lock(&self.backlog);
         merge(&mut state.counters, counters);
@@ -1139,7 +1143,7 @@ impl Writer {
     }
 
     fn retain(&self) {
-        let now_ms = crate::limits::unix_now_ms();
+        let now_ms = crate::pure::limits::unix_now_ms();
         let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
         match self.store.retain(before, self.max_rows) {
             Ok(0) => {}
@@ -1170,19 +1174,20 @@ pub fn masked_headers(headers: &HeaderMap) -> Value {
     let mut object = serde_json::Map::new();
     for (name, value) in headers {
         let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        let shown = if crate::headers::is_credential_header(name.as_str()) || value.is_sensitive() {
-            match text.split_once(' ') {
-                Some((scheme, secret))
-                    if scheme.eq_ignore_ascii_case("bearer")
-                        || scheme.eq_ignore_ascii_case("basic") =>
-                {
-                    format!("{scheme} {}", mask(secret.trim()))
+        let shown =
+            if crate::http::headers::is_credential_header(name.as_str()) || value.is_sensitive() {
+                match text.split_once(' ') {
+                    Some((scheme, secret))
+                        if scheme.eq_ignore_ascii_case("bearer")
+                            || scheme.eq_ignore_ascii_case("basic") =>
+                    {
+                        format!("{scheme} {}", mask(secret.trim()))
+                    }
+                    _ => mask(&text),
                 }
-                _ => mask(&text),
-            }
-        } else {
-            text
-        };
+            } else {
+                text
+            };
         object.insert(name.to_string(), Value::String(shown));
     }
     Value::Object(object)

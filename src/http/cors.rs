@@ -3,7 +3,7 @@
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use crate::body::{Body, empty};
+use crate::http::body::{Body, empty};
 
 /// Headers a browser client may read from an answer.
 const EXPOSED: &str = "x-request-id, x-sluice-upstream, x-sluice-tries, retry-after, openai-processing-ms, \

@@ -20,12 +20,13 @@ use tokio::sync::Notify;
 
 use crate::clock::now_us;
 
-use crate::access::{Caller, client_ip};
-use crate::body::{Body, json_response};
-use crate::error::ApiError;
+use crate::admin;
 use crate::gateway::{Current, Gateway};
-use crate::limits::Reserve;
-use crate::{admin, models, proxy};
+use crate::http::body::{Body, json_response};
+use crate::http::error::ApiError;
+use crate::pipeline::access::{Caller, client_ip};
+use crate::pipeline::{forward, models};
+use crate::pure::limits::Reserve;
 
 /// How long open exchanges may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -260,15 +261,15 @@ pub async fn handle(
 ) -> Response<Body> {
     // Browser clients (chat front ends calling the API directly) need CORS.
     let origin =
-        crate::cors::allowed_origin(&gateway.config.server.cors_origins, request.headers());
+        crate::http::cors::allowed_origin(&gateway.config.server.cors_origins, request.headers());
     if let Some(origin) = &origin {
         if request.method() == Method::OPTIONS {
-            return crate::cors::preflight(origin, request.headers());
+            return crate::http::cors::preflight(origin, request.headers());
         }
     }
     let mut response = respond(gateway, peer, local, role, request).await;
     if let Some(origin) = origin {
-        crate::cors::decorate(&mut response, origin);
+        crate::http::cors::decorate(&mut response, origin);
     }
     response
 }
@@ -319,13 +320,14 @@ async fn respond(
             || path == "/api"
             || path.starts_with("/api/"))
     {
-        return admin::dashboard(gateway, request, client, local).await;
+        return admin::handle(gateway, request, client, local).await;
     }
     if path == "/metrics" && request.method() == Method::GET {
         return match admin::authorize(gateway, request.headers(), client, local) {
             Ok(true) => {
-                let mut response =
-                    Response::new(crate::body::full(crate::metrics::render(gateway)));
+                let mut response = Response::new(crate::http::body::full(
+                    crate::observe::metrics::render(gateway),
+                ));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -398,7 +400,7 @@ async fn respond(
                 }
                 models::list(gateway, caller, parts, body, &route, record).await
             } else {
-                proxy::forward(gateway, caller, parts, body, &route, record).await
+                forward::forward(gateway, caller, parts, body, &route, record).await
             }
         }
         (method, _) => unknown_route(method, path),

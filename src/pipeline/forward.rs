@@ -22,17 +22,18 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
-use crate::access::Caller;
-use crate::body::{Body, BodyTimeout, BoxError, TimedBody};
-use crate::error::ApiError;
+use crate::accounting::recorder::{LogSink, Pending};
 use crate::gateway::{Gateway, KeyTicket};
-use crate::headers::{strip_hop_by_hop, upstream_request_headers};
-use crate::limits::{Reserve, unix_now};
-use crate::recorder::{LogSink, Pending};
-use crate::routing::{Choice, Tried};
-use crate::shape::{ModelRename, Shaper};
+use crate::http::body::{Body, BodyTimeout, BoxError, TimedBody};
+use crate::http::error::ApiError;
+use crate::http::headers::{strip_hop_by_hop, upstream_request_headers};
+use crate::http::multipart;
+use crate::pipeline::access::Caller;
+use crate::pure::limits::{Reserve, unix_now};
+use crate::pure::rewrite;
+use crate::pure::routing::{Choice, Tried};
+use crate::pure::shape::{ModelRename, Shaper};
 use crate::upstream::{InFlight, UpstreamRuntime};
-use crate::{multipart, rewrite};
 
 /// The response header naming the upstream that answered.
 pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";

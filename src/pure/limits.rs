@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::StatusCode;
 
 use crate::config::{Budget, BudgetPeriod, GatewayKey, Limits, Upstream};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// Seconds since the Unix epoch, UTC.
 pub fn unix_now() -> i64 {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Traces;
-use crate::proxy::Attempt;
+use crate::pipeline::forward::Attempt;
 use crate::store::LogRecord;
 
 /// Where a request sits in a trace.

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
 use crate::config::{Budget, BudgetPeriod, Limits};
-use crate::limits::{Period, Reserve, Usage};
+use crate::pure::limits::{Period, Reserve, Usage};
 
 /// Gregorian calendar helpers (Howard Hinnant's algorithms, as in `limits.rs`) shared by
 /// the scripts, for the month window.
