@@ -27,24 +27,8 @@ pricing:
     )
 }
 
-async fn flush(gw: &TestGateway) {
-    gw.gateway
-        .recorder
-        .as_ref()
-        .expect("the log is on")
-        .flush()
-        .await;
-}
-
 async fn admin_get(gw: &TestGateway, path: &str) -> Value {
-    let response = client()
-        .get(gw.url(path))
-        .header("authorization", ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{path}");
-    json(response).await
+    admin_json(gw, path, ADMIN.trim_start_matches("Bearer ")).await
 }
 
 async fn chat(gw: &TestGateway, key: &str, body: Value) -> reqwest::Response {

@@ -33,24 +33,8 @@ pricing:
     )
 }
 
-async fn flush(gw: &TestGateway) {
-    gw.gateway
-        .recorder
-        .as_ref()
-        .expect("the log is on")
-        .flush()
-        .await;
-}
-
 async fn admin_get(gw: &TestGateway, path: &str) -> Value {
-    let response = client()
-        .get(gw.url(path))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{path}");
-    json(response).await
+    admin_json(gw, path, ADMIN_KEY).await
 }
 
 fn models_seen(mock: &MockServer) -> Vec<String> {

@@ -223,3 +223,25 @@ pub async fn start_of_a_minute() {
 pub fn chat_body(model: &str, stream: bool) -> String {
     serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).to_string()
 }
+
+/// Waits until the test gateway's log has written everything queued so far.
+pub async fn flush(gw: &TestGateway) {
+    gw.gateway
+        .recorder
+        .as_ref()
+        .expect("the log is on")
+        .flush()
+        .await;
+}
+
+/// `GET path` with an admin key; asserts 200 and answers the JSON.
+pub async fn admin_json(gw: &TestGateway, path: &str, admin_key: &str) -> serde_json::Value {
+    let response = client()
+        .get(gw.url(path))
+        .bearer_auth(admin_key)
+        .send()
+        .await
+        .expect("admin request");
+    assert_eq!(response.status(), 200, "{path}");
+    json(response).await
+}
