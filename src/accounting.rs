@@ -3,4 +3,5 @@
 //! instances through Redis ([`shared`]).
 
 pub mod recorder;
+pub mod records;
 pub mod shared;
