@@ -8,13 +8,20 @@
 //!   reassembled streams, settles tokens into the limiter (and Redis), feeds metrics and
 //!   traces, and merges the record's counter deltas into the backlog;
 //! - the *writer* writes the backlog to the store in one transaction per batch (at most
-//!   [`BATCH_WAIT`] after a record arrives): rows, rollups and every counter delta so far.
+//!   `BATCH_WAIT` after a record arrives): rows, rollups and every counter delta so far.
 //!
 //! Only rows (and their bodies) can be shed, by `storage.overflow`, when the rows waiting
 //! pass `storage.queue`; a shed record is still accounted, and every shed one is counted.
 //! A store that cannot be reached keeps the backlog (bounded) and is retried with back-off;
 //! a record the store refuses is isolated (the batch is retried without it) and counted in
 //! `dropped`. Shutdown writes what is queued.
+//!
+//! The stages, in order, each a function of its own: accept ([`LogSink::submit`]: the
+//! overflow policy, the byte budget) → account (`Accountant::settle`: usage, cost,
+//! settlements, counter deltas) → shape the row (`shape_row`) → write a batch
+//! (`Writer::write`) → isolate refused records (`Writer::isolate`) → retention
+//! (`Writer::retain`). The records themselves are plain data in
+//! [`records`](crate::accounting::records).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -443,6 +450,7 @@ fn lock(backlog: &Backlog) -> std::sync::MutexGuard<'_, BacklogState> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The first stage: every record, shed or not, is accounted here.
 struct Accountant {
     limiter: Arc<Limiter>,
     metrics: Arc<crate::observe::metrics::Metrics>,
@@ -456,6 +464,8 @@ struct Accountant {
 }
 
 impl Accountant {
+    /// The accountant's loop: accounts every record as it arrives, passes flushes on to
+    /// the writer, and at a stop accounts what was sent before it.
     fn run(self, receiver: Receiver<Message>) {
         loop {
             match receiver.recv() {
@@ -845,6 +855,13 @@ struct Batch {
     through: u64,
 }
 
+/// The writer's view of a store it cannot reach: the next back-off, and since when.
+struct Outage {
+    retry: Duration,
+    since: Option<Instant>,
+}
+
+/// The second stage: the backlog to the store, batch by batch.
 struct Writer {
     store: Arc<dyn Store>,
     stats: Arc<RecorderStats>,
@@ -866,41 +883,28 @@ impl Writer {
         (fit as usize).clamp(BATCH_MIN, BATCH)
     }
 
+    /// The writer's loop: take a batch, write it (or wait out an outage), and apply
+    /// retention every [`RETENTION_EVERY`]; ends once stopping with nothing left.
     fn run(self) {
         crate::sys::set_thread_nice(WRITER_NICE);
         self.retain();
         let mut last_retention = Instant::now();
-        let mut retry = RETRY_FIRST;
-        let mut down_since: Option<Instant> = None;
+        let mut outage = Outage {
+            retry: RETRY_FIRST,
+            since: None,
+        };
         while let Some(batch) = self.take() {
             let through = batch.through;
             match self.write(batch) {
                 Ok(()) => {
-                    retry = RETRY_FIRST;
                     self.flushed(through);
-                    if let Some(since) = down_since.take() {
-                        self.stats.store_down.store(false, Ordering::Relaxed);
-                        tracing::info!(
-                            "the log store is back after {:.1} s; queued records are written",
-                            since.elapsed().as_secs_f64()
-                        );
-                    }
+                    self.store_back(&mut outage);
                 }
                 Err(reason) => {
-                    self.stats.store_down.store(true, Ordering::Relaxed);
-                    if down_since.is_none() {
-                        down_since = Some(Instant::now());
-                        tracing::error!(
-                            "the log store cannot be reached ({reason}); up to {} records stay queued, retrying with back-off",
-                            self.capacity.max(BATCH)
-                        );
-                    }
-                    if lock(&self.backlog).stopping && retry >= RETRY_MAX {
+                    if !self.store_away(&mut outage, &reason) {
                         self.give_up();
                         return;
                     }
-                    std::thread::sleep(retry);
-                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
             if last_retention.elapsed() >= RETENTION_EVERY {
@@ -908,6 +912,39 @@ impl Writer {
                 self.retain();
             }
         }
+    }
+
+    /// After a batch was written: the back-off starts over, and an outage, if there was
+    /// one, is over.
+    fn store_back(&self, outage: &mut Outage) {
+        outage.retry = RETRY_FIRST;
+        if let Some(since) = outage.since.take() {
+            self.stats.store_down.store(false, Ordering::Relaxed);
+            tracing::info!(
+                "the log store is back after {:.1} s; queued records are written",
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// After the store could not be reached: marks it down (saying so once per outage) and
+    /// waits out the back-off; `false` when stopping and the back-off is spent, so what is
+    /// left must be given up.
+    fn store_away(&self, outage: &mut Outage, reason: &str) -> bool {
+        self.stats.store_down.store(true, Ordering::Relaxed);
+        if outage.since.is_none() {
+            outage.since = Some(Instant::now());
+            tracing::error!(
+                "the log store cannot be reached ({reason}); up to {} records stay queued, retrying with back-off",
+                self.capacity.max(BATCH)
+            );
+        }
+        if lock(&self.backlog).stopping && outage.retry >= RETRY_MAX {
+            return false;
+        }
+        std::thread::sleep(outage.retry);
+        outage.retry = (outage.retry * 2).min(RETRY_MAX);
+        true
     }
 
     /// Waits for rows or counter deltas and lets a batch gather for up to `BATCH_WAIT`;
@@ -1128,6 +1165,8 @@ impl Writer {
         tracing::error!("stopping with the log store unreachable: {lost} queued records are lost");
     }
 
+    /// Retention: removes rows older than `storage.retention_days` and the oldest past
+    /// `storage.max_rows`.
     fn retain(&self) {
         let now_ms = crate::pure::limits::unix_now_ms();
         let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
