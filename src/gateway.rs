@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::accounting::recorder::{Pending, Recorder};
+use crate::accounting::recorder::Recorder;
+use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::config::{Config, GatewayKey, Upstream};
 use crate::http::error::ApiError;
@@ -47,17 +48,6 @@ pub struct Gateway {
     /// of these, bodies stream straight through.
     read_json_always: bool,
     routes_by_model: bool,
-}
-
-/// Where and when a request's key was counted, and what it reserved: what its settlement
-/// (or refund) must correct.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KeyTicket {
-    /// The clock of the store that counted it (Redis's or this instance's), in seconds.
-    pub at: i64,
-    pub reserve: Reserve,
-    /// Counted in Redis rather than by this instance's limiter.
-    pub shared: bool,
 }
 
 /// The gateway in force. A reload swaps it whole; a request takes a handle when it starts
@@ -249,9 +239,7 @@ impl Gateway {
                 parts.headers.clone(),
             ));
             if self.traces.is_some() {
-                pending.trace = Some(crate::observe::traces::TraceContext::from_headers(
-                    &parts.headers,
-                ));
+                pending.trace = Some(TraceContext::from_headers(&parts.headers));
             }
             pending
         })

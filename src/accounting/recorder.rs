@@ -8,37 +8,42 @@
 //!   reassembled streams, settles tokens into the limiter (and Redis), feeds metrics and
 //!   traces, and merges the record's counter deltas into the backlog;
 //! - the *writer* writes the backlog to the store in one transaction per batch (at most
-//!   [`BATCH_WAIT`] after a record arrives): rows, rollups and every counter delta so far.
+//!   `BATCH_WAIT` after a record arrives): rows, rollups and every counter delta so far.
 //!
 //! Only rows (and their bodies) can be shed, by `storage.overflow`, when the rows waiting
 //! pass `storage.queue`; a shed record is still accounted, and every shed one is counted.
 //! A store that cannot be reached keeps the backlog (bounded) and is retried with back-off;
 //! a record the store refuses is isolated (the batch is retried without it) and counted in
 //! `dropped`. Shutdown writes what is queued.
+//!
+//! The stages, in order, each a function of its own: accept ([`LogSink::submit`]: the
+//! overflow policy, the byte budget) → account (`Accountant::settle`: usage, cost,
+//! settlements, counter deltas) → shape the row (`shape_row`) → write a batch
+//! (`Writer::write`) → isolate refused records (`Writer::isolate`) → retention
+//! (`Writer::retain`). The records themselves are plain data in
+//! [`records`](crate::accounting::records).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method};
+use bytes::Bytes;
+use http::HeaderMap;
 use serde_json::{Value, json};
 
+use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
-use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
-use crate::pipeline::forward::Attempt;
+use crate::config::{Config, Overflow, Price, Storage, mask};
+use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
-use crate::pure::usage::{self, Reply, UsageSource};
+use crate::pure::usage::{self, Reply, TokenUsage, UsageSource};
 use crate::store::{CounterDelta, LogRecord, Store};
 
 /// Queued body bytes past which records keep only a tail of their bodies.
 const BYTE_BUDGET: usize = 64 * 1024 * 1024;
-/// What is kept of a body when the budget is spent: enough for a trailing usage chunk.
-const TAIL: usize = 8 * 1024;
 /// Rows written in one transaction at most. A batch is also sized to take about
 /// [`BATCH_TIME`] (from the time rows took lately), so that counter deltas, written with
 /// every batch, reach the store within ~100 ms however far behind the rows are.
@@ -67,135 +72,6 @@ pub fn counts_tokens(path: &str) -> bool {
     )
 }
 
-/// A body as captured, up to a limit. Chunks are copied: a slice would keep the whole
-/// network read buffer behind it alive until the writer is done.
-#[derive(Debug, Default)]
-pub struct Captured {
-    buffer: BytesMut,
-    /// Bytes seen in all, kept or not.
-    pub seen: usize,
-}
-
-impl Captured {
-    pub fn push(&mut self, chunk: &Bytes, limit: usize) {
-        self.seen += chunk.len();
-        if self.buffer.len() < limit {
-            let take = chunk.len().min(limit - self.buffer.len());
-            self.buffer.extend_from_slice(&chunk[..take]);
-        }
-    }
-
-    pub fn truncated(&self) -> bool {
-        self.seen > self.buffer.len()
-    }
-
-    fn len(&self) -> usize {
-        self.buffer.len()
-    }
-
-    fn bytes(&self) -> Bytes {
-        Bytes::copy_from_slice(&self.buffer)
-    }
-
-    /// Keeps only the last `keep` bytes.
-    fn keep_tail(&mut self, keep: usize) {
-        let start = self.buffer.len().saturating_sub(keep);
-        self.buffer = BytesMut::from(&self.buffer[start..]);
-    }
-}
-
-/// A request's record while it is under way.
-#[derive(Debug)]
-pub struct Pending {
-    pub id: String,
-    pub started_ms: i64,
-    pub started: Instant,
-    pub client_ip: IpAddr,
-    pub key: Option<Arc<GatewayKey>>,
-    pub key_label: String,
-    /// Where the key's counters counted this request and what it reserved, which the
-    /// settlement corrects; `None` when the request was not counted (refused or refunded).
-    pub ticket: Option<crate::gateway::KeyTicket>,
-    /// Its place in a trace, when traces are exported.
-    pub trace: Option<crate::observe::traces::TraceContext>,
-    pub method: Method,
-    pub path: String,
-    pub model: Option<String>,
-    pub upstream_model: Option<String>,
-    pub upstream: Option<String>,
-    pub upstream_key: Option<String>,
-    pub status: u16,
-    pub first_byte: Option<Duration>,
-    pub latency: Option<Duration>,
-    pub error: Option<String>,
-    pub attempts: Vec<Attempt>,
-    pub stream: bool,
-    pub request_headers: HeaderMap,
-    pub response_headers: HeaderMap,
-    pub request_body: Option<Bytes>,
-    pub response_body: Captured,
-    pub response_content_type: Option<String>,
-    /// Whether the row keeps its bodies (`false` once the log sheds bodies).
-    pub keep_bodies: bool,
-    /// Whether the record becomes a row (`false`: shed, accounted only).
-    pub keep_row: bool,
-}
-
-impl Pending {
-    /// Marks the request as its gateway key's, counted as `ticket` says.
-    pub fn admitted(&mut self, key: &Arc<GatewayKey>, ticket: Option<crate::gateway::KeyTicket>) {
-        self.key = Some(key.clone());
-        self.ticket = ticket;
-    }
-
-    pub fn new(client_ip: IpAddr, method: Method, path: &str, request_headers: HeaderMap) -> Self {
-        let started_ms = crate::pure::limits::unix_now_ms();
-        Self {
-            id: format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..)),
-            started_ms,
-            started: Instant::now(),
-            client_ip,
-            key: None,
-            key_label: "-".into(),
-            ticket: None,
-            trace: None,
-            method,
-            path: path.to_string(),
-            model: None,
-            upstream_model: None,
-            upstream: None,
-            upstream_key: None,
-            status: 0,
-            first_byte: None,
-            latency: None,
-            error: None,
-            attempts: Vec::new(),
-            stream: false,
-            request_headers,
-            response_headers: HeaderMap::new(),
-            request_body: None,
-            response_body: Captured::default(),
-            response_content_type: None,
-            keep_bodies: true,
-            keep_row: true,
-        }
-    }
-
-    fn body_bytes(&self) -> usize {
-        self.request_body.as_ref().map_or(0, Bytes::len) + self.response_body.len()
-    }
-
-    /// Keeps what accounting needs: the tail of the response (where usage lives) and a
-    /// small request (the tokenizer's estimate reads it).
-    fn drop_bodies(&mut self) {
-        if self.request_body.as_ref().is_some_and(|b| b.len() > TAIL) {
-            self.request_body = None;
-        }
-        self.response_body.keep_tail(TAIL);
-        self.keep_bodies = false;
-    }
-}
-
 enum Message {
     Record(Box<Pending>),
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -222,6 +98,21 @@ pub struct RecorderStats {
     pub write_errors: AtomicU64,
     /// Whether the store could not be reached at the last try.
     pub store_down: AtomicBool,
+}
+
+impl RecorderStats {
+    /// The figures `/metrics` shows, read now.
+    pub fn gauges(&self) -> LogGauges {
+        LogGauges {
+            queued: self.queued.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            shed: self.shed.load(Ordering::Relaxed),
+            trimmed: self.trimmed.load(Ordering::Relaxed),
+            write_errors: self.write_errors.load(Ordering::Relaxed),
+            store_up: !self.store_down.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The configured model names (the only ones metrics and rollups show; others count as
@@ -428,38 +319,57 @@ impl LogSink {
     /// Queues a finished request; never blocks. Past the byte budget a record keeps only
     /// the tail of its bodies; past the queue, `overflow` says what its row gives up.
     pub fn submit(&self, mut pending: Pending) {
-        let stats = &self.stats;
-        let queued = stats.queued.load(Ordering::Relaxed);
+        let queued = self.stats.queued.load(Ordering::Relaxed);
+        self.apply_overflow(&mut pending, queued);
+        if pending.keep_row {
+            self.accept_row(pending);
+        } else {
+            self.accept_shed(pending, queued);
+        }
+    }
+
+    /// Decides what a record gives up to a long queue: with `shed_bodies`, its bodies past
+    /// half the queue; with either shedding policy, its row once the queue is full.
+    fn apply_overflow(&self, pending: &mut Pending, queued: usize) {
         let full = queued >= self.capacity;
         match self.overflow {
             Overflow::ShedBodies | Overflow::ShedRows if full => pending.keep_row = false,
             Overflow::ShedBodies if queued >= self.capacity.div_ceil(2) => {
                 pending.drop_bodies();
-                stats.trimmed.fetch_add(1, Ordering::Relaxed);
+                self.stats.trimmed.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }
-        if !pending.keep_row {
-            pending.drop_bodies();
-            pending.request_headers.clear();
-            pending.response_headers.clear();
-            stats.shed.fetch_add(1, Ordering::Relaxed);
-            if self.shed_warning.ready() {
-                tracing::warn!(
-                    queued,
-                    "the request log is behind: rows are shed (accounting is kept); see shed in /v1/status"
-                );
-            }
-            stats.unaccounted.fetch_add(1, Ordering::Relaxed);
-            if self
-                .sender
-                .send(Message::Record(Box::new(pending)))
-                .is_err()
-            {
-                stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
-            }
-            return;
+    }
+
+    /// Hands a shed record to the accountant, stripped to what accounting needs: it is
+    /// counted as shed and unaccounted, never as queued.
+    fn accept_shed(&self, mut pending: Pending, queued: usize) {
+        let stats = &self.stats;
+        pending.drop_bodies();
+        pending.request_headers.clear();
+        pending.response_headers.clear();
+        stats.shed.fetch_add(1, Ordering::Relaxed);
+        if self.shed_warning.ready() {
+            tracing::warn!(
+                queued,
+                "the request log is behind: rows are shed (accounting is kept); see shed in /v1/status"
+            );
         }
+        stats.unaccounted.fetch_add(1, Ordering::Relaxed);
+        if self
+            .sender
+            .send(Message::Record(Box::new(pending)))
+            .is_err()
+        {
+            stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands a record that becomes a row to the accountant, its bodies cut to tails when
+    /// they would pass the byte budget; it counts as queued until written or given up.
+    fn accept_row(&self, mut pending: Pending) {
+        let stats = &self.stats;
         if pending.keep_bodies
             && stats.queued_bytes.load(Ordering::Relaxed) + pending.body_bytes() > BYTE_BUDGET
         {
@@ -540,6 +450,7 @@ fn lock(backlog: &Backlog) -> std::sync::MutexGuard<'_, BacklogState> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The first stage: every record, shed or not, is accounted here.
 struct Accountant {
     limiter: Arc<Limiter>,
     metrics: Arc<crate::observe::metrics::Metrics>,
@@ -553,6 +464,8 @@ struct Accountant {
 }
 
 impl Accountant {
+    /// The accountant's loop: accounts every record as it arrives, passes flushes on to
+    /// the writer, and at a stop accounts what was sent before it.
     fn run(self, receiver: Receiver<Message>) {
         loop {
             match receiver.recv() {
@@ -590,63 +503,7 @@ impl Accountant {
         let catalog = self.catalog();
         let bytes = pending.body_bytes();
         let (record, tokens, cost) = self.finish(&pending, &catalog);
-        let mut counters: Counters = HashMap::new();
-        let at = pending.started_ms.div_euclid(1000);
-        let mut add = |scope: String, usage: Usage| {
-            for period in Period::ALL {
-                let slot = counters
-                    .entry((scope.clone(), period, period.window(at)))
-                    .or_default();
-                slot.requests += usage.requests;
-                slot.tokens += usage.tokens;
-                slot.cost += usage.cost;
-            }
-        };
-        if let Some(key) = &pending.key {
-            let scope = key_scope(&key.name);
-            self.settle_key(&scope, &pending, at, tokens, cost);
-            add(
-                scope,
-                Usage {
-                    requests: u64::from(pending.ticket.is_some()),
-                    tokens,
-                    cost,
-                },
-            );
-        }
-        for attempt in &pending.attempts {
-            add(
-                upstream_scope(&attempt.upstream),
-                Usage {
-                    requests: 1,
-                    tokens: 0,
-                    cost: 0.0,
-                },
-            );
-        }
-        if let Some(upstream) = &pending.upstream {
-            let scope = upstream_scope(upstream);
-            let signed = i64::try_from(tokens).unwrap_or(i64::MAX);
-            self.limiter.settle(&scope, at, signed, cost);
-            if let Some(shared) = &self.shared {
-                shared.settle(Settlement {
-                    scope: scope.clone(),
-                    at: None,
-                    requests: 0,
-                    tokens: signed,
-                    cost,
-                });
-            }
-            add(
-                scope,
-                Usage {
-                    requests: 0,
-                    tokens,
-                    cost,
-                },
-            );
-        }
-        counters.retain(|_, usage| usage.requests > 0 || usage.tokens > 0 || usage.cost > 0.0);
+        let counters = self.settle(&pending, tokens, cost);
         self.metrics.observe(&record);
         if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {
             traces.export(crate::observe::traces::spans(
@@ -655,10 +512,76 @@ impl Accountant {
                 &pending.attempts,
             ));
         }
+        let row = pending.keep_row.then_some((record, bytes));
+        self.hand_over(row, counters);
+    }
+
+    /// Settles what the request used into the limiter (and Redis) for its key and its
+    /// upstream, and returns the counter deltas the store must get: the key's request,
+    /// tokens and cost, a request per try at each upstream, the answering upstream's tokens
+    /// and cost.
+    fn settle(&self, pending: &Pending, tokens: u64, cost: f64) -> Counters {
+        let mut counters: Counters = HashMap::new();
+        let at = pending.started_ms.div_euclid(1000);
+        if let Some(key) = &pending.key {
+            let scope = key_scope(&key.name);
+            self.settle_key(&scope, pending, at, tokens, cost);
+            let requests = u64::from(pending.ticket.is_some());
+            add_usage(
+                &mut counters,
+                scope,
+                at,
+                Usage {
+                    requests,
+                    tokens,
+                    cost,
+                },
+            );
+        }
+        for attempt in &pending.attempts {
+            let tried = Usage {
+                requests: 1,
+                tokens: 0,
+                cost: 0.0,
+            };
+            add_usage(&mut counters, upstream_scope(&attempt.upstream), at, tried);
+        }
+        if let Some(upstream) = &pending.upstream {
+            let scope = upstream_scope(upstream);
+            self.settle_upstream(&scope, at, tokens, cost);
+            let used = Usage {
+                requests: 0,
+                tokens,
+                cost,
+            };
+            add_usage(&mut counters, scope, at, used);
+        }
+        counters.retain(|_, usage| usage.requests > 0 || usage.tokens > 0 || usage.cost > 0.0);
+        counters
+    }
+
+    /// Adds what the answering upstream used to its windows, here and in Redis.
+    fn settle_upstream(&self, scope: &str, at: i64, tokens: u64, cost: f64) {
+        let signed = i64::try_from(tokens).unwrap_or(i64::MAX);
+        self.limiter.settle(scope, at, signed, cost);
+        if let Some(shared) = &self.shared {
+            shared.settle(Settlement {
+                scope: scope.to_string(),
+                at: None,
+                requests: 0,
+                tokens: signed,
+                cost,
+            });
+        }
+    }
+
+    /// Puts a row (unless it was shed) and counter deltas in the backlog, waking the
+    /// writer when a batch starts gathering or is full.
+    fn hand_over(&self, row: Option<(LogRecord, usize)>, counters: Counters) {
         let mut state = lock(&self.backlog);
         merge(&mut state.counters, counters);
-        if pending.keep_row {
-            state.rows.push_back((record, bytes));
+        if let Some(row) = row {
+            state.rows.push_back(row);
             state.handed += 1;
         }
         self.stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
@@ -715,130 +638,26 @@ impl Accountant {
 
     /// Turns a pending record into its stored form; returns it with its tokens and cost.
     fn finish(&self, pending: &Pending, catalog: &Catalog) -> (LogRecord, u64, f64) {
-        let log_bodies = self.log_bodies && pending.keep_bodies;
-        let request_json: Option<Value> = pending
-            .request_body
-            .as_ref()
-            .and_then(|b| serde_json::from_slice(b).ok());
         let response = pending.response_body.bytes();
         let content_type = pending.response_content_type.as_deref().unwrap_or("");
-        let textual = content_type.is_empty()
-            || content_type.contains("json")
-            || content_type.starts_with("text/");
-        let reply: Reply = if pending.stream {
-            usage::read_stream_reply(&response)
-        } else if content_type.contains("json") {
-            usage::read_json_reply(&response)
-        } else {
-            Reply::default()
-        };
-        let succeeded = (200..300).contains(&pending.status);
-        let model_for_tokens = pending
-            .upstream_model
-            .as_deref()
-            .or(pending.model.as_deref())
-            .unwrap_or("gpt-4o");
-        let (token_usage, source) = match reply.usage {
-            Some(u) => (Some(u), Some(UsageSource::Upstream)),
-            None if succeeded
-                && counts_tokens(&pending.path)
-                && !pending.response_body.truncated() =>
-            {
-                (
-                    Some(usage::estimate(
-                        model_for_tokens,
-                        request_json.as_ref(),
-                        &reply,
-                    )),
-                    Some(UsageSource::Tokenizer),
-                )
-            }
-            None => (None, None),
-        };
-        let price = pending
-            .model
-            .as_deref()
-            .and_then(|m| catalog.pricing.get(m))
-            .or_else(|| {
-                pending
-                    .upstream_model
-                    .as_deref()
-                    .and_then(|m| catalog.pricing.get(m))
-            });
-        let cost = match (price, token_usage) {
+        let reply = read_reply(pending, &response, content_type);
+        let (token_usage, source) = token_usage(pending, &reply);
+        let cost = match (price(pending, catalog), token_usage) {
             (Some(price), Some(u)) => Some(usage::cost(*price, u)),
             _ => None,
         };
-        let body_text = |bytes: &Bytes, textual: bool, truncated: bool| -> Option<String> {
-            if !log_bodies || bytes.is_empty() {
-                return None;
-            }
-            if !textual {
-                return Some(format!(
-                    "<{} bytes of {}>",
-                    bytes.len(),
-                    if content_type.is_empty() {
-                        "binary"
-                    } else {
-                        content_type
-                    }
-                ));
-            }
-            let mut text = String::from_utf8_lossy(bytes).into_owned();
-            if truncated {
-                text.push_str("\n…[truncated]");
-            }
-            Some(text)
-        };
-        let request_textual = pending
-            .request_headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|ct| ct.contains("json") || ct.starts_with("text/"));
-        let attempts: Vec<Value> = pending
-            .attempts
-            .iter()
-            .map(|a| {
-                json!({"upstream": a.upstream, "key": a.key, "status": a.status, "error": a.error,
-                    "ms": (a.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0})
-            })
-            .collect();
-        let record = LogRecord {
-            id: pending.id.clone(),
-            ts: pending.started_ms,
-            client_ip: pending.client_ip.to_canonical().to_string(),
-            key_name: pending.key_label.clone(),
-            method: pending.method.to_string(),
-            path: pending.path.clone(),
-            model: pending.model.clone(),
-            upstream_model: pending.upstream_model.clone(),
-            upstream: pending.upstream.clone(),
-            upstream_key: pending.upstream_key.clone(),
-            status: pending.status,
-            latency_ms: millis(pending.latency.unwrap_or_else(|| pending.started.elapsed())),
-            ttfb_ms: pending.first_byte.map(millis),
-            prompt_tokens: token_usage.map(|u| u.prompt),
-            completion_tokens: token_usage.map(|u| u.completion),
-            total_tokens: token_usage.map(|u| u.total),
+        let accounted = Accounted {
+            usage: token_usage,
+            source,
             cost,
-            usage_source: source.map(|s| s.name().to_string()),
-            stream: pending.stream,
-            error: pending.error.clone(),
-            tries: u32::try_from(pending.attempts.len()).unwrap_or(u32::MAX),
-            attempts: Value::Array(attempts).to_string(),
-            request_headers: masked_headers(&pending.request_headers).to_string(),
-            response_headers: masked_headers(&pending.response_headers).to_string(),
-            request_body: pending
-                .request_body
-                .as_ref()
-                .and_then(|b| body_text(b, request_textual, false)),
-            response_body: body_text(&response, textual, pending.response_body.truncated()),
-            reply_text: reply.text.clone().filter(|_| log_bodies),
-            reply_tool_calls: (!reply.tool_calls.is_empty() && log_bodies)
-                .then(|| Value::Array(reply.tool_calls.clone()).to_string()),
-            model_label: Some(catalog.label(pending.model.as_deref())),
         };
-        let mut record = record;
+        let shown = Shown {
+            log_bodies: self.log_bodies && pending.keep_bodies,
+            response: &response,
+            content_type,
+            reply: &reply,
+        };
+        let mut record = shape_row(pending, catalog, &accounted, &shown);
         record.sanitise();
         (
             record,
@@ -846,6 +665,183 @@ impl Accountant {
             cost.unwrap_or(0.0),
         )
     }
+}
+
+/// Adds `usage` to `scope`'s windows (every period) of the second `at`.
+fn add_usage(counters: &mut Counters, scope: String, at: i64, usage: Usage) {
+    for period in Period::ALL {
+        let slot = counters
+            .entry((scope.clone(), period, period.window(at)))
+            .or_default();
+        slot.requests += usage.requests;
+        slot.tokens += usage.tokens;
+        slot.cost += usage.cost;
+    }
+}
+
+/// The answer as usage sees it: a reassembled stream, a JSON body, or nothing to read.
+fn read_reply(pending: &Pending, response: &Bytes, content_type: &str) -> Reply {
+    if pending.stream {
+        usage::read_stream_reply(response)
+    } else if content_type.contains("json") {
+        usage::read_json_reply(response)
+    } else {
+        Reply::default()
+    }
+}
+
+/// The tokens a request used: the upstream's count when it gave one, else the tokenizer's
+/// estimate for a whole successful answer on a path that counts tokens, else none.
+fn token_usage(pending: &Pending, reply: &Reply) -> (Option<TokenUsage>, Option<UsageSource>) {
+    if let Some(counted) = reply.usage {
+        return (Some(counted), Some(UsageSource::Upstream));
+    }
+    let succeeded = (200..300).contains(&pending.status);
+    if !(succeeded && counts_tokens(&pending.path) && !pending.response_body.truncated()) {
+        return (None, None);
+    }
+    let request_json: Option<Value> = pending
+        .request_body
+        .as_ref()
+        .and_then(|b| serde_json::from_slice(b).ok());
+    let model_for_tokens = pending
+        .upstream_model
+        .as_deref()
+        .or(pending.model.as_deref())
+        .unwrap_or("gpt-4o");
+    (
+        Some(usage::estimate(
+            model_for_tokens,
+            request_json.as_ref(),
+            reply,
+        )),
+        Some(UsageSource::Tokenizer),
+    )
+}
+
+/// The price of the model the client named, else of the model the upstream was asked for.
+fn price<'a>(pending: &Pending, catalog: &'a Catalog) -> Option<&'a Price> {
+    pending
+        .model
+        .as_deref()
+        .and_then(|m| catalog.pricing.get(m))
+        .or_else(|| {
+            pending
+                .upstream_model
+                .as_deref()
+                .and_then(|m| catalog.pricing.get(m))
+        })
+}
+
+/// What accounting made of a record.
+struct Accounted {
+    usage: Option<TokenUsage>,
+    source: Option<UsageSource>,
+    cost: Option<f64>,
+}
+
+/// What a row may show of a record's bodies.
+struct Shown<'a> {
+    /// Whether bodies are logged at all (`storage.log_bodies`, and not shed).
+    log_bodies: bool,
+    response: &'a Bytes,
+    /// The response's content type (`""` when it had none).
+    content_type: &'a str,
+    reply: &'a Reply,
+}
+
+impl Shown<'_> {
+    /// A body as the row shows it: its text (marked when truncated), a placeholder for a
+    /// binary one, or nothing when bodies are not logged.
+    fn body_text(&self, bytes: &Bytes, textual: bool, truncated: bool) -> Option<String> {
+        if !self.log_bodies || bytes.is_empty() {
+            return None;
+        }
+        if !textual {
+            return Some(format!(
+                "<{} bytes of {}>",
+                bytes.len(),
+                if self.content_type.is_empty() {
+                    "binary"
+                } else {
+                    self.content_type
+                }
+            ));
+        }
+        let mut text = String::from_utf8_lossy(bytes).into_owned();
+        if truncated {
+            text.push_str("\n…[truncated]");
+        }
+        Some(text)
+    }
+}
+
+/// The row a record becomes: its figures, its tries, masked headers, the bodies and the
+/// reassembled reply when they are logged, and the model's statistics label.
+fn shape_row(
+    pending: &Pending,
+    catalog: &Catalog,
+    accounted: &Accounted,
+    shown: &Shown<'_>,
+) -> LogRecord {
+    let content_type = shown.content_type;
+    let textual = content_type.is_empty()
+        || content_type.contains("json")
+        || content_type.starts_with("text/");
+    let request_textual = pending
+        .request_headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.contains("json") || ct.starts_with("text/"));
+    let token_usage = accounted.usage;
+    let (log_bodies, reply) = (shown.log_bodies, shown.reply);
+    LogRecord {
+        id: pending.id.clone(),
+        ts: pending.started_ms,
+        client_ip: pending.client_ip.to_canonical().to_string(),
+        key_name: pending.key_label.clone(),
+        method: pending.method.to_string(),
+        path: pending.path.clone(),
+        model: pending.model.clone(),
+        upstream_model: pending.upstream_model.clone(),
+        upstream: pending.upstream.clone(),
+        upstream_key: pending.upstream_key.clone(),
+        status: pending.status,
+        latency_ms: millis(pending.latency.unwrap_or_else(|| pending.started.elapsed())),
+        ttfb_ms: pending.first_byte.map(millis),
+        prompt_tokens: token_usage.map(|u| u.prompt),
+        completion_tokens: token_usage.map(|u| u.completion),
+        total_tokens: token_usage.map(|u| u.total),
+        cost: accounted.cost,
+        usage_source: accounted.source.map(|s| s.name().to_string()),
+        stream: pending.stream,
+        error: pending.error.clone(),
+        tries: u32::try_from(pending.attempts.len()).unwrap_or(u32::MAX),
+        attempts: attempts_json(&pending.attempts),
+        request_headers: masked_headers(&pending.request_headers).to_string(),
+        response_headers: masked_headers(&pending.response_headers).to_string(),
+        request_body: pending
+            .request_body
+            .as_ref()
+            .and_then(|b| shown.body_text(b, request_textual, false)),
+        response_body: shown.body_text(shown.response, textual, pending.response_body.truncated()),
+        reply_text: reply.text.clone().filter(|_| log_bodies),
+        reply_tool_calls: (!reply.tool_calls.is_empty() && log_bodies)
+            .then(|| Value::Array(reply.tool_calls.clone()).to_string()),
+        model_label: Some(catalog.label(pending.model.as_deref())),
+    }
+}
+
+/// The tries as the row's JSON array: upstream, key, status, error, milliseconds.
+fn attempts_json(attempts: &[Attempt]) -> String {
+    let attempts: Vec<Value> = attempts
+        .iter()
+        .map(|a| {
+            json!({"upstream": a.upstream, "key": a.key, "status": a.status, "error": a.error,
+                "ms": (a.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0})
+        })
+        .collect();
+    Value::Array(attempts).to_string()
 }
 
 /// One batch taken from the backlog.
@@ -859,6 +855,13 @@ struct Batch {
     through: u64,
 }
 
+/// The writer's view of a store it cannot reach: the next back-off, and since when.
+struct Outage {
+    retry: Duration,
+    since: Option<Instant>,
+}
+
+/// The second stage: the backlog to the store, batch by batch.
 struct Writer {
     store: Arc<dyn Store>,
     stats: Arc<RecorderStats>,
@@ -880,41 +883,28 @@ impl Writer {
         (fit as usize).clamp(BATCH_MIN, BATCH)
     }
 
+    /// The writer's loop: take a batch, write it (or wait out an outage), and apply
+    /// retention every [`RETENTION_EVERY`]; ends once stopping with nothing left.
     fn run(self) {
         crate::sys::set_thread_nice(WRITER_NICE);
         self.retain();
         let mut last_retention = Instant::now();
-        let mut retry = RETRY_FIRST;
-        let mut down_since: Option<Instant> = None;
+        let mut outage = Outage {
+            retry: RETRY_FIRST,
+            since: None,
+        };
         while let Some(batch) = self.take() {
             let through = batch.through;
             match self.write(batch) {
                 Ok(()) => {
-                    retry = RETRY_FIRST;
                     self.flushed(through);
-                    if let Some(since) = down_since.take() {
-                        self.stats.store_down.store(false, Ordering::Relaxed);
-                        tracing::info!(
-                            "the log store is back after {:.1} s; queued records are written",
-                            since.elapsed().as_secs_f64()
-                        );
-                    }
+                    self.store_back(&mut outage);
                 }
                 Err(reason) => {
-                    self.stats.store_down.store(true, Ordering::Relaxed);
-                    if down_since.is_none() {
-                        down_since = Some(Instant::now());
-                        tracing::error!(
-                            "the log store cannot be reached ({reason}); up to {} records stay queued, retrying with back-off",
-                            self.capacity.max(BATCH)
-                        );
-                    }
-                    if lock(&self.backlog).stopping && retry >= RETRY_MAX {
+                    if !self.store_away(&mut outage, &reason) {
                         self.give_up();
                         return;
                     }
-                    std::thread::sleep(retry);
-                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
             if last_retention.elapsed() >= RETENTION_EVERY {
@@ -922,6 +912,39 @@ impl Writer {
                 self.retain();
             }
         }
+    }
+
+    /// After a batch was written: the back-off starts over, and an outage, if there was
+    /// one, is over.
+    fn store_back(&self, outage: &mut Outage) {
+        outage.retry = RETRY_FIRST;
+        if let Some(since) = outage.since.take() {
+            self.stats.store_down.store(false, Ordering::Relaxed);
+            tracing::info!(
+                "the log store is back after {:.1} s; queued records are written",
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// After the store could not be reached: marks it down (saying so once per outage) and
+    /// waits out the back-off; `false` when stopping and the back-off is spent, so what is
+    /// left must be given up.
+    fn store_away(&self, outage: &mut Outage, reason: &str) -> bool {
+        self.stats.store_down.store(true, Ordering::Relaxed);
+        if outage.since.is_none() {
+            outage.since = Some(Instant::now());
+            tracing::error!(
+                "the log store cannot be reached ({reason}); up to {} records stay queued, retrying with back-off",
+                self.capacity.max(BATCH)
+            );
+        }
+        if lock(&self.backlog).stopping && outage.retry >= RETRY_MAX {
+            return false;
+        }
+        std::thread::sleep(outage.retry);
+        outage.retry = (outage.retry * 2).min(RETRY_MAX);
+        true
     }
 
     /// Waits for rows or counter deltas and lets a batch gather for up to `BATCH_WAIT`;
@@ -1142,6 +1165,8 @@ impl Writer {
         tracing::error!("stopping with the log store unreachable: {lost} queued records are lost");
     }
 
+    /// Retention: removes rows older than `storage.retention_days` and the oldest past
+    /// `storage.max_rows`.
     fn retain(&self) {
         let now_ms = crate::pure::limits::unix_now_ms();
         let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
@@ -1196,6 +1221,7 @@ pub fn masked_headers(headers: &HeaderMap) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounting::records::Captured;
 
     #[test]
     fn credentials_in_headers_are_masked() {

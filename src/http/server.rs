@@ -326,7 +326,7 @@ async fn respond(
         return match admin::authorize(gateway, request.headers(), client, local) {
             Ok(true) => {
                 let mut response = Response::new(crate::http::body::full(
-                    crate::observe::metrics::render(gateway),
+                    crate::observe::metrics::render(&gateway.metrics, &metrics_gauges(gateway)),
                 ));
                 response.headers_mut().insert(
                     http::header::CONTENT_TYPE,
@@ -487,6 +487,28 @@ fn unknown_route(method: &Method, path: &str) -> Response<Body> {
         format!("Unknown request URL: {method} {path}."),
     )
     .into_response()
+}
+
+/// The live figures `/metrics` shows beside its series, read from the gateway in force.
+fn metrics_gauges(gateway: &Gateway) -> crate::observe::metrics::Gauges<'_> {
+    use crate::observe::metrics::{Gauges, UpstreamGauge};
+    let clock = crate::clock::now_ms();
+    let upstreams = gateway
+        .upstreams
+        .iter()
+        .map(|upstream| UpstreamGauge {
+            name: &upstream.config.name,
+            in_flight: upstream.in_flight.load(Ordering::Relaxed),
+            resting: upstream.is_cooling(clock),
+        })
+        .collect();
+    Gauges {
+        upstreams,
+        admin_auth_failures: gateway.admin_auth.failures(),
+        admin_lockouts: gateway.admin_auth.lockouts(),
+        admin_auth_refused: gateway.admin_auth.refused(),
+        log: gateway.recorder.as_ref().map(|r| r.stats.gauges()),
+    }
 }
 
 #[cfg(test)]

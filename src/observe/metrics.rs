@@ -3,16 +3,14 @@
 //! Per-request series (requests, latency and time-to-first-byte histograms, tokens, upstream
 //! errors, refusals) are fed by the log writer from finished records, so the request path
 //! pays nothing for them; they are there when the request log is on (the default). Gauges
-//! (requests in flight, cooldowns, the log queue) are read live. Labels are model, upstream
-//! and gateway key *name*, never a key.
+//! (requests in flight, cooldowns, the log queue) are read live by the caller into a plain
+//! [`Gauges`] snapshot, so this module knows finished records and numbers, never the
+//! gateway. Labels are model, upstream and gateway key *name*, never a key.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 
-use crate::clock::now_ms;
-use crate::gateway::Gateway;
 use crate::store::LogRecord;
 
 /// Upper bounds in seconds, for request duration and time to first byte.
@@ -40,6 +38,43 @@ impl Histogram {
 }
 
 type Labels = (String, String, String);
+
+/// The figures read live when `/metrics` is asked for, taken by the caller from the
+/// gateway in force.
+#[derive(Debug, Default)]
+pub struct Gauges<'a> {
+    pub upstreams: Vec<UpstreamGauge<'a>>,
+    /// Wrong admin keys presented.
+    pub admin_auth_failures: u64,
+    /// Client addresses locked out after failing admin authentication too often.
+    pub admin_lockouts: u64,
+    /// Admin authentications refused unchecked from a locked-out address.
+    pub admin_auth_refused: u64,
+    /// The request log's figures; `None` when storage is off.
+    pub log: Option<LogGauges>,
+}
+
+/// One upstream's live figures.
+#[derive(Debug)]
+pub struct UpstreamGauge<'a> {
+    pub name: &'a str,
+    pub in_flight: usize,
+    /// Resting after failures.
+    pub resting: bool,
+}
+
+/// The request log's queue and outcomes, as `/metrics` shows them.
+#[derive(Debug, Default)]
+pub struct LogGauges {
+    pub queued: usize,
+    pub written: u64,
+    pub dropped: u64,
+    pub shed: u64,
+    pub trimmed: u64,
+    pub write_errors: u64,
+    /// Whether the store took the last write.
+    pub store_up: bool,
+}
 
 #[derive(Debug, Default)]
 struct Series {
@@ -145,10 +180,17 @@ fn histogram(out: &mut String, name: &str, data: &HashMap<Labels, Histogram>) {
     }
 }
 
-/// The exposition text.
-pub fn render(gateway: &Gateway) -> String {
+/// The exposition text: the series `metrics` gathered, then the `gauges`.
+pub fn render(metrics: &Metrics, gauges: &Gauges<'_>) -> String {
     let mut out = String::with_capacity(4096);
-    if let Ok(series) = gateway.metrics.series.lock() {
+    render_series(&mut out, metrics);
+    render_gauges(&mut out, gauges);
+    out
+}
+
+/// The per-request series, fed from finished records.
+fn render_series(out: &mut String, metrics: &Metrics) {
+    if let Ok(series) = metrics.series.lock() {
         out.push_str("# HELP sluice_requests_total Requests answered, by model, upstream, gateway key name and status.\n# TYPE sluice_requests_total counter\n");
         for ((model, upstream, key, status), count) in &series.requests {
             let _ = writeln!(
@@ -160,17 +202,9 @@ pub fn render(gateway: &Gateway) -> String {
             );
         }
         out.push_str("# HELP sluice_request_duration_seconds Time from request to the end of the response.\n# TYPE sluice_request_duration_seconds histogram\n");
-        histogram(
-            &mut out,
-            "sluice_request_duration_seconds",
-            &series.duration,
-        );
+        histogram(out, "sluice_request_duration_seconds", &series.duration);
         out.push_str("# HELP sluice_time_to_first_byte_seconds Time from request to the upstream's response head.\n# TYPE sluice_time_to_first_byte_seconds histogram\n");
-        histogram(
-            &mut out,
-            "sluice_time_to_first_byte_seconds",
-            &series.first_byte,
-        );
+        histogram(out, "sluice_time_to_first_byte_seconds", &series.first_byte);
         out.push_str("# HELP sluice_tokens_total Tokens used, by kind (prompt, completion).\n# TYPE sluice_tokens_total counter\n");
         for ((model, upstream, key, kind), count) in &series.tokens {
             let _ = writeln!(
@@ -198,37 +232,36 @@ pub fn render(gateway: &Gateway) -> String {
             );
         }
     }
-    let clock = now_ms();
+}
+
+/// The live figures: upstreams, admin authentication, the request log.
+fn render_gauges(out: &mut String, gauges: &Gauges<'_>) {
     out.push_str("# HELP sluice_upstream_in_flight Requests in flight per upstream.\n# TYPE sluice_upstream_in_flight gauge\n");
-    for upstream in &gateway.upstreams {
+    for upstream in &gauges.upstreams {
         let _ = writeln!(
             out,
             "sluice_upstream_in_flight{{upstream=\"{}\"}} {}",
-            escape(&upstream.config.name),
-            upstream.in_flight.load(Ordering::Relaxed)
+            escape(upstream.name),
+            upstream.in_flight
         );
     }
     out.push_str("# HELP sluice_upstream_resting Whether an upstream rests after failures (1) or not (0).\n# TYPE sluice_upstream_resting gauge\n");
-    for upstream in &gateway.upstreams {
+    for upstream in &gauges.upstreams {
         let _ = writeln!(
             out,
             "sluice_upstream_resting{{upstream=\"{}\"}} {}",
-            escape(&upstream.config.name),
-            u8::from(upstream.is_cooling(clock))
+            escape(upstream.name),
+            u8::from(upstream.resting)
         );
     }
-    let auth = &gateway.admin_auth;
     let _ = write!(
         out,
         "# HELP sluice_admin_auth_failures_total Wrong admin keys presented (admin API, login, /metrics, /v1/status).\n# TYPE sluice_admin_auth_failures_total counter\nsluice_admin_auth_failures_total {}\n\
          # HELP sluice_admin_lockouts_total Client addresses locked out after failing admin authentication too often.\n# TYPE sluice_admin_lockouts_total counter\nsluice_admin_lockouts_total {}\n\
          # HELP sluice_admin_auth_refused_total Admin authentications refused unchecked from a locked-out address.\n# TYPE sluice_admin_auth_refused_total counter\nsluice_admin_auth_refused_total {}\n",
-        auth.failures(),
-        auth.lockouts(),
-        auth.refused(),
+        gauges.admin_auth_failures, gauges.admin_lockouts, gauges.admin_auth_refused,
     );
-    if let Some(recorder) = &gateway.recorder {
-        let s = &recorder.stats;
+    if let Some(s) = &gauges.log {
         let _ = write!(
             out,
             "# HELP sluice_log_queue_depth Records waiting for the log writer.\n# TYPE sluice_log_queue_depth gauge\nsluice_log_queue_depth {}\n\
@@ -238,14 +271,13 @@ pub fn render(gateway: &Gateway) -> String {
              # HELP sluice_log_trimmed_total Rows written without all of their bodies, the writer being behind.\n# TYPE sluice_log_trimmed_total counter\nsluice_log_trimmed_total {}\n\
              # HELP sluice_log_write_errors_total Failed log writes.\n# TYPE sluice_log_write_errors_total counter\nsluice_log_write_errors_total {}\n\
              # HELP sluice_log_store_up Whether the log store took the last write (1) or could not be reached (0).\n# TYPE sluice_log_store_up gauge\nsluice_log_store_up {}\n",
-            s.queued.load(Ordering::Relaxed),
-            s.written.load(Ordering::Relaxed),
-            s.dropped.load(Ordering::Relaxed),
-            s.shed.load(Ordering::Relaxed),
-            s.trimmed.load(Ordering::Relaxed),
-            s.write_errors.load(Ordering::Relaxed),
-            u8::from(!s.store_down.load(Ordering::Relaxed)),
+            s.queued,
+            s.written,
+            s.dropped,
+            s.shed,
+            s.trimmed,
+            s.write_errors,
+            u8::from(s.store_up),
         );
     }
-    out
 }

@@ -11,64 +11,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::accounting::records::{Attempt, TraceContext};
 use crate::config::Traces;
-use crate::pipeline::forward::Attempt;
 use crate::store::LogRecord;
 
-/// Where a request sits in a trace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceContext {
-    pub trace_id: u128,
-    /// sluice's span for the request.
-    pub span_id: u64,
-    /// The caller's span, when it sent one.
-    pub parent: Option<u64>,
-}
-
-impl TraceContext {
-    /// Continues the trace of a valid `traceparent` (`00-<trace>-<span>-<flags>`), or
-    /// starts a new one.
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        let parent = headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent);
-        Self {
-            trace_id: parent.map_or_else(random_trace_id, |(trace, _)| trace),
-            span_id: random_span_id(),
-            parent: parent.map(|(_, span)| span),
-        }
-    }
-
-    /// The `traceparent` an upstream gets: this trace, sluice's span as the parent, sampled.
-    pub fn traceparent(&self) -> HeaderValue {
-        let text = format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
-    }
-}
-
-fn parse_traceparent(text: &str) -> Option<(u128, u64)> {
-    let mut parts = text.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let well_formed = version.len() == 2
-        && version != "ff"
-        && trace.len() == 32
-        && span.len() == 16
-        && flags.len() == 2;
-    let trace = u128::from_str_radix(trace, 16).ok()?;
-    let span = u64::from_str_radix(span, 16).ok()?;
-    (well_formed && trace != 0 && span != 0).then_some((trace, span))
-}
-
-fn random_trace_id() -> u128 {
-    fastrand::u128(1..)
-}
-
+/// A span ID for a try, never zero.
 fn random_span_id() -> u64 {
     fastrand::u64(1..)
 }
@@ -151,31 +102,36 @@ pub fn spans(record: &LogRecord, trace: &TraceContext, attempts: &[Attempt]) -> 
     }
     let mut spans = vec![request];
     for attempt in attempts {
-        let begin = start_ms + attempt.offset.as_secs_f64() * 1000.0;
-        let mut attributes = vec![text("sluice.upstream", &attempt.upstream)];
-        if let Some(key) = &attempt.key {
-            attributes.push(text("sluice.upstream_key", key));
-        }
-        if let Some(status) = attempt.status {
-            attributes.push(int("http.response.status_code", i64::from(status)));
-        }
-        if let Some(error) = &attempt.error {
-            attributes.push(text("error.message", error));
-        }
-        let failed = attempt.error.is_some() || attempt.status.is_some_and(|s| s >= 500);
-        spans.push(json!({
-            "traceId": trace_id,
-            "spanId": format!("{:016x}", random_span_id()),
-            "parentSpanId": span_id,
-            "name": format!("upstream {}", attempt.upstream),
-            "kind": SPAN_KIND_CLIENT,
-            "startTimeUnixNano": nanos(begin),
-            "endTimeUnixNano": nanos(begin + attempt.elapsed.as_secs_f64() * 1000.0),
-            "attributes": attributes,
-            "status": status(failed, attempt.error.as_deref()),
-        }));
+        spans.push(try_span(&trace_id, &span_id, start_ms, attempt));
     }
     spans
+}
+
+/// The client span of one try, under the request's span `parent`.
+fn try_span(trace_id: &str, parent: &str, start_ms: f64, attempt: &Attempt) -> Value {
+    let begin = start_ms + attempt.offset.as_secs_f64() * 1000.0;
+    let mut attributes = vec![text("sluice.upstream", &attempt.upstream)];
+    if let Some(key) = &attempt.key {
+        attributes.push(text("sluice.upstream_key", key));
+    }
+    if let Some(status) = attempt.status {
+        attributes.push(int("http.response.status_code", i64::from(status)));
+    }
+    if let Some(error) = &attempt.error {
+        attributes.push(text("error.message", error));
+    }
+    let failed = attempt.error.is_some() || attempt.status.is_some_and(|s| s >= 500);
+    json!({
+        "traceId": trace_id,
+        "spanId": format!("{:016x}", random_span_id()),
+        "parentSpanId": parent,
+        "name": format!("upstream {}", attempt.upstream),
+        "kind": SPAN_KIND_CLIENT,
+        "startTimeUnixNano": nanos(begin),
+        "endTimeUnixNano": nanos(begin + attempt.elapsed.as_secs_f64() * 1000.0),
+        "attributes": attributes,
+        "status": status(failed, attempt.error.as_deref()),
+    })
 }
 
 fn status(failed: bool, message: Option<&str>) -> Value {
@@ -297,6 +253,8 @@ async fn send(
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
     #[test]

@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
-use crate::accounting::recorder::{LogSink, Pending};
-use crate::gateway::{Gateway, KeyTicket};
+use crate::accounting::recorder::LogSink;
+use crate::accounting::records::{Attempt, KeyTicket, Pending};
+use crate::gateway::Gateway;
 use crate::http::body::{Body, BodyTimeout, BoxError, TimedBody};
 use crate::http::error::ApiError;
 use crate::http::headers::{strip_hop_by_hop, upstream_request_headers};
@@ -75,19 +76,6 @@ where
 pub struct StreamOptionsPeek {
     #[serde(default)]
     pub include_usage: Option<bool>,
-}
-
-/// One try at an upstream, as the request log records it.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    pub upstream: String,
-    pub key: Option<String>,
-    /// The upstream's status, or `None` if no response came.
-    pub status: Option<u16>,
-    pub error: Option<String>,
-    /// When it started, from the start of the request.
-    pub offset: Duration,
-    pub elapsed: Duration,
 }
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).

@@ -12,7 +12,7 @@ use http::{Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::accounting::recorder::Pending;
+use crate::accounting::records::Pending;
 use crate::gateway::Gateway;
 use crate::http::body::{Body, json_response};
 use crate::pipeline::access::Caller;

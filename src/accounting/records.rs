@@ -1,0 +1,222 @@
+//! What a request leaves behind, as plain data: its log record while under way
+//! ([`Pending`], with its captured body and its tries), where its gateway key was counted
+//! ([`KeyTicket`]) and its place in a trace ([`TraceContext`]).
+//!
+//! These types live apart so that the proxy, which fills them, and the log writer, the
+//! metrics and the trace exporter, which read them, all depend on this module and none on
+//! another: no import cycle runs through the request log. Nothing here does I/O or knows
+//! the gateway.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method};
+
+use crate::config::GatewayKey;
+use crate::pure::limits::{Reserve, unix_now_ms};
+
+/// What is kept of a body when the log sheds it: enough for a trailing usage chunk.
+pub const TAIL: usize = 8 * 1024;
+
+/// A body as captured, up to a limit. Chunks are copied: a slice would keep the whole
+/// network read buffer behind it alive until the writer is done.
+#[derive(Debug, Default)]
+pub struct Captured {
+    buffer: BytesMut,
+    /// Bytes seen in all, kept or not.
+    pub seen: usize,
+}
+
+impl Captured {
+    pub fn push(&mut self, chunk: &Bytes, limit: usize) {
+        self.seen += chunk.len();
+        if self.buffer.len() < limit {
+            let take = chunk.len().min(limit - self.buffer.len());
+            self.buffer.extend_from_slice(&chunk[..take]);
+        }
+    }
+
+    pub fn truncated(&self) -> bool {
+        self.seen > self.buffer.len()
+    }
+
+    fn len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// A copy of what was kept.
+    pub fn bytes(&self) -> Bytes {
+        Bytes::copy_from_slice(&self.buffer)
+    }
+
+    /// Keeps only the last `keep` bytes.
+    pub fn keep_tail(&mut self, keep: usize) {
+        let start = self.buffer.len().saturating_sub(keep);
+        self.buffer = BytesMut::from(&self.buffer[start..]);
+    }
+}
+
+/// A request's record while it is under way.
+#[derive(Debug)]
+pub struct Pending {
+    pub id: String,
+    pub started_ms: i64,
+    pub started: Instant,
+    pub client_ip: IpAddr,
+    pub key: Option<Arc<GatewayKey>>,
+    pub key_label: String,
+    /// Where the key's counters counted this request and what it reserved, which the
+    /// settlement corrects; `None` when the request was not counted (refused or refunded).
+    pub ticket: Option<KeyTicket>,
+    /// Its place in a trace, when traces are exported.
+    pub trace: Option<TraceContext>,
+    pub method: Method,
+    pub path: String,
+    pub model: Option<String>,
+    pub upstream_model: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_key: Option<String>,
+    pub status: u16,
+    pub first_byte: Option<Duration>,
+    pub latency: Option<Duration>,
+    pub error: Option<String>,
+    pub attempts: Vec<Attempt>,
+    pub stream: bool,
+    pub request_headers: HeaderMap,
+    pub response_headers: HeaderMap,
+    pub request_body: Option<Bytes>,
+    pub response_body: Captured,
+    pub response_content_type: Option<String>,
+    /// Whether the row keeps its bodies (`false` once the log sheds bodies).
+    pub keep_bodies: bool,
+    /// Whether the record becomes a row (`false`: shed, accounted only).
+    pub keep_row: bool,
+}
+
+impl Pending {
+    /// Marks the request as its gateway key's, counted as `ticket` says.
+    pub fn admitted(&mut self, key: &Arc<GatewayKey>, ticket: Option<KeyTicket>) {
+        self.key = Some(key.clone());
+        self.ticket = ticket;
+    }
+
+    pub fn new(client_ip: IpAddr, method: Method, path: &str, request_headers: HeaderMap) -> Self {
+        let started_ms = unix_now_ms();
+        Self {
+            id: format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..)),
+            started_ms,
+            started: Instant::now(),
+            client_ip,
+            key: None,
+            key_label: "-".into(),
+            ticket: None,
+            trace: None,
+            method,
+            path: path.to_string(),
+            model: None,
+            upstream_model: None,
+            upstream: None,
+            upstream_key: None,
+            status: 0,
+            first_byte: None,
+            latency: None,
+            error: None,
+            attempts: Vec::new(),
+            stream: false,
+            request_headers,
+            response_headers: HeaderMap::new(),
+            request_body: None,
+            response_body: Captured::default(),
+            response_content_type: None,
+            keep_bodies: true,
+            keep_row: true,
+        }
+    }
+
+    /// Body bytes the record holds, counted against the log's byte budget.
+    pub fn body_bytes(&self) -> usize {
+        self.request_body.as_ref().map_or(0, Bytes::len) + self.response_body.len()
+    }
+
+    /// Keeps what accounting needs: the tail of the response (where usage lives) and a
+    /// small request (the tokenizer's estimate reads it).
+    pub fn drop_bodies(&mut self) {
+        if self.request_body.as_ref().is_some_and(|b| b.len() > TAIL) {
+            self.request_body = None;
+        }
+        self.response_body.keep_tail(TAIL);
+        self.keep_bodies = false;
+    }
+}
+
+/// One try at an upstream, as the request log records it.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub upstream: String,
+    pub key: Option<String>,
+    /// The upstream's status, or `None` if no response came.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// When it started, from the start of the request.
+    pub offset: Duration,
+    pub elapsed: Duration,
+}
+
+/// Where and when a request's key was counted, and what it reserved: what its settlement
+/// (or refund) must correct.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyTicket {
+    /// The clock of the store that counted it (Redis's or this instance's), in seconds.
+    pub at: i64,
+    pub reserve: Reserve,
+    /// Counted in Redis rather than by this instance's limiter.
+    pub shared: bool,
+}
+
+/// Where a request sits in a trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    /// sluice's span for the request.
+    pub span_id: u64,
+    /// The caller's span, when it sent one.
+    pub parent: Option<u64>,
+}
+
+impl TraceContext {
+    /// Continues the trace of a valid `traceparent` (`00-<trace>-<span>-<flags>`), or
+    /// starts a new one.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let parent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        Self {
+            trace_id: parent.map_or_else(|| fastrand::u128(1..), |(trace, _)| trace),
+            span_id: fastrand::u64(1..),
+            parent: parent.map(|(_, span)| span),
+        }
+    }
+
+    /// The `traceparent` an upstream gets: this trace, sluice's span as the parent, sampled.
+    pub fn traceparent(&self) -> HeaderValue {
+        let text = format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id);
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+fn parse_traceparent(text: &str) -> Option<(u128, u64)> {
+    let mut parts = text.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = version.len() == 2
+        && version != "ff"
+        && trace.len() == 32
+        && span.len() == 16
+        && flags.len() == 2;
+    let trace = u128::from_str_radix(trace, 16).ok()?;
+    let span = u64::from_str_radix(span, 16).ok()?;
+    (well_formed && trace != 0 && span != 0).then_some((trace, span))
+}
