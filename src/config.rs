@@ -1,6 +1,6 @@
 //! Configuration: what the operator wrote, checked and resolved into what the gateway runs.
 //!
-//! Loading happens in layers (see [`load`]): built-in defaults or the YAML file, then
+//! Loading happens in layers (see [`mod@load`]): built-in defaults or the YAML file, then
 //! `SLUICE_…` environment overrides (a `.env` file feeds the environment), then CLI flags.
 //! The merged document is deserialised section by section so that `sluice check` can
 //! report *every* problem with its path, not just the first one serde meets.

@@ -8,7 +8,7 @@
 //!
 //! When the connection ends (PostgreSQL restarted, the network cut), the store says so once
 //! in the log and reconnects in the background with exponential back-off (capped at
-//! [`RECONNECT_MAX`]); meanwhile every call fails at once with [`super::Unavailable`],
+//! `RECONNECT_MAX`); meanwhile every call fails at once with [`super::Unavailable`],
 //! which `/ready` and the admin API report, and the log writer keeps its records queued.
 
 use std::future::Future;
