@@ -15,7 +15,7 @@ use crate::pipeline::access::{Caller, Guard};
 use crate::pipeline::affinity::{self, Affinity, Learner};
 use crate::pure::limits::{Limiter, Reserve};
 use crate::pure::routing::Choice;
-use crate::pure::routing::Router;
+use crate::pure::routing::{Health, Router};
 use crate::upstream::UpstreamRuntime;
 
 #[derive(Debug)]
@@ -439,7 +439,10 @@ impl Gateway {
 
     /// Pins a session to what served it, and tells the other instances when needed.
     pub fn remember_session(&self, session: &str, choice: Choice) {
-        if !self.router.remember(session, choice) {
+        if !self
+            .router
+            .remember(session, choice, crate::clock::now_ms())
+        {
             return;
         }
         let (Some(shared), Some(ttl)) = (&self.shared_state, self.config.routing.session_ttl)
@@ -482,7 +485,8 @@ impl Gateway {
                         upstream: index,
                         key: key.filter(|&k| k < self.upstreams[index].key_count()),
                     };
-                    self.router.adopt(&session, choice, left);
+                    let now = crate::clock::now_ms();
+                    self.router.adopt(&session, choice, left, now);
                 }
             }
         }
