@@ -278,7 +278,7 @@ impl Gateway {
         key: Option<(&GatewayKey, Reserve)>,
         upstream: Option<&Upstream>,
     ) -> Result<(Option<KeyTicket>, bool), ApiError> {
-        let now = crate::pure::limits::unix_now();
+        let now = crate::clock::unix_now();
         let key_limited = key.filter(|(k, _)| !k.limits.is_unlimited() || k.budget.is_some());
         let upstream_limited = upstream.filter(|u| !u.limits.is_unlimited());
         let shared = self
@@ -329,7 +329,7 @@ impl Gateway {
         if let Some(refusal) = admission.refused {
             match (key_limited, scopes.get(refusal.scope)) {
                 (Some((k, _)), Some(scope)) if scope.required => {
-                    return Err(crate::pure::limits::key_refused(
+                    return Err(key_refused(
                         &k.name,
                         &refusal.what,
                         refusal.retry_after,
@@ -360,7 +360,16 @@ impl Gateway {
     ) -> Result<(Option<KeyTicket>, bool), ApiError> {
         let ticket = match key {
             Some((key, reserve)) => {
-                self.limiter.admit_key(key, now, reserve)?;
+                self.limiter
+                    .admit_key(key, now, reserve)
+                    .map_err(|refusal| {
+                        key_refused(
+                            &key.name,
+                            &refusal.limit,
+                            refusal.retry_after,
+                            refusal.limit.is_budget(),
+                        )
+                    })?;
                 Some(KeyTicket {
                     at: now,
                     reserve,
@@ -659,4 +668,31 @@ pub fn model_not_found(model: &str) -> ApiError {
         "model_not_found",
         format!("The model `{model}` does not exist or you do not have access to it."),
     )
+}
+
+/// The 429 for a gateway key at a rate limit or, with `budget`, out of budget; `what` names
+/// the limit ("60 requests per minute", "the day budget"). Local and shared limits say
+/// it alike.
+fn key_refused(
+    key: &str,
+    what: &dyn std::fmt::Display,
+    retry_after: u64,
+    budget: bool,
+) -> ApiError {
+    let (code, message) = if budget {
+        ("budget_exceeded", format!("API key `{key}` used up {what}"))
+    } else {
+        (
+            "rate_limit_exceeded",
+            format!("API key `{key}` reached its limit of {what}"),
+        )
+    };
+    let mut error = ApiError::new(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        code,
+        message,
+    );
+    error.retry_after = Some(retry_after);
+    error
 }
