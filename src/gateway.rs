@@ -448,10 +448,8 @@ impl Gateway {
 
     /// Pins a session to what served it, and tells the other instances when needed.
     pub fn remember_session(&self, session: &str, choice: Choice) {
-        if !self
-            .router
-            .remember(session, choice, crate::clock::now_ms())
-        {
+        let now = crate::clock::now_ms();
+        if !self.router.remember(session, choice, now) {
             return;
         }
         let (Some(shared), Some(ttl)) = (&self.shared_state, self.config.routing.session_ttl)
