@@ -1,9 +1,10 @@
-//! A cheap monotonic millisecond clock for cooldowns and expiries kept in atomics, and a
-//! throttle on it for warnings.
+//! The clocks: a cheap monotonic millisecond clock for cooldowns and expiries kept in
+//! atomics (and a throttle on it for warnings), and the UTC wall clock that limit windows
+//! and the request log follow. Decisions in `pure/` never read these: they are handed `now`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -20,6 +21,20 @@ pub fn now_ms() -> u64 {
 /// Microseconds since the process first asked.
 pub fn now_us() -> u64 {
     u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Seconds since the Unix epoch, UTC.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Milliseconds since the Unix epoch, UTC: the request log's timestamps.
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Says yes at most once per interval: for warnings a busy gateway would otherwise log

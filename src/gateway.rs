@@ -16,7 +16,7 @@ use crate::pipeline::access::{Caller, Guard};
 use crate::pipeline::affinity::{self, Affinity, Learner};
 use crate::pure::limits::{Limiter, Reserve};
 use crate::pure::routing::Choice;
-use crate::pure::routing::Router;
+use crate::pure::routing::{Health, Router};
 use crate::upstream::UpstreamRuntime;
 
 #[derive(Debug)]
@@ -266,7 +266,7 @@ impl Gateway {
         key: Option<(&GatewayKey, Reserve)>,
         upstream: Option<&Upstream>,
     ) -> Result<(Option<KeyTicket>, bool), ApiError> {
-        let now = crate::pure::limits::unix_now();
+        let now = crate::clock::unix_now();
         let key_limited = key.filter(|(k, _)| !k.limits.is_unlimited() || k.budget.is_some());
         let upstream_limited = upstream.filter(|u| !u.limits.is_unlimited());
         let shared = self
@@ -317,7 +317,7 @@ impl Gateway {
         if let Some(refusal) = admission.refused {
             match (key_limited, scopes.get(refusal.scope)) {
                 (Some((k, _)), Some(scope)) if scope.required => {
-                    return Err(crate::pure::limits::key_refused(
+                    return Err(key_refused(
                         &k.name,
                         &refusal.what,
                         refusal.retry_after,
@@ -348,7 +348,16 @@ impl Gateway {
     ) -> Result<(Option<KeyTicket>, bool), ApiError> {
         let ticket = match key {
             Some((key, reserve)) => {
-                self.limiter.admit_key(key, now, reserve)?;
+                self.limiter
+                    .admit_key(key, now, reserve)
+                    .map_err(|refusal| {
+                        key_refused(
+                            &key.name,
+                            &refusal.limit,
+                            refusal.retry_after,
+                            refusal.limit.is_budget(),
+                        )
+                    })?;
                 Some(KeyTicket {
                     at: now,
                     reserve,
@@ -427,7 +436,8 @@ impl Gateway {
 
     /// Pins a session to what served it, and tells the other instances when needed.
     pub fn remember_session(&self, session: &str, choice: Choice) {
-        if !self.router.remember(session, choice) {
+        let now = crate::clock::now_ms();
+        if !self.router.remember(session, choice, now) {
             return;
         }
         let (Some(shared), Some(ttl)) = (&self.shared_state, self.config.routing.session_ttl)
@@ -470,7 +480,8 @@ impl Gateway {
                         upstream: index,
                         key: key.filter(|&k| k < self.upstreams[index].key_count()),
                     };
-                    self.router.adopt(&session, choice, left);
+                    let now = crate::clock::now_ms();
+                    self.router.adopt(&session, choice, left, now);
                 }
             }
         }
@@ -643,4 +654,31 @@ pub fn model_not_found(model: &str) -> ApiError {
         "model_not_found",
         format!("The model `{model}` does not exist or you do not have access to it."),
     )
+}
+
+/// The 429 for a gateway key at a rate limit or, with `budget`, out of budget; `what` names
+/// the limit ("60 requests per minute", "the day budget"). Local and shared limits say
+/// it alike.
+fn key_refused(
+    key: &str,
+    what: &dyn std::fmt::Display,
+    retry_after: u64,
+    budget: bool,
+) -> ApiError {
+    let (code, message) = if budget {
+        ("budget_exceeded", format!("API key `{key}` used up {what}"))
+    } else {
+        (
+            "rate_limit_exceeded",
+            format!("API key `{key}` reached its limit of {what}"),
+        )
+    };
+    let mut error = ApiError::new(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        code,
+        message,
+    );
+    error.retry_after = Some(retry_after);
+    error
 }

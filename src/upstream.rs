@@ -1,6 +1,7 @@
 //! One upstream at run time: its HTTP client (connection pool, connect timeout, outbound
 //! proxy), its credentials (a key pool used in turn, or a token endpoint) and the health
-//! figures routing reads (requests in flight, time to first byte, cooldowns).
+//! figures routing reads (requests in flight, time to first byte, cooldowns), handed to the
+//! router as plain numbers through [`Health`].
 
 pub mod token;
 
@@ -13,6 +14,7 @@ use http::HeaderValue;
 
 use crate::clock::now_ms;
 use crate::config::Upstream;
+use crate::pure::routing::Health;
 use crate::upstream::token::TokenCache;
 
 #[derive(Debug)]
@@ -128,20 +130,6 @@ impl UpstreamRuntime {
             .map_or(0, |until| until.load(Ordering::Relaxed))
     }
 
-    /// The next usable key, round robin, skipping resting keys and `excluded` ones.
-    /// `None` if the upstream has keys and none is usable; `Some(None)` if it has no keys.
-    pub fn pick_key(&self, now: u64, excluded: impl Fn(usize) -> bool) -> Option<Option<usize>> {
-        let count = self.key_count();
-        if count == 0 {
-            return Some(None);
-        }
-        let start = self.next_key.fetch_add(1, Ordering::Relaxed);
-        (0..count)
-            .map(|offset| (start + offset) % count)
-            .find(|&index| !excluded(index) && !self.key_is_cooling(index, now))
-            .map(Some)
-    }
-
     /// The upstream's own credential for a request of sluice's making: its token, or its
     /// next usable key.
     pub async fn own_credential(
@@ -155,11 +143,6 @@ impl UpstreamRuntime {
             .flatten()
             .or_else(|| self.soonest_key());
         Ok(key.and_then(|k| self.auth_header(k)).cloned())
-    }
-
-    /// When every key rests: the one back soonest.
-    pub fn soonest_key(&self) -> Option<usize> {
-        (0..self.key_count()).min_by_key(|&index| self.key_cooldown_until(index))
     }
 
     pub fn cool_key(&self, index: usize, duration: Duration) {
@@ -230,6 +213,37 @@ impl UpstreamRuntime {
             url.push_str(query);
         }
         url
+    }
+}
+
+/// The figures the router decides on, read from the atomics the request path updates.
+impl Health for UpstreamRuntime {
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn latency_us(&self) -> u64 {
+        self.latency_us.load(Ordering::Relaxed)
+    }
+
+    fn rests_until(&self) -> u64 {
+        self.cooldown_until.load(Ordering::Relaxed)
+    }
+
+    fn key_count(&self) -> usize {
+        UpstreamRuntime::key_count(self)
+    }
+
+    fn key_rests_until(&self, key: usize) -> u64 {
+        self.key_cooldown_until(key)
+    }
+
+    fn weight(&self) -> u32 {
+        self.config.weight
+    }
+
+    fn key_turn(&self) -> usize {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
     }
 }
 

@@ -241,13 +241,20 @@ async fn forward_inner(
             Some(choice) => choice,
             None => match gateway
                 .router
-                .choose(&gateway.upstreams, &candidates, &tried, session.as_deref())
+                .choose(
+                    &gateway.upstreams,
+                    &candidates,
+                    &tried,
+                    session.as_deref(),
+                    crate::clock::now_ms(),
+                )
                 .or_else(|| {
                     // A retry with nothing untried left goes back to what was tried.
                     last_failure.as_ref().and_then(|_| {
+                        let now = crate::clock::now_ms();
                         gateway
                             .router
-                            .choose_again(&gateway.upstreams, &candidates, &tried)
+                            .choose_again(&gateway.upstreams, &candidates, &tried, now)
                     })
                 }) {
                 Some(choice) => choice,

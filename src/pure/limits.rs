@@ -13,30 +13,20 @@
 //! Every check and increment happens under one short lock, so limits are exact under any
 //! concurrency. Counts are persisted with the request log (see `recorder`) and loaded at
 //! start, so they survive a restart.
+//!
+//! Nothing here reads a clock or knows HTTP: every call is handed `now` (UTC seconds), and
+//! a refusal is a plain [`Refusal`] that the gateway turns into its 429.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::fmt;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use http::StatusCode;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::config::{Budget, BudgetPeriod, GatewayKey, Limits, Upstream};
-use crate::http::error::ApiError;
 
-/// Seconds since the Unix epoch, UTC.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// Milliseconds since the Unix epoch, UTC: the request log's timestamps.
-pub fn unix_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+/// The wall clock moved to [`crate::clock`]: nothing here reads it. Named here still so
+/// callers elsewhere keep compiling while the pipeline is split; prefer `clock::`.
+pub use crate::clock::{unix_now, unix_now_ms};
 
 /// The kinds of window a count is kept for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,10 +128,19 @@ pub struct Usage {
     pub cost: f64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Window {
     id: i64,
     usage: Usage,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            id: i64::MIN,
+            usage: Usage::default(),
+        }
+    }
 }
 
 impl Window {
@@ -154,6 +153,13 @@ impl Window {
             };
         }
         &mut self.usage
+    }
+
+    /// The usage of window `id` unless a later window has started: a correction for a
+    /// window already over (a late settlement, an old persisted count) must not wipe the
+    /// counts of the current one.
+    fn at_or_after(&mut self, id: i64) -> Option<&mut Usage> {
+        (id >= self.id).then(|| self.at(id))
     }
 
     fn get(&self, id: i64) -> Usage {
@@ -177,26 +183,57 @@ impl ScopeState {
             .map_or_else(Usage::default, |w| w.get(period.window(now)))
     }
 
-    fn add(&mut self, period: Period, window: i64, delta: Usage) {
-        let usage = self.windows.entry(period).or_default().at(window);
-        usage.requests += delta.requests;
-        usage.tokens += delta.tokens;
-        usage.cost += delta.cost;
-    }
-
-    /// Adds a signed correction to every current window of `at`, never below zero.
-    fn adjust(&mut self, at: i64, requests: i64, tokens: i64, cost: f64) {
+    /// Counts an admission in the windows of `now`.
+    fn admit(&mut self, now: i64, delta: Usage) {
         for period in Period::ALL {
             let usage = self
                 .windows
                 .entry(period)
                 .or_default()
-                .at(period.window(at));
-            usage.requests = usage.requests.saturating_add_signed(requests);
-            usage.tokens = usage.tokens.saturating_add_signed(tokens);
-            usage.cost = (usage.cost + cost).max(0.0);
+                .at(period.window(now));
+            add(usage, delta);
         }
     }
+
+    /// Adds restored counts to `window` of `period`, unless a later window has started.
+    fn restore(&mut self, period: Period, window: i64, delta: Usage) {
+        if let Some(usage) = self.windows.entry(period).or_default().at_or_after(window) {
+            add(usage, delta);
+        }
+    }
+
+    /// Adds a signed correction to every window of `at` still current, never below zero.
+    fn adjust(&mut self, at: i64, tokens: i64, cost: f64) {
+        for period in Period::ALL {
+            let window = self.windows.entry(period).or_default();
+            if let Some(usage) = window.at_or_after(period.window(at)) {
+                usage.tokens = usage.tokens.saturating_add_signed(tokens);
+                usage.cost = (usage.cost + cost).max(0.0);
+            }
+        }
+    }
+
+    /// Takes back an admission at `at` (with what it reserved) from the windows of `at`
+    /// still current, never below zero.
+    fn refund(&mut self, at: i64, reserve: Reserve) {
+        for period in Period::ALL {
+            if let Some(window) = self.windows.get_mut(&period) {
+                if window.id == period.window(at) {
+                    let usage = &mut window.usage;
+                    usage.requests = usage.requests.saturating_sub(1);
+                    usage.tokens = usage.tokens.saturating_sub(reserve.tokens);
+                    usage.cost = (usage.cost - reserve.cost).max(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// Adds `delta` to `usage`, saturating: nothing under the limiter's lock can panic.
+fn add(usage: &mut Usage, delta: Usage) {
+    usage.requests = usage.requests.saturating_add(delta.requests);
+    usage.tokens = usage.tokens.saturating_add(delta.tokens);
+    usage.cost += delta.cost;
 }
 
 /// The scope name a key's counts are kept under.
@@ -240,7 +277,7 @@ impl State {
     fn apply_settlements(&mut self) {
         while let Ok(settlement) = self.settlements.try_recv() {
             let state = self.scopes.entry(settlement.scope).or_default();
-            state.adjust(settlement.at, 0, settlement.tokens, settlement.cost);
+            state.adjust(settlement.at, settlement.tokens, settlement.cost);
         }
     }
 }
@@ -264,175 +301,162 @@ impl Default for Limiter {
     }
 }
 
-/// A 429 in OpenAI shape with `Retry-After`.
-pub fn limited(code: &'static str, message: String, retry_after: u64) -> ApiError {
-    let mut error = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limit_error",
-        code,
-        message,
-    );
-    error.retry_after = Some(retry_after);
-    error
+/// Which limit turned a request away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    RequestsPerMinute(u64),
+    RequestsPerDay(u64),
+    TokensPerMinute(u64),
+    /// The tokens or cost budget of a period.
+    Budget(Period),
 }
 
-/// The 429 for a gateway key at a rate limit or, with `budget`, out of budget; `what` names
-/// the limit ("60 requests per minute", "the day budget"). Local and shared limits say
-/// it alike.
-pub fn key_refused(key: &str, what: &str, retry_after: u64, budget: bool) -> ApiError {
-    if budget {
-        limited(
-            "budget_exceeded",
-            format!("API key `{key}` used up {what}"),
-            retry_after,
-        )
-    } else {
-        limited(
-            "rate_limit_exceeded",
-            format!("API key `{key}` reached its limit of {what}"),
-            retry_after,
-        )
+impl Limit {
+    /// Whether it is a budget (used up) rather than a rate (reached).
+    pub fn is_budget(self) -> bool {
+        matches!(self, Limit::Budget(_))
     }
 }
 
-/// The first limit `usage` breaks, as (what, retry-after seconds).
-fn check_limits(limits: &Limits, state: Option<&ScopeState>, now: i64) -> Option<(String, u64)> {
+/// As the refusal's message names it: "60 requests per minute", "the day budget".
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::RequestsPerMinute(n) => write!(f, "{n} requests per minute"),
+            Limit::RequestsPerDay(n) => write!(f, "{n} requests per day"),
+            Limit::TokensPerMinute(n) => write!(f, "{n} tokens per minute"),
+            Limit::Budget(period) => write!(f, "the {} budget", period.name()),
+        }
+    }
+}
+
+/// Whose limit it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    Key,
+    Upstream,
+}
+
+/// Why a request may not pass now, as plain data: the caller names the key or upstream
+/// and shapes the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub holder: Holder,
+    pub limit: Limit,
+    /// Seconds until the window that refused ends (at least 1).
+    pub retry_after: u64,
+}
+
+/// The first rate limit `state` has reached at `now`, with the seconds left in its window.
+fn check_limits(limits: &Limits, state: Option<&ScopeState>, now: i64) -> Option<(Limit, u64)> {
     let usage = |period| state.map_or_else(Usage::default, |s| s.usage(period, now));
     let minute = usage(Period::Minute);
     let day = usage(Period::Day);
     if let Some(rpm) = limits.rpm {
         if minute.requests >= rpm {
-            return Some((
-                format!("{rpm} requests per minute"),
-                Period::Minute.remaining(now),
-            ));
+            return Some((Limit::RequestsPerMinute(rpm), Period::Minute.remaining(now)));
         }
     }
     if let Some(rpd) = limits.rpd {
         if day.requests >= rpd {
-            return Some((
-                format!("{rpd} requests per day"),
-                Period::Day.remaining(now),
-            ));
+            return Some((Limit::RequestsPerDay(rpd), Period::Day.remaining(now)));
         }
     }
     if let Some(tpm) = limits.tpm {
         if tpm == 0 || minute.tokens >= tpm {
-            return Some((
-                format!("{tpm} tokens per minute"),
-                Period::Minute.remaining(now),
-            ));
+            return Some((Limit::TokensPerMinute(tpm), Period::Minute.remaining(now)));
         }
     }
     None
 }
 
-fn check_budget(budget: &Budget, state: Option<&ScopeState>, now: i64) -> Option<(String, u64)> {
+/// Whether `state` has used up `budget` at `now`, with the seconds left in its period.
+fn check_budget(budget: &Budget, state: Option<&ScopeState>, now: i64) -> Option<(Limit, u64)> {
     let period = Period::from(budget.period);
     let used = state.map_or_else(Usage::default, |s| s.usage(period, now));
     let over_tokens = budget.tokens.is_some_and(|t| used.tokens >= t);
     let over_cost = budget.cost.is_some_and(|c| used.cost >= c);
-    (over_tokens || over_cost).then(|| {
-        (
-            format!("the {} budget", period.name()),
-            period.remaining(now),
-        )
-    })
+    (over_tokens || over_cost).then(|| (Limit::Budget(period), period.remaining(now)))
 }
 
 impl Limiter {
-    fn lock(&self) -> Option<std::sync::MutexGuard<'_, State>> {
-        let mut guard = self.state.lock().ok()?;
+    /// The state, with queued settlements applied. A panic elsewhere cannot leave it torn
+    /// (every change under the lock is a saturating add), so a poisoned lock is taken as is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         guard.apply_settlements();
-        Some(guard)
+        guard
     }
 
     /// Admits one request of `key` at `now`, counting it and reserving `reserve`; or says
     /// which limit refuses it.
-    pub fn admit_key(&self, key: &GatewayKey, now: i64, reserve: Reserve) -> Result<(), ApiError> {
-        let mut guard = self
-            .lock()
-            .ok_or_else(|| ApiError::internal("limiter unavailable"))?;
+    pub fn admit_key(&self, key: &GatewayKey, now: i64, reserve: Reserve) -> Result<(), Refusal> {
+        let mut guard = self.lock();
         let scope = key_scope(&key.name);
         let state = guard.scopes.get(&scope);
-        if let Some((what, retry)) = check_limits(&key.limits, state, now) {
-            return Err(key_refused(&key.name, &what, retry, false));
+        let refused = check_limits(&key.limits, state, now).or_else(|| {
+            key.budget
+                .as_ref()
+                .and_then(|b| check_budget(b, state, now))
+        });
+        if let Some((limit, retry_after)) = refused {
+            return Err(Refusal {
+                holder: Holder::Key,
+                limit,
+                retry_after,
+            });
         }
-        if let Some((what, retry)) = key
-            .budget
-            .as_ref()
-            .and_then(|b| check_budget(b, state, now))
-        {
-            return Err(key_refused(&key.name, &what, retry, true));
-        }
-        let state = guard.scopes.entry(scope).or_default();
-        for period in Period::ALL {
-            state.add(
-                period,
-                period.window(now),
-                Usage {
-                    requests: 1,
-                    tokens: reserve.tokens,
-                    cost: reserve.cost,
-                },
-            );
-        }
+        guard.scopes.entry(scope).or_default().admit(
+            now,
+            Usage {
+                requests: 1,
+                tokens: reserve.tokens,
+                cost: reserve.cost,
+            },
+        );
         Ok(())
     }
 
     /// Takes back a request admitted at `at` by [`admit_key`](Self::admit_key) that never
     /// went out, with what it reserved.
     pub fn refund_key(&self, key: &GatewayKey, at: i64, reserve: Reserve) {
-        let Some(mut guard) = self.lock() else { return };
-        let Some(state) = guard.scopes.get_mut(&key_scope(&key.name)) else {
-            return;
-        };
-        for period in Period::ALL {
-            if let Some(window) = state.windows.get_mut(&period) {
-                if window.id == period.window(at) {
-                    let usage = &mut window.usage;
-                    usage.requests = usage.requests.saturating_sub(1);
-                    usage.tokens = usage.tokens.saturating_sub(reserve.tokens);
-                    usage.cost = (usage.cost - reserve.cost).max(0.0);
-                }
-            }
+        if let Some(state) = self.lock().scopes.get_mut(&key_scope(&key.name)) {
+            state.refund(at, reserve);
         }
+    }
+
+    /// Which limit of `upstream` it has reached at `now`, if any.
+    pub fn check_upstream(&self, upstream: &Upstream, now: i64) -> Option<Refusal> {
+        if upstream.limits.is_unlimited() {
+            return None;
+        }
+        let guard = self.lock();
+        let scope = guard.scopes.get(&upstream_scope(&upstream.name));
+        check_limits(&upstream.limits, scope, now).map(|(limit, retry_after)| Refusal {
+            holder: Holder::Upstream,
+            limit,
+            retry_after,
+        })
     }
 
     /// Whether `upstream` is under its limits now, and if not, seconds until it may be.
     pub fn upstream_wait(&self, upstream: &Upstream, now: i64) -> Option<u64> {
-        if upstream.limits.is_unlimited() {
-            return None;
-        }
-        let guard = self.lock()?;
-        check_limits(
-            &upstream.limits,
-            guard.scopes.get(&upstream_scope(&upstream.name)),
-            now,
-        )
-        .map(|(_, retry)| retry)
+        self.check_upstream(upstream, now)
+            .map(|refusal| refusal.retry_after)
     }
 
     /// Counts one try at `upstream` if it is under its limits; `false` if it is not.
     pub fn take_upstream(&self, upstream: &Upstream, now: i64) -> bool {
-        let Some(mut guard) = self.lock() else {
-            return false;
-        };
+        let mut guard = self.lock();
         let scope = upstream_scope(&upstream.name);
         if check_limits(&upstream.limits, guard.scopes.get(&scope), now).is_some() {
             return false;
         }
-        let state = guard.scopes.entry(scope).or_default();
-        for period in Period::ALL {
-            state.add(
-                period,
-                period.window(now),
-                Usage {
-                    requests: 1,
-                    ..Usage::default()
-                },
-            );
-        }
+        let requests = Usage {
+            requests: 1,
+            ..Usage::default()
+        };
+        guard.scopes.entry(scope).or_default().admit(now, requests);
         true
     }
 
@@ -453,18 +477,19 @@ impl Limiter {
 
     /// Restores persisted counts (only windows still current matter).
     pub fn restore(&self, scope: &str, period: Period, window: i64, usage: Usage) {
-        let Some(mut guard) = self.lock() else { return };
-        guard
+        self.lock()
             .scopes
             .entry(scope.to_string())
             .or_default()
-            .add(period, window, usage);
+            .restore(period, window, usage);
     }
 
     /// The usage of `scope` in the current window of `period`.
     pub fn usage(&self, scope: &str, period: Period, now: i64) -> Usage {
         self.lock()
-            .and_then(|guard| guard.scopes.get(scope).map(|s| s.usage(period, now)))
+            .scopes
+            .get(scope)
+            .map(|s| s.usage(period, now))
             .unwrap_or_default()
     }
 }
@@ -517,12 +542,9 @@ mod tests {
         let refused = limiter
             .admit_key(&k, T + 59, Reserve::default())
             .unwrap_err();
-        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(
-            refused.retry_after,
-            Some(1),
-            "one second left in the minute"
-        );
+        assert_eq!(refused.holder, Holder::Key);
+        assert_eq!(refused.limit, Limit::RequestsPerMinute(2));
+        assert_eq!(refused.retry_after, 1, "one second left in the minute");
         // The next minute starts at T + 60 exactly.
         assert!(limiter.admit_key(&k, T + 60, Reserve::default()).is_ok());
         assert!(limiter.admit_key(&k, T + 61, Reserve::default()).is_ok());
@@ -550,7 +572,7 @@ mod tests {
                 .admit_key(&k, before_midnight, Reserve::default())
                 .unwrap_err()
                 .retry_after,
-            Some(1)
+            1
         );
         assert!(
             limiter
@@ -609,8 +631,8 @@ mod tests {
             limiter
                 .admit_key(&k, T + 1, Reserve::default())
                 .unwrap_err()
-                .code,
-            "rate_limit_exceeded"
+                .limit,
+            Limit::TokensPerMinute(100)
         );
         assert!(
             limiter.admit_key(&k, T + 60, Reserve::default()).is_ok(),
@@ -620,8 +642,9 @@ mod tests {
         let over = limiter
             .admit_key(&k, T + 120, Reserve::default())
             .unwrap_err();
-        assert_eq!(over.code, "budget_exceeded");
-        assert_eq!(over.retry_after, Some(4 * 3600 - 120));
+        assert_eq!(over.limit, Limit::Budget(Period::Day));
+        assert!(over.limit.is_budget());
+        assert_eq!(over.retry_after, 4 * 3600 - 120);
     }
 
     #[test]
@@ -656,5 +679,266 @@ mod tests {
             limiter.usage(&key_scope("k"), Period::Minute, T).requests,
             1
         );
+    }
+
+    #[test]
+    fn a_late_settlement_leaves_the_current_window_counted() {
+        let limiter = Limiter::default();
+        let k = key(
+            Limits {
+                rpm: Some(1),
+                ..Limits::default()
+            },
+            None,
+        );
+        assert!(limiter.admit_key(&k, T + 59, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&k, T + 60, Reserve::default()).is_ok());
+        // The answer to the request of the minute before settles now.
+        limiter.settle(&key_scope("k"), T + 59, 5, 0.0);
+        assert!(
+            limiter.admit_key(&k, T + 61, Reserve::default()).is_err(),
+            "the minute's one request is still counted"
+        );
+        assert_eq!(
+            limiter.usage(&key_scope("k"), Period::Minute, T + 61),
+            Usage {
+                requests: 1,
+                tokens: 0,
+                cost: 0.0
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_name_their_limit_and_holder() {
+        assert_eq!(
+            Limit::RequestsPerMinute(60).to_string(),
+            "60 requests per minute"
+        );
+        assert_eq!(Limit::RequestsPerDay(5).to_string(), "5 requests per day");
+        assert_eq!(Limit::TokensPerMinute(9).to_string(), "9 tokens per minute");
+        assert_eq!(Limit::Budget(Period::Month).to_string(), "the month budget");
+        let limiter = Limiter::default();
+        let upstream = Upstream {
+            name: "u".into(),
+            base_url: "http://h".into(),
+            keys: Vec::new(),
+            models: ModelSet::any(),
+            headers: Vec::new(),
+            proxy: None,
+            timeouts: Default::default(),
+            model_map: Default::default(),
+            field_aliases: Vec::new(),
+            paths: Default::default(),
+            weight: 1,
+            token: None,
+            limits: Limits {
+                rpd: Some(1),
+                ..Limits::default()
+            },
+        };
+        assert_eq!(limiter.check_upstream(&upstream, T), None);
+        assert!(limiter.take_upstream(&upstream, T));
+        assert!(!limiter.take_upstream(&upstream, T + 1));
+        assert_eq!(
+            limiter.check_upstream(&upstream, T),
+            Some(Refusal {
+                holder: Holder::Upstream,
+                limit: Limit::RequestsPerDay(1),
+                retry_after: 4 * 3600,
+            })
+        );
+        assert_eq!(limiter.upstream_wait(&upstream, T), Some(4 * 3600));
+    }
+}
+
+/// Property tests: arbitrary admissions, settlements and refunds at arbitrary (forward)
+/// times, against a model that keeps every window's counts apart.
+#[cfg(test)]
+mod properties {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+    use crate::config::{ModelSet, Secret};
+
+    /// Five minutes before midnight UTC, 2026-11-25: runs cross minutes and a day.
+    const START: i64 = 1_795_636_800 + 4 * 3600 - 300;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Time moves on by `wait` seconds, then a request reserving `tokens` asks in.
+        Admit { wait: i64, tokens: u64 },
+        /// An answer admitted `back` seconds ago settles.
+        Settle { back: i64, tokens: i64, cost: f64 },
+        /// An admitted request that never went out is refunded.
+        Refund(Index),
+        /// A refund with nothing admitted to take back.
+        RefundStray,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0i64..90, 0u64..40).prop_map(|(wait, tokens)| Op::Admit { wait, tokens }),
+            2 => (0i64..120, -60i64..60, -4i32..5).prop_map(|(back, tokens, cost)| {
+                Op::Settle { back, tokens, cost: f64::from(cost) * 0.25 }
+            }),
+            1 => any::<Index>().prop_map(Op::Refund),
+            1 => Just(Op::RefundStray),
+        ]
+    }
+
+    /// The windows a model keeps apart: minute and day by their plain arithmetic.
+    fn windows(at: i64) -> [(Period, i64); 3] {
+        [
+            (Period::Minute, at.div_euclid(60)),
+            (Period::Day, at.div_euclid(86_400)),
+            (Period::Total, 0),
+        ]
+    }
+
+    #[derive(Default)]
+    struct Model {
+        windows: HashMap<(Period, i64), Usage>,
+    }
+
+    impl Model {
+        fn at(&mut self, window: (Period, i64)) -> &mut Usage {
+            self.windows.entry(window).or_default()
+        }
+
+        fn current(&self, period: Period, now: i64) -> Usage {
+            let id = windows(now)
+                .into_iter()
+                .find(|(p, _)| *p == period)
+                .map_or(0, |(_, id)| id);
+            self.windows.get(&(period, id)).copied().unwrap_or_default()
+        }
+
+        /// The limit a request at `now` must be refused by, if any, in the limiter's order.
+        fn refusal(&self, key: &GatewayKey, now: i64) -> Option<(Limit, u64)> {
+            let minute = self.current(Period::Minute, now);
+            let day = self.current(Period::Day, now);
+            let limits = &key.limits;
+            let to_minute = u64::try_from(60 - now.rem_euclid(60)).unwrap_or(1);
+            let to_day = u64::try_from(86_400 - now.rem_euclid(86_400)).unwrap_or(1);
+            if let Some(rpm) = limits.rpm.filter(|&rpm| minute.requests >= rpm) {
+                return Some((Limit::RequestsPerMinute(rpm), to_minute));
+            }
+            if let Some(rpd) = limits.rpd.filter(|&rpd| day.requests >= rpd) {
+                return Some((Limit::RequestsPerDay(rpd), to_day));
+            }
+            if let Some(tpm) = limits.tpm.filter(|&tpm| minute.tokens >= tpm) {
+                return Some((Limit::TokensPerMinute(tpm), to_minute));
+            }
+            let budget = key.budget.as_ref()?;
+            let over = budget.cost.is_some_and(|c| day.cost >= c)
+                || budget.tokens.is_some_and(|t| day.tokens >= t);
+            over.then_some((Limit::Budget(Period::Day), to_day))
+        }
+    }
+
+    fn limited_key(rpm: u64, rpd: u64, tpm: Option<u64>, cost: Option<f64>) -> GatewayKey {
+        GatewayKey {
+            name: "p".into(),
+            key: Secret::new("fk-prop"),
+            models: ModelSet::any(),
+            limits: Limits {
+                rpm: Some(rpm),
+                rpd: Some(rpd),
+                tpm,
+            },
+            budget: cost.map(|cost| Budget {
+                tokens: None,
+                cost: Some(cost),
+                period: BudgetPeriod::Day,
+            }),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn windows_hold_their_limits_roll_over_and_never_go_below_zero(
+            rpm in 1u64..6,
+            rpd in 1u64..40,
+            tpm in proptest::option::of(20u64..200),
+            budget in proptest::option::of(1u32..8),
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            let key = limited_key(rpm, rpd, tpm, budget.map(|b| f64::from(b) * 0.5));
+            let scope = key_scope(&key.name);
+            let limiter = Limiter::default();
+            let mut model = Model::default();
+            let mut admitted: Vec<(i64, Reserve)> = Vec::new();
+            let mut now = START;
+            for op in ops {
+                match op {
+                    Op::Admit { wait, tokens } => {
+                        now += wait;
+                        let reserve = Reserve { tokens, cost: tokens as f64 * 0.01 };
+                        let expected = model.refusal(&key, now);
+                        let outcome = limiter.admit_key(&key, now, reserve);
+                        match (outcome, expected) {
+                            (Ok(()), None) => {
+                                for window in windows(now) {
+                                    add(model.at(window), Usage { requests: 1, tokens, cost: reserve.cost });
+                                }
+                                admitted.push((now, reserve));
+                            }
+                            (Err(refusal), Some((limit, retry_after))) => {
+                                prop_assert_eq!(refusal, Refusal { holder: Holder::Key, limit, retry_after });
+                            }
+                            (outcome, expected) => {
+                                prop_assert!(false, "at {now}: {outcome:?}, expected {expected:?}");
+                            }
+                        }
+                    }
+                    Op::Settle { back, tokens, cost } => {
+                        let at = now - back;
+                        limiter.settle(&scope, at, tokens, cost);
+                        if tokens != 0 || cost != 0.0 {
+                            for window in windows(at) {
+                                let usage = model.at(window);
+                                usage.tokens = usage.tokens.saturating_add_signed(tokens);
+                                usage.cost = (usage.cost + cost).max(0.0);
+                            }
+                        }
+                    }
+                    Op::Refund(index) => {
+                        if admitted.is_empty() {
+                            continue;
+                        }
+                        let (at, reserve) = admitted.remove(index.index(admitted.len()));
+                        limiter.refund_key(&key, at, reserve);
+                        refund(&mut model, at, reserve);
+                    }
+                    Op::RefundStray => {
+                        let reserve = Reserve { tokens: 7, cost: 0.5 };
+                        limiter.refund_key(&key, now, reserve);
+                        refund(&mut model, now, reserve);
+                    }
+                }
+                for period in [Period::Minute, Period::Day, Period::Total] {
+                    let real = limiter.usage(&scope, period, now);
+                    prop_assert_eq!(real, model.current(period, now), "{:?} at {}", period, now);
+                    prop_assert!(real.cost >= 0.0);
+                }
+                prop_assert!(limiter.usage(&scope, Period::Minute, now).requests <= rpm);
+                prop_assert!(limiter.usage(&scope, Period::Day, now).requests <= rpd);
+            }
+        }
+    }
+
+    fn refund(model: &mut Model, at: i64, reserve: Reserve) {
+        for window in windows(at) {
+            let usage = model.at(window);
+            usage.requests = usage.requests.saturating_sub(1);
+            usage.tokens = usage.tokens.saturating_sub(reserve.tokens);
+            usage.cost = (usage.cost - reserve.cost).max(0.0);
+        }
     }
 }

@@ -394,3 +394,202 @@ mod tests {
         assert_eq!(&shaper.finish()[..], b"{\"model\":\"alias\",\"id\":1}");
     }
 }
+
+/// Property tests: however an SSE body is cut into reads, it is shaped alike, and every
+/// event comes out once, in order.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// One generated event: its bytes, and the number it carries (`None`: a usage-only
+    /// chunk or a comment, which carry none).
+    #[derive(Debug, Clone)]
+    struct Event {
+        bytes: Vec<u8>,
+        kind: Kind,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Kind {
+        Chunk,
+        Usage,
+        Comment,
+    }
+
+    /// Lines ended by `\n` or `\r\n`, then a blank line of either: every terminator the
+    /// splitter knows (`\n\n`, `\r\n\r\n`, `\n\r\n`, `\r\n\n`).
+    fn event(number: usize) -> impl Strategy<Value = Event> {
+        let kind =
+            prop_oneof![6 => Just(Kind::Chunk), 1 => Just(Kind::Usage), 1 => Just(Kind::Comment)];
+        // Text that must be escaped in JSON, and a character of two bytes.
+        let alphabet = vec!['a', 'z', ' ', '\n', '\r', '"', '{', '}', ':', 'é', '\\'];
+        let text = proptest::collection::vec(proptest::sample::select(alphabet), 0..12)
+            .prop_map(String::from_iter);
+        (kind, text, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            move |(kind, text, crlf, blank_crlf, named)| {
+                let end = if crlf { "\r\n" } else { "\n" };
+                let mut lines = Vec::new();
+                if named {
+                    lines.push("event: message".to_string());
+                }
+                match kind {
+                    Kind::Chunk => lines.push(format!(
+                        "data: {}",
+                        json!({"model": "real", "n": number, "choices": [{"delta": {"content": text}}], "usage": null})
+                    )),
+                    Kind::Usage => lines.push(format!(
+                        "data: {}",
+                        json!({"model": "real", "choices": [], "usage": {"total_tokens": 3}})
+                    )),
+                    Kind::Comment => lines.push(": keep-alive".to_string()),
+                }
+                let mut bytes = String::new();
+                for line in lines {
+                    bytes.push_str(&line);
+                    bytes.push_str(end);
+                }
+                bytes.push_str(if blank_crlf { "\r\n" } else { "\n" });
+                Event {
+                    bytes: bytes.into_bytes(),
+                    kind,
+                }
+            },
+        )
+    }
+
+    fn events() -> impl Strategy<Value = Vec<Event>> {
+        (0usize..12).prop_flat_map(|count| (0..count).map(event).collect::<Vec<_>>())
+    }
+
+    fn shaper(rename: bool, strip: bool) -> Shaper {
+        let rename = rename.then(|| ModelRename { to: "alias".into() });
+        Shaper::new(true, rename, strip)
+    }
+
+    /// What the shaper lets out for `body` handed over whole.
+    fn shape_whole(body: &[u8], rename: bool, strip: bool) -> Vec<u8> {
+        let mut shaper = shaper(rename, strip);
+        let mut out = shaper
+            .push(Bytes::copy_from_slice(body))
+            .unwrap_or_default()
+            .to_vec();
+        out.extend_from_slice(&shaper.finish());
+        out
+    }
+
+    /// What the shaper lets out for `body` cut at `cuts` (positions, any order), checking
+    /// after each read that every event complete so far (`ends`: where events end) has
+    /// come out, and nothing more.
+    fn shape_cut(
+        body: &[u8],
+        ends: &[usize],
+        cuts: &[usize],
+        rename: bool,
+        strip: bool,
+    ) -> Vec<u8> {
+        let mut shaper = shaper(rename, strip);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for cut in cuts.into_iter().chain([body.len()]) {
+            let shaped = shaper.push(Bytes::copy_from_slice(&body[from..cut]));
+            from = cut;
+            assert!(shaped.is_ok(), "small events are never refused");
+            out.extend_from_slice(&shaped.unwrap_or_default());
+            let complete = ends
+                .iter()
+                .copied()
+                .filter(|&end| end <= cut)
+                .max()
+                .unwrap_or(0);
+            assert_eq!(
+                out,
+                shape_whole(&body[..complete], rename, strip),
+                "complete events come out at once"
+            );
+        }
+        out.extend_from_slice(&shaper.finish());
+        out
+    }
+
+    /// The numbers of the chunks in `out`, in order, and how many usage chunks and
+    /// comments it holds.
+    fn census(out: &[u8]) -> (Vec<u64>, usize, usize) {
+        let text = String::from_utf8_lossy(out);
+        let mut numbers = Vec::new();
+        let mut usage = 0;
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            let value: Value = serde_json::from_str(data).unwrap_or_default();
+            match value.get("n").and_then(Value::as_u64) {
+                Some(n) => numbers.push(n),
+                None => usage += 1,
+            }
+        }
+        (numbers, usage, text.matches(": keep-alive").count())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_cutting_shapes_alike_and_keeps_every_event_once(
+            events in events(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+            rename in any::<bool>(),
+            strip in any::<bool>(),
+            unfinished in any::<bool>(),
+        ) {
+            let mut body: Vec<u8> = Vec::new();
+            let mut ends = Vec::new();
+            for event in &events {
+                body.extend_from_slice(&event.bytes);
+                ends.push(body.len());
+            }
+            if unfinished {
+                // A last event the upstream never ended: handed over by `finish`.
+                body.extend_from_slice(b"data: {\"model\":\"real\",\"n\":99}");
+            }
+            let whole = shape_whole(&body, rename, strip);
+            prop_assert_eq!(&shape_cut(&body, &ends, &cuts, rename, strip), &whole);
+
+            let (numbers, usage, comments) = census(&whole);
+            let mut expected: Vec<u64> = events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.kind == Kind::Chunk)
+                .map(|(n, _)| n as u64)
+                .collect();
+            if unfinished {
+                expected.push(99);
+            }
+            prop_assert_eq!(numbers, expected);
+            let usage_sent = events.iter().filter(|e| e.kind == Kind::Usage).count();
+            prop_assert_eq!(usage, if strip { 0 } else { usage_sent });
+            prop_assert_eq!(comments, events.iter().filter(|e| e.kind == Kind::Comment).count());
+            let names_real = String::from_utf8_lossy(&whole).contains("\"real\"");
+            if rename {
+                prop_assert!(!names_real, "every model name is put back");
+            } else {
+                prop_assert_eq!(names_real, names_a_model(&events, unfinished, strip));
+            }
+            if !rename && !strip {
+                prop_assert_eq!(whole, body, "nothing to shape: bytes pass unchanged");
+            }
+        }
+    }
+
+    /// Whether any event left in the output names a model.
+    fn names_a_model(events: &[Event], unfinished: bool, strip: bool) -> bool {
+        unfinished
+            || events
+                .iter()
+                .any(|e| e.kind == Kind::Chunk || (e.kind == Kind::Usage && !strip))
+    }
+}
