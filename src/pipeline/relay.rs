@@ -277,15 +277,76 @@ impl RelayBody {
         }
     }
 
+    /// Hands one frame of the upstream's on, reshaped if it must be; `None` when the
+    /// shaper holds it back (an event not yet whole), so the next one is read.
+    fn relay_frame(&mut self, frame: Frame<Bytes>) -> Option<Result<Frame<Bytes>, BoxError>> {
+        let wake = Self::next_wake(self.idle, self.deadline);
+        self.timer.as_mut().reset(wake);
+        if let (Some(record), Some(data), Some(sink)) =
+            (self.record.as_mut(), frame.data_ref(), self.sink.as_ref())
+        {
+            record.response_body.push(data, sink.body_limit);
+        }
+        let Some(shaper) = self.shaper.as_mut() else {
+            if let (Some(remaining), Some(data)) = (self.remaining.as_mut(), frame.data_ref()) {
+                *remaining = remaining.saturating_sub(data.len() as u64);
+                if *remaining == 0 {
+                    self.done = true;
+                    self._in_flight = None;
+                    self.finish(None);
+                }
+            }
+            return Some(Ok(frame));
+        };
+        match frame.into_data() {
+            Ok(data) => match shaper.push(data) {
+                Ok(out) if out.is_empty() => None,
+                Ok(out) => Some(Ok(Frame::data(out))),
+                Err(too_large) => {
+                    let message = format!("upstream `{}`: {too_large}", self.upstream);
+                    tracing::warn!(upstream = %self.upstream, "{message}");
+                    Some(self.last_frame(ApiError::bad_gateway(message)))
+                }
+            },
+            Err(frame) => Some(Ok(frame)),
+        }
+    }
+
+    /// The upstream has nothing yet: waits, unless it has been quiet too long or the
+    /// total deadline has passed, which ends the body.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let message = if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                    format!("upstream `{}` exceeded the total timeout", self.upstream)
+                } else {
+                    format!(
+                        "upstream `{}` sent nothing for {}",
+                        self.upstream,
+                        humantime::format_duration(self.idle)
+                    )
+                };
+                tracing::warn!(upstream = %self.upstream, "{message}");
+                self.fail(ApiError::gateway_timeout(message))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(Some(self.last_frame(error)))
+    }
+
+    /// Ends the body with an error: the protocol's error event for a stream, a cut
+    /// transfer for anything else.
+    fn last_frame(&mut self, error: ApiError) -> Result<Frame<Bytes>, BoxError> {
         self.done = true;
         self._in_flight = None;
         self.finish(Some(error.message.clone()));
         if self.sse {
-            let event = self.protocol.error_event(&error);
-            Poll::Ready(Some(Ok(Frame::data(event))))
+            Ok(Frame::data(self.protocol.error_event(&error)))
         } else {
-            Poll::Ready(Some(Err(Box::new(error))))
+            Err(Box::new(error))
         }
     }
 }
@@ -305,37 +366,8 @@ impl HttpBody for RelayBody {
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let wake = Self::next_wake(this.idle, this.deadline);
-                    this.timer.as_mut().reset(wake);
-                    if let (Some(record), Some(data), Some(sink)) =
-                        (this.record.as_mut(), frame.data_ref(), this.sink.as_ref())
-                    {
-                        record.response_body.push(data, sink.body_limit);
-                    }
-                    let Some(shaper) = this.shaper.as_mut() else {
-                        if let (Some(remaining), Some(data)) =
-                            (this.remaining.as_mut(), frame.data_ref())
-                        {
-                            *remaining = remaining.saturating_sub(data.len() as u64);
-                            if *remaining == 0 {
-                                this.done = true;
-                                this._in_flight = None;
-                                this.finish(None);
-                            }
-                        }
-                        return Poll::Ready(Some(Ok(frame)));
-                    };
-                    match frame.into_data() {
-                        Ok(data) => match shaper.push(data) {
-                            Ok(out) if out.is_empty() => {}
-                            Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
-                            Err(too_large) => {
-                                let message = format!("upstream `{}`: {too_large}", this.upstream);
-                                tracing::warn!(upstream = %this.upstream, "{message}");
-                                return this.fail(ApiError::bad_gateway(message));
-                            }
-                        },
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    if let Some(out) = this.relay_frame(frame) {
+                        return Poll::Ready(Some(out));
                     }
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -357,24 +389,7 @@ impl HttpBody for RelayBody {
                         Poll::Ready(Some(Ok(Frame::data(rest))))
                     };
                 }
-                Poll::Pending => {
-                    return match this.timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => {
-                            let message = if this.deadline.is_some_and(|d| Instant::now() >= d) {
-                                format!("upstream `{}` exceeded the total timeout", this.upstream)
-                            } else {
-                                format!(
-                                    "upstream `{}` sent nothing for {}",
-                                    this.upstream,
-                                    humantime::format_duration(this.idle)
-                                )
-                            };
-                            tracing::warn!(upstream = %this.upstream, "{message}");
-                            this.fail(ApiError::gateway_timeout(message))
-                        }
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
+                Poll::Pending => return this.poll_quiet(cx),
             }
         }
     }

@@ -377,4 +377,119 @@ mod tests {
         );
         assert_eq!(retry_after(&headers), None);
     }
+
+    fn status(status: u16, retry_after: Option<u64>) -> Reply {
+        Reply::Status {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    const POOL_KEY: Sent = Sent {
+        pooled: true,
+        with_key: true,
+        fresh_token_possible: false,
+    };
+
+    fn verdict(rest: Rest, next: Next) -> Verdict {
+        Verdict { rest, next }
+    }
+
+    #[test]
+    fn a_refused_key_rests_and_another_may_do() {
+        let policy = Routing::default();
+        let cooldown = policy.cooldown;
+        assert_eq!(
+            judge(status(401, None), POOL_KEY, &policy),
+            verdict(Rest::Key(cooldown), Next::Retry)
+        );
+        assert_eq!(
+            judge(status(429, Some(7)), POOL_KEY, &policy),
+            verdict(Rest::Key(Duration::from_secs(7)), Next::Retry)
+        );
+        // A passthrough caller's key is its own: nothing of sluice's rests.
+        let own = Sent {
+            pooled: false,
+            with_key: false,
+            fresh_token_possible: false,
+        };
+        assert_eq!(
+            judge(status(429, Some(7)), own, &policy),
+            verdict(Rest::Nothing, Next::Retry)
+        );
+    }
+
+    #[test]
+    fn a_429_not_listed_is_final() {
+        let mut policy = Routing::default();
+        policy.retry_on.statuses.retain(|&s| s != 429);
+        let upstream_only = Sent {
+            with_key: false,
+            ..POOL_KEY
+        };
+        assert_eq!(
+            judge(status(429, Some(3)), POOL_KEY, &policy),
+            verdict(Rest::Key(Duration::from_secs(3)), Next::Final)
+        );
+        assert_eq!(
+            judge(status(429, Some(3)), upstream_only, &policy),
+            verdict(Rest::Upstream(Duration::from_secs(3)), Next::Final)
+        );
+    }
+
+    #[test]
+    fn server_errors_rest_the_upstream() {
+        let policy = Routing::default();
+        let listed = policy.retry_on.statuses.contains(&503);
+        let next = if listed { Next::Retry } else { Next::Final };
+        assert_eq!(
+            judge(status(503, Some(2)), POOL_KEY, &policy),
+            verdict(Rest::Upstream(Duration::from_secs(2)), next)
+        );
+        assert_eq!(
+            judge(status(200, None), POOL_KEY, &policy),
+            verdict(Rest::Nothing, Next::Answer)
+        );
+        assert_eq!(
+            judge(status(404, None), POOL_KEY, &policy),
+            verdict(Rest::Nothing, Next::Answer)
+        );
+    }
+
+    #[test]
+    fn a_token_is_refreshed_once() {
+        let policy = Routing::default();
+        let token = Sent {
+            pooled: true,
+            with_key: false,
+            fresh_token_possible: true,
+        };
+        assert_eq!(
+            judge(status(401, None), token, &policy),
+            verdict(Rest::Nothing, Next::RefreshToken)
+        );
+    }
+
+    #[test]
+    fn failures_follow_their_fault() {
+        let mut policy = Routing::default();
+        let client = failed(&ApiError::payload_too_large(10), false);
+        assert_eq!(
+            judge(client, POOL_KEY, &policy),
+            verdict(Rest::Nothing, Next::Final)
+        );
+        let timeout = failed(&ApiError::gateway_timeout("slow"), true);
+        let unreachable = failed(&ApiError::bad_gateway("down"), false);
+        let cooldown = policy.cooldown;
+        policy.retry_on.timeout = true;
+        policy.retry_on.connect = false;
+        assert_eq!(
+            judge(timeout, POOL_KEY, &policy),
+            verdict(Rest::Upstream(cooldown), Next::Retry)
+        );
+        assert_eq!(
+            judge(unreachable, POOL_KEY, &policy),
+            verdict(Rest::Upstream(cooldown), Next::Final)
+        );
+    }
 }
