@@ -4,7 +4,7 @@
 //! is not a success goes through [`ApiError`]. It says what happened (status, a stable
 //! `code`), who is at fault and whether another try may help, so the try loop reads those
 //! facts instead of guessing them back from a status. How it is written on the wire is the
-//! client protocol's business (`crate::protocol`): OpenAI's
+//! client protocol's business (the `protocol` module): OpenAI's
 //! `{"error": {"message", "type", "param", "code"}}` today.
 
 use http::StatusCode;

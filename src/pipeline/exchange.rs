@@ -1,7 +1,7 @@
 //! The one context a forwarded request carries through its stages (Pingora's per-request
 //! CTX): who asks, what was asked, the log record, the tries so far and where the key was
 //! counted. Each stage reads what it needs and writes what it learned here, so what
-//! [`crate::pipeline::forward`] must undo on a refusal (a refund, the record) is in one
+//! [`forward`](super::forward) must undo on a refusal (a refund, the record) is in one
 //! place.
 
 use http::Response;
@@ -35,6 +35,7 @@ pub struct Exchange<'r> {
 }
 
 impl<'r> Exchange<'r> {
+    /// A request just authenticated, before any stage ran.
     pub fn new(
         gateway: &'r Gateway,
         caller: &'r Caller,

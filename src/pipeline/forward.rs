@@ -1,16 +1,16 @@
 //! Forwarding one request to an upstream and relaying its answer: the stages in order,
 //! and nothing else. Each stage is a module of its own:
 //!
-//! 1. accept and authenticate: done by the edge ([`crate::http::server`] with
-//!    [`crate::pipeline::access`]), which hands over a [`Caller`];
-//! 2. [`read`](crate::pipeline::read): what must be read of the body, the model, whether
+//! 1. accept and authenticate: done by the edge (`http::server`, with the pipeline's
+//!    `access`), which hands over a [`Caller`];
+//! 2. [`read`]: what must be read of the body, the model, whether
 //!    the caller may use it;
-//! 3. [`plan`](crate::pipeline::plan): the candidates, an object's home, upstream limits,
+//! 3. [`plan`]: the candidates, an object's home, upstream limits,
 //!    the session;
-//! 4. admit and send ([`try_loop`](crate::pipeline::try_loop) over
-//!    [`send`](crate::pipeline::send)): the caller's key and each upstream under their
+//! 4. admit and send ([`try_loop`] over
+//!    [`send`](super::send)): the caller's key and each upstream under their
 //!    limits, tries until one answers or none is left;
-//! 5. relay and record ([`relay`](crate::pipeline::relay)): the answer streamed to the
+//! 5. relay and record ([`relay`]): the answer streamed to the
 //!    client, the log record submitted when it ends.
 //!
 //! They share one per-request context, [`Exchange`]. A stage that refuses returns an

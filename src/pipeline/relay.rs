@@ -1,6 +1,6 @@
 //! The relay and record stages: an upstream's answer (or the failure to report) becomes
 //! the client's. The head is relayed with hop-by-hop headers stripped and sluice's own
-//! added; the body streams chunk by chunk through [`RelayBody`], reshaped only where the
+//! added; the body streams chunk by chunk through `RelayBody`, reshaped only where the
 //! client's model name must be put back or a usage chunk it did not ask for hidden; the
 //! log record is completed with the upstream side and submitted when the body ends.
 

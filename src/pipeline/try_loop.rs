@@ -55,6 +55,18 @@ struct Tries<'g> {
     headers: Option<HeaderMap>,
 }
 
+impl Tries<'_> {
+    /// The request's headers for one try: a copy while another try may follow, else
+    /// the headers themselves.
+    fn headers_for_try(&mut self) -> HeaderMap {
+        if self.might_retry {
+            self.headers.clone().unwrap_or_default()
+        } else {
+            self.headers.take().unwrap_or_default()
+        }
+    }
+}
+
 /// Tries upstreams until one answers or no try is left, and says how it settled.
 pub async fn send_until_settled<'g>(
     x: &mut Exchange<'g>,
@@ -71,11 +83,7 @@ pub async fn send_until_settled<'g>(
         x.tries += 1;
         state.tried.sent(choice);
         let started = Instant::now();
-        let headers = if state.might_retry {
-            state.headers.clone().unwrap_or_default()
-        } else {
-            state.headers.take().unwrap_or_default()
-        };
+        let headers = state.headers_for_try();
         let outgoing = send::outgoing(x, inbound, headers, upstream, choice).await?;
         let sent = Sent {
             pooled: !matches!(x.caller, Caller::Passthrough(_)),
