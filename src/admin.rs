@@ -186,7 +186,7 @@ async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) ->
         Duration::from_secs(10),
         Duration::from_secs(10),
     );
-    let body = match crate::pipeline::forward::read_body(timed, 4096).await {
+    let body = match crate::pipeline::read::read_body(timed, 4096).await {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };

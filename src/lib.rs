@@ -6,6 +6,8 @@
 //!   headers, CORS, the OpenAI-shaped errors, forms.
 //! - [`pipeline`]: the stages of a forwarded request (authenticate, read, plan, admit,
 //!   send, relay), `GET /v1/models`, and object affinity.
+//! - [`protocol`]: what differs between the APIs clients and upstreams speak (OpenAI's
+//!   today): body fields, paths, usage, the error shape.
 //! - [`pure`]: decisions and transforms without sockets: routing choice, limit windows,
 //!   body rewrites, SSE shaping, usage extraction.
 //! - [`upstream`]: an upstream's HTTP client, key pool, token cache and health figures.
@@ -31,6 +33,7 @@ pub mod http;
 pub mod mock;
 pub mod observe;
 pub mod pipeline;
+pub mod protocol;
 pub mod pure;
 pub mod store;
 pub mod sys;

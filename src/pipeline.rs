@@ -1,9 +1,16 @@
 //! A forwarded request's stages, in order: authenticate ([`access`]), read what must be
-//! read, plan the candidates (with [`affinity`] for objects an upstream made), admit
-//! under the limits, send (the try loop), relay (shaping) and record. [`forward`] runs
-//! them; [`models`] answers `GET /v1/models` from the config.
+//! read ([`read`]), plan the candidates ([`plan`], with [`affinity`] for objects an
+//! upstream made), admit under the limits and send ([`try_loop`] over [`send`]), relay
+//! and record ([`relay`]). [`forward`] lists them and runs them over one per-request
+//! context ([`exchange`]); [`models`] answers `GET /v1/models` from the config.
 
 pub mod access;
 pub mod affinity;
+pub mod exchange;
 pub mod forward;
 pub mod models;
+pub mod plan;
+pub mod read;
+pub mod relay;
+pub mod send;
+pub mod try_loop;

@@ -104,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // The usage chunk, asked for the way `pipeline/forward.rs` does it: only for a body it peeked at.
-    if let Ok(peek) = serde_json::from_slice::<sluice::pipeline::forward::Peek>(&body) {
+    if let Ok(peek) = serde_json::from_slice::<sluice::protocol::openai::Peek>(&body) {
         if let Ok(Value::Object(input)) = &parsed {
             let out = with_usage_requested(&body, peek.stream_options.is_some())
                 .expect("an object gets the usage chunk asked for");

@@ -64,12 +64,9 @@ const ROOM_WAIT: Duration = Duration::from_secs(30);
 /// The writer's nice value: it yields a little to request handling, but is never starved.
 const WRITER_NICE: i32 = 0;
 
-/// Paths whose answers carry token usage.
+/// Paths whose answers carry token usage: a fact of the client's protocol.
 pub fn counts_tokens(path: &str) -> bool {
-    matches!(
-        path,
-        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/responses"
-    )
+    crate::protocol::ClientProtocol::of_path(path).counts_tokens(path)
 }
 
 enum Message {

@@ -1,15 +1,15 @@
-//! OpenAI-shaped errors.
+//! Errors sluice answers by itself, as data.
 //!
 //! Every answer sluice makes on its own (as opposed to bytes relayed from an upstream) that
-//! is not a success goes through [`ApiError`], so clients written against the OpenAI API
-//! can parse it: `{"error": {"message", "type", "param", "code"}}`.
+//! is not a success goes through [`ApiError`]. It says what happened (status, a stable
+//! `code`), who is at fault and whether another try may help, so the try loop reads those
+//! facts instead of guessing them back from a status. How it is written on the wire is the
+//! client protocol's business (the `protocol` module): OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` today.
 
-use http::{HeaderValue, Response, StatusCode, header};
-use serde::Serialize;
+use http::StatusCode;
 
-use crate::http::body::{Body, full};
-
-/// An error answered to the client in the OpenAI error shape.
+/// An error answered to the client in its protocol's error shape.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -20,35 +20,54 @@ pub struct ApiError {
     pub message: String,
     /// Seconds the client should wait before retrying (429, 503).
     pub retry_after: Option<u64>,
+    /// Who caused it: an upstream is rested only for its own faults.
+    pub fault: Fault,
+    /// Whether the same request may succeed elsewhere or later.
+    pub retryable: bool,
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: Detail<'a>,
-}
-
-#[derive(Serialize)]
-struct Detail<'a> {
-    message: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    param: Option<&'a str>,
-    code: &'a str,
+/// Who an error is the fault of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request itself (too big, too slow, malformed, not allowed).
+    Client,
+    /// The upstream (unreachable, too slow, broke off).
+    Upstream,
+    /// sluice (a limit it keeps, a failure of its own).
+    Gateway,
 }
 
 impl ApiError {
+    /// An error whose fault follows from its status: 4xx the client's, anything else
+    /// sluice's own; neither is worth another try.
     pub fn new(
         status: StatusCode,
         kind: &'static str,
         code: &'static str,
         message: impl Into<String>,
     ) -> Self {
+        let fault = if status.is_client_error() {
+            Fault::Client
+        } else {
+            Fault::Gateway
+        };
         Self {
             status,
             kind,
             code,
             message: message.into(),
             retry_after: None,
+            fault,
+            retryable: false,
+        }
+    }
+
+    /// The same error, blamed on an upstream whose failure another try may get round.
+    fn upstream_fault(self) -> Self {
+        Self {
+            fault: Fault::Upstream,
+            retryable: true,
+            ..self
         }
     }
 
@@ -110,6 +129,7 @@ impl ApiError {
             "upstream_unreachable",
             message,
         )
+        .upstream_fault()
     }
 
     pub fn gateway_timeout(message: impl Into<String>) -> Self {
@@ -119,6 +139,7 @@ impl ApiError {
             "upstream_timeout",
             message,
         )
+        .upstream_fault()
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -128,34 +149,6 @@ impl ApiError {
             "internal_error",
             message,
         )
-    }
-
-    /// The JSON body alone, for places that must embed it (an SSE error event).
-    pub fn to_json(&self) -> String {
-        let envelope = Envelope {
-            error: Detail {
-                message: &self.message,
-                kind: self.kind,
-                param: None,
-                code: self.code,
-            },
-        };
-        // Serialising plain strings into JSON cannot fail.
-        serde_json::to_string(&envelope).unwrap_or_default()
-    }
-
-    pub fn into_response(self) -> Response<Body> {
-        let mut response = Response::new(full(self.to_json()));
-        *response.status_mut() = self.status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(seconds) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
     }
 }
 
@@ -175,6 +168,8 @@ impl std::error::Error for ApiError {}
 
 #[cfg(test)]
 mod tests {
+    use http::header;
+
     use super::*;
 
     #[test]

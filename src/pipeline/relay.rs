@@ -1,0 +1,430 @@
+//! The relay and record stages: an upstream's answer (or the failure to report) becomes
+//! the client's. The head is relayed with hop-by-hop headers stripped and sluice's own
+//! added; the body streams chunk by chunk through `RelayBody`, reshaped only where the
+//! client's model name must be put back or a usage chunk it did not ask for hidden; the
+//! log record is completed with the upstream side and submitted when the body ends.
+
+use std::mem;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::time::{Instant, Sleep};
+
+use crate::accounting::recorder::LogSink;
+use crate::accounting::records::Pending;
+use crate::gateway::Gateway;
+use crate::http::body::{Body, BoxError};
+use crate::http::error::ApiError;
+use crate::http::headers::strip_hop_by_hop;
+use crate::pipeline::exchange::Exchange;
+use crate::pipeline::read::{content_length, is_json_type};
+use crate::pipeline::send::Failure;
+use crate::pipeline::try_loop::Settled;
+use crate::protocol::{ClientProtocol, UpstreamKind};
+use crate::pure::routing::Choice;
+use crate::pure::shape::Shaper;
+use crate::upstream::{InFlight, UpstreamRuntime};
+
+/// The response header naming the upstream that answered.
+pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";
+/// The response header counting the tries a request took.
+pub const TRIES_HEADER: &str = "x-sluice-tries";
+
+/// How a relayed body must be changed on its way to the client.
+pub struct Shaping<'a> {
+    pub client_model: Option<&'a str>,
+    pub strip_usage: bool,
+}
+
+/// Answers the client with how the tries settled: the answer relayed, or the failure
+/// (an upstream's own answer relayed as it is, an error of sluice's in the protocol's shape).
+pub fn relay_settled(
+    x: &mut Exchange<'_>,
+    settled: Settled<'_>,
+    shaping: Shaping<'_>,
+) -> Response<Body> {
+    match settled {
+        Settled::Answered {
+            response,
+            upstream,
+            choice,
+            in_flight,
+        } => {
+            let log = take_record(x, choice, upstream, shaping.client_model);
+            relay(response, upstream, shaping, Some(in_flight), log)
+        }
+        Settled::Failed {
+            failure,
+            upstream,
+            choice,
+        } => {
+            let log = take_record(x, choice, upstream, shaping.client_model);
+            answer_failure(failure, upstream, shaping.client_model, log, x.gateway)
+        }
+    }
+}
+
+/// The log record with the exchange's upstream side filled in, and where to send it.
+fn take_record(
+    x: &mut Exchange<'_>,
+    choice: Choice,
+    upstream: &UpstreamRuntime,
+    model: Option<&str>,
+) -> Log {
+    let attempts = mem::take(&mut x.attempts);
+    let tries = attempts.len();
+    let record = x.record.take().map(|mut record| {
+        record.upstream = Some(upstream.config.name.clone());
+        record.upstream_key = choice.key.and_then(|k| upstream.masked_key(k));
+        record.upstream_model = model.map(|m| upstream.config.upstream_model(m).to_string());
+        record.attempts = attempts;
+        record
+    });
+    Log {
+        record,
+        sink: x.gateway.recorder.as_ref().map(|r| r.sink.clone()),
+        tries,
+        protocol: x.protocol,
+    }
+}
+
+/// A request's log record on its way to the log, with the number of tries it took.
+struct Log {
+    record: Option<Box<Pending>>,
+    sink: Option<LogSink>,
+    tries: usize,
+    protocol: ClientProtocol,
+}
+
+/// The failure to report as it happened: an upstream's answer is relayed as it is (its
+/// model name put back), an error of the exchange answered in the client's protocol.
+fn answer_failure(
+    failure: Failure,
+    upstream: &Arc<UpstreamRuntime>,
+    model: Option<&str>,
+    log: Log,
+    gateway: &Gateway,
+) -> Response<Body> {
+    match failure {
+        Failure::Response(response) => {
+            let shaping = Shaping {
+                client_model: model,
+                strip_usage: false,
+            };
+            relay(response, upstream, shaping, None, log)
+        }
+        Failure::Error(error) => {
+            let tries = log.tries;
+            gateway.record_error(log.record, &error);
+            let mut response = log.protocol.error_response(error);
+            response
+                .headers_mut()
+                .insert(UPSTREAM_HEADER, upstream.name_header.clone());
+            response
+                .headers_mut()
+                .insert(TRIES_HEADER, HeaderValue::from(tries));
+            response
+        }
+    }
+}
+
+/// Turns an upstream response into the client's: head relayed, body streamed.
+fn relay(
+    response: reqwest::Response,
+    upstream: &Arc<UpstreamRuntime>,
+    shaping: Shaping<'_>,
+    in_flight: Option<InFlight>,
+    log: Log,
+) -> Response<Body> {
+    let timeouts = upstream.config.timeouts;
+    let deadline = timeouts.total.map(|total| Instant::now() + total);
+    let (parts, upstream_body) = http::Response::<reqwest::Body>::from(response).into_parts();
+    let status = parts.status;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let sse = is_event_stream(&headers);
+    let rename = shaping
+        .client_model
+        .filter(|m| upstream.config.upstream_model(m) != *m);
+    // Read only when a name is to be put back (reading it costs a copy).
+    let json = rename.is_some() && !sse && is_json(&headers);
+    let shaper = UpstreamKind::of(&upstream.config).shaper(sse, json, rename, shaping.strip_usage);
+    if shaper.is_some() {
+        // The body changes length when it is reshaped.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let mut record = log.record;
+    if let Some(record) = record.as_mut() {
+        record_head(record, status, sse, &headers);
+    }
+    headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
+    headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
+    // A body relayed unchanged with a declared length is complete when that many bytes
+    // are handed over; hyper may drop it then without asking for its end.
+    let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
+    let relay = RelayBody {
+        inner: upstream_body,
+        remaining,
+        idle: timeouts.idle,
+        deadline,
+        timer: Box::pin(tokio::time::sleep_until(RelayBody::next_wake(
+            timeouts.idle,
+            deadline,
+        ))),
+        sse,
+        upstream: upstream.config.name.clone(),
+        done: false,
+        shaper,
+        _in_flight: in_flight,
+        record,
+        sink: log.sink,
+        protocol: log.protocol,
+    };
+    let mut out = Response::new(relay.boxed_unsync());
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Writes down the answer's head in the log record as the upstream sent it.
+fn record_head(record: &mut Pending, status: StatusCode, sse: bool, headers: &HeaderMap) {
+    record.status = status.as_u16();
+    record.first_byte = Some(record.started.elapsed());
+    record.stream = sse;
+    record.response_content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    record.response_headers = headers.clone();
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json_type)
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
+}
+
+/// Relays an upstream body chunk by chunk, ending it if the upstream goes quiet for longer
+/// than the idle timeout or passes the total deadline. A broken SSE stream ends with the
+/// client protocol's error event (OpenAI's `data: {"error": …}`), which the OpenAI SDKs raise as an error; any
+/// other body is cut, so the client sees a truncated transfer rather than a short success.
+struct RelayBody {
+    inner: reqwest::Body,
+    idle: Duration,
+    deadline: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+    sse: bool,
+    upstream: String,
+    done: bool,
+    /// Bytes still to relay of a body with a declared length, when relayed unchanged.
+    remaining: Option<u64>,
+    shaper: Option<Shaper>,
+    /// Keeps the upstream's in-flight count up until the body ends or the client leaves.
+    _in_flight: Option<InFlight>,
+    /// The log record, submitted when the body ends or is dropped.
+    record: Option<Box<Pending>>,
+    sink: Option<LogSink>,
+    /// How an error ending the stream is written.
+    protocol: ClientProtocol,
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Every declared byte handed over (or nothing left to read) is a complete answer,
+        // even if hyper never asked for the end of the body.
+        if self.remaining == Some(0) || self.inner.is_end_stream() {
+            self.finish(None);
+        } else {
+            self.finish(Some(
+                "the client went away before the end of the response".into(),
+            ));
+        }
+    }
+}
+
+impl RelayBody {
+    fn next_wake(idle: Duration, deadline: Option<Instant>) -> Instant {
+        let wake = Instant::now() + idle;
+        deadline.map_or(wake, |d| d.min(wake))
+    }
+
+    /// Submits the log record: the exchange is over.
+    fn finish(&mut self, error: Option<String>) {
+        if let (Some(mut record), Some(sink)) = (self.record.take(), self.sink.as_ref()) {
+            record.latency = Some(record.started.elapsed());
+            record.error = error;
+            sink.submit(*record);
+        }
+    }
+
+    /// Hands one frame of the upstream's on, reshaped if it must be; `None` when the
+    /// shaper holds it back (an event not yet whole), so the next one is read.
+    fn relay_frame(&mut self, frame: Frame<Bytes>) -> Option<Result<Frame<Bytes>, BoxError>> {
+        let wake = Self::next_wake(self.idle, self.deadline);
+        self.timer.as_mut().reset(wake);
+        if let (Some(record), Some(data), Some(sink)) =
+            (self.record.as_mut(), frame.data_ref(), self.sink.as_ref())
+        {
+            record.response_body.push(data, sink.body_limit);
+        }
+        let Some(shaper) = self.shaper.as_mut() else {
+            if let (Some(remaining), Some(data)) = (self.remaining.as_mut(), frame.data_ref()) {
+                *remaining = remaining.saturating_sub(data.len() as u64);
+                if *remaining == 0 {
+                    self.done = true;
+                    self._in_flight = None;
+                    self.finish(None);
+                }
+            }
+            return Some(Ok(frame));
+        };
+        match frame.into_data() {
+            Ok(data) => match shaper.push(data) {
+                Ok(out) if out.is_empty() => None,
+                Ok(out) => Some(Ok(Frame::data(out))),
+                Err(too_large) => {
+                    let message = format!("upstream `{}`: {too_large}", self.upstream);
+                    tracing::warn!(upstream = %self.upstream, "{message}");
+                    Some(self.last_frame(ApiError::bad_gateway(message)))
+                }
+            },
+            Err(frame) => Some(Ok(frame)),
+        }
+    }
+
+    /// The upstream has nothing yet: waits, unless it has been quiet too long or the
+    /// total deadline has passed, which ends the body.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let message = if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                    format!("upstream `{}` exceeded the total timeout", self.upstream)
+                } else {
+                    format!(
+                        "upstream `{}` sent nothing for {}",
+                        self.upstream,
+                        humantime::format_duration(self.idle)
+                    )
+                };
+                tracing::warn!(upstream = %self.upstream, "{message}");
+                self.fail(ApiError::gateway_timeout(message))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(Some(self.last_frame(error)))
+    }
+
+    /// Ends the body with an error: the protocol's error event for a stream, a cut
+    /// transfer for anything else.
+    fn last_frame(&mut self, error: ApiError) -> Result<Frame<Bytes>, BoxError> {
+        self.done = true;
+        self._in_flight = None;
+        self.finish(Some(error.message.clone()));
+        if self.sse {
+            Ok(Frame::data(self.protocol.error_event(&error)))
+        } else {
+            Err(Box::new(error))
+        }
+    }
+}
+
+impl HttpBody for RelayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(out) = this.relay_frame(frame) {
+                        return Poll::Ready(Some(out));
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    let message = format!(
+                        "upstream `{}` broke off the response: {error}",
+                        this.upstream
+                    );
+                    tracing::warn!(upstream = %this.upstream, "{message}");
+                    return this.fail(ApiError::bad_gateway(message));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this._in_flight = None;
+                    this.finish(None);
+                    let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
+                    return if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
+                    };
+                }
+                Poll::Pending => return this.poll_quiet(cx),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || (self.shaper.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sse || self.shaper.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/JSON; charset=utf-8"),
+        );
+        assert!(is_json(&headers));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        assert!(is_event_stream(&headers));
+        assert!(!is_json(&headers));
+    }
+}

@@ -1,0 +1,172 @@
+//! The seam between the gateway and the APIs it speaks: what a client's request body says
+//! (model, end user, whether it streams), where a path names a model, which answers carry
+//! token usage, how an error is written, and what an upstream of some kind needs changed
+//! on the way (its path, its body, its answer's shape).
+//!
+//! Each protocol is a variant of a small `Copy` enum ([`ClientProtocol`], [`UpstreamKind`])
+//! whose methods `match` to the protocol's module ([`openai`] today). An enum rather than a
+//! trait object: the hot path pays a `match` the compiler can see through (no `dyn`, no
+//! `Box`, no vtable), and adding Anthropic, Gemini or Azure is one module and one variant,
+//! with the compiler naming every method that must learn it. This module reads no socket
+//! and holds no state.
+
+pub mod openai;
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::{Method, Response};
+
+use crate::config::Upstream;
+use crate::http::body::Body;
+use crate::http::error::ApiError;
+use crate::pure::shape::{ModelRename, Shaper};
+
+/// The API a client speaks to sluice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientProtocol {
+    OpenAi,
+}
+
+/// The API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    OpenAi,
+}
+
+/// What the gateway needs of a request body, borrowed from it where it can be.
+#[derive(Debug, Default)]
+pub struct BodyFacts<'a> {
+    pub model: Option<Cow<'a, str>>,
+    pub user: Option<Cow<'a, str>>,
+    /// The client asked for a streamed answer.
+    pub stream: bool,
+    /// The client asked for the usage chunk of its stream itself.
+    pub usage_asked: bool,
+    /// The body holds stream options (even `null`), which a usage request must replace.
+    pub has_stream_options: bool,
+}
+
+impl ClientProtocol {
+    /// The protocol of a request under `/v1/`: every client speaks OpenAI's today.
+    pub fn of_path(_path: &str) -> Self {
+        Self::OpenAi
+    }
+
+    /// Reads the facts routing needs from a request body; an error when it is not the
+    /// protocol's document.
+    pub fn peek(self, body: &[u8]) -> Result<BodyFacts<'_>, serde_json::Error> {
+        match self {
+            Self::OpenAi => openai::peek(body),
+        }
+    }
+
+    /// The model a path names (`/v1/models/{id}`), if it names one.
+    pub fn model_in_path<'a>(self, method: &Method, path: &'a str) -> Option<&'a str> {
+        match self {
+            Self::OpenAi => openai::model_in_path(method, path),
+        }
+    }
+
+    /// Endpoints whose requests use no model (objects, operations on something made).
+    pub fn model_less(self, path: &str) -> bool {
+        match self {
+            Self::OpenAi => openai::model_less(path),
+        }
+    }
+
+    /// Endpoints whose answers carry token usage.
+    pub fn counts_tokens(self, path: &str) -> bool {
+        match self {
+            Self::OpenAi => openai::counts_tokens(path),
+        }
+    }
+
+    /// The body rewritten to ask for a stream's usage, when the client did not and the
+    /// endpoint can send it; `None` leaves the body as it is.
+    pub fn with_usage_requested(
+        self,
+        path: &str,
+        body: &Bytes,
+        facts: &BodyFacts<'_>,
+    ) -> Option<Bytes> {
+        match self {
+            Self::OpenAi => openai::with_usage_requested(path, body, facts),
+        }
+    }
+
+    /// An error sluice answers by itself, in the protocol's shape.
+    pub fn error_response(self, error: ApiError) -> Response<Body> {
+        match self {
+            Self::OpenAi => openai::error_response(error),
+        }
+    }
+
+    /// An error ending a stream that has begun, as the protocol's last event.
+    pub fn error_event(self, error: &ApiError) -> Bytes {
+        match self {
+            Self::OpenAi => openai::error_event(error),
+        }
+    }
+}
+
+impl UpstreamKind {
+    /// The kind of a configured upstream: every upstream speaks OpenAI's API today.
+    pub fn of(_upstream: &Upstream) -> Self {
+        Self::OpenAi
+    }
+
+    /// The path to send the upstream: a model named in it gets the upstream's own name.
+    pub fn path<'a>(self, method: &Method, path: &'a str, upstream: &Upstream) -> Cow<'a, str> {
+        match self {
+            Self::OpenAi => openai::upstream_path(method, path, upstream),
+        }
+    }
+
+    /// The body to send the upstream, or `None` when the client's bytes go as they are.
+    pub fn request_body(
+        self,
+        body: &Bytes,
+        client_model: Option<&str>,
+        upstream: &Upstream,
+    ) -> Result<Option<Bytes>, serde_json::Error> {
+        match self {
+            Self::OpenAi => crate::pure::rewrite::request_body(body, client_model, upstream),
+        }
+    }
+
+    /// How the upstream's answer must change on its way to the client: the client's model
+    /// name put back (`rename`) in a JSON or SSE answer, a usage chunk the client did not
+    /// ask for taken out of a stream. `None` relays it unchanged.
+    pub fn shaper(
+        self,
+        sse: bool,
+        json: bool,
+        rename: Option<&str>,
+        strip_usage: bool,
+    ) -> Option<Shaper> {
+        match self {
+            Self::OpenAi => {
+                let rename = rename
+                    .filter(|_| sse || json)
+                    .map(|m| ModelRename { to: m.to_string() });
+                let strip_usage = strip_usage && sse;
+                (rename.is_some() || strip_usage).then(|| Shaper::new(sse, rename, strip_usage))
+            }
+        }
+    }
+}
+
+impl ApiError {
+    /// The error as the client's answer. Every client speaks OpenAI's API today, so the
+    /// edge and the admin routes need not say which protocol; the pipeline, which knows,
+    /// calls [`ClientProtocol::error_response`].
+    pub fn into_response(self) -> Response<Body> {
+        ClientProtocol::OpenAi.error_response(self)
+    }
+
+    /// The error's JSON body alone, for places that must embed it.
+    pub fn to_json(&self) -> String {
+        openai::error_json(self)
+    }
+}
