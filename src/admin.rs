@@ -15,12 +15,13 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::clock::now_ms;
+use crate::clock::unix_now;
 use crate::config::{GatewayKey, Limits, Secret};
 use crate::gateway::Gateway;
 use crate::http::body::{Body, json_response};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, presented_key};
-use crate::pure::limits::{Period, Usage, key_scope, unix_now, upstream_scope};
+use crate::pure::limits::{Period, Usage, key_scope, upstream_scope};
 use crate::store::ListQuery;
 
 pub mod dashboard;
@@ -274,7 +275,7 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
             .await
         }
         "/api/stats" => {
-            let now = crate::pure::limits::unix_now_ms();
+            let now = crate::clock::unix_now_ms();
             let from = match time_param(&query, "from") {
                 Ok(from) => from.unwrap_or(now - 30 * 86_400_000),
                 Err(error) => return error.into_response(),

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
+use sluice::clock::unix_now;
 use sluice::mock::MockServer;
-use sluice::pure::limits::{Period, key_scope, unix_now};
+use sluice::pure::limits::{Period, key_scope};
 use sluice::store::Store;
 
 const ADMIN: &str = "Bearer admin-secret-0001";

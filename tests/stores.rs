@@ -83,7 +83,7 @@ async fn sqlite_and_postgres_answer_alike() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite_url = format!("sqlite://{}", dir.path().join("log.db").display());
     let postgres_url = common::fresh_postgres_database().await;
-    let now_ms = sluice::pure::limits::unix_now_ms();
+    let now_ms = sluice::clock::unix_now_ms();
     let records: Vec<LogRecord> = (0..ROWS).map(|i| record(i, now_ms)).collect();
     let (sqlite, postgres) = tokio::task::spawn_blocking(move || {
         let sqlite = sluice::store::open(&sqlite_url).unwrap();
@@ -204,7 +204,7 @@ fn round(value: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_log_from_an_earlier_version_is_migrated_at_start() {
     let url = common::fresh_postgres_database().await;
-    let now_ms = sluice::pure::limits::unix_now_ms();
+    let now_ms = sluice::clock::unix_now_ms();
     let opened = url.clone();
     tokio::task::spawn_blocking(move || {
         let store = sluice::store::open(&opened).unwrap();
@@ -251,7 +251,7 @@ async fn a_sqlite_log_from_an_earlier_version_is_migrated_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.db");
     let url = format!("sqlite://{}", path.display());
-    let now_ms = sluice::pure::limits::unix_now_ms();
+    let now_ms = sluice::clock::unix_now_ms();
     let records: Vec<LogRecord> = (0..3).map(|i| record(i, now_ms)).collect();
     sluice::store::open(&url)
         .unwrap()

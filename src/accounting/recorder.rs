@@ -394,7 +394,7 @@ impl LogSink {
 
 /// Loads the counters of the current windows, so limits hold across a restart.
 fn restore_counters(store: &dyn Store, limiter: &Limiter) -> anyhow::Result<()> {
-    let now = crate::pure::limits::unix_now();
+    let now = crate::clock::unix_now();
     let windows: Vec<(Period, i64)> = Period::ALL.iter().map(|p| (*p, p.window(now))).collect();
     for delta in store.counters(&windows)? {
         limiter.restore(&delta.scope, delta.period, delta.window, delta.usage);
@@ -1165,7 +1165,7 @@ impl Writer {
     /// Retention: removes rows older than `storage.retention_days` and the oldest past
     /// `storage.max_rows`.
     fn retain(&self) {
-        let now_ms = crate::pure::limits::unix_now_ms();
+        let now_ms = crate::clock::unix_now_ms();
         let before = now_ms - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX / 2);
         match self.store.retain(before, self.max_rows) {
             Ok(0) => {}

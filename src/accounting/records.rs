@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method};
 
+use crate::clock::unix_now_ms;
 use crate::config::GatewayKey;
-use crate::pure::limits::{Reserve, unix_now_ms};
+use crate::pure::limits::Reserve;
 
 /// What is kept of a body when the log sheds it: enough for a trailing usage chunk.
 pub const TAIL: usize = 8 * 1024;

@@ -99,22 +99,9 @@ pub async fn serve_current(
             },
             () = &mut shutdown => break,
         };
-        let server_config = &current.load().config.server;
-        let slot = if server_config.max_connections_per_ip == 0
-            || server_config
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(&peer.ip()))
-        {
-            None
-        } else {
-            match per_ip.open(peer.ip(), server_config.max_connections_per_ip) {
-                Some(slot) => Some(slot),
-                None => {
-                    tokio::spawn(refuse_connection(stream, peer));
-                    continue;
-                }
-            }
+        let Ok(slot) = per_ip.admit(&current.load().config.server, peer.ip()) else {
+            tokio::spawn(refuse_connection(stream, peer));
+            continue;
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {error}");
@@ -158,6 +145,20 @@ struct ConnectionSlot {
 }
 
 impl ConnectionsPerIp {
+    /// A place for a new connection from `ip` under `server`'s cap: `Ok(None)` when the
+    /// cap does not apply (off, or a trusted proxy), `Err` when the address is at it.
+    fn admit(
+        &self,
+        server: &crate::config::Server,
+        ip: std::net::IpAddr,
+    ) -> Result<Option<ConnectionSlot>, ()> {
+        let cap = server.max_connections_per_ip;
+        if cap == 0 || server.trusted_proxies.iter().any(|net| net.contains(&ip)) {
+            return Ok(None);
+        }
+        self.open(ip, cap).map(Some).ok_or(())
+    }
+
     /// A place for a new connection from `ip`, or `None` if it holds `cap` already.
     fn open(&self, ip: std::net::IpAddr, cap: usize) -> Option<ConnectionSlot> {
         let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -274,6 +275,8 @@ pub async fn handle(
     response
 }
 
+/// The accept stage: liveness, IP rules and path checks, then the route: dashboard and
+/// admin API, `/metrics`, readiness and status, or an API request.
 async fn respond(
     gateway: &Gateway,
     peer: SocketAddr,
@@ -294,24 +297,8 @@ async fn respond(
     if let Err(error) = gateway.guard.check_ip(client) {
         return error.into_response();
     }
-    // `..` (plain or encoded) would lift a forwarded path above the upstream's base URL,
-    // where other tenants' or admin endpoints may live; no API path needs one.
     if !is_plain_path(path) {
-        let error = ApiError::bad_request(
-            "invalid_path",
-            "the path has a dot segment (`.` or `..`, plain or percent-encoded), an encoded \
-             slash or an encoded control character; send the path without them",
-        );
-        let route = path
-            .strip_prefix(gateway.config.server.route_prefix.as_str())
-            .unwrap_or(path);
-        if route == "/v1" || route.starts_with("/v1/") {
-            // Refused, but logged like every other API request.
-            let route = route.to_string();
-            let (parts, _) = request.into_parts();
-            gateway.record_error(gateway.start_record(client, &parts, &route), &error);
-        }
-        return error.into_response();
+        return refuse_path(gateway, client, request);
     }
     let dashboard_here = role == Role::Admin || gateway.config.admin.listen.is_none();
     if dashboard_here
@@ -323,24 +310,7 @@ async fn respond(
         return admin::handle(gateway, request, client, local).await;
     }
     if path == "/metrics" && request.method() == Method::GET {
-        return match admin::authorize(gateway, request.headers(), client, local) {
-            Ok(true) => {
-                let mut response = Response::new(crate::http::body::full(
-                    crate::observe::metrics::render(&gateway.metrics, &metrics_gauges(gateway)),
-                ));
-                response.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                response
-            }
-            Ok(false) => ApiError::unauthorized(
-                "invalid_admin_key",
-                "/metrics needs the admin key (Authorization: Bearer ADMIN_KEY)",
-            )
-            .into_response(),
-            Err(error) => error.into_response(),
-        };
+        return metrics(gateway, &request, client, local);
     }
     if role == Role::Admin {
         return match (request.method(), path) {
@@ -364,47 +334,109 @@ async fn respond(
         (&Method::GET, "/v1/status") => {
             admin::status(gateway, request.headers(), client, local).await
         }
-        (_, r) if r == "/v1" || r.starts_with("/v1/") => {
-            if let Some(recorder) = &gateway.recorder {
-                // Only with `storage.overflow: backpressure` does this ever wait.
-                if let Err(error) = recorder.wait_for_room().await {
-                    return error.into_response();
-                }
-            }
-            let (parts, body) = request.into_parts();
-            let mut record = gateway.start_record(client, &parts, &route);
-            let caller = match gateway.guard.authenticate(&parts.headers) {
-                Ok(caller) => caller,
-                Err(error) => {
-                    gateway.record_error(record, &error);
-                    return error.into_response();
-                }
-            };
-            if let Some(record) = record.as_mut() {
-                record.key_label = caller.label().to_string();
-            }
-            if parts.method == Method::GET && route == "/v1/models" {
-                // Answered here: the key is admitted alone. Forwarded requests admit it
-                // with the upstream they try (one round trip when limits are shared).
-                if let Caller::Gateway(key) = &caller {
-                    let ticket = match gateway.admit(Some((key, Reserve::default())), None).await {
-                        Ok((ticket, _)) => ticket,
-                        Err(error) => {
-                            gateway.record_error(record, &error);
-                            return error.into_response();
-                        }
-                    };
-                    if let Some(record) = record.as_mut() {
-                        record.admitted(key, ticket);
-                    }
-                }
-                models::list(gateway, caller, parts, body, &route, record).await
-            } else {
-                forward::forward(gateway, caller, parts, body, &route, record).await
-            }
-        }
+        (_, r) if r == "/v1" || r.starts_with("/v1/") => api(gateway, client, request, route).await,
         (method, _) => unknown_route(method, path),
     }
+}
+
+/// Refuses a path with a dot segment, an encoded slash or an encoded control character:
+/// `..` (plain or encoded) would lift a forwarded path above the upstream's base URL, where
+/// other tenants' or admin endpoints may live, and no API path needs one. API requests so
+/// refused are logged like every other.
+fn refuse_path(
+    gateway: &Gateway,
+    client: std::net::IpAddr,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let error = ApiError::bad_request(
+        "invalid_path",
+        "the path has a dot segment (`.` or `..`, plain or percent-encoded), an encoded \
+         slash or an encoded control character; send the path without them",
+    );
+    let path = request.uri().path();
+    let route = path
+        .strip_prefix(gateway.config.server.route_prefix.as_str())
+        .unwrap_or(path);
+    if route == "/v1" || route.starts_with("/v1/") {
+        let route = route.to_string();
+        let (parts, _) = request.into_parts();
+        gateway.record_error(gateway.start_record(client, &parts, &route), &error);
+    }
+    error.into_response()
+}
+
+/// `/metrics` for the admin: Prometheus text from the log's series and live gauges.
+fn metrics(
+    gateway: &Gateway,
+    request: &Request<Incoming>,
+    client: std::net::IpAddr,
+    local: std::net::IpAddr,
+) -> Response<Body> {
+    match admin::authorize(gateway, request.headers(), client, local) {
+        Ok(true) => {
+            let mut response = Response::new(crate::http::body::full(
+                crate::observe::metrics::render(&gateway.metrics, &metrics_gauges(gateway)),
+            ));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        Ok(false) => ApiError::unauthorized(
+            "invalid_admin_key",
+            "/metrics needs the admin key (Authorization: Bearer ADMIN_KEY)",
+        )
+        .into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The authenticate stage of an API request: room in the log (with back-pressure), its
+/// record started, the caller's key turned into a [`Caller`]; then `GET /v1/models` is
+/// answered from the config (the key admitted alone) and everything else is forwarded.
+async fn api(
+    gateway: &Gateway,
+    client: std::net::IpAddr,
+    request: Request<Incoming>,
+    route: String,
+) -> Response<Body> {
+    if let Some(recorder) = &gateway.recorder {
+        // Only with `storage.overflow: backpressure` does this ever wait.
+        if let Err(error) = recorder.wait_for_room().await {
+            return error.into_response();
+        }
+    }
+    let (parts, body) = request.into_parts();
+    let mut record = gateway.start_record(client, &parts, &route);
+    let caller = match gateway.guard.authenticate(&parts.headers) {
+        Ok(caller) => caller,
+        Err(error) => {
+            gateway.record_error(record, &error);
+            return error.into_response();
+        }
+    };
+    if let Some(record) = record.as_mut() {
+        record.key_label = caller.label().to_string();
+    }
+    if parts.method != Method::GET || route != "/v1/models" {
+        return forward::forward(gateway, caller, parts, body, &route, record).await;
+    }
+    // Answered here: the key is admitted alone. Forwarded requests admit it with the
+    // upstream they try (one round trip when limits are shared).
+    if let Caller::Gateway(key) = &caller {
+        let ticket = match gateway.admit(Some((key, Reserve::default())), None).await {
+            Ok((ticket, _)) => ticket,
+            Err(error) => {
+                gateway.record_error(record, &error);
+                return error.into_response();
+            }
+        };
+        if let Some(record) = record.as_mut() {
+            record.admitted(key, ticket);
+        }
+    }
+    models::list(gateway, caller, parts, body, &route, record).await
 }
 
 /// Ready when the config is loaded (it is, or sluice would not run) and storage answers.

@@ -31,7 +31,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::accounting::shared::SharedState;
-use crate::pure::limits::unix_now_ms;
+use crate::clock::unix_now_ms;
 use crate::store::{ObjectRoute, Store};
 
 /// Objects held in memory; past it, expired ones go, then an arbitrary quarter.

@@ -4,12 +4,13 @@
 
 use http::StatusCode;
 
+use crate::clock::unix_now;
 use crate::gateway::Gateway;
 use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
 use crate::pipeline::read::{Inbound, MAX_MODEL_NAME};
-use crate::pure::limits::{Reserve, unix_now};
+use crate::pure::limits::Reserve;
 use crate::pure::routing::Choice;
 
 /// The request header that pins a conversation to one upstream and key.

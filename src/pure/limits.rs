@@ -24,10 +24,6 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::config::{Budget, BudgetPeriod, GatewayKey, Limits, Upstream};
 
-/// The wall clock moved to [`crate::clock`]: nothing here reads it. Named here still so
-/// callers elsewhere keep compiling while the pipeline is split; prefer `clock::`.
-pub use crate::clock::{unix_now, unix_now_ms};
-
 /// The kinds of window a count is kept for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Period {

@@ -211,7 +211,7 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
 /// Limits count in fixed minutes of the wall clock: a burst that must land in one minute
 /// starts early in a minute rather than across a boundary.
 pub async fn start_of_a_minute() {
-    let second = sluice::pure::limits::unix_now().rem_euclid(60);
+    let second = sluice::clock::unix_now().rem_euclid(60);
     if second > 45 {
         tokio::time::sleep(std::time::Duration::from_secs(
             u64::try_from(61 - second).unwrap_or(1),
