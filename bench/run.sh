@@ -69,7 +69,7 @@ stream_body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","co
 busy_poll=${BENCH_BUSY_POLL:-0}
 poll_window=300us
 cat > "$work/bare.yaml" <<YAML
-server: {listen: 127.0.0.1:18000, busy_poll: $busy_poll}
+server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: $busy_poll}
 access: {keys: [{name: bench, key: fk-bench-key-0001}]}
 upstreams:
   - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1]}
@@ -77,7 +77,7 @@ storage: {url: none}
 YAML
 # Same port numbers as bare for each mock, with routing by model, limits and the log on.
 cat > "$work/full.yaml" <<YAML
-server: {listen: 127.0.0.1:18000, busy_poll: $busy_poll}
+server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: $busy_poll}
 access:
   keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
 upstreams:

@@ -450,9 +450,9 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A whole body must arrive within this (32 MiB at 1 Mbit/s takes under 5 minutes).
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(600);
-/// Enough for a busy client's connection pool; a few hundred idle sockets from one address
-/// are an attack on the open-files limit.
-const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Enough for one busy service holding thousands of streams, far below the open-files limit
+/// sluice raises at start: one address cannot take every descriptor.
+const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 4096;
 
 fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
     let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
