@@ -12,7 +12,6 @@ use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use crate::accounting::records::Pending;
 use crate::gateway::Gateway;
 use crate::http::body::{BodyTimeout, BoxError, TimedBody};
 use crate::http::error::ApiError;
@@ -27,13 +26,26 @@ pub const MAX_MODEL_NAME: usize = 256;
 /// end user, and whether the usage chunk was asked for on the client's behalf.
 pub struct Inbound {
     pub buffered: Option<Bytes>,
-    /// `buffered` is a JSON document (so it may be rewritten for an upstream).
-    pub json: bool,
+    /// What `buffered` was recognised as.
+    pub kind: BodyKind,
     pub streamed: Option<reqwest::Body>,
     pub model: Option<String>,
     pub user: Option<String>,
     /// The usage chunk was asked for on the client's behalf, so it is hidden from it.
     pub strip_usage: bool,
+    /// What the log keeps of the body as the client sent it.
+    logged: Option<Bytes>,
+}
+
+/// What a body read whole turned out to be, by its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// The protocol's JSON: it may be rewritten for an upstream.
+    Json,
+    /// A `multipart/form-data` form.
+    Form,
+    /// Streamed, empty, or neither: relayed as it is.
+    Other,
 }
 
 /// Decides whether the body is read or streamed, and reads it: refused when its declared
@@ -61,70 +73,67 @@ pub async fn read_inbound(x: &mut Exchange<'_>, body: Incoming) -> Result<Inboun
             Some(_) => x.caller.needs_known_model() || gateway.routes_by_model(),
             None => gateway.must_read_json(x.caller),
         };
-    if !must_read {
+    let inbound = if must_read {
+        let bytes = read_body(body, limit).await?;
+        match form {
+            Some(boundary) => form_inbound(bytes, boundary)?,
+            None => json_inbound(x, bytes, declared_json)?,
+        }
+    } else {
         let streamed = has_body.then(|| {
             reqwest::Body::wrap(Limited::new(
                 body,
                 usize::try_from(limit).unwrap_or(usize::MAX),
             ))
         });
-        return streamed_inbound(x, streamed);
+        streamed_inbound(x, streamed)
+    };
+    note_model(x, inbound)
+}
+
+/// Checks the model a request names and notes it in its log record.
+fn note_model(x: &mut Exchange<'_>, mut inbound: Inbound) -> Result<Inbound, ApiError> {
+    if let Some(model) = &inbound.model {
+        check_model_name(model)?;
     }
-    let bytes = read_body(body, limit).await?;
-    match form {
-        Some(boundary) => form_inbound(bytes, boundary, &mut x.record),
-        None => json_inbound(x, bytes, declared_json),
+    if let Some(record) = x.record.as_mut() {
+        record.model = inbound.model.clone();
+        record.request_body = inbound.logged.take();
     }
+    Ok(inbound)
 }
 
 /// A body that streams through: the model can only be in the path.
-fn streamed_inbound(
-    x: &mut Exchange<'_>,
-    streamed: Option<reqwest::Body>,
-) -> Result<Inbound, ApiError> {
+fn streamed_inbound(x: &Exchange<'_>, streamed: Option<reqwest::Body>) -> Inbound {
     let model = x
         .protocol
         .model_in_path(&x.parts.method, x.path)
         .map(str::to_string);
-    if let Some(model) = &model {
-        check_model_name(model)?;
-    }
-    if let Some(record) = x.record.as_mut() {
-        record.model = model.clone();
-    }
-    Ok(Inbound {
+    Inbound {
         buffered: None,
-        json: false,
+        kind: BodyKind::Other,
         streamed,
         model,
         user: None,
         strip_usage: false,
-    })
+        logged: None,
+    }
 }
 
 /// A form: its `model` field is read where it decides something; a form that cannot be
 /// read then has no model sluice can vouch for, and is refused.
-fn form_inbound(
-    bytes: Bytes,
-    boundary: Result<&str, FormError>,
-    record: &mut Option<Box<Pending>>,
-) -> Result<Inbound, ApiError> {
+fn form_inbound(bytes: Bytes, boundary: Result<&str, FormError>) -> Result<Inbound, ApiError> {
     let model = boundary
         .and_then(|b| multipart::field(&bytes, b, "model"))
         .map_err(|e| ApiError::bad_request("invalid_form", format!("cannot read the form: {e}")))?;
-    if let Some(model) = &model {
-        check_model_name(model)?;
-    }
-    if let Some(record) = record.as_mut() {
-        record.model = model.clone();
-    }
     Ok(Inbound {
         buffered: Some(bytes),
-        json: false,
+        kind: BodyKind::Form,
         streamed: None,
         model,
         user: None,
         strip_usage: false,
+        logged: None,
     })
 }
 
@@ -154,15 +163,10 @@ fn json_inbound(
         .as_ref()
         .and_then(|f| f.user.as_deref())
         .map(str::to_string);
-    if let Some(model) = &model {
-        check_model_name(model)?;
-    }
-    if let Some(record) = x.record.as_mut() {
-        record.model = model.clone();
-        record.request_body = Some(Bytes::copy_from_slice(
-            &bytes[..bytes.len().min(record_limit(x.gateway))],
-        ));
-    }
+    let logged = x
+        .record
+        .is_some()
+        .then(|| Bytes::copy_from_slice(&bytes[..bytes.len().min(record_limit(x.gateway))]));
     let with_usage = facts
         .as_ref()
         .filter(|_| x.record.is_some())
@@ -170,11 +174,16 @@ fn json_inbound(
     let strip_usage = with_usage.is_some();
     Ok(Inbound {
         buffered: Some(with_usage.unwrap_or(bytes)),
-        json,
+        kind: if json {
+            BodyKind::Json
+        } else {
+            BodyKind::Other
+        },
         streamed: None,
         model,
         user,
         strip_usage,
+        logged,
     })
 }
 
@@ -233,16 +242,9 @@ pub fn authorise_model(x: &Exchange<'_>, inbound: &Inbound) -> Result<(), ApiErr
         }
     }
     let body = inbound.buffered.as_ref().filter(|b| !b.is_empty());
-    let is_form = x
-        .parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(multipart::boundary)
-        .is_some();
     match (&inbound.model, body) {
         (Some(_), _) | (None, None) => Ok(()),
-        (None, Some(_)) if !inbound.json && !is_form => Err(ApiError::bad_request(
+        (None, Some(_)) if inbound.kind == BodyKind::Other => Err(ApiError::bad_request(
             "model_unknown",
             "this API key is limited to some models or a budget, and the model of this request \
              cannot be read: send a JSON body (or a form) with a `model` field",

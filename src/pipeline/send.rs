@@ -16,7 +16,7 @@ use crate::http::body::BodyTimeout;
 use crate::http::error::{ApiError, Fault};
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
-use crate::pipeline::read::{Inbound, invalid_json};
+use crate::pipeline::read::{BodyKind, Inbound, invalid_json};
 use crate::protocol::UpstreamKind;
 use crate::pure::routing::Choice;
 use crate::upstream::UpstreamRuntime;
@@ -78,7 +78,11 @@ pub async fn outgoing(
         .client
         .request(x.parts.method.clone(), url)
         .headers(headers);
-    if let Some(bytes) = inbound.buffered.as_ref().filter(|_| !inbound.json) {
+    if let Some(bytes) = inbound
+        .buffered
+        .as_ref()
+        .filter(|_| inbound.kind != BodyKind::Json)
+    {
         request = request.body(bytes.clone());
     } else if let Some(bytes) = &inbound.buffered {
         let rewritten = kind
