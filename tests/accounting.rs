@@ -683,15 +683,6 @@ async fn a_burst_of_ten_thousand_requests_is_logged_without_unbounded_memory() {
     assert!(growth_mib < 256, "resident memory grew by {growth_mib} MiB");
 }
 
-fn rss_kib() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn the_dashboard_can_live_on_its_own_listener() {
     let mock = mock().await;

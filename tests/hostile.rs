@@ -153,18 +153,6 @@ struct Report {
     logged_total: Option<u64>,
 }
 
-fn rss_kib() -> i64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// One request over a fresh connection, `Connection: close`, read to the end.
 async fn send_raw(
     addr: std::net::SocketAddr,
@@ -679,12 +667,7 @@ admin: {{key: {ADMIN_KEY}}}
         answer.bytes().await.expect("warm-up body");
     }
     let warm_up_logged = 3;
-    gw.gateway
-        .recorder
-        .as_ref()
-        .expect("the log is on")
-        .flush()
-        .await;
+    flush(&gw).await;
     sluice::sys::release_free_memory();
     let rss_before_kib = rss_kib();
 

@@ -245,3 +245,13 @@ pub async fn admin_json(gw: &TestGateway, path: &str, admin_key: &str) -> serde_
     assert_eq!(response.status(), 200, "{path}");
     json(response).await
 }
+
+/// This process's resident memory in KiB (the in-process gateway's included).
+pub fn rss_kib() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
