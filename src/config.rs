@@ -127,6 +127,67 @@ pub struct Config {
     pub shared_state: Option<SharedState>,
     /// Where to send a trace of each request (OTLP over HTTP); `None` sends none.
     pub traces: Option<Traces>,
+    /// What sluice writes to stdout.
+    pub log: Log,
+    /// Webhooks told when a budget runs low, an upstream goes down or the log drops rows.
+    pub alerts: Alerts,
+}
+
+/// sluice's own log on stdout: its format, and whether each request gets a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    /// One line per request (the access log), at info.
+    pub access: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+/// Human-readable lines, or one JSON object a line for log shippers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Where alerts go and how often one may repeat.
+#[derive(Debug, Clone, Default)]
+pub struct Alerts {
+    pub webhooks: Vec<Webhook>,
+    /// The least time between two alerts about the log dropping rows.
+    pub interval: Duration,
+}
+
+/// One webhook. Its URL is a secret (a Slack webhook URL is its own credential).
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: Secret,
+    pub format: WebhookFormat,
+}
+
+/// The body a webhook gets: sluice's JSON, or Slack's `{"text": …}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookFormat {
+    Json,
+    Slack,
 }
 
 #[derive(Debug, Clone)]

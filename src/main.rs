@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice::config::{self, EnvMap, LoadOptions};
+use sluice::config::{self, EnvMap, LoadOptions, LogFormat};
 use sluice::gateway::{Current, Gateway};
 use sluice::mock::{self, Fault, MockOptions};
 use tokio::net::TcpListener;
@@ -41,6 +41,8 @@ enum Command {
     },
     /// Validate a config and print every problem with its path.
     Check {
+        /// Config file to check; default: $SLUICE_CONFIG, else ./sluice.yaml if present, else
+        /// the built-in defaults. SLUICE_… variables and .env apply as they would to `serve`.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -75,7 +77,6 @@ enum Command {
 fn main() -> ExitCode {
     // A .env file in the working directory feeds the environment; real variables win.
     let _ = dotenvy::dotenv();
-    init_tracing();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve {
         config: None,
@@ -88,12 +89,19 @@ fn main() -> ExitCode {
             config,
             listen,
             workers,
-        } => runtime(workers).and_then(|rt| {
-            rt.block_on(serve(LoadOptions {
+        } => {
+            let options = LoadOptions {
                 path: config,
                 listen,
-            }))
-        }),
+            };
+            match load_for_serve(&options) {
+                Ok(loaded) => {
+                    init_tracing(log_format(Some(&loaded.config)));
+                    runtime(workers).and_then(|rt| rt.block_on(serve(options, loaded)))
+                }
+                Err(error) => Err(error),
+            }
+        }
         Command::MockUpstream {
             listen,
             chunks,
@@ -104,6 +112,7 @@ fn main() -> ExitCode {
             name,
             workers,
         } => {
+            init_tracing(log_format(None));
             let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name);
             options.and_then(|options| {
                 runtime(workers).and_then(|rt| rt.block_on(mock_upstream(&listen, options)))
@@ -119,14 +128,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// The log's format: `SLUICE_LOG_FORMAT` (text or json) wins over `log.format`.
+fn log_format(config: Option<&config::Config>) -> LogFormat {
+    std::env::var("SLUICE_LOG_FORMAT")
+        .ok()
+        .and_then(|text| LogFormat::parse(&text))
+        .or(config.map(|c| c.log.format))
+        .unwrap_or_default()
+}
+
+/// Logs on stdout at `SLUICE_LOG` (default info): lines for people, or one JSON object a
+/// line (fields at the top level) for log shippers.
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::stdout().is_terminal())
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_target(true)
+            .init(),
+    }
+}
+
+fn load_for_serve(options: &LoadOptions) -> anyhow::Result<config::Loaded> {
+    config::load(options, &EnvMap::from_process()).map_err(|problems| {
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!(
+            "the config has problems (run `sluice check`):\n  {}",
+            lines.join("\n  ")
+        )
+    })
 }
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -164,15 +203,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn serve(options: LoadOptions) -> anyhow::Result<()> {
-    let loaded = config::load(&options, &EnvMap::from_process()).map_err(|problems| {
-        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!(
-            "the config has problems (run `sluice check`):\n  {}",
-            lines.join("\n  ")
-        )
-    })?;
-    let config = loaded.config;
+async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<()> {
+    let config = loaded.config.clone();
     let listen = config.server.listen;
     let gateway = Arc::new(Gateway::new(config)?);
     let current = Arc::new(Current::new(gateway.clone()));
@@ -196,7 +228,8 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
         |p| p.display().to_string(),
     );
     let prefix = &gateway.config.server.route_prefix;
-    tracing::info!(config = %source, "sluice {} listening on http://{}{prefix}/v1", env!("CARGO_PKG_VERSION"), listener.local_addr()?);
+    let local = listener.local_addr()?;
+    tracing::info!(config = %source, "sluice {} listening on http://{local}{prefix}/v1", env!("CARGO_PKG_VERSION"));
     for upstream in &gateway.upstreams {
         tracing::info!(
             upstream = %upstream.config.name,
@@ -218,10 +251,9 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
         let admin_listener = TcpListener::bind(admin_listen)
             .await
             .with_context(|| format!("cannot listen on {admin_listen} (admin.listen)"))?;
-        tracing::info!(
-            "dashboard and admin API listening on http://{}",
-            admin_listener.local_addr()?
-        );
+        let admin_local = admin_listener.local_addr()?;
+        tracing::info!("dashboard and admin API listening on http://{admin_local}");
+        banner(&gateway, &loaded, local, Some(admin_local));
         let (current, stopped) = (current.clone(), stopped.clone());
         tokio::spawn(async move {
             let role = sluice::http::server::Role::Admin;
@@ -236,6 +268,9 @@ async fn serve(options: LoadOptions) -> anyhow::Result<()> {
                 tracing::error!("admin listener failed: {error:#}");
             }
         });
+    }
+    if gateway.config.admin.listen.is_none() {
+        banner(&gateway, &loaded, local, None);
     }
     tokio::spawn(watch_config(options, loaded.path.clone(), current.clone()));
     let role = sluice::http::server::Role::Gateway;
@@ -332,6 +367,77 @@ fn reload(options: &LoadOptions, current: &Current, reason: &str) {
         Err(error) => {
             tracing::error!("config reload ({reason}) refused, the running config stays: {error:#}")
         }
+    }
+}
+
+/// What an operator needs at start: where the dashboard is (and why not), where the log
+/// goes, what is configured, and what a client must bring when sluice has no key to spend.
+fn banner(
+    gateway: &Gateway,
+    loaded: &config::Loaded,
+    local: std::net::SocketAddr,
+    admin_local: Option<std::net::SocketAddr>,
+) {
+    let config = &gateway.config;
+    let admin_key = config.admin.key.is_some();
+    let dashboard_at = admin_local.unwrap_or(local);
+    let dashboard = if admin_key {
+        format!("http://{dashboard_at}/ (log in with the admin key)")
+    } else if dashboard_at.ip().is_loopback() {
+        format!("http://{dashboard_at}/ (no admin key: open to this machine only)")
+    } else {
+        format!(
+            "off: set admin.key_env (or admin.key) to open it at http://{dashboard_at}/, \
+             or listen on loopback"
+        )
+    };
+    tracing::info!("dashboard: {dashboard}");
+    let storage = match &config.storage.url {
+        Some(url) => display_url(url),
+        None => "off (storage.url: none): no request log, dashboard data or persisted counters"
+            .to_string(),
+    };
+    tracing::info!("storage: {storage}");
+    let upstream_keys: usize = config.upstreams.iter().map(|u| u.keys.len()).sum();
+    tracing::info!(
+        "{} upstream(s) with {upstream_keys} key(s); {} gateway key(s); admin key {}; access log {}; {} alert webhook(s)",
+        config.upstreams.len(),
+        config.access.keys.len(),
+        if admin_key { "set" } else { "not set" },
+        if config.log.access { "on" } else { "off" },
+        config.alerts.webhooks.len(),
+    );
+    let spends_own_keys = config
+        .upstreams
+        .iter()
+        .any(|u| !u.keys.is_empty() || u.token.is_some());
+    if loaded.path.is_none() && !spends_own_keys {
+        tracing::warn!(
+            "no config file and no OPENAI_API_KEY: only clients' own keys will work (each request \
+             must carry its own Authorization: Bearer sk-…); set OPENAI_API_KEY or write a sluice.yaml"
+        );
+    } else if !spends_own_keys && config.access.passthrough {
+        tracing::info!("no upstream has keys of its own: only clients' own keys will work");
+    }
+}
+
+/// A storage URL without its password, an SQLite file with its full path.
+fn display_url(url: &str) -> String {
+    if let Some(file) = url.strip_prefix("sqlite://") {
+        let path = std::path::Path::new(file);
+        if path.is_relative() && !file.starts_with(':') {
+            if let Ok(dir) = std::env::current_dir() {
+                return format!("sqlite://{}", dir.join(path).display());
+            }
+        }
+        return url.to_string();
+    }
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 

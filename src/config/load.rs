@@ -14,13 +14,14 @@ use super::raw::{
     RawAccess, RawAdmin, RawBudget, RawGatewayKey, RawPrice, RawRouting, RawServer, RawStorage,
     RawTimeouts, RawToken, RawUpstream, Scalar,
 };
-use super::raw::{RawSharedState, RawTraces};
+use super::raw::{RawAlerts, RawLog, RawSharedState, RawTraces};
 use super::{
     Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn,
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
     parse_net, parse_size,
 };
 use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
+use super::{Alerts, Log, LogFormat, Webhook, WebhookFormat};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -76,6 +77,8 @@ const SECTIONS: &[&str] = &[
     "pricing",
     "shared_state",
     "traces",
+    "log",
+    "alerts",
 ];
 
 /// Loads and checks the configuration. On failure, returns every problem found.
@@ -102,8 +105,73 @@ pub fn load(options: &LoadOptions, env: &EnvMap) -> Result<Loaded, Vec<Problem>>
         )
         .map_err(|problem| vec![problem])?;
     }
-    let config = resolve(&document, env)?;
+    let config = resolve(&document, env).map_err(|problems| {
+        let origins = env_origins(env);
+        problems
+            .into_iter()
+            .map(|problem| blame_variable(problem, &origins))
+            .collect::<Vec<_>>()
+    })?;
     Ok(Loaded { config, path })
+}
+
+/// The config paths that `SLUICE_…` variables set, each with its variable's name:
+/// `SLUICE_UPSTREAMS__0__BASE_URL` sets `upstreams[0].base_url`.
+fn env_origins(env: &EnvMap) -> Vec<(Vec<String>, String)> {
+    env.0
+        .keys()
+        .filter_map(|name| {
+            let rest = name.strip_prefix("SLUICE_")?;
+            if NOT_OVERRIDES.contains(&name.as_str()) || rest.is_empty() {
+                return None;
+            }
+            let segments: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if segments.len() == 1 && !SECTIONS.contains(&segments[0].as_str()) {
+                return None;
+            }
+            Some((segments, name.clone()))
+        })
+        .collect()
+}
+
+/// A problem's path as segments: `upstreams[0].base_url` → `upstreams`, `0`, `base_url`.
+fn path_segments(path: &str) -> Vec<String> {
+    path.replace('[', ".")
+        .replace(']', "")
+        .split('.')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Names the environment variable behind a problem, when a variable set what it is
+/// about: the operator must look there, not in a file. A problem at or under the
+/// variable's path is its own; one above it (an unknown section or field) is when its
+/// message names a part of the variable's path.
+fn blame_variable(problem: Problem, origins: &[(Vec<String>, String)]) -> Problem {
+    let at = path_segments(&problem.path);
+    if at.is_empty() {
+        return problem;
+    }
+    let found = origins.iter().find(|(set, _)| {
+        if at.len() >= set.len() {
+            at[..set.len()] == set[..]
+        } else {
+            set[..at.len()] == at[..]
+                && set[at.len() - 1..]
+                    .iter()
+                    .any(|segment| problem.message.contains(segment.as_str()))
+        }
+    });
+    let Some((_, variable)) = found else {
+        return problem;
+    };
+    let path = if problem.message.contains(problem.path.as_str()) {
+        variable.clone()
+    } else {
+        format!("{variable} ({})", problem.path)
+    };
+    Problem::new(path, problem.message)
 }
 
 /// Parses a YAML document from text; used by `load` and by tests.
@@ -231,7 +299,10 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         if !SECTIONS.contains(&key.as_str()) {
             problems.push(Problem::new(
                 key.clone(),
-                format!("unknown section, expected one of: {}", SECTIONS.join(", ")),
+                format!(
+                    "unknown section {key}, expected one of: {}",
+                    SECTIONS.join(", ")
+                ),
             ));
         }
     }
@@ -362,6 +433,11 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
     let raw_traces: RawTraces =
         section(top.get("traces"), "traces", &mut problems).unwrap_or_default();
     let traces = resolve_traces(raw_traces, env, &mut problems);
+    let raw_log: RawLog = section(top.get("log"), "log", &mut problems).unwrap_or_default();
+    let log = resolve_log(&raw_log, &mut problems);
+    let raw_alerts: RawAlerts =
+        section(top.get("alerts"), "alerts", &mut problems).unwrap_or_default();
+    let alerts = resolve_alerts(raw_alerts, env, &mut problems);
 
     if problems.is_empty() {
         Ok(Config {
@@ -374,6 +450,8 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
             pricing,
             shared_state,
             traces,
+            log,
+            alerts,
         })
     } else {
         Err(problems)
@@ -446,6 +524,27 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// An address to listen on: `0.0.0.0:8000`, `[::1]:8000`, or a host name and port
+/// (`localhost:8000`), resolved once, an IPv4 address preferred.
+fn listen_address(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Some(address);
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return None;
+    }
+    let addresses: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .ok()?
+        .collect();
+    addresses
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addresses.first())
+        .copied()
+}
+
 /// A client that sends nothing of its body for this long is cut off (408).
 const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A whole body must arrive within this (32 MiB at 1 Mbit/s takes under 5 minutes).
@@ -456,10 +555,10 @@ const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 4096;
 
 fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
     let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
+    let listen = listen_address(&listen_text).unwrap_or_else(|| {
         problems.push(Problem::new(
             "server.listen",
-            format!("{listen_text:?} is not an address like 0.0.0.0:8000"),
+            format!("{listen_text:?} is not an address like 0.0.0.0:8000 or localhost:8000"),
         ));
         SocketAddr::from(([0, 0, 0, 0], 8000))
     });
@@ -795,6 +894,88 @@ fn resolve_upstream(
     })
 }
 
+fn resolve_log(raw: &RawLog, problems: &mut Vec<Problem>) -> Log {
+    let defaults = Log::default();
+    let format = match raw.format.as_deref() {
+        None => defaults.format,
+        Some(text) => LogFormat::parse(text).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                "log.format",
+                format!("{text:?} is not text or json"),
+            ));
+            defaults.format
+        }),
+    };
+    Log {
+        format,
+        access: raw.access.unwrap_or(defaults.access),
+    }
+}
+
+/// Alerts are repeated at most this often by default (the log dropping rows).
+const DEFAULT_ALERT_INTERVAL: Duration = Duration::from_secs(300);
+
+fn resolve_alerts(raw: RawAlerts, env: &EnvMap, problems: &mut Vec<Problem>) -> Alerts {
+    let mut webhooks = Vec::new();
+    for (i, hook) in raw.webhooks.iter().enumerate() {
+        let path = format!("alerts.webhooks[{i}]");
+        let url = match (&hook.url, &hook.url_env) {
+            (Some(_), Some(_)) => {
+                problems.push(Problem::new(&path, "set either url or url_env, not both"));
+                continue;
+            }
+            (None, None) => {
+                problems.push(Problem::new(&path, "needs url or url_env"));
+                continue;
+            }
+            (Some(url), None) => (url.clone(), format!("{path}.url")),
+            (None, Some(var)) => match env.get(var) {
+                Some(url) => (url.to_string(), format!("{path}.url_env")),
+                None => {
+                    problems.push(Problem::new(
+                        format!("{path}.url_env"),
+                        format!("environment variable {var} is not set"),
+                    ));
+                    continue;
+                }
+            },
+        };
+        let (url, url_path) = url;
+        // The URL is not quoted: a Slack webhook's URL is its credential.
+        match reqwest::Url::parse(url.trim()) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            _ => {
+                problems.push(Problem::new(url_path, "not an http:// or https:// URL"));
+                continue;
+            }
+        }
+        let format = match hook.format.as_deref().unwrap_or("json") {
+            "json" => WebhookFormat::Json,
+            "slack" => WebhookFormat::Slack,
+            other => {
+                problems.push(Problem::new(
+                    format!("{path}.format"),
+                    format!("{other:?} is not json or slack"),
+                ));
+                continue;
+            }
+        };
+        webhooks.push(Webhook {
+            url: Secret::new(url.trim()),
+            format,
+        });
+    }
+    let interval = duration_field(
+        raw.interval.as_ref(),
+        "alerts.interval",
+        "a duration like 5m",
+        |d| !d.is_zero(),
+        problems,
+    )
+    .unwrap_or(DEFAULT_ALERT_INTERVAL);
+    Alerts { webhooks, interval }
+}
+
 fn resolve_shared_state(raw: RawSharedState, problems: &mut Vec<Problem>) -> Option<SharedState> {
     let url = raw.redis.filter(|u| !u.trim().is_empty())?;
     if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
@@ -980,12 +1161,12 @@ fn resolve_admin(raw: &RawAdmin, env: &EnvMap, problems: &mut Vec<Problem>) -> A
     let listen = raw
         .listen
         .as_deref()
-        .and_then(|text| match text.parse::<SocketAddr>() {
-            Ok(address) => Some(address),
-            Err(_) => {
+        .and_then(|text| match listen_address(text) {
+            Some(address) => Some(address),
+            None => {
                 problems.push(Problem::new(
                     "admin.listen",
-                    format!("{text:?} is not an address like 127.0.0.1:8001"),
+                    format!("{text:?} is not an address like 127.0.0.1:8001 or localhost:8001"),
                 ));
                 None
             }
@@ -1215,6 +1396,10 @@ fn resolve_headers(
 
 /// A duration field: `None` when absent; when it does not read as a duration, or is not
 /// one `accepted` takes, a problem at `path` ("… is not {expected}") and `None`.
+/// What a duration may be written as, for problems.
+const DURATION_UNITS: &str =
+    "a number of seconds, or a number with a unit: ms, s, m, h or d (lowercase), like 30s or 1h30m";
+
 fn duration_field(
     value: Option<&Scalar>,
     path: &str,
@@ -1223,11 +1408,18 @@ fn duration_field(
     problems: &mut Vec<Problem>,
 ) -> Option<Duration> {
     let text = value?.as_text();
-    let parsed = parse_duration(&text).filter(|d| accepted(*d));
-    if parsed.is_none() {
+    let Some(duration) = parse_duration(&text) else {
+        problems.push(Problem::new(
+            path,
+            format!("{text:?} is not {expected}: {DURATION_UNITS}"),
+        ));
+        return None;
+    };
+    if !accepted(duration) {
         problems.push(Problem::new(path, format!("{text:?} is not {expected}")));
+        return None;
     }
-    parsed
+    Some(duration)
 }
 
 fn resolve_timeouts(raw: &RawTimeouts, path: &str, problems: &mut Vec<Problem>) -> Timeouts {

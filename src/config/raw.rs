@@ -192,3 +192,25 @@ pub struct RawTraces {
     pub service_name: Option<String>,
     pub headers: BTreeMap<String, String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub access: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAlerts {
+    pub webhooks: Vec<RawWebhook>,
+    pub interval: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+    pub format: Option<String>,
+}
