@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::accounting::recorder::Recorder;
+use crate::accounting::recorder::{RecordSink, Recorder};
+use crate::observe::access::AccessLog;
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::config::{Config, GatewayKey, Upstream};
@@ -28,6 +29,9 @@ pub struct Gateway {
     pub limiter: Arc<Limiter>,
     /// The request log; `None` when storage is off.
     pub recorder: Option<Arc<Recorder>>,
+    /// The access log's own queue, when it is on and storage is off (with storage on, the
+    /// recorder writes the access lines).
+    pub access: Option<AccessLog>,
     /// Dashboard login sessions.
     pub sessions: Arc<crate::admin::dashboard::Sessions>,
     /// Failed admin authentication per client address.
@@ -84,6 +88,7 @@ pub struct Shared {
     pub affinity: Arc<Affinity>,
     pub metrics: Arc<crate::observe::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
+    pub access: Option<AccessLog>,
     pub sessions: Arc<crate::admin::dashboard::Sessions>,
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
@@ -137,11 +142,17 @@ impl Shared {
             shared_state.clone(),
             recorder.as_ref().map(|r| r.store.clone()),
         ));
+        let access = if config.log.access && recorder.is_none() {
+            Some(AccessLog::start().context("cannot start the access log")?)
+        } else {
+            None
+        };
         Ok(Self {
             limiter,
             affinity,
             metrics,
             recorder,
+            access,
             sessions: Default::default(),
             admin_auth: Default::default(),
             shared_state,
@@ -197,6 +208,7 @@ impl Gateway {
             router,
             limiter: shared.limiter,
             recorder: shared.recorder,
+            access: shared.access,
             sessions: shared.sessions,
             admin_auth: shared.admin_auth,
             shared_state: shared.shared_state,
@@ -217,6 +229,7 @@ impl Gateway {
             affinity: self.affinity.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
+            access: self.access.clone(),
             sessions: self.sessions.clone(),
             admin_auth: self.admin_auth.clone(),
             shared_state: self.shared_state.clone(),
@@ -224,14 +237,30 @@ impl Gateway {
         }
     }
 
-    /// A record for a request about to be handled, if the log is on.
+    /// Where finished records go: the log, else the access log, else nowhere.
+    pub fn record_sink(&self) -> Option<RecordSink> {
+        match (&self.recorder, &self.access) {
+            (Some(recorder), _) => Some(RecordSink::Log(recorder.sink.clone())),
+            (None, Some(access)) => Some(RecordSink::Access(access.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Hands a finished record to the log (or the access log); never blocks.
+    pub fn submit_record(&self, pending: Box<Pending>) {
+        if let Some(sink) = self.record_sink() {
+            sink.submit(pending);
+        }
+    }
+
+    /// A record for a request about to be handled, if the log or the access log is on.
     pub fn start_record(
         &self,
         client: std::net::IpAddr,
         parts: &http::request::Parts,
         path: &str,
     ) -> Option<Box<Pending>> {
-        self.recorder.as_ref().map(|_| {
+        (self.recorder.is_some() || self.access.is_some()).then(|| {
             let mut pending = Box::new(Pending::new(
                 client,
                 parts.method.clone(),
@@ -245,14 +274,32 @@ impl Gateway {
         })
     }
 
-    /// Logs a request that ended with an error sluice answered itself.
+    /// Logs a request that ended with an error sluice answered itself: its status, its
+    /// message, and the answer as the client got it (body and `Retry-After`).
     pub fn record_error(&self, pending: Option<Box<Pending>>, error: &ApiError) {
-        if let (Some(recorder), Some(mut pending)) = (&self.recorder, pending) {
-            pending.status = error.status.as_u16();
-            pending.error = Some(error.message.clone());
-            pending.latency = Some(pending.started.elapsed());
-            recorder.submit(*pending);
+        let (Some(sink), Some(mut pending)) = (self.record_sink(), pending) else {
+            return;
+        };
+        pending.status = error.status.as_u16();
+        pending.error = Some(error.message.clone());
+        pending.latency = Some(pending.started.elapsed());
+        let limit = sink.body_limit();
+        if limit > 0 {
+            // The answer a refusal gets is small, and only built when it is stored.
+            let body = bytes::Bytes::from(error.to_json());
+            pending.response_body = Default::default();
+            pending.response_body.push(&body, limit);
+            pending.response_content_type = Some("application/json".into());
+            let headers = &mut pending.response_headers;
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            if let Some(seconds) = error.retry_after {
+                headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+            }
         }
+        sink.submit(pending);
     }
 
     /// Admits a request's next try: the first time, its gateway key (`key`, with the

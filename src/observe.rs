@@ -1,5 +1,6 @@
-//! What operators watch: Prometheus `/metrics` and OTLP traces, both fed from finished
-//! log records.
+//! What operators watch: the access log on stdout, Prometheus `/metrics` and OTLP traces,
+//! all fed from finished log records, and alerts sent to webhooks.
 
+pub mod access;
 pub mod metrics;
 pub mod traces;

@@ -151,6 +151,32 @@ impl Catalog {
     }
 }
 
+/// Where a finished record goes: to the log (whose accountant also writes its access line)
+/// or, with storage off, to the access log alone. Cheap to clone into each response body.
+#[derive(Clone, Debug)]
+pub enum RecordSink {
+    Log(LogSink),
+    Access(crate::observe::access::AccessLog),
+}
+
+impl RecordSink {
+    /// Hands over a finished record; never blocks.
+    pub fn submit(&self, pending: Box<Pending>) {
+        match self {
+            Self::Log(sink) => sink.submit(*pending),
+            Self::Access(access) => access.submit(pending),
+        }
+    }
+
+    /// Bytes kept of each body: none when no log stores them.
+    pub fn body_limit(&self) -> usize {
+        match self {
+            Self::Log(sink) => sink.body_limit,
+            Self::Access(_) => 0,
+        }
+    }
+}
+
 /// The sending side of the log, cheap to clone into each response body.
 #[derive(Clone)]
 pub struct LogSink {
@@ -200,6 +226,7 @@ impl Recorder {
         shared: Option<Arc<crate::accounting::shared::SharedState>>,
         traces: Option<Arc<crate::observe::traces::Exporter>>,
     ) -> anyhow::Result<Self> {
+        let access_log = config.log.access;
         let storage: &Storage = &config.storage;
         restore_counters(store.as_ref(), &limiter)?;
         let (sender, receiver) = channel();
@@ -215,6 +242,7 @@ impl Recorder {
             catalog: catalog.clone(),
             stats: stats.clone(),
             log_bodies: storage.log_bodies,
+            access_log,
             backlog: backlog.clone(),
         };
         let writer = Writer {
@@ -457,6 +485,8 @@ struct Accountant {
     catalog: Arc<RwLock<Arc<Catalog>>>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
+    /// Whether each record's access line is written here (`log.access`).
+    access_log: bool,
     backlog: Arc<Backlog>,
 }
 
@@ -501,6 +531,9 @@ impl Accountant {
         let bytes = pending.body_bytes();
         let (record, tokens, cost) = self.finish(&pending, &catalog);
         let counters = self.settle(&pending, tokens, cost);
+        if self.access_log {
+            crate::observe::access::AccessLine::of_record(&record).emit();
+        }
         self.metrics.observe(&record);
         if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {
             traces.export(crate::observe::traces::spans(

@@ -66,10 +66,10 @@ pub async fn list(
             }
         }
     }
-    if let (Some(recorder), Some(mut record)) = (&gateway.recorder, record) {
+    if let Some(mut record) = record {
         record.status = 200;
         record.latency = Some(record.started.elapsed());
-        recorder.submit(*record);
+        gateway.submit_record(record);
     }
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }

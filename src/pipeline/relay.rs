@@ -16,7 +16,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 
-use crate::accounting::recorder::LogSink;
+use crate::accounting::recorder::RecordSink;
 use crate::accounting::records::Pending;
 use crate::gateway::Gateway;
 use crate::http::body::{Body, BoxError};
@@ -88,7 +88,7 @@ fn take_record(
     });
     Log {
         record,
-        sink: x.gateway.recorder.as_ref().map(|r| r.sink.clone()),
+        sink: x.gateway.record_sink(),
         tries,
         protocol: x.protocol,
     }
@@ -97,7 +97,7 @@ fn take_record(
 /// A request's log record on its way to the log, with the number of tries it took.
 struct Log {
     record: Option<Box<Pending>>,
-    sink: Option<LogSink>,
+    sink: Option<RecordSink>,
     tries: usize,
     protocol: ClientProtocol,
 }
@@ -241,7 +241,7 @@ struct RelayBody {
     _in_flight: Option<InFlight>,
     /// The log record, submitted when the body ends or is dropped.
     record: Option<Box<Pending>>,
-    sink: Option<LogSink>,
+    sink: Option<RecordSink>,
     /// How an error ending the stream is written.
     protocol: ClientProtocol,
 }
@@ -274,7 +274,7 @@ impl RelayBody {
         if let (Some(mut record), Some(sink)) = (self.record.take(), self.sink.as_ref()) {
             record.latency = Some(record.started.elapsed());
             record.error = error;
-            sink.submit(*record);
+            sink.submit(record);
         }
     }
 
@@ -286,7 +286,7 @@ impl RelayBody {
         if let (Some(record), Some(data), Some(sink)) =
             (self.record.as_mut(), frame.data_ref(), self.sink.as_ref())
         {
-            record.response_body.push(data, sink.body_limit);
+            record.response_body.push(data, sink.body_limit());
         }
         let Some(shaper) = self.shaper.as_mut() else {
             if let (Some(remaining), Some(data)) = (self.remaining.as_mut(), frame.data_ref()) {

@@ -101,6 +101,12 @@ pub async fn send_until_settled<'g>(
             Outcome::RefreshToken => {
                 state.token_refreshed = true;
                 state.ahead = Some(choice);
+                let next = if state.replayable {
+                    "refreshing the token and trying again"
+                } else {
+                    "the body was streamed and cannot be resent: the client gets a 502"
+                };
+                tracing::info!(upstream = %upstream.config.name, request_id = request_id(x), "upstream refused its token (401); {next}");
                 if !state.replayable {
                     return Err(ApiError::bad_gateway(
                         "the upstream refused its token and the request body cannot be resent",
@@ -108,6 +114,7 @@ pub async fn send_until_settled<'g>(
                 }
             }
             Outcome::Final(failure) => {
+                log_failure(x, upstream, choice, &failure, "the client gets this answer");
                 return Ok(Settled::Failed {
                     failure,
                     upstream,
@@ -119,17 +126,32 @@ pub async fn send_until_settled<'g>(
                 key_refused,
             } => {
                 drop(in_flight);
-                let failed = Settled::Failed {
+                let Some(retries_used) = retries_left(x, &state) else {
+                    let next = if state.replayable {
+                        "no retry left (routing.retries): the client gets this failure"
+                    } else {
+                        "the body was streamed and cannot be resent: the client gets this failure"
+                    };
+                    log_failure(x, upstream, choice, &failure, next);
+                    return Ok(Settled::Failed {
+                        failure,
+                        upstream,
+                        choice,
+                    });
+                };
+                let wait = backoff(x, retries_used);
+                let next = format!(
+                    "trying again in {} ({} another key, else another upstream, else this one again)",
+                    humantime::format_duration(wait),
+                    if key_refused { "with" } else { "on" },
+                );
+                log_failure(x, upstream, choice, &failure, &next);
+                state.last_failure = Some(Settled::Failed {
                     failure,
                     upstream,
                     choice,
-                };
-                let Some(retries_used) = retries_left(x, &state) else {
-                    return Ok(failed);
-                };
-                tracing::debug!(upstream = %upstream.config.name, tries = x.attempts.len(), "trying another upstream or key");
-                state.last_failure = Some(failed);
-                back_off(x, retries_used).await;
+                });
+                tokio::time::sleep(wait).await;
                 if key_refused {
                     state
                         .tried
@@ -141,7 +163,44 @@ pub async fn send_until_settled<'g>(
         }
     }
     // Nothing left to try: report the last failure as it happened.
+    if state.last_failure.is_some() {
+        tracing::warn!(
+            request_id = request_id(x),
+            tries = x.attempts.len(),
+            "no upstream or key is left to try: the client gets the last failure"
+        );
+    }
     state.last_failure.ok_or_else(no_upstream_available)
+}
+
+/// The request's id in the log, for lines about its tries (`-` when no record is kept).
+fn request_id<'a>(x: &'a Exchange<'_>) -> &'a str {
+    x.record.as_ref().map_or("-", |r| r.id.as_str())
+}
+
+/// Logs a failed try once, with its cause (the upstream's status, or why no answer came:
+/// connect error, timeout) and what happens next.
+fn log_failure(
+    x: &Exchange<'_>,
+    upstream: &UpstreamRuntime,
+    choice: Choice,
+    failure: &Failure,
+    next: &str,
+) {
+    let key = choice.key.and_then(|k| upstream.masked_key(k));
+    let key = key.as_deref().unwrap_or("-");
+    let name = &upstream.config.name;
+    let id = request_id(x);
+    let tries = x.attempts.len();
+    match failure {
+        Failure::Response(response) => {
+            let status = response.status().as_u16();
+            tracing::warn!(upstream = %name, key, status, request_id = id, tries, "upstream answered {status}; {next}");
+        }
+        Failure::Error(error) => {
+            tracing::warn!(upstream = %name, key, request_id = id, tries, "{}; {next}", error.message);
+        }
+    }
 }
 
 /// Sets up the loop: the request's headers for upstreams, and whether a try can be
@@ -304,12 +363,12 @@ fn retries_left(x: &Exchange<'_>, state: &Tries<'_>) -> Option<usize> {
     (state.replayable && retries_used < allowed).then_some(retries_used)
 }
 
-/// Waits before the next try: `routing.backoff`, doubled with each retry, at most
+/// The wait before the next try: `routing.backoff`, doubled with each retry, at most
 /// [`MAX_BACKOFF`].
-async fn back_off(x: &Exchange<'_>, retries_used: usize) {
+fn backoff(x: &Exchange<'_>, retries_used: usize) -> Duration {
     let exponent = u32::try_from(retries_used).unwrap_or(16).min(16);
     let backoff = x.gateway.config.routing.backoff;
-    tokio::time::sleep(backoff.saturating_mul(1 << exponent).min(MAX_BACKOFF)).await;
+    backoff.saturating_mul(1 << exponent).min(MAX_BACKOFF)
 }
 
 /// No upstream could be tried at all.

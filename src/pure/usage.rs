@@ -295,9 +295,38 @@ pub fn cost(price: Price, usage: TokenUsage) -> f64 {
     (usage.prompt as f64 * price.input + usage.completion as f64 * price.output) / 1_000_000.0
 }
 
+/// A cost as sluice prints or answers it: to the nano-dollar, so float sums show as what
+/// they mean (`0.0004527`, not `0.0004526999999999999`).
+pub fn round_cost(usd: f64) -> f64 {
+    if usd.is_finite() {
+        (usd * 1e9).round() / 1e9
+    } else {
+        usd
+    }
+}
+
+/// Serialises an optional cost rounded by [`round_cost`] (serde's `serialize_with`).
+pub fn serialize_cost<S: serde::Serializer>(
+    cost: &Option<f64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match cost {
+        Some(cost) => serializer.serialize_some(&round_cost(*cost)),
+        None => serializer.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn costs_are_rounded_to_what_they_mean() {
+        let sum = 0.0001 + 0.0002 + 0.0001527;
+        assert_eq!(round_cost(sum).to_string(), "0.0004527");
+        assert_eq!(round_cost(0.1 + 0.2).to_string(), "0.3");
+        assert_eq!(round_cost(1.0 / 3.0).to_string(), "0.333333333");
+    }
 
     #[test]
     fn usage_shapes() {
