@@ -467,7 +467,7 @@ pub fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError
 }
 
 fn usage_json(usage: Usage) -> Value {
-    json!({"requests": usage.requests, "tokens": usage.tokens, "cost": usage.cost})
+    json!({"requests": usage.requests, "tokens": usage.tokens, "cost": crate::pure::usage::round_cost(usage.cost)})
 }
 
 fn limits_json(limits: &Limits) -> Value {

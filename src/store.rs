@@ -41,7 +41,11 @@ pub struct LogRecord {
     pub request_headers: String,
     pub response_headers: String,
     pub request_body: Option<String>,
+    /// What the client received (the model name put back, a usage chunk it did not ask
+    /// for taken out).
     pub response_body: Option<String>,
+    /// The upstream's answer as it came, kept only when it differs from `response_body`.
+    pub upstream_response_body: Option<String>,
     pub reply_text: Option<String>,
     pub reply_tool_calls: Option<String>,
     /// The model as statistics name it (a configured name, or `other`), so clients cannot
@@ -80,6 +84,7 @@ impl LogRecord {
             &mut self.error,
             &mut self.request_body,
             &mut self.response_body,
+            &mut self.upstream_response_body,
             &mut self.reply_text,
             &mut self.reply_tool_calls,
             &mut self.model_label,
@@ -489,7 +494,7 @@ impl RollupRow {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "cost": self.cost,
+            "cost": crate::pure::usage::round_cost(self.cost),
             "errors": errors,
             "success_rate": if self.requests > 0 { self.succeeded as f64 / self.requests as f64 } else { 0.0 },
         })

@@ -55,6 +55,7 @@ fn record(i: usize, now_ms: i64) -> LogRecord {
         response_body: Some(format!(r#"{{"answer":"reply {i}"}}"#)),
         reply_text: Some(format!("reply {i}")),
         reply_tool_calls: None,
+        upstream_response_body: None,
         model_label: None,
     }
 }

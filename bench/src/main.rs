@@ -434,6 +434,7 @@ fn synthetic(i: usize, now_ms: i64) -> sluice::store::LogRecord {
             "answer number {i}: the keeper lights the lamp at dusk"
         )),
         reply_tool_calls: None,
+        upstream_response_body: None,
         model_label: None,
     }
 }

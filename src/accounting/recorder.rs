@@ -39,6 +39,7 @@ use crate::accounting::shared::Settlement;
 use crate::config::{Config, Overflow, Price, Storage, mask};
 use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
+use crate::pure::shape::Shaper;
 use crate::pure::usage::{self, Reply, TokenUsage, UsageSource};
 use crate::store::{CounterDelta, LogRecord, Store};
 
@@ -526,10 +527,11 @@ impl Accountant {
 
     /// Accounts one record (settlements, metrics, traces, counter deltas) and hands its
     /// row and deltas to the writer.
-    fn account(&self, pending: Pending) {
+    fn account(&self, mut pending: Pending) {
         let catalog = self.catalog();
         let bytes = pending.body_bytes();
-        let (record, tokens, cost) = self.finish(&pending, &catalog);
+        let reshape = pending.reshape.take();
+        let (record, tokens, cost) = self.finish(&pending, &catalog, reshape);
         let counters = self.settle(&pending, tokens, cost);
         if self.access_log {
             crate::observe::access::AccessLine::of_record(&record).emit();
@@ -667,7 +669,12 @@ impl Accountant {
     }
 
     /// Turns a pending record into its stored form; returns it with its tokens and cost.
-    fn finish(&self, pending: &Pending, catalog: &Catalog) -> (LogRecord, u64, f64) {
+    fn finish(
+        &self,
+        pending: &Pending,
+        catalog: &Catalog,
+        reshape: Option<Shaper>,
+    ) -> (LogRecord, u64, f64) {
         let response = pending.response_body.bytes();
         let content_type = pending.response_content_type.as_deref().unwrap_or("");
         let reply = read_reply(pending, &response, content_type);
@@ -681,9 +688,16 @@ impl Accountant {
             source,
             cost,
         };
+        let log_bodies = self.log_bodies && pending.keep_bodies;
+        // What the client received, when it differs from the upstream's bytes.
+        let received = reshape
+            .filter(|_| log_bodies)
+            .and_then(|shaper| client_view(shaper, &response))
+            .filter(|client| *client != response);
         let shown = Shown {
-            log_bodies: self.log_bodies && pending.keep_bodies,
+            log_bodies,
             response: &response,
+            received: received.as_ref(),
             content_type,
             reply: &reply,
         };
@@ -695,6 +709,15 @@ impl Accountant {
             cost.unwrap_or(0.0),
         )
     }
+}
+
+/// The body as the client received it: the upstream's bytes through the relay's shaper
+/// (a twin of it). `None` when shaping gives up (an event past its bound), as the relay
+/// did.
+fn client_view(mut shaper: Shaper, upstream: &Bytes) -> Option<Bytes> {
+    let mut out = shaper.push(upstream.clone()).ok()?.to_vec();
+    out.extend_from_slice(&shaper.finish());
+    Some(Bytes::from(out))
 }
 
 /// Adds `usage` to `scope`'s windows (every period) of the second `at`.
@@ -774,7 +797,10 @@ struct Accounted {
 struct Shown<'a> {
     /// Whether bodies are logged at all (`storage.log_bodies`, and not shed).
     log_bodies: bool,
+    /// The upstream's answer as captured.
     response: &'a Bytes,
+    /// What the client received instead, when shaping changed it.
+    received: Option<&'a Bytes>,
     /// The response's content type (`""` when it had none).
     content_type: &'a str,
     reply: &'a Reply,
@@ -825,6 +851,7 @@ fn shape_row(
         .is_none_or(|ct| ct.contains("json") || ct.starts_with("text/"));
     let token_usage = accounted.usage;
     let (log_bodies, reply) = (shown.log_bodies, shown.reply);
+    let truncated = pending.response_body.truncated();
     LogRecord {
         id: pending.id.clone(),
         ts: pending.started_ms,
@@ -854,7 +881,14 @@ fn shape_row(
             .request_body
             .as_ref()
             .and_then(|b| shown.body_text(b, request_textual, false)),
-        response_body: shown.body_text(shown.response, textual, pending.response_body.truncated()),
+        response_body: shown.body_text(
+            shown.received.unwrap_or(shown.response),
+            textual,
+            truncated,
+        ),
+        upstream_response_body: shown
+            .received
+            .and_then(|_| shown.body_text(shown.response, textual, truncated)),
         reply_text: reply.text.clone().filter(|_| log_bodies),
         reply_tool_calls: (!reply.tool_calls.is_empty() && log_bodies)
             .then(|| Value::Array(reply.tool_calls.clone()).to_string()),

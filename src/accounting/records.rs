@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use crate::clock::unix_now_ms;
 use crate::config::GatewayKey;
 use crate::pure::limits::Reserve;
+use crate::pure::shape::Shaper;
 
 /// What is kept of a body when the log sheds it: enough for a trailing usage chunk.
 pub const TAIL: usize = 8 * 1024;
@@ -88,7 +89,12 @@ pub struct Pending {
     pub request_headers: HeaderMap,
     pub response_headers: HeaderMap,
     pub request_body: Option<Bytes>,
+    /// The body as the upstream sent it (what accounting reads: usage lives there).
     pub response_body: Captured,
+    /// How the answer was changed on its way to the client, as a fresh twin of the
+    /// relay's shaper: the log applies it to the captured body, off the request path, to
+    /// store what the client received. `None`: the client got the upstream's bytes.
+    pub reshape: Option<Shaper>,
     pub response_content_type: Option<String>,
     /// Whether the row keeps its bodies (`false` once the log sheds bodies).
     pub keep_bodies: bool,
@@ -130,6 +136,7 @@ impl Pending {
             response_headers: HeaderMap::new(),
             request_body: None,
             response_body: Captured::default(),
+            reshape: None,
             response_content_type: None,
             keep_bodies: true,
             keep_row: true,

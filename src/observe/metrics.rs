@@ -82,6 +82,8 @@ struct Series {
     duration: HashMap<Labels, Histogram>,
     first_byte: HashMap<Labels, Histogram>,
     tokens: HashMap<(String, String, String, &'static str), u64>,
+    /// USD by model and gateway key name.
+    cost: HashMap<(String, String), f64>,
     upstream_errors: HashMap<(String, String), u64>,
     refusals: HashMap<(String, u16), u64>,
 }
@@ -132,6 +134,9 @@ impl Metrics {
                     .entry((model.clone(), upstream.clone(), key.clone(), kind))
                     .or_default() += count;
             }
+        }
+        if let Some(cost) = record.cost.filter(|c| *c > 0.0) {
+            *series.cost.entry((model.clone(), key.clone())).or_default() += cost;
         }
         if let Ok(attempts) = serde_json::from_str::<Vec<serde_json::Value>>(&record.attempts) {
             for attempt in &attempts {
@@ -213,6 +218,16 @@ fn render_series(out: &mut String, metrics: &Metrics) {
                 escape(model),
                 escape(upstream),
                 escape(key)
+            );
+        }
+        out.push_str("# HELP sluice_cost_usd_total What requests cost at the configured prices, in USD, by model and gateway key name.\n# TYPE sluice_cost_usd_total counter\n");
+        for ((model, key), cost) in &series.cost {
+            let _ = writeln!(
+                out,
+                "sluice_cost_usd_total{{model=\"{}\",key=\"{}\"}} {}",
+                escape(model),
+                escape(key),
+                crate::pure::usage::round_cost(*cost)
             );
         }
         out.push_str("# HELP sluice_upstream_errors_total Failed tries at an upstream: 429, 5xx, or no response.\n# TYPE sluice_upstream_errors_total counter\n");

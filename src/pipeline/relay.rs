@@ -154,7 +154,8 @@ fn relay(
         .filter(|m| upstream.config.upstream_model(m) != *m);
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
-    let shaper = UpstreamKind::of(&upstream.config).shaper(sse, json, rename, shaping.strip_usage);
+    let kind = UpstreamKind::of(&upstream.config);
+    let shaper = kind.shaper(sse, json, rename, shaping.strip_usage);
     if shaper.is_some() {
         // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);
@@ -162,6 +163,10 @@ fn relay(
     let mut record = log.record;
     if let Some(record) = record.as_mut() {
         record_head(record, status, sse, &headers);
+        // The log stores what the client got: it reshapes its copy of the body itself.
+        if shaper.is_some() && log.sink.as_ref().is_some_and(|s| s.body_limit() > 0) {
+            record.reshape = kind.shaper(sse, json, rename, shaping.strip_usage);
+        }
     }
     headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
     headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));

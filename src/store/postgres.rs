@@ -69,7 +69,7 @@ const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model,
 const DETAIL_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-    reply_tool_calls";
+    reply_tool_calls, upstream_response_body";
 
 type Job = Box<
     dyn FnOnce(Result<Arc<Client>, super::Unavailable>) -> Pin<Box<dyn Future<Output = ()> + Send>>
@@ -413,6 +413,8 @@ async fn keep_connected(
 const MIGRATIONS: &[&str] = &[
     // 1: search text is kept lowercased, so a search is a plain LIKE.
     "UPDATE requests SET search_text = lower(search_text) WHERE search_text <> lower(search_text)",
+    // 2: the upstream's answer as it came, when it differs from what the client received.
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS upstream_response_body TEXT",
 ];
 
 /// Any number of lock key: instances starting together take turns applying the schema
@@ -689,8 +691,8 @@ async fn write_batch(
             "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
              upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
              stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-             reply_tool_calls, search_text) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) ON CONFLICT (id) DO NOTHING",
+             reply_tool_calls, search_text, upstream_response_body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+             $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30) ON CONFLICT (id) DO NOTHING",
         )
         .await?;
     // Every insert of the batch is sent before the first answer is awaited: tokio-postgres
@@ -740,6 +742,7 @@ async fn write_batch(
                         &r.reply_text,
                         &r.reply_tool_calls,
                         &search,
+                        &r.upstream_response_body,
                     ],
                 )
                 .await

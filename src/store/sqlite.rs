@@ -205,6 +205,8 @@ const MIGRATIONS: &[&str] = &[
          || char(10) || substr(coalesce(response_body, ''), 1, 65536) || char(10)
          || substr(coalesce(reply_text, ''), 1, 65536))
      FROM requests;",
+    // 2: the upstream's answer as it came, when it differs from what the client received.
+    "ALTER TABLE requests ADD COLUMN upstream_response_body TEXT;",
 ];
 
 fn migrate(connection: &Connection) -> anyhow::Result<()> {
@@ -370,6 +372,12 @@ pub(super) fn present(mut value: Value) -> Value {
         if let Some(stream) = object.get("stream").and_then(Value::as_i64) {
             object.insert("stream".into(), Value::Bool(stream != 0));
         }
+        if let Some(cost) = object.get("cost").and_then(Value::as_f64) {
+            object.insert(
+                "cost".into(),
+                json!(crate::pure::usage::round_cost(cost)),
+            );
+        }
         if let Some(ts) = object.get("ts").and_then(Value::as_i64) {
             let time = std::time::UNIX_EPOCH
                 + std::time::Duration::from_millis(u64::try_from(ts).unwrap_or(0));
@@ -474,8 +482,8 @@ impl Store for SqliteStore {
                 "INSERT OR IGNORE INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
                  upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
                  stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-                 reply_tool_calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                 ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+                 reply_tool_calls, upstream_response_body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
+                 ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
             )?;
             // The search row takes its request's rowid (see `search`).
             let mut search = transaction.prepare_cached(
@@ -511,6 +519,7 @@ impl Store for SqliteStore {
                     r.response_body,
                     r.reply_text,
                     r.reply_tool_calls,
+                    r.upstream_response_body,
                 ])?;
                 // Not a second time for a record already written (a retried batch).
                 if inserted > 0 {
