@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::accounting::recorder::{RecordSink, Recorder};
 use crate::observe::access::AccessLog;
+use crate::observe::alerts::Alerts;
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::config::{Config, GatewayKey, Upstream};
@@ -32,6 +33,8 @@ pub struct Gateway {
     /// The access log's own queue, when it is on and storage is off (with storage on, the
     /// recorder writes the access lines).
     pub access: Option<AccessLog>,
+    /// Alerts to webhooks, when any is configured.
+    pub alerts: Option<Arc<Alerts>>,
     /// Dashboard login sessions.
     pub sessions: Arc<crate::admin::dashboard::Sessions>,
     /// Failed admin authentication per client address.
@@ -89,6 +92,7 @@ pub struct Shared {
     pub metrics: Arc<crate::observe::metrics::Metrics>,
     pub recorder: Option<Arc<Recorder>>,
     pub access: Option<AccessLog>,
+    pub alerts: Option<Arc<Alerts>>,
     pub sessions: Arc<crate::admin::dashboard::Sessions>,
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
@@ -147,12 +151,20 @@ impl Shared {
         } else {
             None
         };
+        let drops = recorder
+            .as_ref()
+            .map(|r| r.stats.clone() as Arc<dyn crate::observe::alerts::DropCounts>);
+        let alerts = Alerts::start(&config.alerts, drops)?;
+        if let (Some(recorder), Some(alerts)) = (&recorder, &alerts) {
+            recorder.set_alerts(alerts.clone());
+        }
         Ok(Self {
             limiter,
             affinity,
             metrics,
             recorder,
             access,
+            alerts,
             sessions: Default::default(),
             admin_auth: Default::default(),
             shared_state,
@@ -209,6 +221,7 @@ impl Gateway {
             limiter: shared.limiter,
             recorder: shared.recorder,
             access: shared.access,
+            alerts: shared.alerts,
             sessions: shared.sessions,
             admin_auth: shared.admin_auth,
             shared_state: shared.shared_state,
@@ -230,6 +243,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             access: self.access.clone(),
+            alerts: self.alerts.clone(),
             sessions: self.sessions.clone(),
             admin_auth: self.admin_auth.clone(),
             shared_state: self.shared_state.clone(),
@@ -453,9 +467,12 @@ impl Gateway {
 
     /// Rests an upstream after it failed here, and tells the other instances (unless it
     /// already rests for most of that time, so a burst of failures is told once).
-    pub fn rest_upstream(&self, upstream: &UpstreamRuntime, rest: Duration) {
+    pub fn rest_upstream(&self, upstream: &UpstreamRuntime, rest: Duration, cause: &str) {
         let already = upstream.cooldown_until.load(Ordering::Relaxed);
         upstream.record_failure(rest);
+        if let Some(alerts) = &self.alerts {
+            alerts.upstream_down(&upstream.config.name, rest, cause);
+        }
         self.tell(already, &upstream.config.name, None, rest);
     }
 

@@ -2,5 +2,6 @@
 //! all fed from finished log records, and alerts sent to webhooks.
 
 pub mod access;
+pub mod alerts;
 pub mod metrics;
 pub mod traces;

@@ -172,11 +172,11 @@ impl UpstreamRuntime {
     }
 
     /// Records an answer: the upstream is healthy, and its first-byte time joins the average.
-    pub fn record_success(&self, first_byte: Duration) {
+    /// `true` when it had been resting: it has recovered.
+    pub fn record_success(&self, first_byte: Duration) -> bool {
         self.failures.store(0, Ordering::Relaxed);
-        if self.cooldown_until.load(Ordering::Relaxed) != 0 {
-            self.cooldown_until.store(0, Ordering::Relaxed);
-        }
+        let recovered = self.cooldown_until.load(Ordering::Relaxed) != 0
+            && self.cooldown_until.swap(0, Ordering::Relaxed) != 0;
         let sample = u64::try_from(first_byte.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
@@ -187,6 +187,7 @@ impl UpstreamRuntime {
             (old * 4 + sample) / 5
         };
         self.latency_us.store(new, Ordering::Relaxed);
+        recovered
     }
 
     /// The upstream URL for a gateway path (`/v1/...`) and optional query string.

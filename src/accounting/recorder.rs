@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,8 @@ use serde_json::{Value, json};
 
 use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
-use crate::config::{Config, Overflow, Price, Storage, mask};
+use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
+use crate::observe::alerts::Alerts;
 use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
 use crate::pure::shape::Shaper;
@@ -96,6 +97,13 @@ pub struct RecorderStats {
     pub write_errors: AtomicU64,
     /// Whether the store could not be reached at the last try.
     pub store_down: AtomicBool,
+}
+
+impl crate::observe::alerts::DropCounts for RecorderStats {
+    /// Rows the log lost or shed: what the log-drops alert watches.
+    fn drops(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed) + self.shed.load(Ordering::Relaxed)
+    }
 }
 
 impl RecorderStats {
@@ -205,6 +213,8 @@ pub struct Recorder {
     pub stats: Arc<RecorderStats>,
     pub store: Arc<dyn Store>,
     catalog: Arc<RwLock<Arc<Catalog>>>,
+    /// Alerts, set once they are started (they watch the log's own figures).
+    alerts: Arc<OnceLock<Arc<Alerts>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -235,7 +245,9 @@ impl Recorder {
         let catalog = Arc::new(RwLock::new(Arc::new(Catalog::of(config))));
         let room = Arc::new(tokio::sync::Notify::new());
         let backlog = Arc::new(Backlog::default());
+        let alerts = Arc::new(OnceLock::new());
         let accountant = Accountant {
+            alerts: alerts.clone(),
             limiter,
             metrics,
             shared,
@@ -276,8 +288,14 @@ impl Recorder {
             stats,
             store,
             catalog,
+            alerts,
             threads: Mutex::new(vec![accountant, writer]),
         })
+    }
+
+    /// Sends budget alerts from now on.
+    pub fn set_alerts(&self, alerts: Arc<Alerts>) {
+        let _ = self.alerts.set(alerts);
     }
 
     /// Takes the model names and prices of a (re)loaded config.
@@ -488,6 +506,7 @@ struct Accountant {
     log_bodies: bool,
     /// Whether each record's access line is written here (`log.access`).
     access_log: bool,
+    alerts: Arc<OnceLock<Arc<Alerts>>>,
     backlog: Arc<Backlog>,
 }
 
@@ -558,6 +577,7 @@ impl Accountant {
         if let Some(key) = &pending.key {
             let scope = key_scope(&key.name);
             self.settle_key(&scope, pending, at, tokens, cost);
+            self.check_budget(key, &scope, at);
             let requests = u64::from(pending.ticket.is_some());
             add_usage(
                 &mut counters,
@@ -590,6 +610,22 @@ impl Accountant {
         }
         counters.retain(|_, usage| usage.requests > 0 || usage.tokens > 0 || usage.cost > 0.0);
         counters
+    }
+
+    /// Raises the key's budget alerts (80%, 100%) its use has reached in the current window.
+    fn check_budget(&self, key: &GatewayKey, scope: &str, at: i64) {
+        let (Some(alerts), Some(budget)) = (self.alerts.get(), &key.budget) else {
+            return;
+        };
+        let period = Period::from(budget.period);
+        let usage = self.limiter.usage(scope, period, at);
+        let window = period.window(at);
+        if let Some(limit) = budget.tokens {
+            alerts.budget(&key.name, period.name(), window, usage.tokens as f64, limit as f64);
+        }
+        if let Some(limit) = budget.cost {
+            alerts.budget(&key.name, period.name(), window, usage.cost, limit);
+        }
     }
 
     /// Adds what the answering upstream used to its windows, here and in Redis.

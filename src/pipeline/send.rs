@@ -286,7 +286,14 @@ pub async fn send(
     let verdict = judge(reply, sent, &gateway.config.routing);
     match verdict.rest {
         Rest::Nothing => {}
-        Rest::Upstream(rest) => gateway.rest_upstream(upstream, rest),
+        Rest::Upstream(rest) => {
+            let cause = match (&reply, &failure) {
+                (Reply::Status { status, .. }, _) => format!("it answered {status}"),
+                (_, Failure::Error(error)) => error.message.clone(),
+                _ => "it failed".to_string(),
+            };
+            gateway.rest_upstream(upstream, rest, &cause);
+        }
         Rest::Key(rest) => {
             if let Some(key) = choice.key {
                 gateway.rest_key(upstream, key, rest);
@@ -300,7 +307,11 @@ pub async fn send(
     }
     match (verdict.next, failure) {
         (Next::Answer, Failure::Response(response)) => {
-            upstream.record_success(started.elapsed());
+            if upstream.record_success(started.elapsed()) {
+                if let Some(alerts) = &gateway.alerts {
+                    alerts.upstream_recovered(name);
+                }
+            }
             Outcome::Answer(response)
         }
         (Next::RefreshToken, _) => {
