@@ -8,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::accounting::recorder::{RecordSink, Recorder};
-use crate::observe::access::AccessLog;
-use crate::observe::alerts::Alerts;
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::config::{Config, GatewayKey, Upstream};
 use crate::http::error::ApiError;
+use crate::observe::access::AccessLog;
+use crate::observe::alerts::Alerts;
 use crate::pipeline::access::{Caller, Guard};
 use crate::pipeline::affinity::{self, Affinity, Learner};
 use crate::pure::limits::{Limiter, Reserve};

@@ -621,7 +621,13 @@ impl Accountant {
         let usage = self.limiter.usage(scope, period, at);
         let window = period.window(at);
         if let Some(limit) = budget.tokens {
-            alerts.budget(&key.name, period.name(), window, usage.tokens as f64, limit as f64);
+            alerts.budget(
+                &key.name,
+                period.name(),
+                window,
+                usage.tokens as f64,
+                limit as f64,
+            );
         }
         if let Some(limit) = budget.cost {
             alerts.budget(&key.name, period.name(), window, usage.cost, limit);

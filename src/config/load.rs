@@ -96,23 +96,33 @@ pub fn load(options: &LoadOptions, env: &EnvMap) -> Result<Loaded, Vec<Problem>>
         Some(path) => read_file(path)?,
         None => defaults_without_file(env),
     };
-    apply_env_overrides(&mut document, env)?;
-    if let Some(listen) = &options.listen {
+    let config = configure(&mut document, env, options.listen.as_deref())?;
+    Ok(Loaded { config, path })
+}
+
+/// A document (the file's, or the defaults) with the environment and the CLI's `--listen`
+/// applied, resolved; a problem about what a variable set names the variable.
+pub fn configure(
+    document: &mut Value,
+    env: &EnvMap,
+    listen: Option<&str>,
+) -> Result<Config, Vec<Problem>> {
+    apply_env_overrides(document, env)?;
+    if let Some(listen) = listen {
         set_path(
-            &mut document,
+            document,
             &["server", "listen"],
-            Value::String(listen.clone()),
+            Value::String(listen.to_string()),
         )
         .map_err(|problem| vec![problem])?;
     }
-    let config = resolve(&document, env).map_err(|problems| {
+    resolve(document, env).map_err(|problems| {
         let origins = env_origins(env);
         problems
             .into_iter()
             .map(|problem| blame_variable(problem, &origins))
-            .collect::<Vec<_>>()
-    })?;
-    Ok(Loaded { config, path })
+            .collect()
+    })
 }
 
 /// The config paths that `SLUICE_…` variables set, each with its variable's name:
@@ -1469,6 +1479,119 @@ mod tests {
         let mut document = parse_document(yaml).map_err(|p| vec![p])?;
         apply_env_overrides(&mut document, &env)?;
         resolve(&document, &env)
+    }
+
+    /// Problems as `load` reports them, variables named.
+    fn problems_with_env(yaml: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let env = EnvMap::from_pairs(env.iter().copied());
+        let mut document = parse_document(yaml).unwrap();
+        configure(&mut document, &env, None)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const ONE_UPSTREAM: &str = "upstreams: [{name: a, base_url: 'http://127.0.0.1:9/'}]";
+
+    #[test]
+    fn a_problem_from_the_environment_names_the_variable() {
+        assert_eq!(
+            problems_with_env(ONE_UPSTREAM, &[("SLUICE_SERVR__LISTEN", "0.0.0.0:1")]),
+            [format!(
+                "SLUICE_SERVR__LISTEN: unknown section servr, expected one of: {}",
+                SECTIONS.join(", ")
+            )]
+        );
+        let found = problems_with_env(ONE_UPSTREAM, &[("SLUICE_SERVER__LISTN", "0.0.0.0:1")]);
+        assert!(
+            found.len() == 1
+                && found[0]
+                    .starts_with("SLUICE_SERVER__LISTN (server.listn): unknown field `listn`"),
+            "{found:?}"
+        );
+        let found = problems_with_env(
+            ONE_UPSTREAM,
+            &[("SLUICE_UPSTREAMS__0__BASE_URL", "ftp://x")],
+        );
+        assert!(
+            found.len() == 1
+                && found[0].starts_with("SLUICE_UPSTREAMS__0__BASE_URL (upstreams[0].base_url): "),
+            "{found:?}"
+        );
+        // A problem in the file itself keeps its path.
+        let found = problems_with_env(
+            "upstreams: [{name: a, base_url: 'ftp://x'}]",
+            &[("SLUICE_SERVER__LISTEN", "0.0.0.0:1")],
+        );
+        assert!(
+            found.len() == 1 && found[0].starts_with("upstreams[0].base_url: "),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn durations_are_seconds_when_bare_and_problems_name_the_units() {
+        let config = check(
+            &format!("{ONE_UPSTREAM}\nrouting: {{cooldown: 30, backoff: 1.5}}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.routing.cooldown, Duration::from_secs(30));
+        assert_eq!(config.routing.backoff, Duration::from_millis(1500));
+        let found = problems_with_env(ONE_UPSTREAM, &[("SLUICE_ROUTING__COOLDOWN", "30S")]);
+        assert_eq!(
+            found,
+            [format!(
+                "SLUICE_ROUTING__COOLDOWN (routing.cooldown): \"30S\" is not a duration like 30s: {DURATION_UNITS}"
+            )]
+        );
+        assert!(DURATION_UNITS.contains("ms, s, m, h or d"));
+    }
+
+    #[test]
+    fn listen_takes_a_host_name() {
+        let config = check(
+            &format!("{ONE_UPSTREAM}\nserver: {{listen: 'localhost:8000'}}\nadmin: {{listen: 'localhost:8001'}}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(
+            config.admin.listen.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:8001")
+        );
+        let found = problems(&format!("{ONE_UPSTREAM}\nserver: {{listen: 'localhost'}}"));
+        assert!(
+            found.len() == 1 && found[0].starts_with("server.listen: "),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn log_and_alerts_sections() {
+        let config = check(ONE_UPSTREAM, &[]).unwrap();
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert!(config.log.access);
+        assert!(config.alerts.webhooks.is_empty());
+        let config = check(
+            &format!(
+                "{ONE_UPSTREAM}\nlog: {{format: json, access: false}}\nalerts: {{interval: 10m, webhooks: [{{url: 'https://hooks.example/T/secret'}}, {{url_env: HOOK, format: slack}}]}}"
+            ),
+            &[("HOOK", "http://127.0.0.1:9/hook")],
+        )
+        .unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(!config.log.access);
+        assert_eq!(config.alerts.interval, Duration::from_secs(600));
+        assert_eq!(config.alerts.webhooks[0].format, WebhookFormat::Json);
+        assert_eq!(config.alerts.webhooks[1].format, WebhookFormat::Slack);
+        let found = problems(&format!(
+            "{ONE_UPSTREAM}\nlog: {{format: xml}}\nalerts: {{webhooks: [{{url: 'not a url sk-secret'}}, {{url: 'http://x', format: teams}}]}}"
+        ));
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found.iter().all(|p| !p.contains("sk-secret")), "{found:?}");
     }
 
     fn problems(yaml: &str) -> Vec<String> {

@@ -131,7 +131,10 @@ impl AccessLog {
             Err(TrySendError::Full(_)) => {
                 let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if self.warning.ready() {
-                    tracing::warn!(dropped, "the access log is behind stdout; lines are dropped");
+                    tracing::warn!(
+                        dropped,
+                        "the access log is behind stdout; lines are dropped"
+                    );
                 }
             }
         }
@@ -140,9 +143,7 @@ impl AccessLog {
 
 fn run(receiver: &Receiver<Box<Pending>>) {
     while let Ok(pending) = receiver.recv() {
-        let latency = pending
-            .latency
-            .unwrap_or_else(|| pending.started.elapsed());
+        let latency = pending.latency.unwrap_or_else(|| pending.started.elapsed());
         let client = pending.client_ip.to_canonical().to_string();
         let method = pending.method.to_string();
         AccessLine {

@@ -373,10 +373,7 @@ pub(super) fn present(mut value: Value) -> Value {
             object.insert("stream".into(), Value::Bool(stream != 0));
         }
         if let Some(cost) = object.get("cost").and_then(Value::as_f64) {
-            object.insert(
-                "cost".into(),
-                json!(crate::pure::usage::round_cost(cost)),
-            );
+            object.insert("cost".into(), json!(crate::pure::usage::round_cost(cost)));
         }
         if let Some(ts) = object.get("ts").and_then(Value::as_i64) {
             let time = std::time::UNIX_EPOCH
