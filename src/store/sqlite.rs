@@ -215,11 +215,39 @@ fn migrate(connection: &Connection) -> anyhow::Result<()> {
     for (number, migration) in MIGRATIONS.iter().enumerate().skip(done) {
         tracing::info!("applying log migration {}", number + 1);
         let transaction = connection.unchecked_transaction()?;
-        transaction.execute_batch(migration)?;
+        // SQLite has no `ADD COLUMN IF NOT EXISTS`: a column already there (a log that
+        // was rolled back to an older version and forward again) is not added twice.
+        let present = match added_column(migration) {
+            Some(column) => has_column(&transaction, "requests", column)?,
+            None => false,
+        };
+        if !present {
+            transaction.execute_batch(migration)?;
+        }
         transaction.pragma_update(None, "user_version", i64::try_from(number + 1)?)?;
         transaction.commit()?;
     }
     Ok(())
+}
+
+/// The column a migration `ALTER TABLE requests ADD COLUMN name …` adds.
+fn added_column(migration: &str) -> Option<&str> {
+    migration
+        .trim()
+        .strip_prefix("ALTER TABLE requests ADD COLUMN ")?
+        .split_whitespace()
+        .next()
+}
+
+fn has_column(connection: &Connection, table: &str, column: &str) -> anyhow::Result<bool> {
+    let mut statement = connection.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = statement.query_map([], |row| row.get::<_, String>(1))?;
+    for name in names {
+        if name? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn to_i64(n: u64) -> i64 {
