@@ -30,8 +30,8 @@ pub struct Gateway {
     pub limiter: Arc<Limiter>,
     /// The request log; `None` when storage is off.
     pub recorder: Option<Arc<Recorder>>,
-    /// The access log's own queue, when it is on and storage is off (with storage on, the
-    /// recorder writes the access lines).
+    /// The access log, when it is on (`log.access`): records go there through the
+    /// recorder's accountant, or straight there with storage off.
     pub access: Option<AccessLog>,
     /// Alerts to webhooks, when any is configured.
     pub alerts: Option<Arc<Alerts>>,
@@ -126,6 +126,11 @@ impl Shared {
             }
             (None, _) => None,
         };
+        let access = if config.log.access {
+            Some(AccessLog::start().context("cannot start the access log")?)
+        } else {
+            None
+        };
         let recorder = match &config.storage.url {
             Some(url) => {
                 let store = crate::store::open(url).with_context(|| format!("storage {url}"))?;
@@ -138,6 +143,7 @@ impl Shared {
                     metrics.clone(),
                     settle,
                     traces.clone(),
+                    access.clone(),
                 )?))
             }
             None => None,
@@ -146,11 +152,6 @@ impl Shared {
             shared_state.clone(),
             recorder.as_ref().map(|r| r.store.clone()),
         ));
-        let access = if config.log.access && recorder.is_none() {
-            Some(AccessLog::start().context("cannot start the access log")?)
-        } else {
-            None
-        };
         let drops = recorder
             .as_ref()
             .map(|r| r.stats.clone() as Arc<dyn crate::observe::alerts::DropCounts>);

@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
+use crate::observe::access::{AccessLine, AccessLog};
 use crate::observe::alerts::Alerts;
 use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
@@ -165,7 +166,7 @@ impl Catalog {
 #[derive(Clone, Debug)]
 pub enum RecordSink {
     Log(LogSink),
-    Access(crate::observe::access::AccessLog),
+    Access(AccessLog),
 }
 
 impl RecordSink {
@@ -236,8 +237,8 @@ impl Recorder {
         metrics: Arc<crate::observe::metrics::Metrics>,
         shared: Option<Arc<crate::accounting::shared::SharedState>>,
         traces: Option<Arc<crate::observe::traces::Exporter>>,
+        access_log: Option<AccessLog>,
     ) -> anyhow::Result<Self> {
-        let access_log = config.log.access;
         let storage: &Storage = &config.storage;
         restore_counters(store.as_ref(), &limiter)?;
         let (sender, receiver) = channel();
@@ -504,8 +505,8 @@ struct Accountant {
     catalog: Arc<RwLock<Arc<Catalog>>>,
     stats: Arc<RecorderStats>,
     log_bodies: bool,
-    /// Whether each record's access line is written here (`log.access`).
-    access_log: bool,
+    /// Where each record's access line goes (`log.access`).
+    access_log: Option<AccessLog>,
     alerts: Arc<OnceLock<Arc<Alerts>>>,
     backlog: Arc<Backlog>,
 }
@@ -552,8 +553,8 @@ impl Accountant {
         let reshape = pending.reshape.take();
         let (record, tokens, cost) = self.finish(&pending, &catalog, reshape);
         let counters = self.settle(&pending, tokens, cost);
-        if self.access_log {
-            crate::observe::access::AccessLine::of_record(&record).emit();
+        if let Some(access_log) = &self.access_log {
+            access_log.write(AccessLine::of_record(&record));
         }
         self.metrics.observe(&record);
         if let (Some(traces), Some(trace)) = (&self.traces, &pending.trace) {

@@ -3,10 +3,11 @@
 //! time to first byte, request id, the cause of a failure), never a secret: keys appear by
 //! name, upstream keys not at all, and neither headers nor bodies are written.
 //!
-//! The line is written off the request path. With storage on, the accountant writes it once
-//! it has worked out tokens and cost ([`AccessLine::of_record`]); with storage off, a
-//! finished record goes through [`AccessLog`], a bounded queue read by a thread of its own
-//! (a full queue drops the line and counts it, never making a request wait).
+//! The line is written off the request path, by a thread of its own reading a bounded queue
+//! ([`AccessLog`]; a full queue drops the line and counts it, never making a request or the
+//! accountant wait on stdout). With storage on, the accountant queues the line once it has
+//! worked out tokens and cost ([`AccessLine::of_record`]); with storage off, the finished
+//! record itself is queued.
 //! `SLUICE_LOG_FORMAT=json` makes it, like every other line, a JSON object with the fields
 //! at the top level.
 
@@ -24,16 +25,16 @@ const QUEUE: usize = 4096;
 /// Where the access log's lines come from: its target, for filtering (`SLUICE_LOG=access=off`).
 pub const TARGET: &str = "access";
 
-/// One request's line, borrowed from its record.
-#[derive(Debug, Clone, Copy)]
-pub struct AccessLine<'a> {
-    pub id: &'a str,
-    pub client: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub model: Option<&'a str>,
-    pub key: &'a str,
-    pub upstream: Option<&'a str>,
+/// One request's line.
+#[derive(Debug, Clone)]
+pub struct AccessLine {
+    pub id: String,
+    pub client: String,
+    pub method: String,
+    pub path: String,
+    pub model: Option<String>,
+    pub key: String,
+    pub upstream: Option<String>,
     pub status: u16,
     pub tries: u32,
     pub stream: bool,
@@ -41,21 +42,21 @@ pub struct AccessLine<'a> {
     pub cost: Option<f64>,
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
-    /// Why it failed, when it did: sluice's own error, or the upstream's status.
-    pub error: Option<&'a str>,
+    /// Why it failed, when sluice knows: its own error, or a broken or stalled stream.
+    pub error: Option<String>,
 }
 
-impl<'a> AccessLine<'a> {
+impl AccessLine {
     /// The line of a record the accountant finished: with tokens and cost.
-    pub fn of_record(record: &'a LogRecord) -> Self {
+    pub fn of_record(record: &LogRecord) -> Self {
         Self {
-            id: &record.id,
-            client: &record.client_ip,
-            method: &record.method,
-            path: &record.path,
-            model: record.model.as_deref(),
-            key: &record.key_name,
-            upstream: record.upstream.as_deref(),
+            id: record.id.clone(),
+            client: record.client_ip.clone(),
+            method: record.method.clone(),
+            path: record.path.clone(),
+            model: record.model.clone(),
+            key: record.key_name.clone(),
+            upstream: record.upstream.clone(),
             status: record.status,
             tries: record.tries,
             stream: record.stream,
@@ -63,7 +64,31 @@ impl<'a> AccessLine<'a> {
             cost: record.cost,
             latency_ms: record.latency_ms,
             ttfb_ms: record.ttfb_ms,
-            error: record.error.as_deref(),
+            error: record.error.clone(),
+        }
+    }
+
+    /// The line of a record no accountant saw (storage off): no tokens, no cost.
+    fn of_pending(pending: Pending) -> Self {
+        let latency = pending
+            .latency
+            .unwrap_or_else(|| pending.started.elapsed());
+        Self {
+            id: pending.id,
+            client: pending.client_ip.to_canonical().to_string(),
+            method: pending.method.to_string(),
+            path: pending.path,
+            model: pending.model,
+            key: pending.key_label,
+            upstream: pending.upstream,
+            status: pending.status,
+            tries: u32::try_from(pending.attempts.len()).unwrap_or(u32::MAX),
+            stream: pending.stream,
+            tokens: None,
+            cost: None,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            ttfb_ms: pending.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+            error: pending.error,
         }
     }
 
@@ -74,13 +99,13 @@ impl<'a> AccessLine<'a> {
         let ttfb_ms = self.ttfb_ms.map(round_ms);
         tracing::info!(
             target: TARGET,
-            request_id = self.id,
-            client = self.client,
-            method = self.method,
-            path = self.path,
-            model = self.model,
-            key = self.key,
-            upstream = self.upstream,
+            request_id = self.id.as_str(),
+            client = self.client.as_str(),
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            model = self.model.as_deref(),
+            key = self.key.as_str(),
+            upstream = self.upstream.as_deref(),
             status = self.status,
             tries = self.tries,
             stream = self.stream,
@@ -88,7 +113,7 @@ impl<'a> AccessLine<'a> {
             cost_usd = cost,
             latency_ms,
             ttfb_ms,
-            error = self.error,
+            error = self.error.as_deref(),
             "request"
         );
     }
@@ -99,14 +124,28 @@ fn round_ms(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
 }
 
-/// The access log's own queue and thread, used when storage is off (with storage on, the
-/// accountant writes the lines). Cheap to clone.
-#[derive(Clone, Debug)]
+/// What the access log's thread is handed: a record no accountant will see (handed over
+/// whole, no copy), or the line of one the accountant finished.
+enum Entry {
+    Pending(Box<Pending>),
+    Line(Box<AccessLine>),
+}
+
+/// The access log's queue and the thread that writes it. Cheap to clone.
+#[derive(Clone)]
 pub struct AccessLog {
-    sender: SyncSender<Box<Pending>>,
+    sender: SyncSender<Entry>,
     /// Lines dropped because the queue was full.
     pub dropped: Arc<AtomicU64>,
     warning: Arc<crate::clock::Throttle>,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("dropped", &self.dropped)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AccessLog {
@@ -123,46 +162,35 @@ impl AccessLog {
         })
     }
 
-    /// Queues a finished request's line; never blocks. The record itself is handed over
-    /// (no copy) and dropped by the log's thread.
+    /// Queues the line of a finished request no accountant will see; never blocks. The
+    /// record itself is handed over and dropped by the log's thread.
     pub fn submit(&self, pending: Box<Pending>) {
-        match self.sender.try_send(pending) {
+        self.send(Entry::Pending(pending));
+    }
+
+    /// Queues a line the accountant made; never blocks.
+    pub fn write(&self, line: AccessLine) {
+        self.send(Entry::Line(Box::new(line)));
+    }
+
+    fn send(&self, entry: Entry) {
+        match self.sender.try_send(entry) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
                 let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if self.warning.ready() {
-                    tracing::warn!(
-                        dropped,
-                        "the access log is behind stdout; lines are dropped"
-                    );
+                    tracing::warn!(dropped, "the access log is behind stdout; lines are dropped");
                 }
             }
         }
     }
 }
 
-fn run(receiver: &Receiver<Box<Pending>>) {
-    while let Ok(pending) = receiver.recv() {
-        let latency = pending.latency.unwrap_or_else(|| pending.started.elapsed());
-        let client = pending.client_ip.to_canonical().to_string();
-        let method = pending.method.to_string();
-        AccessLine {
-            id: &pending.id,
-            client: &client,
-            method: &method,
-            path: &pending.path,
-            model: pending.model.as_deref(),
-            key: &pending.key_label,
-            upstream: pending.upstream.as_deref(),
-            status: pending.status,
-            tries: u32::try_from(pending.attempts.len()).unwrap_or(u32::MAX),
-            stream: pending.stream,
-            tokens: None,
-            cost: None,
-            latency_ms: latency.as_secs_f64() * 1000.0,
-            ttfb_ms: pending.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-            error: pending.error.as_deref(),
+fn run(receiver: &Receiver<Entry>) {
+    while let Ok(entry) = receiver.recv() {
+        match entry {
+            Entry::Pending(pending) => AccessLine::of_pending(*pending).emit(),
+            Entry::Line(line) => line.emit(),
         }
-        .emit();
     }
 }
