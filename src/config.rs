@@ -169,7 +169,7 @@ impl LogFormat {
 }
 
 /// Where alerts go and how often one may repeat.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Alerts {
     pub webhooks: Vec<Webhook>,
     /// The least time between two alerts about the log dropping rows.
@@ -177,7 +177,7 @@ pub struct Alerts {
 }
 
 /// One webhook. Its URL is a secret (a Slack webhook URL is its own credential).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Webhook {
     pub url: Secret,
     pub format: WebhookFormat,

@@ -354,9 +354,11 @@ fn reload(options: &LoadOptions, current: &Current, reason: &str) {
     if old.server.listen != new.server.listen
         || old.admin.listen != new.admin.listen
         || old.storage.url != new.storage.url
+        || old.log != new.log
+        || old.alerts != new.alerts
     {
         tracing::warn!(
-            "listen addresses and storage.url change only on restart; the rest of the new config applies"
+            "listen addresses, storage.url, log and alerts change only on restart; the rest of the new config applies"
         );
     }
     match Gateway::with_shared(loaded.config, running.shared()) {

@@ -540,6 +540,14 @@ fn metrics_gauges(gateway: &Gateway) -> crate::observe::metrics::Gauges<'_> {
         admin_lockouts: gateway.admin_auth.lockouts(),
         admin_auth_refused: gateway.admin_auth.refused(),
         log: gateway.recorder.as_ref().map(|r| r.stats.gauges()),
+        access_dropped: gateway
+            .access
+            .as_ref()
+            .map(|a| a.dropped.load(Ordering::Relaxed)),
+        alerts_dropped: gateway
+            .alerts
+            .as_ref()
+            .map(|a| a.dropped.load(Ordering::Relaxed)),
     }
 }
 

@@ -52,6 +52,10 @@ pub struct Gauges<'a> {
     pub admin_auth_refused: u64,
     /// The request log's figures; `None` when storage is off.
     pub log: Option<LogGauges>,
+    /// Access log lines dropped (its queue was full: stdout too slow); `None` when off.
+    pub access_dropped: Option<u64>,
+    /// Alerts dropped (their queue was full); `None` without webhooks.
+    pub alerts_dropped: Option<u64>,
 }
 
 /// One upstream's live figures.
@@ -276,6 +280,18 @@ fn render_gauges(out: &mut String, gauges: &Gauges<'_>) {
          # HELP sluice_admin_auth_refused_total Admin authentications refused unchecked from a locked-out address.\n# TYPE sluice_admin_auth_refused_total counter\nsluice_admin_auth_refused_total {}\n",
         gauges.admin_auth_failures, gauges.admin_lockouts, gauges.admin_auth_refused,
     );
+    if let Some(dropped) = gauges.access_dropped {
+        let _ = write!(
+            out,
+            "# HELP sluice_access_log_dropped_total Access log lines dropped because stdout fell behind.\n# TYPE sluice_access_log_dropped_total counter\nsluice_access_log_dropped_total {dropped}\n"
+        );
+    }
+    if let Some(dropped) = gauges.alerts_dropped {
+        let _ = write!(
+            out,
+            "# HELP sluice_alerts_dropped_total Alerts dropped because their queue was full.\n# TYPE sluice_alerts_dropped_total counter\nsluice_alerts_dropped_total {dropped}\n"
+        );
+    }
     if let Some(s) = &gauges.log {
         let _ = write!(
             out,
