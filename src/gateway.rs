@@ -188,6 +188,15 @@ impl Gateway {
             .iter()
             .map(|u| UpstreamRuntime::new(u.clone()).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(alerts) = &shared.alerts {
+            // An upstream said to be down before a reload is marked as having rested, so
+            // its first answer after the reload is said to be its recovery.
+            for upstream in &upstreams {
+                if alerts.is_down(&upstream.config.name) {
+                    upstream.cooldown_until.store(1, Ordering::Relaxed);
+                }
+            }
+        }
         let routing = &config.routing;
         let routing_needs_model =
             upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);

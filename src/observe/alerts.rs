@@ -183,6 +183,11 @@ impl Alerts {
         });
     }
 
+    /// Whether an upstream was said to be down and not yet back.
+    pub fn is_down(&self, upstream: &str) -> bool {
+        self.said().down.contains(upstream)
+    }
+
     /// An upstream answered again after resting; said once, if its going down was.
     pub fn upstream_recovered(&self, upstream: &str) {
         if !self.said().down.remove(upstream) {
