@@ -242,15 +242,24 @@ async fn the_access_log_in_json_has_every_request_with_its_figures_and_no_secret
         .text()
         .await
         .unwrap();
-    let total: f64 = ok_lines.iter().map(|l| l["cost_usd"].as_f64().unwrap()).sum();
+    let total: f64 = ok_lines
+        .iter()
+        .map(|l| l["cost_usd"].as_f64().unwrap())
+        .sum();
     let line = metrics
         .lines()
         .find(|l| l.starts_with("sluice_cost_usd_total{model=\"gpt-4o\",key=\"alice\"}"))
         .unwrap_or_else(|| panic!("{metrics}"));
     let shown: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!((shown - total).abs() < 1e-9, "{line} vs {total}");
-    assert!(line.rsplit(' ').next().unwrap().len() <= 12, "rounded: {line}");
-    assert!(metrics.contains("sluice_access_log_dropped_total 0"), "{metrics}");
+    assert!(
+        line.rsplit(' ').next().unwrap().len() <= 12,
+        "rounded: {line}"
+    );
+    assert!(
+        metrics.contains("sluice_access_log_dropped_total 0"),
+        "{metrics}"
+    );
     let output = running.output();
     for secret in [ALICE, BOB, UPSTREAM_KEYS[0], UPSTREAM_KEYS[1]] {
         assert!(!output.contains(secret), "a secret in the log: {output}");

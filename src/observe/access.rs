@@ -70,9 +70,7 @@ impl AccessLine {
 
     /// The line of a record no accountant saw (storage off): no tokens, no cost.
     fn of_pending(pending: Pending) -> Self {
-        let latency = pending
-            .latency
-            .unwrap_or_else(|| pending.started.elapsed());
+        let latency = pending.latency.unwrap_or_else(|| pending.started.elapsed());
         Self {
             id: pending.id,
             client: pending.client_ip.to_canonical().to_string(),
@@ -179,7 +177,10 @@ impl AccessLog {
             Err(TrySendError::Full(_)) => {
                 let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if self.warning.ready() {
-                    tracing::warn!(dropped, "the access log is behind stdout; lines are dropped");
+                    tracing::warn!(
+                        dropped,
+                        "the access log is behind stdout; lines are dropped"
+                    );
                 }
             }
         }

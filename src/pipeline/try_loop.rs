@@ -197,6 +197,11 @@ fn log_failure(
             let status = response.status().as_u16();
             tracing::warn!(upstream = %name, key, status, request_id = id, tries, "upstream answered {status}; {next}");
         }
+        // The client's own failure (a body too large or too slow) is not the upstream's:
+        // its access line says it.
+        Failure::Error(error) if error.fault == crate::http::error::Fault::Client => {
+            tracing::debug!(upstream = %name, request_id = id, tries, "{}; {next}", error.message);
+        }
         Failure::Error(error) => {
             tracing::warn!(upstream = %name, key, request_id = id, tries, "{}; {next}", error.message);
         }
