@@ -68,12 +68,14 @@ stream_body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","co
 
 busy_poll=${BENCH_BUSY_POLL:-0}
 poll_window=300us
+# A bare proxy: no request log, no access log. `full` has both on, as by default.
 cat > "$work/bare.yaml" <<YAML
 server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: $busy_poll}
 access: {keys: [{name: bench, key: fk-bench-key-0001}]}
 upstreams:
   - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1]}
 storage: {url: none}
+log: {access: false}
 YAML
 # Same port numbers as bare for each mock, with routing by model, limits and the log on.
 cat > "$work/full.yaml" <<YAML

@@ -285,12 +285,13 @@ impl Gateway {
         path: &str,
     ) -> Option<Box<Pending>> {
         (self.recorder.is_some() || self.access.is_some()).then(|| {
-            let mut pending = Box::new(Pending::new(
-                client,
-                parts.method.clone(),
-                path,
-                parts.headers.clone(),
-            ));
+            // Headers are kept only for the stored log; the access line never shows them.
+            let headers = if self.recorder.is_some() {
+                parts.headers.clone()
+            } else {
+                http::HeaderMap::new()
+            };
+            let mut pending = Box::new(Pending::new(client, parts.method.clone(), path, headers));
             if self.traces.is_some() {
                 pending.trace = Some(TraceContext::from_headers(&parts.headers));
             }

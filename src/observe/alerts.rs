@@ -162,7 +162,7 @@ impl Alerts {
                         }
                     ),
                     fields: json!({"key": key, "threshold": threshold, "period": period,
-                        "used": used, "limit": limit}),
+                        "used": crate::pure::usage::round_cost(used), "limit": limit}),
                 });
             }
         }
