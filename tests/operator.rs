@@ -396,6 +396,14 @@ fn check_describes_its_options_and_names_the_variable_at_fault() {
 #[tokio::test]
 async fn the_log_stores_what_the_client_received_and_the_upstream_answer_beside_it() {
     let mock = mock().await;
+    // Breaks its streams off half way, once the head and some events are out.
+    let cut = mock_with(MockOptions {
+        name: "cut".into(),
+        fault: Some(Fault::Cut),
+        interval: Duration::from_millis(10),
+        ..MockOptions::default()
+    })
+    .await;
     let gw = gateway(&format!(
         "access:
   keys:
@@ -403,10 +411,12 @@ async fn the_log_stores_what_the_client_received_and_the_upstream_answer_beside_
     - {{name: bob, key: {BOB}, rpm: 0}}
 admin: {{key: {ADMIN}}}
 upstreams:
-  - {{name: main, base_url: '{}', keys: [{}], model_map: {{alias: gpt-4o}}}}
+  - {{name: main, base_url: '{}', keys: [{}], models: [alias, gpt-4o], model_map: {{alias: gpt-4o}}}}
+  - {{name: cut, base_url: '{}', models: [cut-model]}}
 ",
         mock.url(),
-        UPSTREAM_KEYS[0]
+        UPSTREAM_KEYS[0],
+        cut.url(),
     ))
     .await;
     let url = gw.url("");
@@ -454,6 +464,24 @@ upstreams:
     let row = detail(list["data"][0]["id"].as_str().unwrap().to_string()).await;
     assert_eq!(row["response_body"].as_str().unwrap(), plain_text);
     assert!(row["upstream_response_body"].is_null(), "{row}");
+
+    // A stream the upstream broke off: the client got sluice's error event after it.
+    let broken = chat_as(&url, ALICE, "cut-model", true).await;
+    let text = broken.text().await.unwrap();
+    assert!(text.contains("\"error\""), "{text}");
+    flush(&gw).await;
+    let list = admin_json(&gw, "/api/requests", ADMIN).await;
+    let row = detail(list["data"][0]["id"].as_str().unwrap().to_string()).await;
+    assert_eq!(row["response_body"].as_str().unwrap(), text);
+    let upstream = row["upstream_response_body"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{row}"));
+    assert!(!upstream.contains("\"error\""), "{upstream}");
+    assert!(text.starts_with(upstream), "{upstream}");
+    assert!(
+        row["error"].as_str().unwrap().contains("broke off"),
+        "{row}"
+    );
 
     // Refused by sluice itself: its own answer and its Retry-After are kept.
     let refused = chat_as(&url, BOB, "gpt-4o", false).await;

@@ -733,10 +733,11 @@ impl Accountant {
         };
         let log_bodies = self.log_bodies && pending.keep_bodies;
         // What the client received, when it differs from the upstream's bytes.
-        let received = reshape
-            .filter(|_| log_bodies)
-            .and_then(|shaper| client_view(shaper, &response))
-            .filter(|client| *client != response);
+        let received = if log_bodies {
+            received(reshape, &response, pending.closing.as_ref())
+        } else {
+            None
+        };
         let shown = Shown {
             log_bodies,
             response: &response,
@@ -754,13 +755,26 @@ impl Accountant {
     }
 }
 
-/// The body as the client received it: the upstream's bytes through the relay's shaper
-/// (a twin of it). `None` when shaping gives up (an event past its bound), as the relay
-/// did.
-fn client_view(mut shaper: Shaper, upstream: &Bytes) -> Option<Bytes> {
-    let mut out = shaper.push(upstream.clone()).ok()?.to_vec();
-    out.extend_from_slice(&shaper.finish());
-    Some(Bytes::from(out))
+/// What the client received, when it differs from the upstream's bytes: those bytes
+/// through the relay's shaper (a twin of it), then sluice's closing event if a stream
+/// broke. `None` when nothing changed them, or when shaping gave up (an event past its
+/// bound), as the relay did.
+fn received(reshape: Option<Shaper>, upstream: &Bytes, closing: Option<&Bytes>) -> Option<Bytes> {
+    if reshape.is_none() && closing.is_none() {
+        return None;
+    }
+    let mut out = match reshape {
+        Some(mut shaper) => {
+            let mut out = shaper.push(upstream.clone()).ok()?.to_vec();
+            out.extend_from_slice(&shaper.finish());
+            out
+        }
+        None => upstream.to_vec(),
+    };
+    if let Some(closing) = closing {
+        out.extend_from_slice(closing);
+    }
+    (out != upstream[..]).then(|| Bytes::from(out))
 }
 
 /// Adds `usage` to `scope`'s windows (every period) of the second `at`.

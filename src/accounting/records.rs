@@ -95,6 +95,8 @@ pub struct Pending {
     /// relay's shaper: the log applies it to the captured body, off the request path, to
     /// store what the client received. `None`: the client got the upstream's bytes.
     pub reshape: Option<Shaper>,
+    /// sluice's own last event, sent after the upstream's bytes when a stream broke.
+    pub closing: Option<Bytes>,
     pub response_content_type: Option<String>,
     /// Whether the row keeps its bodies (`false` once the log sheds bodies).
     pub keep_bodies: bool,
@@ -137,6 +139,7 @@ impl Pending {
             request_body: None,
             response_body: Captured::default(),
             reshape: None,
+            closing: None,
             response_content_type: None,
             keep_bodies: true,
             keep_row: true,

@@ -348,10 +348,16 @@ impl RelayBody {
     fn last_frame(&mut self, error: ApiError) -> Result<Frame<Bytes>, BoxError> {
         self.done = true;
         self._in_flight = None;
-        self.finish(Some(error.message.clone()));
         if self.sse {
-            Ok(Frame::data(self.protocol.error_event(&error)))
+            let event = self.protocol.error_event(&error);
+            if let Some(record) = self.record.as_mut() {
+                // The client gets this event after the upstream's bytes: the log shows it.
+                record.closing = Some(event.clone());
+            }
+            self.finish(Some(error.message.clone()));
+            Ok(Frame::data(event))
         } else {
+            self.finish(Some(error.message.clone()));
             Err(Box::new(error))
         }
     }
