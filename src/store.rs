@@ -22,6 +22,8 @@ pub struct LogRecord {
     pub method: String,
     pub path: String,
     pub model: Option<String>,
+    /// The request body's `user` (end-user attribution), cut to [`MAX_USER`] bytes.
+    pub user: Option<String>,
     pub upstream_model: Option<String>,
     pub upstream: Option<String>,
     pub upstream_key: Option<String>,
@@ -73,6 +75,7 @@ impl LogRecord {
         }
         for text in [
             &mut self.model,
+            &mut self.user,
             &mut self.upstream_model,
             &mut self.upstream,
             &mut self.upstream_key,
@@ -88,6 +91,55 @@ impl LogRecord {
         .flatten()
         {
             clean(text);
+        }
+    }
+}
+
+/// The longest end-user name kept: the field is the client's to fill, so the log and the
+/// per-user rollups keep at most this many bytes of it.
+pub const MAX_USER: usize = 256;
+
+/// `user` cut to [`MAX_USER`] bytes at a character boundary.
+pub fn clip_user(user: &str) -> String {
+    let mut end = user.len().min(MAX_USER);
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    user[..end].to_string()
+}
+
+/// What became of a request, as operators tell failures apart: sluice's own refusals
+/// (limits, keys, routes: no upstream was asked) are not the upstreams' failures, and an
+/// upstream turning down the client's request (a 4xx) is neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Answered with a status below 400.
+    Ok,
+    /// sluice answered with an error itself, before any upstream was tried.
+    Refused,
+    /// An upstream failed: 5xx, 408, 429, or no answer (sluice's 502/504 after tries).
+    Upstream,
+    /// An upstream answered 4xx (other than 408 and 429): the request, judged by it.
+    Rejected,
+}
+
+impl Cause {
+    /// The cause of an answer with `status` after `tries` sends to upstreams.
+    pub fn of(status: u16, tries: u32) -> Self {
+        match status {
+            0..400 => Self::Ok,
+            _ if tries == 0 => Self::Refused,
+            408 | 429 | 500.. => Self::Upstream,
+            _ => Self::Rejected,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Upstream => "upstream_error",
+            Self::Rejected => "rejected",
         }
     }
 }
@@ -126,6 +178,8 @@ pub struct ListQuery {
     pub model: Option<String>,
     pub key: Option<String>,
     pub upstream: Option<String>,
+    /// The end user (`user` in the request body), exactly.
+    pub user: Option<String>,
     pub path: Option<String>,
     /// An exact status (`429`) or a class (`2xx`, `4xx`, `5xx`), or `error` for ≥ 400.
     pub status: Option<String>,
@@ -137,6 +191,9 @@ pub struct ListQuery {
     /// 1-based.
     pub page: u64,
     pub per_page: u64,
+    /// Leaves the total uncounted (`Page::total` is `None`): an export pages through
+    /// thousands of rows and needs no count at each page.
+    pub skip_count: bool,
 }
 
 #[cfg(test)]
@@ -155,6 +212,7 @@ mod tests {
                 requests,
                 succeeded: requests - 1,
                 latency_sum: 10.0 * requests as f64,
+                refused: 1,
                 ..RollupRow::default()
             },
         };
@@ -165,9 +223,19 @@ mod tests {
             row(72, "old", 9),
         ];
         // The last 90 minutes: the current hour and the one before, not the old row.
-        let answer = stats_answer(&rows, &[], now - 90 * 60_000, now, now);
+        let rows = StatsRows {
+            hours: rows.to_vec(),
+            ..StatsRows::default()
+        };
+        let answer = stats_answer(&rows, now - 90 * 60_000, now, now);
         assert_eq!(answer["totals"]["requests"], 9);
         assert_eq!(answer["totals"]["errors"], 3);
+        assert_eq!(answer["totals"]["refused"], 3);
+        assert_eq!(answer["totals"]["reached"], 6);
+        assert_eq!(
+            answer["totals"]["success_rate"], 1.0,
+            "refusals are not upstream failures"
+        );
         assert_eq!(answer["totals"]["avg_latency_ms"], 10.0);
         let names: Vec<&str> = answer["by_model"]
             .as_array()
@@ -189,9 +257,59 @@ mod tests {
             "three days ago (outside the range) and today"
         );
         assert_eq!(answer["hourly_by"]["model"].as_array().unwrap().len(), 3);
-        let empty = stats_answer(&[], &[], now - HOUR_MS, now, now);
+        let empty = stats_answer(&StatsRows::default(), now - HOUR_MS, now, now);
         assert_eq!(empty["totals"]["requests"], 0);
         assert!(empty["totals"]["avg_latency_ms"].is_null());
+    }
+
+    #[test]
+    fn causes_tell_refusals_from_upstream_failures() {
+        assert_eq!(Cause::of(200, 1), Cause::Ok);
+        assert_eq!(Cause::of(429, 0), Cause::Refused);
+        assert_eq!(Cause::of(401, 0), Cause::Refused);
+        assert_eq!(Cause::of(429, 1), Cause::Upstream);
+        assert_eq!(Cause::of(502, 3), Cause::Upstream);
+        assert_eq!(Cause::of(400, 1), Cause::Rejected);
+        assert_eq!(clip_user(&"é".repeat(200)).len(), 256);
+    }
+
+    #[test]
+    fn percentiles_over_time_and_users_by_cost() {
+        let now: i64 = 1_795_636_800_000;
+        let hour = now.div_euclid(HOUR_MS) * HOUR_MS;
+        let user = |name: &str, cost: f64| UserRow {
+            hour_ms: hour,
+            user: name.into(),
+            sums: RollupRow {
+                requests: 1,
+                succeeded: 1,
+                cost,
+                total_tokens: 10,
+                ..RollupRow::default()
+            },
+        };
+        let rows = StatsRows {
+            users: vec![user("cheap", 0.1), user("dear", 2.0)],
+            latency: (1..=100)
+                .map(|ms| (hour, latency_bucket(ms as f64), 1))
+                .collect(),
+            ttfb: vec![(hour, latency_bucket(5.0), 4)],
+            ..StatsRows::default()
+        };
+        let answer = stats_answer(&rows, now - HOUR_MS, now, now);
+        let names: Vec<&str> = answer["by_user"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["dear", "cheap"], "dearest first");
+        let series = &answer["latency_hourly"][0];
+        assert_eq!(series["start_ms"], hour);
+        let p50 = series["p50_ms"].as_f64().unwrap();
+        assert!((50.0..=53.0).contains(&p50), "{p50}");
+        assert!(series["ttfb_p95_ms"].as_f64().unwrap() >= 5.0);
+        assert_eq!(answer["totals"]["ttfb_p50_ms"], series["ttfb_p50_ms"]);
     }
 
     #[test]
@@ -276,6 +394,15 @@ pub fn capped_count_sql(clause: &str) -> String {
 pub const SEARCH_RECENT_ROWS: i64 = 5_000;
 
 impl Page {
+    /// The page without a total when the query asked for none ([`ListQuery::skip_count`]).
+    pub fn uncounted_if(mut self, skip: bool) -> Self {
+        if skip {
+            self.total = None;
+            self.total_exact = false;
+        }
+        self
+    }
+
     /// A page of search results (`query` asked for up to `per_page + 1` rows). Matches
     /// are not counted (counting a common term costs a scan of the log), so `total` is
     /// the rows up to and on this page: exact on the last page, a lower bound before it,
@@ -348,8 +475,11 @@ pub trait Store: Send + Sync {
     fn get(&self, id: &str) -> anyhow::Result<Option<Value>>;
     /// Totals and breakdowns over the hours overlapping `from_ms`..`to_ms` (read from hourly
     /// rollups, so the cost does not grow with the log); hourly for the 48 h and daily for
-    /// the 30 days before `now_ms`, in all and per model, upstream and key.
+    /// the 30 days before `now_ms`, in all and per model, upstream, key and end user
+    /// (see [`stats_answer`]).
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value>;
+    /// The distinct values the list's filters offer (see [`values_answer`]).
+    fn values(&self) -> anyhow::Result<Value>;
     /// Whether the store answers.
     fn ping(&self) -> anyhow::Result<()>;
     /// Remembers (or, with `upstream` empty, forgets) which upstream created objects.
@@ -424,6 +554,10 @@ pub struct Rollup {
     pub hourly: std::collections::BTreeMap<(i64, String, String, String), RollupRow>,
     /// (hour, latency bucket) → count.
     pub latency: std::collections::BTreeMap<(i64, i64), u64>,
+    /// (hour, time-to-first-byte bucket) → count, for requests that had a first byte.
+    pub ttfb: std::collections::BTreeMap<(i64, i64), u64>,
+    /// (hour, end user) → sums, for requests that named a user.
+    pub users: std::collections::BTreeMap<(i64, String), RollupRow>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -435,6 +569,10 @@ pub struct RollupRow {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cost: f64,
+    /// Answered by sluice itself with an error ([`Cause::Refused`]).
+    pub refused: u64,
+    /// Failed at an upstream ([`Cause::Upstream`]).
+    pub upstream_errors: u64,
 }
 
 impl Rollup {
@@ -451,24 +589,49 @@ impl Rollup {
                 r.upstream.clone().unwrap_or_default(),
                 r.key_name.clone(),
             );
-            let row = rollup.hourly.entry(key).or_default();
-            row.requests += 1;
-            row.succeeded += u64::from((200..400).contains(&r.status));
-            row.latency_sum += r.latency_ms;
-            row.prompt_tokens += r.prompt_tokens.unwrap_or(0);
-            row.completion_tokens += r.completion_tokens.unwrap_or(0);
-            row.total_tokens += r.total_tokens.unwrap_or(0);
-            row.cost += r.cost.unwrap_or(0.0);
+            rollup.hourly.entry(key).or_default().count(r);
+            if let Some(user) = &r.user {
+                rollup
+                    .users
+                    .entry((hour, user.clone()))
+                    .or_default()
+                    .count(r);
+            }
             *rollup
                 .latency
                 .entry((hour, latency_bucket(r.latency_ms)))
                 .or_default() += 1;
+            if let Some(ttfb) = r.ttfb_ms {
+                *rollup
+                    .ttfb
+                    .entry((hour, latency_bucket(ttfb)))
+                    .or_default() += 1;
+            }
         }
         rollup
     }
 }
 
+/// The sums of a rollup row as both stores' tables hold them, in [`RollupRow`]'s order.
+pub const ROLLUP_SUMS: &str = "requests, succeeded, latency_sum, prompt_tokens, \
+    completion_tokens, total_tokens, cost, refused, upstream_errors";
+
 impl RollupRow {
+    fn count(&mut self, r: &LogRecord) {
+        self.requests += 1;
+        self.succeeded += u64::from((200..400).contains(&r.status));
+        self.latency_sum += r.latency_ms;
+        self.prompt_tokens += r.prompt_tokens.unwrap_or(0);
+        self.completion_tokens += r.completion_tokens.unwrap_or(0);
+        self.total_tokens += r.total_tokens.unwrap_or(0);
+        self.cost += r.cost.unwrap_or(0.0);
+        match Cause::of(r.status, r.tries) {
+            Cause::Refused => self.refused += 1,
+            Cause::Upstream => self.upstream_errors += 1,
+            Cause::Ok | Cause::Rejected => {}
+        }
+    }
+
     fn add(&mut self, other: &RollupRow) {
         self.requests += other.requests;
         self.succeeded += other.succeeded;
@@ -477,11 +640,19 @@ impl RollupRow {
         self.completion_tokens += other.completion_tokens;
         self.total_tokens += other.total_tokens;
         self.cost += other.cost;
+        self.refused += other.refused;
+        self.upstream_errors += other.upstream_errors;
     }
 
-    /// The aggregate as the stats answer shows it, rates included.
+    /// The aggregate as the stats answer shows it, rates included. `success_rate` is of
+    /// the requests that reached an upstream (`reached`): sluice's own refusals count
+    /// apart (`refused`), so a burst of over-limit clients does not read as failing
+    /// upstreams. `rejected`: upstreams' 4xx answers (the request, judged by them).
     fn to_json(&self) -> Value {
         let errors = self.requests - self.succeeded.min(self.requests);
+        let refused = self.refused.min(errors);
+        let upstream_errors = self.upstream_errors.min(errors - refused);
+        let reached = self.requests - refused;
         serde_json::json!({
             "requests": self.requests,
             "succeeded": self.succeeded,
@@ -489,16 +660,54 @@ impl RollupRow {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "cost": self.cost,
+            "cost": round_cost(self.cost),
             "errors": errors,
-            "success_rate": if self.requests > 0 { self.succeeded as f64 / self.requests as f64 } else { 0.0 },
+            "refused": refused,
+            "upstream_errors": upstream_errors,
+            "rejected": errors - refused - upstream_errors,
+            "reached": reached,
+            "success_rate": if reached > 0 { self.succeeded as f64 / reached as f64 } else { 0.0 },
         })
     }
 }
 
-/// The rollup columns a [`HourRow`] is read from, in its fields' order.
+/// A sum of costs rounded to a billionth of a dollar, as far as prices mean anything (no
+/// `0.0004526999999999999`).
+pub fn round_cost(cost: f64) -> f64 {
+    (cost * 1e9).round() / 1e9
+}
+
+/// The rollup columns a [`HourRow`] is read from, in its fields' order (the sums as in
+/// [`ROLLUP_SUMS`]).
 pub const HOUR_ROW_COLUMNS: &str = "hour_ms, model, upstream, key_name, requests, succeeded, \
-    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost";
+    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors";
+
+/// The per-user rollup columns a [`UserRow`] is read from, in its fields' order.
+pub const USER_ROW_COLUMNS: &str = "hour_ms, end_user, requests, succeeded, latency_sum, \
+    prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors";
+
+/// One row of the per-user rollup table.
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub hour_ms: i64,
+    pub user: String,
+    pub sums: RollupRow,
+}
+
+/// What `/api/stats` is computed from, as both stores read it: rollup rows and the
+/// latency and time-to-first-byte histograms (hour, bucket, count), from
+/// [`stats_span`]'s earliest hour on.
+#[derive(Debug, Clone, Default)]
+pub struct StatsRows {
+    pub hours: Vec<HourRow>,
+    pub users: Vec<UserRow>,
+    pub latency: Vec<(i64, i64, i64)>,
+    pub ttfb: Vec<(i64, i64, i64)>,
+}
+
+/// Users shown in the breakdown (the dearest) and in the per-user series.
+const TOP_USERS: usize = 50;
+const SERIES_USERS: usize = 8;
 
 /// One row of the hourly rollup table, as both stores read it.
 #[derive(Debug, Clone)]
@@ -528,39 +737,57 @@ fn series_starts(now_ms: i64) -> (i64, i64) {
     )
 }
 
-/// `/api/stats` from the rollup rows since [`stats_span`]'s earliest hour and the latency
-/// histogram of `[from, to]`: totals and breakdowns of `[from, to]` (whole hours), and
-/// the hourly and daily series, overall and by model, upstream and key. Both stores read
-/// the rows in one query each and share this, so they answer alike, in one order.
-pub fn stats_answer(
-    rows: &[HourRow],
-    buckets: &[(i64, i64)],
-    from_ms: i64,
-    to_ms: i64,
-    now_ms: i64,
-) -> Value {
+/// `/api/stats` from [`StatsRows`]: totals and breakdowns of `[from, to]` (whole hours,
+/// by model, upstream, key and end user), and the hourly (48 h) and daily (30 days)
+/// series, overall and by dimension, with latency and time-to-first-byte percentiles.
+/// Both stores read the rows in a few queries and share this, so they answer alike, in
+/// one order.
+pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> Value {
     use std::collections::BTreeMap;
     let (first, _) = stats_span(from_ms, now_ms);
     let (since_hour, since_day) = series_starts(now_ms);
     let day = 24 * HOUR_MS;
-    let in_range: Vec<&HourRow> = rows
-        .iter()
-        .filter(|r| r.hour_ms >= first && r.hour_ms <= to_ms)
-        .collect();
+    let in_range = |hour: i64| hour >= first && hour <= to_ms;
     let mut totals_sum = RollupRow::default();
-    for row in &in_range {
+    for row in rows.hours.iter().filter(|r| in_range(r.hour_ms)) {
         totals_sum.add(&row.sums);
     }
     let mut totals = totals_sum.to_json();
-    totals["p95_latency_ms"] = serde_json::json!(histogram_percentile(buckets, 95.0));
+    let (latency, ttfb) = (
+        histogram_of(&rows.latency, in_range),
+        histogram_of(&rows.ttfb, in_range),
+    );
+    totals["p50_latency_ms"] = serde_json::json!(histogram_percentile(&latency, 50.0));
+    totals["p95_latency_ms"] = serde_json::json!(histogram_percentile(&latency, 95.0));
+    totals["ttfb_p50_ms"] = serde_json::json!(histogram_percentile(&ttfb, 50.0));
+    totals["ttfb_p95_ms"] = serde_json::json!(histogram_percentile(&ttfb, 95.0));
+
+    // Users: the dearest in the range, and the series of the dearest few.
+    let mut user_sums: BTreeMap<&str, RollupRow> = BTreeMap::new();
+    for row in rows.users.iter().filter(|r| in_range(r.hour_ms)) {
+        user_sums.entry(&row.user).or_default().add(&row.sums);
+    }
+    let mut by_user: Vec<(&str, RollupRow)> = user_sums.into_iter().collect();
+    by_user.sort_by(|a, b| b.1.cost.total_cmp(&a.1.cost));
+    let users_in_range = by_user.len();
+    by_user.truncate(TOP_USERS);
+    let charted: std::collections::BTreeSet<&str> =
+        by_user.iter().take(SERIES_USERS).map(|(u, _)| *u).collect();
+    let user_rows: Vec<HourRow> = rows
+        .users
+        .iter()
+        .filter(|r| charted.contains(r.user.as_str()))
+        .map(|r| HourRow {
+            hour_ms: r.hour_ms,
+            model: String::new(),
+            upstream: String::new(),
+            key_name: r.user.clone(),
+            sums: r.sums.clone(),
+        })
+        .collect();
 
     type Name = fn(&HourRow) -> &str;
-    let dimensions: [(&str, &str, Name); 3] = [
-        ("model", "by_model", |r| &r.model),
-        ("upstream", "by_upstream", |r| &r.upstream),
-        ("key", "by_key", |r| &r.key_name),
-    ];
-    let series = |bucket: i64, since: i64, name: Option<Name>| -> Vec<Value> {
+    let series = |rows: &[HourRow], bucket: i64, since: i64, name: Option<Name>| -> Vec<Value> {
         let mut groups: BTreeMap<(i64, &str), RollupRow> = BTreeMap::new();
         for row in rows.iter().filter(|r| r.hour_ms >= since) {
             let start = row.hour_ms.div_euclid(bucket) * bucket;
@@ -579,35 +806,166 @@ pub fn stats_answer(
             })
             .collect()
     };
+    let named = |(label, sums): (&str, RollupRow)| {
+        let mut value = sums.to_json();
+        value["name"] = serde_json::json!(label);
+        value
+    };
     let mut answer = serde_json::json!({
         "from_ms": from_ms,
         "to_ms": to_ms,
         "totals": totals,
-        "hourly": series(HOUR_MS, since_hour, None),
-        "daily": series(day, since_day, None),
+        "hourly": series(&rows.hours, HOUR_MS, since_hour, None),
+        "daily": series(&rows.hours, day, since_day, None),
+        "latency_hourly": percentile_series(&rows.latency, &rows.ttfb, HOUR_MS, since_hour),
+        "latency_daily": percentile_series(&rows.latency, &rows.ttfb, day, since_day),
         "hourly_by": {},
         "daily_by": {},
+        "by_user": by_user.into_iter().map(named).collect::<Vec<_>>(),
+        "users_in_range": users_in_range,
     });
+    let dimensions: [(&str, &str, Name); 3] = [
+        ("model", "by_model", |r| &r.model),
+        ("upstream", "by_upstream", |r| &r.upstream),
+        ("key", "by_key", |r| &r.key_name),
+    ];
     for (label, breakdown, name) in dimensions {
         let mut groups: BTreeMap<&str, RollupRow> = BTreeMap::new();
-        for row in &in_range {
+        for row in rows.hours.iter().filter(|r| in_range(r.hour_ms)) {
             groups.entry(name(row)).or_default().add(&row.sums);
         }
         let mut ranked: Vec<(&str, RollupRow)> = groups.into_iter().collect();
         // Busiest first; ties by name (the map's order, kept by a stable sort).
         ranked.sort_by_key(|(_, sums)| std::cmp::Reverse(sums.requests));
-        answer[breakdown] = ranked
-            .into_iter()
-            .map(|(label, sums)| {
-                let mut value = sums.to_json();
-                value["name"] = serde_json::json!(label);
-                value
-            })
-            .collect();
-        answer["hourly_by"][label] = series(HOUR_MS, since_hour, Some(name)).into();
-        answer["daily_by"][label] = series(day, since_day, Some(name)).into();
+        answer[breakdown] = ranked.into_iter().map(named).collect();
+        answer["hourly_by"][label] = series(&rows.hours, HOUR_MS, since_hour, Some(name)).into();
+        answer["daily_by"][label] = series(&rows.hours, day, since_day, Some(name)).into();
     }
+    let by_user_name: Name = |r| &r.key_name;
+    answer["hourly_by"]["user"] = series(&user_rows, HOUR_MS, since_hour, Some(by_user_name)).into();
+    answer["daily_by"]["user"] = series(&user_rows, day, since_day, Some(by_user_name)).into();
     answer
+}
+
+/// The (bucket, count) histogram of the hours `keep` selects, sorted by bucket.
+fn histogram_of(rows: &[(i64, i64, i64)], keep: impl Fn(i64) -> bool) -> Vec<(i64, i64)> {
+    let mut buckets: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    for &(_, bucket, count) in rows.iter().filter(|r| keep(r.0)) {
+        *buckets.entry(bucket).or_default() += count;
+    }
+    buckets.into_iter().collect()
+}
+
+/// p50 and p95 of latency and time to first byte per `bucket_ms` since `since`: one entry
+/// for each period with requests.
+fn percentile_series(
+    latency: &[(i64, i64, i64)],
+    ttfb: &[(i64, i64, i64)],
+    bucket_ms: i64,
+    since: i64,
+) -> Vec<Value> {
+    use std::collections::BTreeMap;
+    type Histograms = BTreeMap<i64, BTreeMap<i64, i64>>;
+    let group = |rows: &[(i64, i64, i64)]| -> Histograms {
+        let mut periods: Histograms = BTreeMap::new();
+        for &(hour, bucket, count) in rows.iter().filter(|r| r.0 >= since) {
+            let start = hour.div_euclid(bucket_ms) * bucket_ms;
+            *periods.entry(start).or_default().entry(bucket).or_default() += count;
+        }
+        periods
+    };
+    let (latency, ttfb) = (group(latency), group(ttfb));
+    let percentiles = |periods: &Histograms, start: i64| {
+        let buckets: Vec<(i64, i64)> = periods
+            .get(&start)
+            .map(|b| b.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default();
+        (
+            histogram_percentile(&buckets, 50.0),
+            histogram_percentile(&buckets, 95.0),
+        )
+    };
+    latency
+        .keys()
+        .map(|&start| {
+            let (p50, p95) = percentiles(&latency, start);
+            let (ttfb_p50, ttfb_p95) = percentiles(&ttfb, start);
+            serde_json::json!({
+                "start_ms": start,
+                "p50_ms": p50,
+                "p95_ms": p95,
+                "ttfb_p50_ms": ttfb_p50,
+                "ttfb_p95_ms": ttfb_p95,
+            })
+        })
+        .collect()
+}
+
+/// The values the request list's filters offer: the distinct models, keys, upstreams,
+/// end users and statuses in the log, at most [`VALUES_LIMIT`] of each.
+pub const VALUES_LIMIT: usize = 200;
+
+/// SQL listing the distinct values of an indexed `column` of `requests` by a loose index
+/// scan (one index probe per value, however many rows share it), at most
+/// [`VALUES_LIMIT`], as text. Portable: SQLite and PostgreSQL both run it.
+pub fn distinct_sql(column: &str) -> String {
+    format!(
+        "WITH RECURSIVE seen(v, n) AS ( \
+           SELECT MIN({column}), 1 FROM requests \
+           UNION ALL \
+           SELECT (SELECT MIN({column}) FROM requests WHERE {column} > seen.v), n + 1 \
+           FROM seen WHERE seen.v IS NOT NULL AND n < {VALUES_LIMIT}) \
+         SELECT CAST(v AS TEXT) FROM seen WHERE v IS NOT NULL"
+    )
+}
+
+/// The columns [`distinct_sql`] lists, with the names `/api/values` gives them.
+pub const VALUE_COLUMNS: [(&str, &str); 5] = [
+    ("models", "model"),
+    ("keys", "key_name"),
+    ("upstreams", "upstream"),
+    ("users", "end_user"),
+    ("statuses", "status"),
+];
+
+/// The `/api/values` answer from each column's values (as [`VALUE_COLUMNS`] names them):
+/// sorted, statuses as numbers.
+pub fn values_answer(columns: Vec<(&str, Vec<String>)>) -> Value {
+    let mut answer = serde_json::Map::new();
+    for (name, mut values) in columns {
+        let value = if name == "statuses" {
+            let mut numbers: Vec<i64> = values.iter().filter_map(|v| v.parse().ok()).collect();
+            numbers.sort_unstable();
+            serde_json::json!(numbers)
+        } else {
+            values.sort();
+            serde_json::json!(values)
+        };
+        answer.insert(name.to_string(), value);
+    }
+    Value::Object(answer)
+}
+
+/// The upsert adding a batch's sums to a rollup table keyed by `keys` (the key columns,
+/// then [`ROLLUP_SUMS`], as numbered placeholders `?1` or `$1` after `mark`).
+pub fn rollup_upsert_sql(table: &str, keys: &str, mark: &str) -> String {
+    let columns: Vec<&str> = keys
+        .split(',')
+        .chain(ROLLUP_SUMS.split(','))
+        .map(str::trim)
+        .collect();
+    let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("{mark}{n}")).collect();
+    let sums: Vec<String> = ROLLUP_SUMS
+        .split(',')
+        .map(str::trim)
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({keys}) DO UPDATE SET {}",
+        columns.join(", "),
+        placeholders.join(", "),
+        sums.join(", ")
+    )
 }
 
 /// What text search looks through for one record.
@@ -628,6 +986,7 @@ pub fn search_text(r: &LogRecord) -> String {
         r.upstream_model.clone().unwrap_or_default(),
         r.key_name.clone(),
         r.upstream.clone().unwrap_or_default(),
+        r.user.clone().unwrap_or_default(),
         r.error.clone().unwrap_or_default(),
         clip(&r.request_body),
         clip(&r.response_body),
