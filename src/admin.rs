@@ -385,12 +385,13 @@ impl ExportFormat {
 }
 
 /// One CSV cell: quoted when it holds a separator, quote or line break; text a
-/// spreadsheet would run as a formula (`=`, `+`, `-`, `@` first) is prefixed with `'`.
+/// spreadsheet would run as a formula (`=`, `+`, `-`, `@` first; not a lone `-`, the key
+/// name of a request without one) is prefixed with `'`.
 fn csv_cell(value: &Value) -> String {
     let text = match value {
         Value::Null => return String::new(),
         Value::String(text) => {
-            if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            if text.starts_with(['=', '+', '-', '@', '\t', '\r']) && text != "-" {
                 format!("'{text}")
             } else {
                 text.clone()

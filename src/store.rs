@@ -602,10 +602,7 @@ impl Rollup {
                 .entry((hour, latency_bucket(r.latency_ms)))
                 .or_default() += 1;
             if let Some(ttfb) = r.ttfb_ms {
-                *rollup
-                    .ttfb
-                    .entry((hour, latency_bucket(ttfb)))
-                    .or_default() += 1;
+                *rollup.ttfb.entry((hour, latency_bucket(ttfb))).or_default() += 1;
             }
         }
         rollup
@@ -842,7 +839,8 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
         answer["daily_by"][label] = series(&rows.hours, day, since_day, Some(name)).into();
     }
     let by_user_name: Name = |r| &r.key_name;
-    answer["hourly_by"]["user"] = series(&user_rows, HOUR_MS, since_hour, Some(by_user_name)).into();
+    answer["hourly_by"]["user"] =
+        series(&user_rows, HOUR_MS, since_hour, Some(by_user_name)).into();
     answer["daily_by"]["user"] = series(&user_rows, day, since_day, Some(by_user_name)).into();
     answer
 }

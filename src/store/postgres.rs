@@ -672,7 +672,9 @@ impl Store for PostgresStore {
             )
             .await?;
             let triples = |rows: &[Row]| -> Vec<(i64, i64, i64)> {
-                rows.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect()
+                rows.iter()
+                    .map(|row| (row.get(0), row.get(1), row.get(2)))
+                    .collect()
             };
             let rows = super::StatsRows {
                 hours: hours

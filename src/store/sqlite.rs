@@ -592,7 +592,10 @@ impl Store for SqliteStore {
                     to_i64(row.upstream_errors),
                 ])?;
             }
-            for (table, histogram) in [("rollup_latency", &rollup.latency), ("rollup_ttfb", &rollup.ttfb)] {
+            for (table, histogram) in [
+                ("rollup_latency", &rollup.latency),
+                ("rollup_ttfb", &rollup.ttfb),
+            ] {
                 let mut upsert = transaction.prepare_cached(&format!(
                     "INSERT INTO {table} (hour_ms, bucket, count) VALUES (?1, ?2, ?3) \
                      ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = {table}.count + excluded.count"
