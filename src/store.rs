@@ -277,23 +277,35 @@ mod tests {
     fn percentiles_over_time_and_users_by_cost() {
         let now: i64 = 1_795_636_800_000;
         let hour = now.div_euclid(HOUR_MS) * HOUR_MS;
-        let user = |name: &str, cost: f64| UserRow {
-            hour_ms: hour,
-            user: name.into(),
-            sums: RollupRow {
+        let user = |name: &str, cost: f64| {
+            let sums = RollupRow {
                 requests: 1,
                 succeeded: 1,
                 cost,
                 total_tokens: 10,
                 ..RollupRow::default()
-            },
+            };
+            (name.to_string(), sums)
+        };
+        let users = vec![
+            user("cheap", 0.1),
+            user("dear", 2.0),
+            user("also-cheap", 0.1),
+        ];
+        assert_eq!(charted_users(&users), ["dear", "also-cheap", "cheap"]);
+        let latency: Vec<(i64, i64, i64)> = (1..=100)
+            .map(|ms| (hour, latency_bucket(ms as f64), 1))
+            .collect();
+        let ttfb = vec![(hour, latency_bucket(5.0), 4)];
+        let histograms = |rows: &Vec<(i64, i64, i64)>| Histograms {
+            hourly: rows.clone(),
+            daily: rows.clone(),
+            range: rows.clone(),
         };
         let rows = StatsRows {
-            users: vec![user("cheap", 0.1), user("dear", 2.0)],
-            latency: (1..=100)
-                .map(|ms| (hour, latency_bucket(ms as f64), 1))
-                .collect(),
-            ttfb: vec![(hour, latency_bucket(5.0), 4)],
+            users,
+            latency: histograms(&latency),
+            ttfb: histograms(&ttfb),
             ..StatsRows::default()
         };
         let answer = stats_answer(&rows, now - HOUR_MS, now, now);
@@ -303,7 +315,7 @@ mod tests {
             .iter()
             .map(|u| u["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["dear", "cheap"], "dearest first");
+        assert_eq!(names, ["dear", "also-cheap", "cheap"], "dearest first");
         let series = &answer["latency_hourly"][0];
         assert_eq!(series["start_ms"], hour);
         let p50 = series["p50_ms"].as_f64().unwrap();
@@ -691,20 +703,156 @@ pub struct UserRow {
     pub sums: RollupRow,
 }
 
-/// What `/api/stats` is computed from, as both stores read it: rollup rows and the
-/// latency and time-to-first-byte histograms (hour, bucket, count), from
-/// [`stats_span`]'s earliest hour on.
+/// What `/api/stats` is computed from, as both stores read it with [`StatsPlan`]'s
+/// queries.
 #[derive(Debug, Clone, Default)]
 pub struct StatsRows {
+    /// The hourly rollup rows from [`stats_span`]'s earliest hour on.
     pub hours: Vec<HourRow>,
-    pub users: Vec<UserRow>,
-    pub latency: Vec<(i64, i64, i64)>,
-    pub ttfb: Vec<(i64, i64, i64)>,
+    /// The dearest end users of the range ([`StatsPlan::users_sql`]).
+    pub users: Vec<(String, RollupRow)>,
+    /// How many end users the range has.
+    pub users_in_range: u64,
+    /// The charted users' ([`charted_users`]) hourly rows since the daily series start.
+    pub user_hours: Vec<UserRow>,
+    pub latency: Histograms,
+    pub ttfb: Histograms,
 }
 
-/// Users shown in the breakdown (the dearest) and in the per-user series.
+/// A histogram's (period start, bucket, count) rows: per hour for the hourly series, per
+/// day for the daily one, and over the whole range.
+#[derive(Debug, Clone, Default)]
+pub struct Histograms {
+    pub hourly: Vec<(i64, i64, i64)>,
+    pub daily: Vec<(i64, i64, i64)>,
+    pub range: Vec<(i64, i64, i64)>,
+}
+
+/// Users shown in the breakdown (the dearest) and in the per-user series; the store reads
+/// more than it shows, so sums that differ in their last bits between databases cannot
+/// change who is shown.
 const TOP_USERS: usize = 50;
+const USERS_READ: usize = 200;
 const SERIES_USERS: usize = 8;
+
+/// The queries behind `/api/stats`, in SQL both stores run. Their bounds are numbers
+/// sluice computes (never a client's text), written into the SQL; the only text, the
+/// charted users' names, goes in as parameters. Each reads grouped rows, so a stats answer
+/// costs what the hours, buckets and users it shows cost, not what the log holds.
+#[derive(Debug, Clone, Copy)]
+pub struct StatsPlan {
+    first: i64,
+    earliest: i64,
+    to_ms: i64,
+    since_hour: i64,
+    since_day: i64,
+}
+
+impl StatsPlan {
+    pub fn new(from_ms: i64, to_ms: i64, now_ms: i64) -> Self {
+        let (first, earliest) = stats_span(from_ms, now_ms);
+        let (since_hour, since_day) = series_starts(now_ms);
+        Self {
+            first,
+            earliest,
+            to_ms,
+            since_hour,
+            since_day,
+        }
+    }
+
+    /// [`HourRow`]s since the earliest hour any part of the answer reads.
+    pub fn hours_sql(&self) -> String {
+        format!(
+            "SELECT {HOUR_ROW_COLUMNS} FROM rollup_hourly WHERE hour_ms >= {}",
+            self.earliest
+        )
+    }
+
+    /// The dearest users of the range: `end_user`, then [`ROLLUP_SUMS`] summed.
+    pub fn users_sql(&self) -> String {
+        format!(
+            "SELECT end_user, {} FROM rollup_users WHERE hour_ms >= {} AND hour_ms <= {} \
+             GROUP BY end_user ORDER BY SUM(cost) DESC, end_user LIMIT {USERS_READ}",
+            summed_sums(),
+            self.first,
+            self.to_ms
+        )
+    }
+
+    /// How many users the range has (one number).
+    pub fn users_count_sql(&self) -> String {
+        format!(
+            "SELECT COUNT(DISTINCT end_user) FROM rollup_users WHERE hour_ms >= {} AND hour_ms <= {}",
+            self.first, self.to_ms
+        )
+    }
+
+    /// [`UserRow`]s of `count` users (parameters `{mark}1`…) since the daily series start.
+    pub fn user_hours_sql(&self, count: usize, mark: &str) -> String {
+        let names: Vec<String> = (1..=count.max(1)).map(|n| format!("{mark}{n}")).collect();
+        format!(
+            "SELECT {USER_ROW_COLUMNS} FROM rollup_users WHERE hour_ms >= {} AND end_user IN ({})",
+            self.since_day,
+            names.join(", ")
+        )
+    }
+
+    /// The histogram `table`'s rows as [`Histograms`] holds them: hourly, daily, range.
+    pub fn histogram_sql(&self, table: &str) -> [String; 3] {
+        let day = 24 * HOUR_MS;
+        [
+            format!(
+                "SELECT hour_ms, bucket, count FROM {table} WHERE hour_ms >= {}",
+                self.since_hour
+            ),
+            format!(
+                "SELECT (hour_ms / {day}) * {day}, bucket, CAST(SUM(count) AS BIGINT) FROM {table} \
+                 WHERE hour_ms >= {} GROUP BY (hour_ms / {day}) * {day}, bucket",
+                self.since_day
+            ),
+            format!(
+                "SELECT CAST({} AS BIGINT), bucket, CAST(SUM(count) AS BIGINT) FROM {table} \
+                 WHERE hour_ms >= {} AND hour_ms <= {} GROUP BY bucket",
+                self.first, self.first, self.to_ms
+            ),
+        ]
+    }
+}
+
+/// [`ROLLUP_SUMS`] as aggregates, counts kept integers in both databases.
+fn summed_sums() -> String {
+    ROLLUP_SUMS
+        .split(',')
+        .map(str::trim)
+        .map(|c| match c {
+            "latency_sum" | "cost" => format!("SUM({c})"),
+            _ => format!("CAST(SUM({c}) AS BIGINT)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The users charted (the dearest few), in the order [`stats_answer`] ranks them.
+pub fn charted_users(users: &[(String, RollupRow)]) -> Vec<String> {
+    rank_users(users)
+        .into_iter()
+        .take(SERIES_USERS)
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// Dearest first (costs compared as [`round_cost`] shows them), ties by name.
+fn rank_users(users: &[(String, RollupRow)]) -> Vec<(&str, &RollupRow)> {
+    let mut ranked: Vec<(&str, &RollupRow)> = users.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    ranked.sort_by(|a, b| {
+        round_cost(b.1.cost)
+            .total_cmp(&round_cost(a.1.cost))
+            .then_with(|| a.0.cmp(b.0))
+    });
+    ranked.truncate(TOP_USERS);
+    ranked
+}
 
 /// One row of the hourly rollup table, as both stores read it.
 #[derive(Debug, Clone)]
@@ -751,8 +899,8 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
     }
     let mut totals = totals_sum.to_json();
     let (latency, ttfb) = (
-        histogram_of(&rows.latency, in_range),
-        histogram_of(&rows.ttfb, in_range),
+        histogram_of(&rows.latency.range),
+        histogram_of(&rows.ttfb.range),
     );
     totals["p50_latency_ms"] = serde_json::json!(histogram_percentile(&latency, 50.0));
     totals["p95_latency_ms"] = serde_json::json!(histogram_percentile(&latency, 95.0));
@@ -760,18 +908,11 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
     totals["ttfb_p95_ms"] = serde_json::json!(histogram_percentile(&ttfb, 95.0));
 
     // Users: the dearest in the range, and the series of the dearest few.
-    let mut user_sums: BTreeMap<&str, RollupRow> = BTreeMap::new();
-    for row in rows.users.iter().filter(|r| in_range(r.hour_ms)) {
-        user_sums.entry(&row.user).or_default().add(&row.sums);
-    }
-    let mut by_user: Vec<(&str, RollupRow)> = user_sums.into_iter().collect();
-    by_user.sort_by(|a, b| b.1.cost.total_cmp(&a.1.cost));
-    let users_in_range = by_user.len();
-    by_user.truncate(TOP_USERS);
+    let by_user = rank_users(&rows.users);
     let charted: std::collections::BTreeSet<&str> =
         by_user.iter().take(SERIES_USERS).map(|(u, _)| *u).collect();
     let user_rows: Vec<HourRow> = rows
-        .users
+        .user_hours
         .iter()
         .filter(|r| charted.contains(r.user.as_str()))
         .map(|r| HourRow {
@@ -803,7 +944,7 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
             })
             .collect()
     };
-    let named = |(label, sums): (&str, RollupRow)| {
+    let named = |(label, sums): (&str, &RollupRow)| {
         let mut value = sums.to_json();
         value["name"] = serde_json::json!(label);
         value
@@ -814,12 +955,12 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
         "totals": totals,
         "hourly": series(&rows.hours, HOUR_MS, since_hour, None),
         "daily": series(&rows.hours, day, since_day, None),
-        "latency_hourly": percentile_series(&rows.latency, &rows.ttfb, HOUR_MS, since_hour),
-        "latency_daily": percentile_series(&rows.latency, &rows.ttfb, day, since_day),
+        "latency_hourly": percentile_series(&rows.latency.hourly, &rows.ttfb.hourly, HOUR_MS, since_hour),
+        "latency_daily": percentile_series(&rows.latency.daily, &rows.ttfb.daily, day, since_day),
         "hourly_by": {},
         "daily_by": {},
         "by_user": by_user.into_iter().map(named).collect::<Vec<_>>(),
-        "users_in_range": users_in_range,
+        "users_in_range": rows.users_in_range,
     });
     let dimensions: [(&str, &str, Name); 3] = [
         ("model", "by_model", |r| &r.model),
@@ -834,7 +975,7 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
         let mut ranked: Vec<(&str, RollupRow)> = groups.into_iter().collect();
         // Busiest first; ties by name (the map's order, kept by a stable sort).
         ranked.sort_by_key(|(_, sums)| std::cmp::Reverse(sums.requests));
-        answer[breakdown] = ranked.into_iter().map(named).collect();
+        answer[breakdown] = ranked.iter().map(|(l, s)| named((l, s))).collect();
         answer["hourly_by"][label] = series(&rows.hours, HOUR_MS, since_hour, Some(name)).into();
         answer["daily_by"][label] = series(&rows.hours, day, since_day, Some(name)).into();
     }
@@ -845,10 +986,10 @@ pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> 
     answer
 }
 
-/// The (bucket, count) histogram of the hours `keep` selects, sorted by bucket.
-fn histogram_of(rows: &[(i64, i64, i64)], keep: impl Fn(i64) -> bool) -> Vec<(i64, i64)> {
+/// The (bucket, count) histogram of `rows`, sorted by bucket.
+fn histogram_of(rows: &[(i64, i64, i64)]) -> Vec<(i64, i64)> {
     let mut buckets: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
-    for &(_, bucket, count) in rows.iter().filter(|r| keep(r.0)) {
+    for &(_, bucket, count) in rows {
         *buckets.entry(bucket).or_default() += count;
     }
     buckets.into_iter().collect()

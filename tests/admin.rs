@@ -304,7 +304,9 @@ async fn hostile_query_parameters_get_400_never_500() {
         ("/api/stats", &["from", "to"][..]),
         (
             "/api/export",
-            &["format", "limit", "user", "search", "status", "from", "before"][..],
+            &[
+                "format", "limit", "user", "search", "status", "from", "before",
+            ][..],
         ),
     ];
     let mut bad = Vec::new();

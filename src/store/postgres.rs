@@ -650,31 +650,43 @@ impl Store for PostgresStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         self.call(move |client| async move {
-            let (_, earliest) = super::stats_span(from_ms, now_ms);
-            let histogram = |table: &str| {
-                format!("SELECT hour_ms, bucket, count FROM {table} WHERE hour_ms >= $1")
-            };
-            let (latency_sql, ttfb_sql) = (histogram("rollup_latency"), histogram("rollup_ttfb"));
-            let hours_sql = format!(
-                "SELECT {} FROM rollup_hourly WHERE hour_ms >= $1",
-                super::HOUR_ROW_COLUMNS
-            );
-            let users_sql = format!(
-                "SELECT {} FROM rollup_users WHERE hour_ms >= $1",
-                super::USER_ROW_COLUMNS
-            );
+            let plan = super::StatsPlan::new(from_ms, to_ms, now_ms);
+            let [latency_sql, ttfb_sql] =
+                ["rollup_latency", "rollup_ttfb"].map(|table| plan.histogram_sql(table));
+            let mut sql = vec![plan.hours_sql(), plan.users_sql(), plan.users_count_sql()];
+            sql.extend(latency_sql);
+            sql.extend(ttfb_sql);
             // The queries go out at once (pipelined).
-            let (hours, users, latency, ttfb) = futures_util::future::try_join4(
-                client.query(&hours_sql, &[&earliest]),
-                client.query(&users_sql, &[&earliest]),
-                client.query(&latency_sql, &[&earliest]),
-                client.query(&ttfb_sql, &[&earliest]),
-            )
-            .await?;
-            let triples = |rows: &[Row]| -> Vec<(i64, i64, i64)> {
+            let mut answers =
+                futures_util::future::try_join_all(sql.iter().map(|q| client.query(q, &[])))
+                    .await?
+                    .into_iter();
+            let mut next = move || answers.next().unwrap_or_default();
+            let (hours, users, users_count) = (next(), next(), next());
+            let triples = |rows: Vec<Row>| -> Vec<(i64, i64, i64)> {
                 rows.iter()
                     .map(|row| (row.get(0), row.get(1), row.get(2)))
                     .collect()
+            };
+            let mut histograms = || super::Histograms {
+                hourly: triples(next()),
+                daily: triples(next()),
+                range: triples(next()),
+            };
+            let (latency, ttfb) = (histograms(), histograms());
+            let users: Vec<(String, super::RollupRow)> = users
+                .iter()
+                .map(|row| (row.get(0), read_sums(row, 1)))
+                .collect();
+            let charted = super::charted_users(&users);
+            let names: Vec<&(dyn ToSql + Sync)> =
+                charted.iter().map(|n| n as &(dyn ToSql + Sync)).collect();
+            let user_hours = if charted.is_empty() {
+                Vec::new()
+            } else {
+                client
+                    .query(&plan.user_hours_sql(charted.len(), "$"), &names)
+                    .await?
             };
             let rows = super::StatsRows {
                 hours: hours
@@ -687,7 +699,11 @@ impl Store for PostgresStore {
                         sums: read_sums(row, 4),
                     })
                     .collect(),
-                users: users
+                users,
+                users_in_range: users_count
+                    .first()
+                    .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)),
+                user_hours: user_hours
                     .iter()
                     .map(|row| super::UserRow {
                         hour_ms: row.get(0),
@@ -695,8 +711,8 @@ impl Store for PostgresStore {
                         sums: read_sums(row, 2),
                     })
                     .collect(),
-                latency: triples(&latency),
-                ttfb: triples(&ttfb),
+                latency,
+                ttfb,
             };
             Ok(super::stats_answer(&rows, from_ms, to_ms, now_ms))
         })

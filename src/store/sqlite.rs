@@ -744,7 +744,7 @@ impl Store for SqliteStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         let connection = self.reader()?;
-        let (_, earliest) = super::stats_span(from_ms, now_ms);
+        let plan = super::StatsPlan::new(from_ms, to_ms, now_ms);
         let count = |value: i64| u64::try_from(value).unwrap_or(0);
         // The sums of a rollup row, from column `at` on (in `super::ROLLUP_SUMS`' order).
         let sums = |row: &rusqlite::Row<'_>, at: usize| -> rusqlite::Result<super::RollupRow> {
@@ -760,12 +760,9 @@ impl Store for SqliteStore {
                 upstream_errors: count(row.get(at + 8)?),
             })
         };
-        let mut hours = connection.prepare_cached(&format!(
-            "SELECT {} FROM rollup_hourly WHERE hour_ms >= ?1",
-            super::HOUR_ROW_COLUMNS
-        ))?;
-        let hours: Vec<super::HourRow> = hours
-            .query_map(params![earliest], |row| {
+        let hours: Vec<super::HourRow> = connection
+            .prepare(&plan.hours_sql())?
+            .query_map([], |row| {
                 Ok(super::HourRow {
                     hour_ms: row.get(0)?,
                     model: row.get(1)?,
@@ -775,35 +772,47 @@ impl Store for SqliteStore {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let mut users = connection.prepare_cached(&format!(
-            "SELECT {} FROM rollup_users WHERE hour_ms >= ?1",
-            super::USER_ROW_COLUMNS
-        ))?;
-        let users: Vec<super::UserRow> = users
-            .query_map(params![earliest], |row| {
-                Ok(super::UserRow {
-                    hour_ms: row.get(0)?,
-                    user: row.get(1)?,
-                    sums: sums(row, 2)?,
-                })
-            })?
+        let users: Vec<(String, super::RollupRow)> = connection
+            .prepare(&plan.users_sql())?
+            .query_map([], |row| Ok((row.get(0)?, sums(row, 1)?)))?
             .collect::<Result<_, _>>()?;
-        let histogram = |table: &str| -> anyhow::Result<Vec<(i64, i64, i64)>> {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT hour_ms, bucket, count FROM {table} WHERE hour_ms >= ?1"
-            ))?;
-            let rows = statement
-                .query_map(params![earliest], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        let users_in_range: i64 =
+            connection.query_row(&plan.users_count_sql(), [], |row| row.get(0))?;
+        let charted = super::charted_users(&users);
+        let user_hours: Vec<super::UserRow> = if charted.is_empty() {
+            Vec::new()
+        } else {
+            connection
+                .prepare(&plan.user_hours_sql(charted.len(), "?"))?
+                .query_map(params_from_iter(charted.iter()), |row| {
+                    Ok(super::UserRow {
+                        hour_ms: row.get(0)?,
+                        user: row.get(1)?,
+                        sums: sums(row, 2)?,
+                    })
                 })?
-                .collect::<Result<_, _>>()?;
-            Ok(rows)
+                .collect::<Result<_, _>>()?
+        };
+        let histograms = |table: &str| -> anyhow::Result<super::Histograms> {
+            let [hourly, daily, range] = plan.histogram_sql(table).map(|sql| {
+                connection
+                    .prepare(&sql)?
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            });
+            Ok(super::Histograms {
+                hourly: hourly?,
+                daily: daily?,
+                range: range?,
+            })
         };
         let rows = super::StatsRows {
             hours,
             users,
-            latency: histogram("rollup_latency")?,
-            ttfb: histogram("rollup_ttfb")?,
+            users_in_range: count(users_in_range),
+            user_hours,
+            latency: histograms("rollup_latency")?,
+            ttfb: histograms("rollup_ttfb")?,
         };
         Ok(super::stats_answer(&rows, from_ms, to_ms, now_ms))
     }
