@@ -6,6 +6,7 @@ import time
 import urllib.error
 import urllib.request
 
+import base64
 import csv
 import io
 import json
@@ -110,8 +111,16 @@ def wait(driver, condition, timeout=10):
 
 
 def shot(driver, name):
+    """The whole page (not only the window) as target/screenshots/{name}.png."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+    width, height = driver.execute_script(
+        "return [window.innerWidth, Math.min(document.documentElement.scrollHeight, 12000)]"
+    )
+    image = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}},
+    )
+    (SHOTS / f"{name}.png").write_bytes(base64.b64decode(image["data"]))
 
 
 def assert_no_secret(driver):

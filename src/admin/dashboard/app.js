@@ -168,7 +168,7 @@ function drawChart(container, xs, series, options) {
       fill: opts.fill ? (s.color || palette[i % palette.length]) + "18" : undefined,
       value: opts.value ? (_, v) => (v === null || v === undefined ? "—" : opts.value(v)) : undefined,
     }))],
-    axes: [{}, { size: 60, values: opts.value ? (_, ticks) => ticks.map(opts.value) : undefined }],
+    axes: [{}, { size: 72, values: opts.axis || opts.value ? (_, ticks) => ticks.map(opts.axis || opts.value) : undefined }],
     scales: { x: { time: true } },
     legend: { live: true },
   }, [xs, ...series.map((s) => s.values)], container);
@@ -283,7 +283,6 @@ async function renderOverview(params) {
     { label: "Refused", num: true, title: "refused by sluice", value: (r) => fmt.int(r.refused) },
     { label: "Upstream errors", num: true, value: (r) => fmt.int(r.upstream_errors) },
     { label: "Upstream success", num: true, title: "of requests that reached an upstream", value: (r) => fmt.pct(r.reached ? r.success_rate : null) },
-    { label: "Avg latency", num: true, value: (r) => fmt.ms(r.avg_latency_ms) },
     { label: "Tokens", num: true, value: (r) => fmt.int(r.total_tokens) },
     { label: "Cost", num: true, value: (r) => fmt.usd(r.cost) },
   ].filter((c) => !filter || filter(c));
@@ -329,7 +328,7 @@ async function renderOverview(params) {
     { label: "latency p95", color: "#1e3a8a", values: perBucket(xs, latency, (r) => r.p95_ms, null) },
     { label: "TTFB p50", color: "#16a34a", values: perBucket(xs, latency, (r) => r.ttfb_p50_ms, null) },
     { label: "TTFB p95", color: "#166534", values: perBucket(xs, latency, (r) => r.ttfb_p95_ms, null) },
-  ], { value: (v) => fmt.ms(v) });
+  ], { value: (v) => fmt.ms(v), axis: (v) => (v >= 1000 ? `${+(v / 1000).toFixed(1)} s` : `${+v.toFixed(v >= 10 ? 0 : 1)} ms`) });
   drawChart(tokensChart, xs, byName(xs, by, (r) => r.total_tokens), { fill: true, value: (v) => fmt.int(v) });
 }
 
