@@ -795,3 +795,25 @@ pub async fn status(
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_never_formulas() {
+        assert_eq!(csv_cell(&json!("plain")), "plain");
+        assert_eq!(csv_cell(&json!("a,b")), "\"a,b\"");
+        assert_eq!(csv_cell(&json!("say \"hi\"\n")), "\"say \"\"hi\"\"\n\"");
+        assert_eq!(csv_cell(&json!("=1+1")), "'=1+1");
+        assert_eq!(csv_cell(&json!("@SUM(A1)")), "'@SUM(A1)");
+        assert_eq!(
+            csv_cell(&json!("-")),
+            "-",
+            "the key name of a keyless request"
+        );
+        assert_eq!(csv_cell(&json!(-1.5)), "-1.5", "numbers stay numbers");
+        assert_eq!(csv_cell(&Value::Null), "");
+        assert_eq!(csv_cell(&json!(true)), "true");
+    }
+}

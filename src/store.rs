@@ -113,7 +113,7 @@ pub fn clip_user(user: &str) -> String {
 /// upstream turning down the client's request (a 4xx) is neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
-    /// Answered with a status below 400.
+    /// Answered with a status from 200 to 399.
     Ok,
     /// sluice answered with an error itself, before any upstream was tried.
     Refused,
@@ -127,9 +127,10 @@ impl Cause {
     /// The cause of an answer with `status` after `tries` sends to upstreams.
     pub fn of(status: u16, tries: u32) -> Self {
         match status {
-            0..400 => Self::Ok,
+            200..400 => Self::Ok,
             _ if tries == 0 => Self::Refused,
-            408 | 429 | 500.. => Self::Upstream,
+            // Below 200: no answer was recorded (the exchange ended first).
+            0..200 | 408 | 429 | 500.. => Self::Upstream,
             _ => Self::Rejected,
         }
     }
@@ -270,6 +271,7 @@ mod tests {
         assert_eq!(Cause::of(429, 1), Cause::Upstream);
         assert_eq!(Cause::of(502, 3), Cause::Upstream);
         assert_eq!(Cause::of(400, 1), Cause::Rejected);
+        assert_eq!(Cause::of(0, 1), Cause::Upstream, "no answer recorded");
         assert_eq!(clip_user(&"é".repeat(200)).len(), 256);
     }
 

@@ -114,7 +114,7 @@ def shot(driver, name):
     """The whole page (not only the window) as target/screenshots/{name}.png."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     width, height = driver.execute_script(
-        "return [window.innerWidth, Math.min(document.documentElement.scrollHeight, 12000)]"
+        "window.scrollTo(0, 0); return [window.innerWidth, Math.min(document.documentElement.scrollHeight, 12000)]"
     )
     image = driver.execute_cdp_cmd(
         "Page.captureScreenshot",
