@@ -304,7 +304,9 @@ async function renderOverview(params) {
         stats.by_user.length ? table(breakdown("User", (r) => r.name), stats.by_user, (r) => toRequests("user", r.name)())
           : h("div", { class: "empty" }, "No request named a user (the body's user field)."))),
     h("div", { class: "grid2" },
-      h("div", {}, h("h2", {}, "By model"), table(breakdown("Model", (r) => r.name || "(none)"), stats.by_model, (r) => toRequests("model", r.name)())),
+      h("div", {}, h("h2", {}, "By model"), table(breakdown("Model", (r) => r.name || "(none)"), stats.by_model,
+        // "other" gathers models the config does not name: no one model to list.
+        (r) => toRequests("model", r.name === "other" ? "" : r.name)())),
       h("div", {}, h("h2", {}, "By upstream"),
         table(breakdown("Upstream", (r) => r.name || NO_UPSTREAM), stats.by_upstream, (r) => toRequests("upstream", r.name)()),
         stats.by_upstream.some((r) => !r.name)
