@@ -18,7 +18,7 @@ use crate::clock::now_ms;
 use crate::clock::unix_now;
 use crate::config::{GatewayKey, Limits, Secret};
 use crate::gateway::Gateway;
-use crate::http::body::{Body, json_response};
+use crate::http::body::{Body, BoxError, json_response};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, presented_key};
 use crate::pure::limits::{Period, Usage, key_scope, upstream_scope};
@@ -139,10 +139,14 @@ pub async fn handle(
         .into_response();
     }
     match (request.method(), path.as_str()) {
-        (&Method::GET, "/") => dashboard::index(matches!(
-            authorize(gateway, request.headers(), client, local),
-            Ok(true)
-        )),
+        // Without a session, the page is the login page, and the fragment (`#/requests`)
+        // goes along: a browser keeps it through a redirect whose target has none.
+        (&Method::GET, "/") => match authorize(gateway, request.headers(), client, local) {
+            Ok(true) => dashboard::index(),
+            _ => dashboard::to_login(),
+        },
+        (&Method::GET, "/login") => dashboard::index(),
+        (&Method::GET, "/favicon.ico") => dashboard::favicon(),
         (&Method::POST, "/api/login") => login(gateway, request, client).await,
         (&Method::POST, "/api/logout") => {
             if let Some(token) = dashboard::session_token(request.headers()) {
@@ -286,6 +290,8 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
             };
             tokio::task::spawn_blocking(move || store.stats(from, to, now)).await
         }
+        "/api/values" => tokio::task::spawn_blocking(move || store.values()).await,
+        "/api/export" => return export(store, &query).await,
         _ => match route.strip_prefix("/api/requests/") {
             Some(id) if id.len() > MAX_TEXT => {
                 return ApiError::bad_request(
@@ -316,20 +322,199 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
     };
     match result {
         Ok(Ok(value)) => json_response(StatusCode::OK, &value),
-        Ok(Err(error)) => match crate::store::unavailable(&error) {
-            Some(unavailable) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "storage_unavailable",
-                format!("the log store does not answer: {unavailable}"),
-            )
-            .into_response(),
-            None => {
-                tracing::error!("admin query failed: {error:#}");
-                ApiError::internal("the log store failed to answer").into_response()
-            }
-        },
+        Ok(Err(error)) => store_error(&error),
         Err(_) => ApiError::internal("the log query was cancelled").into_response(),
+    }
+}
+
+/// The most rows one export holds, and its default.
+const MAX_EXPORT: u64 = 100_000;
+const DEFAULT_EXPORT: u64 = 10_000;
+/// Rows read from the store at a time while exporting.
+const EXPORT_PAGE: u64 = 500;
+
+/// The columns of a CSV export, as the list's rows name them.
+const CSV_COLUMNS: [&str; 20] = [
+    "time",
+    "id",
+    "method",
+    "path",
+    "model",
+    "user",
+    "key_name",
+    "upstream",
+    "status",
+    "cause",
+    "error",
+    "stream",
+    "tries",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+    "latency_ms",
+    "ttfb_ms",
+    "client_ip",
+];
+
+#[derive(Clone, Copy)]
+enum ExportFormat {
+    Csv,
+    JsonLines,
+}
+
+impl ExportFormat {
+    /// The rows as the format writes them (CSV without its header line).
+    fn rows(self, rows: &[Value]) -> bytes::Bytes {
+        let mut out = String::new();
+        for row in rows {
+            match self {
+                Self::JsonLines => out.push_str(&row.to_string()),
+                Self::Csv => {
+                    let cells: Vec<String> = CSV_COLUMNS
+                        .iter()
+                        .map(|c| csv_cell(row.get(*c).unwrap_or(&Value::Null)))
+                        .collect();
+                    out.push_str(&cells.join(","));
+                }
+            }
+            out.push('\n');
+        }
+        out.into()
+    }
+}
+
+/// One CSV cell: quoted when it holds a separator, quote or line break; text a
+/// spreadsheet would run as a formula (`=`, `+`, `-`, `@` first; not a lone `-`, the key
+/// name of a request without one) is prefixed with `'`.
+fn csv_cell(value: &Value) -> String {
+    let text = match value {
+        Value::Null => return String::new(),
+        Value::String(text) => {
+            if text.starts_with(['=', '+', '-', '@', '\t', '\r']) && text != "-" {
+                format!("'{text}")
+            } else {
+                text.clone()
+            }
+        }
+        other => other.to_string(),
+    };
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
+}
+
+/// `GET /api/export`: the rows the list's filters select, newest first, as CSV or JSON
+/// lines (`format`), at most `limit` of them. Streamed as the store yields pages, so an
+/// export holds one page in memory; the first page is read before the answer starts, so
+/// a bad store answers with a status rather than a cut body.
+async fn export(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let format = match query.get("format").map(|f| f.trim()) {
+        None | Some("" | "jsonl") => ExportFormat::JsonLines,
+        Some("csv") => ExportFormat::Csv,
+        Some(_) => {
+            return ApiError::bad_request("invalid_format", "`format` must be `csv` or `jsonl`")
+                .into_response();
+        }
+    };
+    let limit = match number_param(query, "limit", DEFAULT_EXPORT, MAX_EXPORT) {
+        Ok(limit) => limit,
+        Err(error) => return error.into_response(),
+    };
+    let mut list = match list_query(query) {
+        Ok(list) => list,
+        Err(error) => return error.into_response(),
+    };
+    list.skip_count = true;
+    list.page = 1;
+    list.per_page = EXPORT_PAGE.min(limit);
+    let first = {
+        let (store, list) = (store.clone(), list.clone());
+        tokio::task::spawn_blocking(move || store.list(&list)).await
+    };
+    let first = match first {
+        Ok(Ok(page)) => page,
+        Ok(Err(error)) => return store_error(&error),
+        Err(_) => return ApiError::internal("the export was cancelled").into_response(),
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, BoxError>>(4);
+    let mut head = match format {
+        ExportFormat::Csv => format!("{}\n", CSV_COLUMNS.join(",")).into_bytes(),
+        ExportFormat::JsonLines => Vec::new(),
+    };
+    head.extend_from_slice(&format.rows(&first.data));
+    let mut sent = first.data.len() as u64;
+    let mut next = first.next_before.filter(|_| sent < limit);
+    // Owned by the channel: it ends when the rows do or the client goes away.
+    tokio::task::spawn_blocking(move || {
+        if sender.blocking_send(Ok(head.into())).is_err() {
+            return;
+        }
+        while let Some(cursor) = next.take() {
+            list.before = cursor
+                .split_once('_')
+                .and_then(|(ts, id)| Some((ts.parse().ok()?, id.to_string())));
+            list.per_page = EXPORT_PAGE.min(limit - sent);
+            let page = match store.list(&list) {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!("export cut short: the log store failed ({error:#})");
+                    let _ = sender.blocking_send(Err(error.into()));
+                    return;
+                }
+            };
+            sent += page.data.len() as u64;
+            if sender.blocking_send(Ok(format.rows(&page.data))).is_err() {
+                return;
+            }
+            next = page.next_before.filter(|_| sent < limit);
+        }
+    });
+    let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let chunk = receiver.recv().await?;
+        Some((chunk.map(http_body::Frame::data), receiver))
+    });
+    let (content_type, name) = match format {
+        ExportFormat::Csv => ("text/csv; charset=utf-8", "sluice-requests.csv"),
+        ExportFormat::JsonLines => ("application/x-ndjson", "sluice-requests.jsonl"),
+    };
+    let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(
+        http_body_util::StreamBody::new(frames),
+    ));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    if let Ok(value) = http::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        headers.insert(http::header::CONTENT_DISPOSITION, value);
+    }
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// A store's failure as the admin API answers it.
+fn store_error(error: &anyhow::Error) -> Response<Body> {
+    match crate::store::unavailable(error) {
+        Some(unavailable) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "storage_unavailable",
+            format!("the log store does not answer: {unavailable}"),
+        )
+        .into_response(),
+        None => {
+            tracing::error!("admin query failed: {error:#}");
+            ApiError::internal("the log store failed to answer").into_response()
+        }
     }
 }
 
@@ -456,6 +641,7 @@ pub fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError
         model: text_param(query, "model")?,
         key: text_param(query, "key")?,
         upstream: text_param(query, "upstream")?,
+        user: text_param(query, "user")?,
         path: text_param(query, "path")?,
         status: status_param(query)?,
         from_ms: time_param(query, "from")?,
@@ -463,6 +649,7 @@ pub fn list_query(query: &HashMap<String, String>) -> Result<ListQuery, ApiError
         before: cursor_param(query)?,
         page: number_param(query, "page", 1, MAX_PAGE)?,
         per_page: number_param(query, "per_page", 50, MAX_PER_PAGE)?,
+        skip_count: false,
     })
 }
 
@@ -607,4 +794,26 @@ pub async fn status(
             "log": log,
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_never_formulas() {
+        assert_eq!(csv_cell(&json!("plain")), "plain");
+        assert_eq!(csv_cell(&json!("a,b")), "\"a,b\"");
+        assert_eq!(csv_cell(&json!("say \"hi\"\n")), "\"say \"\"hi\"\"\n\"");
+        assert_eq!(csv_cell(&json!("=1+1")), "'=1+1");
+        assert_eq!(csv_cell(&json!("@SUM(A1)")), "'@SUM(A1)");
+        assert_eq!(
+            csv_cell(&json!("-")),
+            "-",
+            "the key name of a keyless request"
+        );
+        assert_eq!(csv_cell(&json!(-1.5)), "-1.5", "numbers stay numbers");
+        assert_eq!(csv_cell(&Value::Null), "");
+        assert_eq!(csv_cell(&json!(true)), "true");
+    }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::pure::limits::{Period, Usage};
+use crate::pure::usage::round_cost;
 
 /// One request as the log keeps it. Secrets in headers are already masked.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -22,6 +23,8 @@ pub struct LogRecord {
     pub method: String,
     pub path: String,
     pub model: Option<String>,
+    /// The request body's `user` (end-user attribution), cut to [`MAX_USER`] bytes.
+    pub user: Option<String>,
     pub upstream_model: Option<String>,
     pub upstream: Option<String>,
     pub upstream_key: Option<String>,
@@ -77,6 +80,7 @@ impl LogRecord {
         }
         for text in [
             &mut self.model,
+            &mut self.user,
             &mut self.upstream_model,
             &mut self.upstream,
             &mut self.upstream_key,
@@ -93,6 +97,56 @@ impl LogRecord {
         .flatten()
         {
             clean(text);
+        }
+    }
+}
+
+/// The longest end-user name kept: the field is the client's to fill, so the log and the
+/// per-user rollups keep at most this many bytes of it.
+pub const MAX_USER: usize = 256;
+
+/// `user` cut to [`MAX_USER`] bytes at a character boundary.
+pub fn clip_user(user: &str) -> String {
+    let mut end = user.len().min(MAX_USER);
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    user[..end].to_string()
+}
+
+/// What became of a request, as operators tell failures apart: sluice's own refusals
+/// (limits, keys, routes: no upstream was asked) are not the upstreams' failures, and an
+/// upstream turning down the client's request (a 4xx) is neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Answered with a status from 200 to 399.
+    Ok,
+    /// sluice answered with an error itself, before any upstream was tried.
+    Refused,
+    /// An upstream failed: 5xx, 408, 429, or no answer (sluice's 502/504 after tries).
+    Upstream,
+    /// An upstream answered 4xx (other than 408 and 429): the request, judged by it.
+    Rejected,
+}
+
+impl Cause {
+    /// The cause of an answer with `status` after `tries` sends to upstreams.
+    pub fn of(status: u16, tries: u32) -> Self {
+        match status {
+            200..400 => Self::Ok,
+            _ if tries == 0 => Self::Refused,
+            // Below 200: no answer was recorded (the exchange ended first).
+            0..200 | 408 | 429 | 500.. => Self::Upstream,
+            _ => Self::Rejected,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Upstream => "upstream_error",
+            Self::Rejected => "rejected",
         }
     }
 }
@@ -131,6 +185,8 @@ pub struct ListQuery {
     pub model: Option<String>,
     pub key: Option<String>,
     pub upstream: Option<String>,
+    /// The end user (`user` in the request body), exactly.
+    pub user: Option<String>,
     pub path: Option<String>,
     /// An exact status (`429`) or a class (`2xx`, `4xx`, `5xx`), or `error` for ≥ 400.
     pub status: Option<String>,
@@ -142,6 +198,9 @@ pub struct ListQuery {
     /// 1-based.
     pub page: u64,
     pub per_page: u64,
+    /// Leaves the total uncounted (`Page::total` is `None`): an export pages through
+    /// thousands of rows and needs no count at each page.
+    pub skip_count: bool,
 }
 
 #[cfg(test)]
@@ -160,6 +219,7 @@ mod tests {
                 requests,
                 succeeded: requests - 1,
                 latency_sum: 10.0 * requests as f64,
+                refused: 1,
                 ..RollupRow::default()
             },
         };
@@ -170,9 +230,19 @@ mod tests {
             row(72, "old", 9),
         ];
         // The last 90 minutes: the current hour and the one before, not the old row.
-        let answer = stats_answer(&rows, &[], now - 90 * 60_000, now, now);
+        let rows = StatsRows {
+            hours: rows.to_vec(),
+            ..StatsRows::default()
+        };
+        let answer = stats_answer(&rows, now - 90 * 60_000, now, now);
         assert_eq!(answer["totals"]["requests"], 9);
         assert_eq!(answer["totals"]["errors"], 3);
+        assert_eq!(answer["totals"]["refused"], 3);
+        assert_eq!(answer["totals"]["reached"], 6);
+        assert_eq!(
+            answer["totals"]["success_rate"], 1.0,
+            "refusals are not upstream failures"
+        );
         assert_eq!(answer["totals"]["avg_latency_ms"], 10.0);
         let names: Vec<&str> = answer["by_model"]
             .as_array()
@@ -194,9 +264,72 @@ mod tests {
             "three days ago (outside the range) and today"
         );
         assert_eq!(answer["hourly_by"]["model"].as_array().unwrap().len(), 3);
-        let empty = stats_answer(&[], &[], now - HOUR_MS, now, now);
+        let empty = stats_answer(&StatsRows::default(), now - HOUR_MS, now, now);
         assert_eq!(empty["totals"]["requests"], 0);
         assert!(empty["totals"]["avg_latency_ms"].is_null());
+    }
+
+    #[test]
+    fn causes_tell_refusals_from_upstream_failures() {
+        assert_eq!(Cause::of(200, 1), Cause::Ok);
+        assert_eq!(Cause::of(429, 0), Cause::Refused);
+        assert_eq!(Cause::of(401, 0), Cause::Refused);
+        assert_eq!(Cause::of(429, 1), Cause::Upstream);
+        assert_eq!(Cause::of(502, 3), Cause::Upstream);
+        assert_eq!(Cause::of(400, 1), Cause::Rejected);
+        assert_eq!(Cause::of(0, 1), Cause::Upstream, "no answer recorded");
+        assert_eq!(clip_user(&"é".repeat(200)).len(), 256);
+    }
+
+    #[test]
+    fn percentiles_over_time_and_users_by_cost() {
+        let now: i64 = 1_795_636_800_000;
+        let hour = now.div_euclid(HOUR_MS) * HOUR_MS;
+        let user = |name: &str, cost: f64| {
+            let sums = RollupRow {
+                requests: 1,
+                succeeded: 1,
+                cost,
+                total_tokens: 10,
+                ..RollupRow::default()
+            };
+            (name.to_string(), sums)
+        };
+        let users = vec![
+            user("cheap", 0.1),
+            user("dear", 2.0),
+            user("also-cheap", 0.1),
+        ];
+        assert_eq!(charted_users(&users), ["dear", "also-cheap", "cheap"]);
+        let latency: Vec<(i64, i64, i64)> = (1..=100)
+            .map(|ms| (hour, latency_bucket(ms as f64), 1))
+            .collect();
+        let ttfb = vec![(hour, latency_bucket(5.0), 4)];
+        let histograms = |rows: &Vec<(i64, i64, i64)>| Histograms {
+            hourly: rows.clone(),
+            daily: rows.clone(),
+            range: rows.clone(),
+        };
+        let rows = StatsRows {
+            users,
+            latency: histograms(&latency),
+            ttfb: histograms(&ttfb),
+            ..StatsRows::default()
+        };
+        let answer = stats_answer(&rows, now - HOUR_MS, now, now);
+        let names: Vec<&str> = answer["by_user"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["dear", "also-cheap", "cheap"], "dearest first");
+        let series = &answer["latency_hourly"][0];
+        assert_eq!(series["start_ms"], hour);
+        let p50 = series["p50_ms"].as_f64().unwrap();
+        assert!((50.0..=53.0).contains(&p50), "{p50}");
+        assert!(series["ttfb_p95_ms"].as_f64().unwrap() >= 5.0);
+        assert_eq!(answer["totals"]["ttfb_p50_ms"], series["ttfb_p50_ms"]);
     }
 
     #[test]
@@ -281,6 +414,15 @@ pub fn capped_count_sql(clause: &str) -> String {
 pub const SEARCH_RECENT_ROWS: i64 = 5_000;
 
 impl Page {
+    /// The page without a total when the query asked for none ([`ListQuery::skip_count`]).
+    pub fn uncounted_if(mut self, skip: bool) -> Self {
+        if skip {
+            self.total = None;
+            self.total_exact = false;
+        }
+        self
+    }
+
     /// A page of search results (`query` asked for up to `per_page + 1` rows). Matches
     /// are not counted (counting a common term costs a scan of the log), so `total` is
     /// the rows up to and on this page: exact on the last page, a lower bound before it,
@@ -353,8 +495,11 @@ pub trait Store: Send + Sync {
     fn get(&self, id: &str) -> anyhow::Result<Option<Value>>;
     /// Totals and breakdowns over the hours overlapping `from_ms`..`to_ms` (read from hourly
     /// rollups, so the cost does not grow with the log); hourly for the 48 h and daily for
-    /// the 30 days before `now_ms`, in all and per model, upstream and key.
+    /// the 30 days before `now_ms`, in all and per model, upstream, key and end user
+    /// (see [`stats_answer`]).
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value>;
+    /// The distinct values the list's filters offer (see [`values_answer`]).
+    fn values(&self) -> anyhow::Result<Value>;
     /// Whether the store answers.
     fn ping(&self) -> anyhow::Result<()>;
     /// Remembers (or, with `upstream` empty, forgets) which upstream created objects.
@@ -429,6 +574,10 @@ pub struct Rollup {
     pub hourly: std::collections::BTreeMap<(i64, String, String, String), RollupRow>,
     /// (hour, latency bucket) → count.
     pub latency: std::collections::BTreeMap<(i64, i64), u64>,
+    /// (hour, time-to-first-byte bucket) → count, for requests that had a first byte.
+    pub ttfb: std::collections::BTreeMap<(i64, i64), u64>,
+    /// (hour, end user) → sums, for requests that named a user.
+    pub users: std::collections::BTreeMap<(i64, String), RollupRow>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -440,6 +589,10 @@ pub struct RollupRow {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cost: f64,
+    /// Answered by sluice itself with an error ([`Cause::Refused`]).
+    pub refused: u64,
+    /// Failed at an upstream ([`Cause::Upstream`]).
+    pub upstream_errors: u64,
 }
 
 impl Rollup {
@@ -456,24 +609,46 @@ impl Rollup {
                 r.upstream.clone().unwrap_or_default(),
                 r.key_name.clone(),
             );
-            let row = rollup.hourly.entry(key).or_default();
-            row.requests += 1;
-            row.succeeded += u64::from((200..400).contains(&r.status));
-            row.latency_sum += r.latency_ms;
-            row.prompt_tokens += r.prompt_tokens.unwrap_or(0);
-            row.completion_tokens += r.completion_tokens.unwrap_or(0);
-            row.total_tokens += r.total_tokens.unwrap_or(0);
-            row.cost += r.cost.unwrap_or(0.0);
+            rollup.hourly.entry(key).or_default().count(r);
+            if let Some(user) = &r.user {
+                rollup
+                    .users
+                    .entry((hour, user.clone()))
+                    .or_default()
+                    .count(r);
+            }
             *rollup
                 .latency
                 .entry((hour, latency_bucket(r.latency_ms)))
                 .or_default() += 1;
+            if let Some(ttfb) = r.ttfb_ms {
+                *rollup.ttfb.entry((hour, latency_bucket(ttfb))).or_default() += 1;
+            }
         }
         rollup
     }
 }
 
+/// The sums of a rollup row as both stores' tables hold them, in [`RollupRow`]'s order.
+pub const ROLLUP_SUMS: &str = "requests, succeeded, latency_sum, prompt_tokens, \
+    completion_tokens, total_tokens, cost, refused, upstream_errors";
+
 impl RollupRow {
+    fn count(&mut self, r: &LogRecord) {
+        self.requests += 1;
+        self.succeeded += u64::from((200..400).contains(&r.status));
+        self.latency_sum += r.latency_ms;
+        self.prompt_tokens += r.prompt_tokens.unwrap_or(0);
+        self.completion_tokens += r.completion_tokens.unwrap_or(0);
+        self.total_tokens += r.total_tokens.unwrap_or(0);
+        self.cost += r.cost.unwrap_or(0.0);
+        match Cause::of(r.status, r.tries) {
+            Cause::Refused => self.refused += 1,
+            Cause::Upstream => self.upstream_errors += 1,
+            Cause::Ok | Cause::Rejected => {}
+        }
+    }
+
     fn add(&mut self, other: &RollupRow) {
         self.requests += other.requests;
         self.succeeded += other.succeeded;
@@ -482,11 +657,19 @@ impl RollupRow {
         self.completion_tokens += other.completion_tokens;
         self.total_tokens += other.total_tokens;
         self.cost += other.cost;
+        self.refused += other.refused;
+        self.upstream_errors += other.upstream_errors;
     }
 
-    /// The aggregate as the stats answer shows it, rates included.
+    /// The aggregate as the stats answer shows it, rates included. `success_rate` is of
+    /// the requests that reached an upstream (`reached`): sluice's own refusals count
+    /// apart (`refused`), so a burst of over-limit clients does not read as failing
+    /// upstreams. `rejected`: upstreams' 4xx answers (the request, judged by them).
     fn to_json(&self) -> Value {
         let errors = self.requests - self.succeeded.min(self.requests);
+        let refused = self.refused.min(errors);
+        let upstream_errors = self.upstream_errors.min(errors - refused);
+        let reached = self.requests - refused;
         serde_json::json!({
             "requests": self.requests,
             "succeeded": self.succeeded,
@@ -494,16 +677,184 @@ impl RollupRow {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "cost": crate::pure::usage::round_cost(self.cost),
+            "cost": round_cost(self.cost),
             "errors": errors,
-            "success_rate": if self.requests > 0 { self.succeeded as f64 / self.requests as f64 } else { 0.0 },
+            "refused": refused,
+            "upstream_errors": upstream_errors,
+            "rejected": errors - refused - upstream_errors,
+            "reached": reached,
+            "success_rate": if reached > 0 { self.succeeded as f64 / reached as f64 } else { 0.0 },
         })
     }
 }
 
-/// The rollup columns a [`HourRow`] is read from, in its fields' order.
+/// The rollup columns a [`HourRow`] is read from, in its fields' order (the sums as in
+/// [`ROLLUP_SUMS`]).
 pub const HOUR_ROW_COLUMNS: &str = "hour_ms, model, upstream, key_name, requests, succeeded, \
-    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost";
+    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors";
+
+/// The per-user rollup columns a [`UserRow`] is read from, in its fields' order.
+pub const USER_ROW_COLUMNS: &str = "hour_ms, end_user, requests, succeeded, latency_sum, \
+    prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors";
+
+/// One row of the per-user rollup table.
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub hour_ms: i64,
+    pub user: String,
+    pub sums: RollupRow,
+}
+
+/// What `/api/stats` is computed from, as both stores read it with [`StatsPlan`]'s
+/// queries.
+#[derive(Debug, Clone, Default)]
+pub struct StatsRows {
+    /// The hourly rollup rows from [`stats_span`]'s earliest hour on.
+    pub hours: Vec<HourRow>,
+    /// The dearest end users of the range ([`StatsPlan::users_sql`]).
+    pub users: Vec<(String, RollupRow)>,
+    /// How many end users the range has.
+    pub users_in_range: u64,
+    /// The charted users' ([`charted_users`]) hourly rows since the daily series start.
+    pub user_hours: Vec<UserRow>,
+    pub latency: Histograms,
+    pub ttfb: Histograms,
+}
+
+/// A histogram's (period start, bucket, count) rows: per hour for the hourly series, per
+/// day for the daily one, and over the whole range.
+#[derive(Debug, Clone, Default)]
+pub struct Histograms {
+    pub hourly: Vec<(i64, i64, i64)>,
+    pub daily: Vec<(i64, i64, i64)>,
+    pub range: Vec<(i64, i64, i64)>,
+}
+
+/// Users shown in the breakdown (the dearest) and in the per-user series; the store reads
+/// more than it shows, so sums that differ in their last bits between databases cannot
+/// change who is shown.
+const TOP_USERS: usize = 50;
+const USERS_READ: usize = 200;
+const SERIES_USERS: usize = 8;
+
+/// The queries behind `/api/stats`, in SQL both stores run. Their bounds are numbers
+/// sluice computes (never a client's text), written into the SQL; the only text, the
+/// charted users' names, goes in as parameters. Each reads grouped rows, so a stats answer
+/// costs what the hours, buckets and users it shows cost, not what the log holds.
+#[derive(Debug, Clone, Copy)]
+pub struct StatsPlan {
+    first: i64,
+    earliest: i64,
+    to_ms: i64,
+    since_hour: i64,
+    since_day: i64,
+}
+
+impl StatsPlan {
+    pub fn new(from_ms: i64, to_ms: i64, now_ms: i64) -> Self {
+        let (first, earliest) = stats_span(from_ms, now_ms);
+        let (since_hour, since_day) = series_starts(now_ms);
+        Self {
+            first,
+            earliest,
+            to_ms,
+            since_hour,
+            since_day,
+        }
+    }
+
+    /// [`HourRow`]s since the earliest hour any part of the answer reads.
+    pub fn hours_sql(&self) -> String {
+        format!(
+            "SELECT {HOUR_ROW_COLUMNS} FROM rollup_hourly WHERE hour_ms >= {}",
+            self.earliest
+        )
+    }
+
+    /// The dearest users of the range: `end_user`, then [`ROLLUP_SUMS`] summed.
+    pub fn users_sql(&self) -> String {
+        format!(
+            "SELECT end_user, {} FROM rollup_users WHERE hour_ms >= {} AND hour_ms <= {} \
+             GROUP BY end_user ORDER BY SUM(cost) DESC, end_user LIMIT {USERS_READ}",
+            summed_sums(),
+            self.first,
+            self.to_ms
+        )
+    }
+
+    /// How many users the range has (one number).
+    pub fn users_count_sql(&self) -> String {
+        format!(
+            "SELECT COUNT(DISTINCT end_user) FROM rollup_users WHERE hour_ms >= {} AND hour_ms <= {}",
+            self.first, self.to_ms
+        )
+    }
+
+    /// [`UserRow`]s of `count` users (parameters `{mark}1`…) since the daily series start.
+    pub fn user_hours_sql(&self, count: usize, mark: &str) -> String {
+        let names: Vec<String> = (1..=count.max(1)).map(|n| format!("{mark}{n}")).collect();
+        format!(
+            "SELECT {USER_ROW_COLUMNS} FROM rollup_users WHERE hour_ms >= {} AND end_user IN ({})",
+            self.since_day,
+            names.join(", ")
+        )
+    }
+
+    /// The histogram `table`'s rows as [`Histograms`] holds them: hourly, daily, range.
+    pub fn histogram_sql(&self, table: &str) -> [String; 3] {
+        let day = 24 * HOUR_MS;
+        [
+            format!(
+                "SELECT hour_ms, bucket, count FROM {table} WHERE hour_ms >= {}",
+                self.since_hour
+            ),
+            format!(
+                "SELECT (hour_ms / {day}) * {day}, bucket, CAST(SUM(count) AS BIGINT) FROM {table} \
+                 WHERE hour_ms >= {} GROUP BY (hour_ms / {day}) * {day}, bucket",
+                self.since_day
+            ),
+            format!(
+                "SELECT CAST({} AS BIGINT), bucket, CAST(SUM(count) AS BIGINT) FROM {table} \
+                 WHERE hour_ms >= {} AND hour_ms <= {} GROUP BY bucket",
+                self.first, self.first, self.to_ms
+            ),
+        ]
+    }
+}
+
+/// [`ROLLUP_SUMS`] as aggregates, counts kept integers in both databases.
+fn summed_sums() -> String {
+    ROLLUP_SUMS
+        .split(',')
+        .map(str::trim)
+        .map(|c| match c {
+            "latency_sum" | "cost" => format!("SUM({c})"),
+            _ => format!("CAST(SUM({c}) AS BIGINT)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The users charted (the dearest few), in the order [`stats_answer`] ranks them.
+pub fn charted_users(users: &[(String, RollupRow)]) -> Vec<String> {
+    rank_users(users)
+        .into_iter()
+        .take(SERIES_USERS)
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// Dearest first (costs compared as [`round_cost`] shows them), ties by name.
+fn rank_users(users: &[(String, RollupRow)]) -> Vec<(&str, &RollupRow)> {
+    let mut ranked: Vec<(&str, &RollupRow)> = users.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    ranked.sort_by(|a, b| {
+        round_cost(b.1.cost)
+            .total_cmp(&round_cost(a.1.cost))
+            .then_with(|| a.0.cmp(b.0))
+    });
+    ranked.truncate(TOP_USERS);
+    ranked
+}
 
 /// One row of the hourly rollup table, as both stores read it.
 #[derive(Debug, Clone)]
@@ -533,39 +884,50 @@ fn series_starts(now_ms: i64) -> (i64, i64) {
     )
 }
 
-/// `/api/stats` from the rollup rows since [`stats_span`]'s earliest hour and the latency
-/// histogram of `[from, to]`: totals and breakdowns of `[from, to]` (whole hours), and
-/// the hourly and daily series, overall and by model, upstream and key. Both stores read
-/// the rows in one query each and share this, so they answer alike, in one order.
-pub fn stats_answer(
-    rows: &[HourRow],
-    buckets: &[(i64, i64)],
-    from_ms: i64,
-    to_ms: i64,
-    now_ms: i64,
-) -> Value {
+/// `/api/stats` from [`StatsRows`]: totals and breakdowns of `[from, to]` (whole hours,
+/// by model, upstream, key and end user), and the hourly (48 h) and daily (30 days)
+/// series, overall and by dimension, with latency and time-to-first-byte percentiles.
+/// Both stores read the rows in a few queries and share this, so they answer alike, in
+/// one order.
+pub fn stats_answer(rows: &StatsRows, from_ms: i64, to_ms: i64, now_ms: i64) -> Value {
     use std::collections::BTreeMap;
     let (first, _) = stats_span(from_ms, now_ms);
     let (since_hour, since_day) = series_starts(now_ms);
     let day = 24 * HOUR_MS;
-    let in_range: Vec<&HourRow> = rows
-        .iter()
-        .filter(|r| r.hour_ms >= first && r.hour_ms <= to_ms)
-        .collect();
+    let in_range = |hour: i64| hour >= first && hour <= to_ms;
     let mut totals_sum = RollupRow::default();
-    for row in &in_range {
+    for row in rows.hours.iter().filter(|r| in_range(r.hour_ms)) {
         totals_sum.add(&row.sums);
     }
     let mut totals = totals_sum.to_json();
-    totals["p95_latency_ms"] = serde_json::json!(histogram_percentile(buckets, 95.0));
+    let (latency, ttfb) = (
+        histogram_of(&rows.latency.range),
+        histogram_of(&rows.ttfb.range),
+    );
+    totals["p50_latency_ms"] = serde_json::json!(histogram_percentile(&latency, 50.0));
+    totals["p95_latency_ms"] = serde_json::json!(histogram_percentile(&latency, 95.0));
+    totals["ttfb_p50_ms"] = serde_json::json!(histogram_percentile(&ttfb, 50.0));
+    totals["ttfb_p95_ms"] = serde_json::json!(histogram_percentile(&ttfb, 95.0));
+
+    // Users: the dearest in the range, and the series of the dearest few.
+    let by_user = rank_users(&rows.users);
+    let charted: std::collections::BTreeSet<&str> =
+        by_user.iter().take(SERIES_USERS).map(|(u, _)| *u).collect();
+    let user_rows: Vec<HourRow> = rows
+        .user_hours
+        .iter()
+        .filter(|r| charted.contains(r.user.as_str()))
+        .map(|r| HourRow {
+            hour_ms: r.hour_ms,
+            model: String::new(),
+            upstream: String::new(),
+            key_name: r.user.clone(),
+            sums: r.sums.clone(),
+        })
+        .collect();
 
     type Name = fn(&HourRow) -> &str;
-    let dimensions: [(&str, &str, Name); 3] = [
-        ("model", "by_model", |r| &r.model),
-        ("upstream", "by_upstream", |r| &r.upstream),
-        ("key", "by_key", |r| &r.key_name),
-    ];
-    let series = |bucket: i64, since: i64, name: Option<Name>| -> Vec<Value> {
+    let series = |rows: &[HourRow], bucket: i64, since: i64, name: Option<Name>| -> Vec<Value> {
         let mut groups: BTreeMap<(i64, &str), RollupRow> = BTreeMap::new();
         for row in rows.iter().filter(|r| r.hour_ms >= since) {
             let start = row.hour_ms.div_euclid(bucket) * bucket;
@@ -584,35 +946,167 @@ pub fn stats_answer(
             })
             .collect()
     };
+    let named = |(label, sums): (&str, &RollupRow)| {
+        let mut value = sums.to_json();
+        value["name"] = serde_json::json!(label);
+        value
+    };
     let mut answer = serde_json::json!({
         "from_ms": from_ms,
         "to_ms": to_ms,
         "totals": totals,
-        "hourly": series(HOUR_MS, since_hour, None),
-        "daily": series(day, since_day, None),
+        "hourly": series(&rows.hours, HOUR_MS, since_hour, None),
+        "daily": series(&rows.hours, day, since_day, None),
+        "latency_hourly": percentile_series(&rows.latency.hourly, &rows.ttfb.hourly, HOUR_MS, since_hour),
+        "latency_daily": percentile_series(&rows.latency.daily, &rows.ttfb.daily, day, since_day),
         "hourly_by": {},
         "daily_by": {},
+        "by_user": by_user.into_iter().map(named).collect::<Vec<_>>(),
+        "users_in_range": rows.users_in_range,
     });
+    let dimensions: [(&str, &str, Name); 3] = [
+        ("model", "by_model", |r| &r.model),
+        ("upstream", "by_upstream", |r| &r.upstream),
+        ("key", "by_key", |r| &r.key_name),
+    ];
     for (label, breakdown, name) in dimensions {
         let mut groups: BTreeMap<&str, RollupRow> = BTreeMap::new();
-        for row in &in_range {
+        for row in rows.hours.iter().filter(|r| in_range(r.hour_ms)) {
             groups.entry(name(row)).or_default().add(&row.sums);
         }
         let mut ranked: Vec<(&str, RollupRow)> = groups.into_iter().collect();
         // Busiest first; ties by name (the map's order, kept by a stable sort).
         ranked.sort_by_key(|(_, sums)| std::cmp::Reverse(sums.requests));
-        answer[breakdown] = ranked
-            .into_iter()
-            .map(|(label, sums)| {
-                let mut value = sums.to_json();
-                value["name"] = serde_json::json!(label);
-                value
-            })
-            .collect();
-        answer["hourly_by"][label] = series(HOUR_MS, since_hour, Some(name)).into();
-        answer["daily_by"][label] = series(day, since_day, Some(name)).into();
+        answer[breakdown] = ranked.iter().map(|(l, s)| named((l, s))).collect();
+        answer["hourly_by"][label] = series(&rows.hours, HOUR_MS, since_hour, Some(name)).into();
+        answer["daily_by"][label] = series(&rows.hours, day, since_day, Some(name)).into();
     }
+    let by_user_name: Name = |r| &r.key_name;
+    answer["hourly_by"]["user"] =
+        series(&user_rows, HOUR_MS, since_hour, Some(by_user_name)).into();
+    answer["daily_by"]["user"] = series(&user_rows, day, since_day, Some(by_user_name)).into();
     answer
+}
+
+/// The (bucket, count) histogram of `rows`, sorted by bucket.
+fn histogram_of(rows: &[(i64, i64, i64)]) -> Vec<(i64, i64)> {
+    let mut buckets: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    for &(_, bucket, count) in rows {
+        *buckets.entry(bucket).or_default() += count;
+    }
+    buckets.into_iter().collect()
+}
+
+/// p50 and p95 of latency and time to first byte per `bucket_ms` since `since`: one entry
+/// for each period with requests.
+fn percentile_series(
+    latency: &[(i64, i64, i64)],
+    ttfb: &[(i64, i64, i64)],
+    bucket_ms: i64,
+    since: i64,
+) -> Vec<Value> {
+    use std::collections::BTreeMap;
+    type Histograms = BTreeMap<i64, BTreeMap<i64, i64>>;
+    let group = |rows: &[(i64, i64, i64)]| -> Histograms {
+        let mut periods: Histograms = BTreeMap::new();
+        for &(hour, bucket, count) in rows.iter().filter(|r| r.0 >= since) {
+            let start = hour.div_euclid(bucket_ms) * bucket_ms;
+            *periods.entry(start).or_default().entry(bucket).or_default() += count;
+        }
+        periods
+    };
+    let (latency, ttfb) = (group(latency), group(ttfb));
+    let percentiles = |periods: &Histograms, start: i64| {
+        let buckets: Vec<(i64, i64)> = periods
+            .get(&start)
+            .map(|b| b.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default();
+        (
+            histogram_percentile(&buckets, 50.0),
+            histogram_percentile(&buckets, 95.0),
+        )
+    };
+    latency
+        .keys()
+        .map(|&start| {
+            let (p50, p95) = percentiles(&latency, start);
+            let (ttfb_p50, ttfb_p95) = percentiles(&ttfb, start);
+            serde_json::json!({
+                "start_ms": start,
+                "p50_ms": p50,
+                "p95_ms": p95,
+                "ttfb_p50_ms": ttfb_p50,
+                "ttfb_p95_ms": ttfb_p95,
+            })
+        })
+        .collect()
+}
+
+/// The values the request list's filters offer: the distinct models, keys, upstreams,
+/// end users and statuses in the log, at most [`VALUES_LIMIT`] of each.
+pub const VALUES_LIMIT: usize = 200;
+
+/// SQL listing the distinct values of an indexed `column` of `requests` by a loose index
+/// scan (one index probe per value, however many rows share it), at most
+/// [`VALUES_LIMIT`], as text. Portable: SQLite and PostgreSQL both run it.
+pub fn distinct_sql(column: &str) -> String {
+    format!(
+        "WITH RECURSIVE seen(v, n) AS ( \
+           SELECT MIN({column}), 1 FROM requests \
+           UNION ALL \
+           SELECT (SELECT MIN({column}) FROM requests WHERE {column} > seen.v), n + 1 \
+           FROM seen WHERE seen.v IS NOT NULL AND n < {VALUES_LIMIT}) \
+         SELECT CAST(v AS TEXT) FROM seen WHERE v IS NOT NULL"
+    )
+}
+
+/// The columns [`distinct_sql`] lists, with the names `/api/values` gives them.
+pub const VALUE_COLUMNS: [(&str, &str); 5] = [
+    ("models", "model"),
+    ("keys", "key_name"),
+    ("upstreams", "upstream"),
+    ("users", "end_user"),
+    ("statuses", "status"),
+];
+
+/// The `/api/values` answer from each column's values (as [`VALUE_COLUMNS`] names them):
+/// sorted, statuses as numbers.
+pub fn values_answer(columns: Vec<(&str, Vec<String>)>) -> Value {
+    let mut answer = serde_json::Map::new();
+    for (name, mut values) in columns {
+        let value = if name == "statuses" {
+            let mut numbers: Vec<i64> = values.iter().filter_map(|v| v.parse().ok()).collect();
+            numbers.sort_unstable();
+            serde_json::json!(numbers)
+        } else {
+            values.sort();
+            serde_json::json!(values)
+        };
+        answer.insert(name.to_string(), value);
+    }
+    Value::Object(answer)
+}
+
+/// The upsert adding a batch's sums to a rollup table keyed by `keys` (the key columns,
+/// then [`ROLLUP_SUMS`], as numbered placeholders `?1` or `$1` after `mark`).
+pub fn rollup_upsert_sql(table: &str, keys: &str, mark: &str) -> String {
+    let columns: Vec<&str> = keys
+        .split(',')
+        .chain(ROLLUP_SUMS.split(','))
+        .map(str::trim)
+        .collect();
+    let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("{mark}{n}")).collect();
+    let sums: Vec<String> = ROLLUP_SUMS
+        .split(',')
+        .map(str::trim)
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({keys}) DO UPDATE SET {}",
+        columns.join(", "),
+        placeholders.join(", "),
+        sums.join(", ")
+    )
 }
 
 /// What text search looks through for one record.
@@ -633,6 +1127,7 @@ pub fn search_text(r: &LogRecord) -> String {
         r.upstream_model.clone().unwrap_or_default(),
         r.key_name.clone(),
         r.upstream.clone().unwrap_or_default(),
+        r.user.clone().unwrap_or_default(),
         r.error.clone().unwrap_or_default(),
         clip(&r.request_body),
         clip(&r.response_body),

@@ -720,7 +720,11 @@ async fn the_dashboard_can_live_on_its_own_listener() {
         .send()
         .await
         .unwrap();
-    assert_eq!(page.status(), 401, "the login page, with no data");
+    assert_eq!(
+        page.url().path(),
+        "/login",
+        "to the login page, with no data"
+    );
     assert!(page.text().await.unwrap().contains("assets/app.js"));
     let api = client()
         .get(format!("http://{admin_addr}/api/requests"))
@@ -899,4 +903,118 @@ async fn metrics_count_requests_latency_tokens_and_refusals_by_name_never_key() 
     for secret in ["fk-alice-0001", "sk-upstream-key-0001", "admin-secret-0001"] {
         assert!(!text.contains(secret));
     }
+}
+
+#[tokio::test]
+async fn the_dashboard_api_tells_causes_apart_offers_filter_values_and_exports() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "")).await;
+    for user in ["ann", "=bo, \"the\" builder"] {
+        let body = json!({"model": "gpt-4o", "messages": messages(), "user": user});
+        assert_eq!(chat(&gw, ALICE, body).await.status(), 200);
+    }
+    // Refused by sluice (no upstream asked), and failed at the upstream.
+    let refused = chat(&gw, "Bearer fk-nobody", json!({"model": "gpt-4o"})).await;
+    assert_eq!(refused.status(), 401);
+    let failed = client()
+        .get(gw.url("/v1/files"))
+        .header("authorization", ALICE)
+        .header("x-mock-fault", "500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 500);
+    flush(&gw).await;
+
+    let stats = admin_get(&gw, "/api/stats").await;
+    let totals = &stats["totals"];
+    assert_eq!(totals["requests"], 4);
+    assert_eq!(totals["refused"], 1);
+    assert_eq!(totals["upstream_errors"], 1);
+    assert_eq!(totals["reached"], 3);
+    assert!((totals["success_rate"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+    let users: Vec<&str> = stats["by_user"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(users.len(), 2);
+    assert!(users.contains(&"ann"));
+    assert!(totals["ttfb_p50_ms"].as_f64().unwrap() > 0.0);
+
+    let values = admin_get(&gw, "/api/values").await;
+    assert_eq!(values["statuses"], json!([200, 401, 500]));
+    assert_eq!(values["users"], json!(["=bo, \"the\" builder", "ann"]));
+    assert_eq!(values["upstreams"], json!(["main"]));
+    assert_eq!(values["keys"], json!(["-", "alice"]));
+
+    let ann = admin_get(&gw, "/api/requests?user=ann").await;
+    assert_eq!(ann["total"], 1);
+    assert_eq!(ann["data"][0]["user"], "ann");
+    assert_eq!(ann["data"][0]["cause"], "ok");
+    let errors = admin_get(&gw, "/api/requests?status=error").await;
+    let mut causes: Vec<&str> = errors["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cause"].as_str().unwrap())
+        .collect();
+    causes.sort_unstable();
+    assert_eq!(causes, ["refused", "upstream_error"]);
+
+    let export = |query: &str| {
+        client()
+            .get(gw.url(&format!("/api/export?{query}")))
+            .header("authorization", ADMIN)
+            .send()
+    };
+    let csv = export("format=csv").await.unwrap();
+    assert_eq!(csv.status(), 200);
+    assert!(
+        csv.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("sluice-requests.csv")
+    );
+    let text = csv.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "a header and four rows: {text}");
+    assert!(lines[0].starts_with("time,id,method,path,model,user,"));
+    assert!(
+        text.contains(r#","'=bo, ""the"" builder","#),
+        "quoted, and no formula: {text}"
+    );
+    let jsonl = export("format=jsonl&status=error")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows: Vec<Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().any(|row| row["cause"] == "refused"));
+    let limited = export("limit=3").await.unwrap().text().await.unwrap();
+    assert_eq!(limited.lines().count(), 3);
+    assert_error(export("format=xml").await.unwrap(), 400, "invalid_format").await;
+    let anonymous = client().get(gw.url("/api/export")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // The page: a redirect to the login page without a session; a favicon.
+    let no_redirects = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = no_redirects.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 302);
+    assert_eq!(page.headers()["location"], "login");
+    let login = client().get(gw.url("/login")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    assert!(login.text().await.unwrap().contains("assets/app.js"));
+    let icon = client().get(gw.url("/favicon.ico")).send().await.unwrap();
+    assert_eq!(icon.headers()["content-type"], "image/svg+xml");
 }

@@ -23,6 +23,8 @@ fn record(i: usize, now_ms: i64) -> LogRecord {
     };
     // The oldest rows carry a phrase no newer row has.
     let rare = if i < 3 { " Zeppelin-Harbour" } else { "" };
+    // Some of the 429s are sluice's own refusals: no upstream was tried.
+    let refused = i % 40 == 1;
     LogRecord {
         id: format!("req_{i:08}"),
         // Over the last two days, older for smaller `i`, two rows to each millisecond.
@@ -32,8 +34,9 @@ fn record(i: usize, now_ms: i64) -> LogRecord {
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         model: Some(models[i % 3].into()),
+        user: (i % 3 != 0).then(|| format!("user-{}", i % 11)),
         upstream_model: Some(models[i % 3].into()),
-        upstream: Some(["openai", "azure"][i % 2].into()),
+        upstream: (!refused).then(|| ["openai", "azure"][i % 2].into()),
         upstream_key: Some("sk-…a1b2".into()),
         status,
         latency_ms: 10.0 + (i % 97) as f64,
@@ -45,7 +48,7 @@ fn record(i: usize, now_ms: i64) -> LogRecord {
         usage_source: Some("upstream".into()),
         stream: i % 2 == 0,
         error: (status != 200).then(|| "upstream said no".into()),
-        tries: 1,
+        tries: u32::from(!refused),
         attempts: "[]".into(),
         request_headers: "{}".into(),
         response_headers: "{}".into(),
@@ -107,6 +110,11 @@ async fn sqlite_and_postgres_answer_alike() {
         query(|q| q.status = Some("5xx".into())),
         query(|q| q.status = Some("429".into())),
         query(|q| q.status = Some("error".into())),
+        query(|q| q.user = Some("user-4".into())),
+        query(|q| {
+            q.user = Some("user-5".into());
+            q.skip_count = true;
+        }),
         query(|q| q.from_ms = Some(now_ms - 24 * HOUR_MS)),
         query(|q| q.before = Some((now_ms - 47 * HOUR_MS, "req_00000100".into()))),
         // Common terms fill a page among the newest rows; case does not matter.
@@ -159,6 +167,36 @@ async fn sqlite_and_postgres_answer_alike() {
     })
     .await;
     assert_eq!(stats[0]["totals"]["requests"], ROWS);
+    let totals = &stats[0]["totals"];
+    assert_eq!(totals["refused"], ROWS / 40, "sluice's refusals");
+    assert_eq!(
+        totals["upstream_errors"],
+        ROWS / 20 * 2 - ROWS / 40,
+        "upstream 500s and 429s"
+    );
+    assert_eq!(stats[0]["users_in_range"], 11);
+    // The rows span the 24 hours from two days ago: an entry for each of those hours.
+    let percentiles = stats[0]["latency_hourly"].as_array().unwrap();
+    assert!(percentiles.len() >= 24, "{}", percentiles.len());
+    assert!(
+        percentiles
+            .iter()
+            .all(|p| p["p95_ms"].as_f64() >= p["p50_ms"].as_f64())
+    );
+    assert!(stats[0]["hourly_by"]["user"].as_array().unwrap().len() > 24);
+
+    let values = both(&sqlite, &postgres, |store| store.values().unwrap()).await;
+    assert_eq!(values[0], values[1]);
+    assert_eq!(
+        values[0]["models"],
+        serde_json::json!(["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"])
+    );
+    assert_eq!(values[0]["statuses"], serde_json::json!([200, 429, 500]));
+    assert_eq!(
+        values[0]["upstreams"],
+        serde_json::json!(["azure", "openai"])
+    );
+    assert_eq!(values[0]["users"].as_array().unwrap().len(), 11);
     for part in [
         "totals",
         "by_model",
@@ -167,6 +205,11 @@ async fn sqlite_and_postgres_answer_alike() {
         "hourly",
         "daily",
         "hourly_by",
+        "daily_by",
+        "by_user",
+        "users_in_range",
+        "latency_hourly",
+        "latency_daily",
     ] {
         assert_eq!(
             round(&stats[0][part]),
@@ -202,6 +245,15 @@ fn round(value: &Value) -> Value {
     }
 }
 
+/// What migration 2 added (the end user, the causes, the TTFB and user rollups), taken
+/// away again, in both dialects: a log as the version before it wrote it.
+const UNDO_MIGRATION_2: &str = "DROP INDEX requests_user_ts;
+    ALTER TABLE requests DROP COLUMN end_user;
+    ALTER TABLE rollup_hourly DROP COLUMN refused;
+    ALTER TABLE rollup_hourly DROP COLUMN upstream_errors;
+    DROP TABLE rollup_ttfb;
+    DROP TABLE rollup_users;";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_log_from_an_earlier_version_is_migrated_at_start() {
     let url = common::fresh_postgres_database().await;
@@ -219,10 +271,10 @@ async fn a_postgres_log_from_an_earlier_version_is_migrated_at_start() {
         .unwrap();
     tokio::spawn(connection);
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "UPDATE requests SET search_text = search_text || ' MixedCase-Marker';
-             UPDATE sluice_schema SET version = 0;",
-        )
+                 UPDATE sluice_schema SET version = 0; {UNDO_MIGRATION_2}"
+        ))
         .await
         .unwrap();
 
@@ -270,6 +322,7 @@ async fn a_sqlite_log_from_an_earlier_version_is_migrated_at_start() {
              PRAGMA user_version = 0;",
         )
         .unwrap();
+    connection.execute_batch(UNDO_MIGRATION_2).unwrap();
     drop(connection);
 
     let store = sluice::store::open(&url).unwrap();

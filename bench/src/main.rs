@@ -406,6 +406,7 @@ fn synthetic(i: usize, now_ms: i64) -> sluice::store::LogRecord {
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         model: Some(model.into()),
+        user: Some(format!("user-{}", i % 50)),
         upstream_model: Some(model.into()),
         upstream: Some(UPSTREAMS[i % UPSTREAMS.len()].into()),
         upstream_key: Some("sk-…a1b2".into()),

@@ -917,6 +917,7 @@ fn shape_row(
         method: pending.method.to_string(),
         path: pending.path.clone(),
         model: pending.model.clone(),
+        user: pending.user.as_deref().map(crate::store::clip_user),
         upstream_model: pending.upstream_model.clone(),
         upstream: pending.upstream.clone(),
         upstream_key: pending.upstream_key.clone(),

@@ -77,6 +77,8 @@ pub struct Pending {
     pub method: Method,
     pub path: String,
     pub model: Option<String>,
+    /// The body's `user` (end-user attribution), when the body was read.
+    pub user: Option<String>,
     pub upstream_model: Option<String>,
     pub upstream: Option<String>,
     pub upstream_key: Option<String>,
@@ -125,6 +127,7 @@ impl Pending {
             method,
             path: path.to_string(),
             model: None,
+            user: None,
             upstream_model: None,
             upstream: None,
             upstream_key: None,

@@ -24,17 +24,33 @@ pub const COOKIE: &str = "sluice_session";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 const SESSION_LIMIT: usize = 10_000;
 
-/// The dashboard page. Served with 401 to a visitor who is not logged in: the page then
-/// shows only its login form, and every data call answers 401 as well.
-pub fn index(authorized: bool) -> Response<Body> {
+const FAVICON: &str = include_str!("dashboard/favicon.svg");
+
+/// The dashboard page, at `/` for the admin and at `/login` for anyone: it holds no data
+/// (every data call needs the session), and shows only its login form until there is one.
+pub fn index() -> Response<Body> {
     let mut response = asset_response("text/html; charset=utf-8", INDEX);
-    if !authorized {
-        *response.status_mut() = StatusCode::UNAUTHORIZED;
-    }
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// `GET /` without a session: to the login page. The target is relative (so a route
+/// prefix in front of sluice is kept) and has no fragment (so the browser keeps the
+/// deep link's).
+pub fn to_login() -> Response<Body> {
+    let mut response = Response::new(crate::http::body::empty());
+    *response.status_mut() = StatusCode::FOUND;
+    let headers = response.headers_mut();
+    headers.insert(header::LOCATION, HeaderValue::from_static("login"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `/favicon.ico`, which browsers ask for whatever the page links: the SVG icon.
+pub fn favicon() -> Response<Body> {
+    asset_response("image/svg+xml", FAVICON)
 }
 
 /// A static asset under `/assets/`.
@@ -44,6 +60,7 @@ pub fn asset(name: &str) -> Option<Response<Body>> {
         "app.css" => ("text/css; charset=utf-8", APP_CSS),
         "uPlot.iife.min.js" => ("text/javascript; charset=utf-8", UPLOT_JS),
         "uPlot.min.css" => ("text/css; charset=utf-8", UPLOT_CSS),
+        "favicon.svg" => ("image/svg+xml", FAVICON),
         _ => return None,
     };
     Some(asset_response(content_type, body))
@@ -237,6 +254,10 @@ mod tests {
         assert!(asset("app.js").is_some());
         assert!(asset("uPlot.iife.min.js").is_some());
         assert!(asset("../secret").is_none());
-        assert_eq!(index(false).status(), StatusCode::UNAUTHORIZED);
+        assert!(asset("favicon.svg").is_some());
+        assert_eq!(index().status(), StatusCode::OK);
+        let redirect = to_login();
+        assert_eq!(redirect.status(), StatusCode::FOUND);
+        assert_eq!(redirect.headers()[header::LOCATION], "login");
     }
 }

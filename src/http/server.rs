@@ -303,6 +303,8 @@ async fn respond(
     let dashboard_here = role == Role::Admin || gateway.config.admin.listen.is_none();
     if dashboard_here
         && (path == "/"
+            || path == "/login"
+            || path == "/favicon.ico"
             || path.starts_with("/assets/")
             || path == "/api"
             || path.starts_with("/api/"))

@@ -98,6 +98,7 @@ fn note_model(x: &mut Exchange<'_>, mut inbound: Inbound) -> Result<Inbound, Api
     }
     if let Some(record) = x.record.as_mut() {
         record.model = inbound.model.clone();
+        record.user = inbound.user.clone();
         record.request_body = inbound.logged.take();
     }
     Ok(inbound)

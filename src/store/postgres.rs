@@ -64,12 +64,12 @@ CREATE INDEX IF NOT EXISTS requests_search_trgm ON requests USING gin (search_te
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-    stream, error, tries";
+    stream, error, tries, end_user";
 
 const DETAIL_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-    reply_tool_calls, upstream_response_body";
+    reply_tool_calls, upstream_response_body, end_user";
 
 type Job = Box<
     dyn FnOnce(Result<Arc<Client>, super::Unavailable>) -> Pin<Box<dyn Future<Output = ()> + Send>>
@@ -148,6 +148,7 @@ fn filters(query: &ListQuery) -> (String, Vec<Param>) {
         ("model", &query.model),
         ("key_name", &query.key),
         ("upstream", &query.upstream),
+        ("end_user", &query.user),
         ("path", &query.path),
     ] {
         if let Some(value) = value.as_ref().filter(|v| !v.is_empty()) {
@@ -415,6 +416,21 @@ const MIGRATIONS: &[&str] = &[
     "UPDATE requests SET search_text = lower(search_text) WHERE search_text <> lower(search_text)",
     // 2: the upstream's answer as it came, when it differs from what the client received.
     "ALTER TABLE requests ADD COLUMN IF NOT EXISTS upstream_response_body TEXT",
+    // 3: the end user (`user` in the body); refusals and upstream failures counted apart;
+    // time to first byte and end users rolled up.
+    "ALTER TABLE requests ADD COLUMN end_user TEXT;
+     CREATE INDEX IF NOT EXISTS requests_user_ts ON requests (end_user, ts);
+     ALTER TABLE rollup_hourly ADD COLUMN refused BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN upstream_errors BIGINT NOT NULL DEFAULT 0;
+     CREATE TABLE IF NOT EXISTS rollup_ttfb (
+         hour_ms BIGINT NOT NULL, bucket BIGINT NOT NULL, count BIGINT NOT NULL,
+         PRIMARY KEY (hour_ms, bucket));
+     CREATE TABLE IF NOT EXISTS rollup_users (
+         hour_ms BIGINT NOT NULL, end_user TEXT NOT NULL, requests BIGINT NOT NULL,
+         succeeded BIGINT NOT NULL, latency_sum DOUBLE PRECISION NOT NULL,
+         prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
+         total_tokens BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL, refused BIGINT NOT NULL,
+         upstream_errors BIGINT NOT NULL, PRIMARY KEY (hour_ms, end_user));",
 ];
 
 /// Any number of lock key: instances starting together take turns applying the schema
@@ -600,20 +616,24 @@ impl Store for PostgresStore {
             let (page, per_page, offset) = query.window();
             if let Some(pattern) = super::like_pattern(query.search.as_deref()) {
                 let data = search(&client, &query, &pattern, per_page + 1, offset).await?;
-                return Ok(Page::from_search_rows(data, &query));
+                return Ok(Page::from_search_rows(data, &query).uncounted_if(query.skip_count));
             }
             let (count_clause, count_values) = filters(&ListQuery { before: None, ..query.clone() });
-            let total: i64 = client
-                .query_one(&super::capped_count_sql(&count_clause), &params(&count_values))
-                .await?
-                .get(0);
+            let total: i64 = if query.skip_count {
+                0
+            } else {
+                client
+                    .query_one(&super::capped_count_sql(&count_clause), &params(&count_values))
+                    .await?
+                    .get(0)
+            };
             let (clause, values) = filters(&query);
             let sql = format!(
                 "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
                 per_page + 1
             );
             let data: Vec<Value> = client.query(&sql, &params(&values)).await?.iter().map(row_to_json).collect();
-            Ok(Page::from_rows(data, page, per_page, total))
+            Ok(Page::from_rows(data, page, per_page, total).uncounted_if(query.skip_count))
         })
     }
 
@@ -632,44 +652,83 @@ impl Store for PostgresStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         self.call(move |client| async move {
-            let (first, earliest) = super::stats_span(from_ms, now_ms);
-            // Both queries go out at once (pipelined).
-            let (hours, histogram) = futures_util::future::try_join(
-                client.query(
-                    &format!(
-                        "SELECT {} FROM rollup_hourly WHERE hour_ms >= $1",
-                        super::HOUR_ROW_COLUMNS
-                    ),
-                    &[&earliest],
-                ),
-                client.query(
-                    "SELECT bucket, CAST(SUM(count) AS BIGINT) FROM rollup_latency WHERE hour_ms >= $1 AND hour_ms <= $2 \
-                     GROUP BY bucket ORDER BY bucket",
-                    &[&first, &to_ms],
-                ),
-            )
-            .await?;
-            let count = |value: i64| u64::try_from(value).unwrap_or(0);
-            let rows: Vec<super::HourRow> = hours
+            let plan = super::StatsPlan::new(from_ms, to_ms, now_ms);
+            let [latency_sql, ttfb_sql] =
+                ["rollup_latency", "rollup_ttfb"].map(|table| plan.histogram_sql(table));
+            let mut sql = vec![plan.hours_sql(), plan.users_sql(), plan.users_count_sql()];
+            sql.extend(latency_sql);
+            sql.extend(ttfb_sql);
+            // The queries go out at once (pipelined).
+            let mut answers =
+                futures_util::future::try_join_all(sql.iter().map(|q| client.query(q, &[])))
+                    .await?
+                    .into_iter();
+            let mut next = move || answers.next().unwrap_or_default();
+            let (hours, users, users_count) = (next(), next(), next());
+            let triples = |rows: Vec<Row>| -> Vec<(i64, i64, i64)> {
+                rows.iter()
+                    .map(|row| (row.get(0), row.get(1), row.get(2)))
+                    .collect()
+            };
+            let mut histograms = || super::Histograms {
+                hourly: triples(next()),
+                daily: triples(next()),
+                range: triples(next()),
+            };
+            let (latency, ttfb) = (histograms(), histograms());
+            let users: Vec<(String, super::RollupRow)> = users
                 .iter()
-                .map(|row| super::HourRow {
-                    hour_ms: row.get(0),
-                    model: row.get(1),
-                    upstream: row.get(2),
-                    key_name: row.get(3),
-                    sums: super::RollupRow {
-                        requests: count(row.get(4)),
-                        succeeded: count(row.get(5)),
-                        latency_sum: row.get(6),
-                        prompt_tokens: count(row.get(7)),
-                        completion_tokens: count(row.get(8)),
-                        total_tokens: count(row.get(9)),
-                        cost: row.get(10),
-                    },
-                })
+                .map(|row| (row.get(0), read_sums(row, 1)))
                 .collect();
-            let buckets: Vec<(i64, i64)> = histogram.iter().map(|row| (row.get(0), row.get(1))).collect();
-            Ok(super::stats_answer(&rows, &buckets, from_ms, to_ms, now_ms))
+            let charted = super::charted_users(&users);
+            let names: Vec<&(dyn ToSql + Sync)> =
+                charted.iter().map(|n| n as &(dyn ToSql + Sync)).collect();
+            let user_hours = if charted.is_empty() {
+                Vec::new()
+            } else {
+                client
+                    .query(&plan.user_hours_sql(charted.len(), "$"), &names)
+                    .await?
+            };
+            let rows = super::StatsRows {
+                hours: hours
+                    .iter()
+                    .map(|row| super::HourRow {
+                        hour_ms: row.get(0),
+                        model: row.get(1),
+                        upstream: row.get(2),
+                        key_name: row.get(3),
+                        sums: read_sums(row, 4),
+                    })
+                    .collect(),
+                users,
+                users_in_range: users_count
+                    .first()
+                    .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)),
+                user_hours: user_hours
+                    .iter()
+                    .map(|row| super::UserRow {
+                        hour_ms: row.get(0),
+                        user: row.get(1),
+                        sums: read_sums(row, 2),
+                    })
+                    .collect(),
+                latency,
+                ttfb,
+            };
+            Ok(super::stats_answer(&rows, from_ms, to_ms, now_ms))
+        })
+    }
+
+    fn values(&self) -> anyhow::Result<Value> {
+        self.call(move |client| async move {
+            let mut columns = Vec::new();
+            for (name, column) in super::VALUE_COLUMNS {
+                let rows = client.query(&super::distinct_sql(column), &[]).await?;
+                let values: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+                columns.push((name, values));
+            }
+            Ok(super::values_answer(columns))
         })
     }
 
@@ -678,6 +737,37 @@ impl Store for PostgresStore {
             client.query_one("SELECT 1", &[]).await?;
             Ok(())
         })
+    }
+}
+
+/// A rollup row's sums as query parameters, in [`super::ROLLUP_SUMS`]' order.
+fn sums(row: &super::RollupRow) -> [Box<dyn ToSql + Sync + Send>; 9] {
+    [
+        Box::new(to_i64(row.requests)),
+        Box::new(to_i64(row.succeeded)),
+        Box::new(row.latency_sum),
+        Box::new(to_i64(row.prompt_tokens)),
+        Box::new(to_i64(row.completion_tokens)),
+        Box::new(to_i64(row.total_tokens)),
+        Box::new(row.cost),
+        Box::new(to_i64(row.refused)),
+        Box::new(to_i64(row.upstream_errors)),
+    ]
+}
+
+/// The sums of a rollup row read from column `at` on (in [`super::ROLLUP_SUMS`]' order).
+fn read_sums(row: &Row, at: usize) -> super::RollupRow {
+    let count = |value: i64| u64::try_from(value).unwrap_or(0);
+    super::RollupRow {
+        requests: count(row.get(at)),
+        succeeded: count(row.get(at + 1)),
+        latency_sum: row.get(at + 2),
+        prompt_tokens: count(row.get(at + 3)),
+        completion_tokens: count(row.get(at + 4)),
+        total_tokens: count(row.get(at + 5)),
+        cost: row.get(at + 6),
+        refused: count(row.get(at + 7)),
+        upstream_errors: count(row.get(at + 8)),
     }
 }
 
@@ -691,8 +781,9 @@ async fn write_batch(
             "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
              upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
              stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-             reply_tool_calls, search_text, upstream_response_body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30) ON CONFLICT (id) DO NOTHING",
+             reply_tool_calls, search_text, upstream_response_body, end_user) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31) \
+             ON CONFLICT (id) DO NOTHING",
         )
         .await?;
     // Every insert of the batch is sent before the first answer is awaited: tokio-postgres
@@ -743,6 +834,7 @@ async fn write_batch(
                         &r.reply_tool_calls,
                         &search,
                         &r.upstream_response_body,
+                        &r.user,
                     ],
                 )
                 .await
@@ -751,16 +843,11 @@ async fn write_batch(
     futures_util::future::try_join_all(inserts).await?;
     let rollup = super::Rollup::of(records);
     let hourly = client
-        .prepare(
-            "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
-             prompt_tokens, completion_tokens, total_tokens, cost) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-             ON CONFLICT (hour_ms, model, upstream, key_name) DO UPDATE SET \
-             requests = rollup_hourly.requests + excluded.requests, succeeded = rollup_hourly.succeeded + excluded.succeeded, \
-             latency_sum = rollup_hourly.latency_sum + excluded.latency_sum, \
-             prompt_tokens = rollup_hourly.prompt_tokens + excluded.prompt_tokens, \
-             completion_tokens = rollup_hourly.completion_tokens + excluded.completion_tokens, \
-             total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
-        )
+        .prepare(&super::rollup_upsert_sql(
+            "rollup_hourly",
+            "hour_ms, model, upstream, key_name",
+            "$",
+        ))
         .await?;
     let hourly_rows = rollup
         .hourly
@@ -768,50 +855,50 @@ async fn write_batch(
         .map(|((hour, model, upstream, key), row)| {
             let hourly = &hourly;
             async move {
-                let numbers = [
-                    row.requests,
-                    row.succeeded,
-                    row.prompt_tokens,
-                    row.completion_tokens,
-                    row.total_tokens,
-                ]
-                .map(to_i64);
-                client
-                    .execute(
-                        hourly,
-                        &[
-                            hour,
-                            model,
-                            upstream,
-                            key,
-                            &numbers[0],
-                            &numbers[1],
-                            &row.latency_sum,
-                            &numbers[2],
-                            &numbers[3],
-                            &numbers[4],
-                            &row.cost,
-                        ],
-                    )
-                    .await
+                let n = sums(row);
+                let mut values: Vec<&(dyn ToSql + Sync)> = vec![hour, model, upstream, key];
+                values.extend(n.iter().map(|v| &**v as &(dyn ToSql + Sync)));
+                client.execute(hourly, &values).await
             }
         });
     futures_util::future::try_join_all(hourly_rows).await?;
-    let latency = client
-        .prepare(
-            "INSERT INTO rollup_latency (hour_ms, bucket, count) VALUES ($1, $2, $3) \
-             ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = rollup_latency.count + excluded.count",
-        )
+    let users = client
+        .prepare(&super::rollup_upsert_sql(
+            "rollup_users",
+            "hour_ms, end_user",
+            "$",
+        ))
         .await?;
-    let latency_rows = rollup.latency.iter().map(|((hour, bucket), count)| {
-        let latency = &latency;
+    let user_rows = rollup.users.iter().map(|((hour, user), row)| {
+        let users = &users;
         async move {
-            client
-                .execute(latency, &[hour, bucket, &to_i64(*count)])
-                .await
+            let n = sums(row);
+            let mut values: Vec<&(dyn ToSql + Sync)> = vec![hour, user];
+            values.extend(n.iter().map(|v| &**v as &(dyn ToSql + Sync)));
+            client.execute(users, &values).await
         }
     });
-    futures_util::future::try_join_all(latency_rows).await?;
+    futures_util::future::try_join_all(user_rows).await?;
+    for (table, histogram) in [
+        ("rollup_latency", &rollup.latency),
+        ("rollup_ttfb", &rollup.ttfb),
+    ] {
+        let upsert = client
+            .prepare(&format!(
+                "INSERT INTO {table} (hour_ms, bucket, count) VALUES ($1, $2, $3) \
+                 ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = {table}.count + excluded.count"
+            ))
+            .await?;
+        let rows = histogram.iter().map(|((hour, bucket), count)| {
+            let upsert = &upsert;
+            async move {
+                client
+                    .execute(upsert, &[hour, bucket, &to_i64(*count)])
+                    .await
+            }
+        });
+        futures_util::future::try_join_all(rows).await?;
+    }
     let upsert = client
         .prepare(
             "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES ($1, $2, $3, $4, $5, $6) \

@@ -90,7 +90,7 @@ CREATE INDEX IF NOT EXISTS object_routes_expires ON object_routes (expires_ms);
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-    stream, error, tries";
+    stream, error, tries, end_user";
 
 pub struct SqliteStore {
     writer: Mutex<Connection>,
@@ -207,6 +207,21 @@ const MIGRATIONS: &[&str] = &[
      FROM requests;",
     // 2: the upstream's answer as it came, when it differs from what the client received.
     "ALTER TABLE requests ADD COLUMN upstream_response_body TEXT;",
+    // 3: the end user (`user` in the body); refusals and upstream failures counted apart;
+    // time to first byte and end users rolled up.
+    "ALTER TABLE requests ADD COLUMN end_user TEXT;
+     CREATE INDEX IF NOT EXISTS requests_user_ts ON requests (end_user, ts);
+     ALTER TABLE rollup_hourly ADD COLUMN refused BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN upstream_errors BIGINT NOT NULL DEFAULT 0;
+     CREATE TABLE IF NOT EXISTS rollup_ttfb (
+         hour_ms BIGINT NOT NULL, bucket INTEGER NOT NULL, count BIGINT NOT NULL,
+         PRIMARY KEY (hour_ms, bucket));
+     CREATE TABLE IF NOT EXISTS rollup_users (
+         hour_ms BIGINT NOT NULL, end_user TEXT NOT NULL, requests BIGINT NOT NULL,
+         succeeded BIGINT NOT NULL, latency_sum DOUBLE PRECISION NOT NULL,
+         prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
+         total_tokens BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL, refused BIGINT NOT NULL,
+         upstream_errors BIGINT NOT NULL, PRIMARY KEY (hour_ms, end_user));",
 ];
 
 fn migrate(connection: &Connection) -> anyhow::Result<()> {
@@ -311,6 +326,7 @@ fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
     exact("model", &query.model, &mut clauses);
     exact("key_name", &query.key, &mut clauses);
     exact("upstream", &query.upstream, &mut clauses);
+    exact("end_user", &query.user, &mut clauses);
     exact("path", &query.path, &mut clauses);
     if let Some(status) = query
         .status
@@ -394,9 +410,23 @@ fn row_to_json(row: &rusqlite::Row<'_>, names: &[String]) -> rusqlite::Result<Va
     Ok(Value::Object(object))
 }
 
-/// Turns stored fields back into their JSON shapes for API answers.
+/// Turns stored fields back into their JSON shapes for API answers: `stream` a boolean,
+/// `time` beside `ts`, `end_user` as `user`, the JSON columns parsed, and the answer's
+/// `cause` ([`super::Cause`]).
 pub(super) fn present(mut value: Value) -> Value {
     if let Some(object) = value.as_object_mut() {
+        if let Some(user) = object.remove("end_user") {
+            object.insert("user".into(), user);
+        }
+        let status = object.get("status").and_then(Value::as_u64);
+        let tries = object.get("tries").and_then(Value::as_u64);
+        if let (Some(status), Some(tries)) = (status, tries) {
+            let cause = super::Cause::of(
+                u16::try_from(status).unwrap_or(u16::MAX),
+                u32::try_from(tries).unwrap_or(u32::MAX),
+            );
+            object.insert("cause".into(), Value::String(cause.name().into()));
+        }
         if let Some(stream) = object.get("stream").and_then(Value::as_i64) {
             object.insert("stream".into(), Value::Bool(stream != 0));
         }
@@ -507,8 +537,8 @@ impl Store for SqliteStore {
                 "INSERT OR IGNORE INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
                  upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
                  stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-                 reply_tool_calls, upstream_response_body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
-                 ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
+                 reply_tool_calls, upstream_response_body, end_user) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+                 ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
             )?;
             // The search row takes its request's rowid (see `search`).
             let mut search = transaction.prepare_cached(
@@ -545,6 +575,7 @@ impl Store for SqliteStore {
                     r.reply_text,
                     r.reply_tool_calls,
                     r.upstream_response_body,
+                    r.user,
                 ])?;
                 // Not a second time for a record already written (a retried batch).
                 if inserted > 0 {
@@ -553,16 +584,11 @@ impl Store for SqliteStore {
                 }
             }
             let rollup = super::Rollup::of(records);
-            let mut hourly = transaction.prepare_cached(
-                "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
-                 prompt_tokens, completion_tokens, total_tokens, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-                 ON CONFLICT (hour_ms, model, upstream, key_name) DO UPDATE SET \
-                 requests = rollup_hourly.requests + excluded.requests, succeeded = rollup_hourly.succeeded + excluded.succeeded, \
-                 latency_sum = rollup_hourly.latency_sum + excluded.latency_sum, \
-                 prompt_tokens = rollup_hourly.prompt_tokens + excluded.prompt_tokens, \
-                 completion_tokens = rollup_hourly.completion_tokens + excluded.completion_tokens, \
-                 total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
-            )?;
+            let mut hourly = transaction.prepare_cached(&super::rollup_upsert_sql(
+                "rollup_hourly",
+                "hour_ms, model, upstream, key_name",
+                "?",
+            ))?;
             for ((hour, model, upstream, key), row) in &rollup.hourly {
                 hourly.execute(params![
                     hour,
@@ -575,15 +601,42 @@ impl Store for SqliteStore {
                     to_i64(row.prompt_tokens),
                     to_i64(row.completion_tokens),
                     to_i64(row.total_tokens),
-                    row.cost
+                    row.cost,
+                    to_i64(row.refused),
+                    to_i64(row.upstream_errors),
                 ])?;
             }
-            let mut latency = transaction.prepare_cached(
-                "INSERT INTO rollup_latency (hour_ms, bucket, count) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = rollup_latency.count + excluded.count",
-            )?;
-            for ((hour, bucket), count) in &rollup.latency {
-                latency.execute(params![hour, bucket, to_i64(*count)])?;
+            let mut users = transaction.prepare_cached(&super::rollup_upsert_sql(
+                "rollup_users",
+                "hour_ms, end_user",
+                "?",
+            ))?;
+            for ((hour, user), row) in &rollup.users {
+                users.execute(params![
+                    hour,
+                    user,
+                    to_i64(row.requests),
+                    to_i64(row.succeeded),
+                    row.latency_sum,
+                    to_i64(row.prompt_tokens),
+                    to_i64(row.completion_tokens),
+                    to_i64(row.total_tokens),
+                    row.cost,
+                    to_i64(row.refused),
+                    to_i64(row.upstream_errors),
+                ])?;
+            }
+            for (table, histogram) in [
+                ("rollup_latency", &rollup.latency),
+                ("rollup_ttfb", &rollup.ttfb),
+            ] {
+                let mut upsert = transaction.prepare_cached(&format!(
+                    "INSERT INTO {table} (hour_ms, bucket, count) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = {table}.count + excluded.count"
+                ))?;
+                for ((hour, bucket), count) in histogram {
+                    upsert.execute(params![hour, bucket, to_i64(*count)])?;
+                }
             }
             let mut upsert = transaction.prepare_cached(
                 "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -674,7 +727,7 @@ impl Store for SqliteStore {
             .is_some_and(|s| !s.trim().is_empty());
         // The total counts every match, wherever the cursor stands (searches: see
         // `Page::from_search_rows`).
-        let total: i64 = if searching {
+        let total: i64 = if searching || query.skip_count {
             0
         } else {
             let (count_clause, count_values) = filters(&ListQuery {
@@ -705,11 +758,12 @@ impl Store for SqliteStore {
         .into_iter()
         .map(present)
         .collect();
-        Ok(if searching {
+        let page = if searching {
             Page::from_search_rows(data, query)
         } else {
             Page::from_rows(data, page, per_page, total)
-        })
+        };
+        Ok(page.uncounted_if(query.skip_count))
     }
 
     fn get(&self, id: &str) -> anyhow::Result<Option<Value>> {
@@ -724,38 +778,90 @@ impl Store for SqliteStore {
 
     fn stats(&self, from_ms: i64, to_ms: i64, now_ms: i64) -> anyhow::Result<Value> {
         let connection = self.reader()?;
-        let (first, earliest) = super::stats_span(from_ms, now_ms);
-        let mut hours = connection.prepare_cached(&format!(
-            "SELECT {} FROM rollup_hourly WHERE hour_ms >= ?1",
-            super::HOUR_ROW_COLUMNS
-        ))?;
+        let plan = super::StatsPlan::new(from_ms, to_ms, now_ms);
         let count = |value: i64| u64::try_from(value).unwrap_or(0);
-        let rows: Vec<super::HourRow> = hours
-            .query_map(params![earliest], |row| {
+        // The sums of a rollup row, from column `at` on (in `super::ROLLUP_SUMS`' order).
+        let sums = |row: &rusqlite::Row<'_>, at: usize| -> rusqlite::Result<super::RollupRow> {
+            Ok(super::RollupRow {
+                requests: count(row.get(at)?),
+                succeeded: count(row.get(at + 1)?),
+                latency_sum: row.get(at + 2)?,
+                prompt_tokens: count(row.get(at + 3)?),
+                completion_tokens: count(row.get(at + 4)?),
+                total_tokens: count(row.get(at + 5)?),
+                cost: row.get(at + 6)?,
+                refused: count(row.get(at + 7)?),
+                upstream_errors: count(row.get(at + 8)?),
+            })
+        };
+        let hours: Vec<super::HourRow> = connection
+            .prepare(&plan.hours_sql())?
+            .query_map([], |row| {
                 Ok(super::HourRow {
                     hour_ms: row.get(0)?,
                     model: row.get(1)?,
                     upstream: row.get(2)?,
                     key_name: row.get(3)?,
-                    sums: super::RollupRow {
-                        requests: count(row.get(4)?),
-                        succeeded: count(row.get(5)?),
-                        latency_sum: row.get(6)?,
-                        prompt_tokens: count(row.get(7)?),
-                        completion_tokens: count(row.get(8)?),
-                        total_tokens: count(row.get(9)?),
-                        cost: row.get(10)?,
-                    },
+                    sums: sums(row, 4)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let mut histogram = connection.prepare_cached(
-            "SELECT bucket, SUM(count) FROM rollup_latency WHERE hour_ms >= ?1 AND hour_ms <= ?2 GROUP BY bucket ORDER BY bucket",
-        )?;
-        let buckets: Vec<(i64, i64)> = histogram
-            .query_map(params![first, to_ms], |row| Ok((row.get(0)?, row.get(1)?)))?
+        let users: Vec<(String, super::RollupRow)> = connection
+            .prepare(&plan.users_sql())?
+            .query_map([], |row| Ok((row.get(0)?, sums(row, 1)?)))?
             .collect::<Result<_, _>>()?;
-        Ok(super::stats_answer(&rows, &buckets, from_ms, to_ms, now_ms))
+        let users_in_range: i64 =
+            connection.query_row(&plan.users_count_sql(), [], |row| row.get(0))?;
+        let charted = super::charted_users(&users);
+        let user_hours: Vec<super::UserRow> = if charted.is_empty() {
+            Vec::new()
+        } else {
+            connection
+                .prepare(&plan.user_hours_sql(charted.len(), "?"))?
+                .query_map(params_from_iter(charted.iter()), |row| {
+                    Ok(super::UserRow {
+                        hour_ms: row.get(0)?,
+                        user: row.get(1)?,
+                        sums: sums(row, 2)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?
+        };
+        let histograms = |table: &str| -> anyhow::Result<super::Histograms> {
+            let [hourly, daily, range] = plan.histogram_sql(table).map(|sql| {
+                connection
+                    .prepare(&sql)?
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            });
+            Ok(super::Histograms {
+                hourly: hourly?,
+                daily: daily?,
+                range: range?,
+            })
+        };
+        let rows = super::StatsRows {
+            hours,
+            users,
+            users_in_range: count(users_in_range),
+            user_hours,
+            latency: histograms("rollup_latency")?,
+            ttfb: histograms("rollup_ttfb")?,
+        };
+        Ok(super::stats_answer(&rows, from_ms, to_ms, now_ms))
+    }
+
+    fn values(&self) -> anyhow::Result<Value> {
+        let connection = self.reader()?;
+        let mut columns = Vec::new();
+        for (name, column) in super::VALUE_COLUMNS {
+            let mut statement = connection.prepare_cached(&super::distinct_sql(column))?;
+            let values: Vec<String> = statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            columns.push((name, values));
+        }
+        Ok(super::values_answer(columns))
     }
 
     fn ping(&self) -> anyhow::Result<()> {
