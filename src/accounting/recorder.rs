@@ -38,7 +38,7 @@ use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Config, Overflow, Price, Storage, mask};
 use crate::observe::metrics::LogGauges;
-use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
+use crate::pure::limits::{Limiter, Period, Usage, key_scope, team_scope, upstream_scope};
 use crate::pure::usage::{self, Reply, TokenUsage, UsageSource};
 use crate::store::{CounterDelta, LogRecord, Store};
 
@@ -521,19 +521,22 @@ impl Accountant {
         let mut counters: Counters = HashMap::new();
         let at = pending.started_ms.div_euclid(1000);
         if let Some(key) = &pending.key {
-            let scope = key_scope(&key.name);
-            self.settle_key(&scope, pending, at, tokens, cost);
-            let requests = u64::from(pending.ticket.is_some());
-            add_usage(
-                &mut counters,
-                scope,
-                at,
-                Usage {
-                    requests,
-                    tokens,
-                    cost,
-                },
-            );
+            // A team's keys are counted in the team's scope too, alike.
+            let team = key.team.as_ref().map(|t| team_scope(&t.name));
+            for scope in std::iter::once(key_scope(&key.name)).chain(team) {
+                self.settle_key(&scope, pending, at, tokens, cost);
+                let requests = u64::from(pending.ticket.is_some());
+                add_usage(
+                    &mut counters,
+                    scope,
+                    at,
+                    Usage {
+                        requests,
+                        tokens,
+                        cost,
+                    },
+                );
+            }
         }
         for attempt in &pending.attempts {
             let tried = Usage {

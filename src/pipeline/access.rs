@@ -80,7 +80,7 @@ impl Caller {
     /// use some models only, or pays from a cost budget priced by model. Such a request
     /// whose model cannot be told is refused, never waved through.
     pub fn needs_known_model(&self) -> bool {
-        matches!(self, Caller::Gateway(key) if !key.models.any || key.budget.is_some())
+        matches!(self, Caller::Gateway(key) if !key.models.any || key.has_budget())
     }
 }
 
@@ -231,6 +231,7 @@ mod tests {
                     models: ModelSet::any(),
                     limits: Default::default(),
                     budget: None,
+                    team: None,
                 })
                 .collect(),
         })
