@@ -38,6 +38,8 @@ pub struct Gateway {
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
     /// Which upstream created which object (file, batch, response…).
     pub affinity: Arc<Affinity>,
+    /// Keys, teams and admin accounts managed at run time.
+    pub registry: Arc<crate::admin::registry::Registry>,
     /// Where requests without a model go, when `routing.default_upstream` says.
     default_upstream: Option<usize>,
     /// Whether requests naming objects look up where they live: object affinity is on and
@@ -88,6 +90,7 @@ pub struct Shared {
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
+    pub registry: Arc<crate::admin::registry::Registry>,
 }
 
 impl Shared {
@@ -137,7 +140,15 @@ impl Shared {
             shared_state.clone(),
             recorder.as_ref().map(|r| r.store.clone()),
         ));
+        let registry = Arc::new(crate::admin::registry::Registry::new(
+            recorder.as_ref().map(|r| r.store.clone()),
+        ));
+        registry
+            .reload()
+            .context("cannot read managed keys, teams and admins from the store")?;
+        registry.follow()?;
         Ok(Self {
+            registry,
             limiter,
             affinity,
             metrics,
@@ -191,7 +202,8 @@ impl Gateway {
             || object_routing
             || shared.recorder.is_some();
         Ok(Self {
-            guard: Guard::new(&config.access),
+            guard: Guard::new(&config.access, shared.registry.clone()),
+            registry: shared.registry,
             config,
             upstreams,
             router,
@@ -221,6 +233,20 @@ impl Gateway {
             admin_auth: self.admin_auth.clone(),
             shared_state: self.shared_state.clone(),
             traces: self.traces.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+
+    /// Tells the other instances that keys, teams or admins changed in the store, so they
+    /// reload at once rather than at their next poll.
+    pub fn announce_managed_change(&self) {
+        if let Some(shared) = &self.shared_state {
+            shared.publish(
+                EventKind::Managed {
+                    version: self.registry.snapshot().version,
+                },
+                Duration::from_secs(5),
+            );
         }
     }
 
@@ -502,6 +528,7 @@ impl Gateway {
                     None => runtime.rest_at_least(left),
                 }
             }
+            EventKind::Managed { .. } => self.registry.nudge(),
             EventKind::Session {
                 session,
                 upstream,

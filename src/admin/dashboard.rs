@@ -87,10 +87,19 @@ struct SessionState {
     key: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Session {
     expires: Instant,
-    key: u64,
+    who: Opened,
+}
+
+/// What a session was opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Opened {
+    /// The admin key (its fingerprint).
+    Key(u64),
+    /// An admin account, under the epoch its record had: a later epoch ends it.
+    Account { name: String, epoch: u64 },
 }
 
 impl Sessions {
@@ -104,13 +113,17 @@ impl Sessions {
         let key = admin_key.map(|k| self.fingerprint(k));
         if let Ok(mut state) = self.state.lock() {
             if state.key != key {
-                if state.key.is_some() && !state.live.is_empty() {
+                let before = state.live.len();
+                // Accounts' sessions do not depend on the key.
+                state
+                    .live
+                    .retain(|_, session| matches!(session.who, Opened::Account { .. }));
+                if state.key.is_some() && before > state.live.len() {
                     tracing::info!(
-                        ended = state.live.len(),
-                        "The admin key changed; every dashboard session ends."
+                        ended = before - state.live.len(),
+                        "The admin key changed; every session opened with it ends."
                     );
                 }
-                state.live.clear();
                 state.key = key;
             }
         }
@@ -119,10 +132,21 @@ impl Sessions {
     /// A new session token (128 random bits from the operating system), opened with
     /// `admin_key`.
     pub fn create(&self, admin_key: &Secret) -> Option<String> {
+        self.open(Opened::Key(self.fingerprint(admin_key)))
+    }
+
+    /// A new session for the admin account `name` at its record's `epoch`.
+    pub fn create_for_account(&self, name: &str, epoch: u64) -> Option<String> {
+        self.open(Opened::Account {
+            name: name.to_string(),
+            epoch,
+        })
+    }
+
+    fn open(&self, who: Opened) -> Option<String> {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).ok()?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let key = self.fingerprint(admin_key);
         let mut state = self.state.lock().ok()?;
         let now = Instant::now();
         if state.live.len() >= SESSION_LIMIT {
@@ -132,10 +156,31 @@ impl Sessions {
             token.clone(),
             Session {
                 expires: now + SESSION_TTL,
-                key,
+                who,
             },
         );
         Some(token)
+    }
+
+    /// The admin account and epoch a live session `token` was opened for, if it was.
+    pub fn account(&self, token: &str) -> Option<(String, u64)> {
+        let state = self.state.lock().ok()?;
+        let session = state.live.get(token)?;
+        match &session.who {
+            Opened::Account { name, epoch } if session.expires > Instant::now() => {
+                Some((name.clone(), *epoch))
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends every session of the account `name` on this instance.
+    pub fn end_account(&self, name: &str) {
+        if let Ok(mut state) = self.state.lock() {
+            state.live.retain(
+                |_, session| !matches!(&session.who, Opened::Account { name: n, .. } if n == name),
+            );
+        }
     }
 
     /// Whether `token` is a live session opened with `admin_key`.
@@ -143,10 +188,9 @@ impl Sessions {
         let key = self.fingerprint(admin_key);
         self.state.lock().is_ok_and(|state| {
             state.key.is_none_or(|bound| bound == key)
-                && state
-                    .live
-                    .get(token)
-                    .is_some_and(|session| session.key == key && session.expires > Instant::now())
+                && state.live.get(token).is_some_and(|session| {
+                    session.who == Opened::Key(key) && session.expires > Instant::now()
+                })
         })
     }
 
