@@ -17,6 +17,8 @@ use crate::http::body::{Body, full};
 const INDEX: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
+const MANAGE_JS: &str = include_str!("dashboard/manage.js");
+const MANAGE_CSS: &str = include_str!("dashboard/manage.css");
 const UPLOT_JS: &str = include_str!("dashboard/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("dashboard/vendor/uPlot.min.css");
 
@@ -42,6 +44,8 @@ pub fn asset(name: &str) -> Option<Response<Body>> {
     let (content_type, body) = match name {
         "app.js" => ("text/javascript; charset=utf-8", APP_JS),
         "app.css" => ("text/css; charset=utf-8", APP_CSS),
+        "manage.js" => ("text/javascript; charset=utf-8", MANAGE_JS),
+        "manage.css" => ("text/css; charset=utf-8", MANAGE_CSS),
         "uPlot.iife.min.js" => ("text/javascript; charset=utf-8", UPLOT_JS),
         "uPlot.min.css" => ("text/css; charset=utf-8", UPLOT_CSS),
         _ => return None,

@@ -90,20 +90,22 @@ function table(columns, rows, onRow) {
 function renderLogin(message) {
   document.getElementById("nav").hidden = true;
   document.getElementById("logout").hidden = true;
-  const input = h("input", { type: "password", name: "key", placeholder: "Admin key", autocomplete: "current-password", required: true });
+  const account = h("input", { type: "text", name: "name", placeholder: "Account (empty: admin key)", autocomplete: "username" });
+  const input = h("input", { type: "password", name: "key", placeholder: "Admin key or password", autocomplete: "current-password", required: true });
   const error = h("p", { class: "bad", id: "login-error" }, message || "");
   const form = h("form", {
     onsubmit: async (event) => {
       event.preventDefault();
       const response = await fetch("api/login", {
         method: "POST", credentials: "same-origin",
-        headers: { "content-type": "application/json" }, body: JSON.stringify({ key: input.value }),
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(account.value ? { name: account.value, password: input.value } : { key: input.value }),
       });
       // A fresh load starts the app once, with the session cookie in place.
       if (response.ok) { location.hash = "#/overview"; location.reload(); }
       else error.textContent = response.status === 401 ? "That admin key is not right." : `Login failed (${response.status}).`;
     },
-  }, input, h("button", { type: "submit" }, "Log in"), error);
+  }, account, input, h("button", { type: "submit" }, "Log in"), error);
   render(h("div", { class: "login panel" }, h("h1", {}, "sluice dashboard"),
     h("p", { class: "muted" }, "Enter the gateway's admin key (admin.key)."), form));
   input.focus();
@@ -347,6 +349,7 @@ async function route() {
     if (view === "requests" && path.split("/")[1]) await renderDetail(decodeURIComponent(path.split("/")[1]));
     else if (view === "requests") await renderRequests(params);
     else if (view === "upstreams") await renderUpstreams();
+    else if (window.sluiceManage && window.sluiceManage.views.includes(view)) await window.sluiceManage.render(view, path, params);
     else await renderOverview(params);
     showError("");
   } catch (error) {
@@ -357,7 +360,7 @@ async function route() {
 
 async function start() {
   try {
-    await api("api/session");
+    window.sluiceSession = await api("api/session");
   } catch (error) {
     if (error instanceof Unauthorized) { renderLogin(); return; }
     showError(error.message || String(error));
