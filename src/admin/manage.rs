@@ -591,9 +591,14 @@ fn refuse_revoked(record: &KeyRecord) -> Result<(), ApiError> {
 /// Refuses fields other than `allowed`, naming the first one.
 fn known_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
     if let Some(field) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
-        let field: String = field.chars().take(64).collect();
+        // Named when it looks like a field name; anything else (a pasted secret, say) is
+        // not echoed.
+        let plain = !field.is_empty()
+            && field.len() <= 40
+            && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let shown = if plain { field.as_str() } else { "(unnamed)" };
         return Err(invalid(
-            &field,
+            shown,
             format!("unknown field; expected one of {}", allowed.join(", ")),
         ));
     }
