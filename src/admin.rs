@@ -424,6 +424,14 @@ async fn api(
                 Ok(list) => list,
                 Err(error) => return error.into_response(),
             };
+            // A text search looks into bodies: one who may not read them may not probe them.
+            if hide_bodies && list.search.is_some() {
+                return ApiError::forbidden(
+                    "search_needs_bodies",
+                    "`search` looks into request and response bodies, which viewers do not see (admin.log_bodies_for_viewers)",
+                )
+                .into_response();
+            }
             tokio::task::spawn_blocking(move || {
                 store
                     .list(&list)

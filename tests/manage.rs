@@ -560,3 +560,38 @@ async fn a_revocation_on_one_instance_is_enforced_by_another_within_a_second() {
         "{statuses:?}"
     );
 }
+
+/// Without Redis, instances on one store still follow each other: each polls the store's
+/// version of the managed set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_store_version_poll_carries_a_revocation_within_a_second() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}storage: {{url: 'sqlite://{}'}}\n",
+        config(&mock),
+        dir.path().join("shared.db").display()
+    );
+    let one = gateway(&yaml).await;
+    let two = gateway(&yaml).await;
+    let (id, secret) = create_key(&one, json!({"name": "polled"})).await;
+    assert!(
+        eventually(Duration::from_secs(1), || two
+            .gateway
+            .guard
+            .key(&secret)
+            .is_some())
+        .await
+    );
+    call(&one, "DELETE", &format!("/api/keys/{id}"), None).await;
+    assert!(
+        eventually(Duration::from_secs(1), || two
+            .gateway
+            .guard
+            .key(&secret)
+            .is_none())
+        .await,
+        "revoked on one, refused by the other within a second"
+    );
+    assert_eq!(chat(&two, &secret).await, 401);
+}

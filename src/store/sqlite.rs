@@ -501,7 +501,8 @@ impl Store for SqliteStore {
     }
 
     fn managed_version(&self) -> anyhow::Result<i64> {
-        let connection = self.objects()?;
+        // The reader, not the objects' connection: a poll never delays a request's lookup.
+        let connection = self.reader()?;
         Ok(connection.query_row("SELECT version FROM managed_version", [], |row| row.get(0))?)
     }
 
