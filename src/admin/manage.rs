@@ -179,14 +179,13 @@ async fn route_request(
         }
         (_, ["keys", id, rest @ ..]) => {
             let id = id.to_string();
-            if id.starts_with("config:") {
+            if let Some(name) = id.strip_prefix("config:") {
                 if method != Method::GET {
                     return Err(ApiError::forbidden(
                         "config_key_read_only",
                         "keys from the config file are changed in the config file",
                     ));
                 }
-                let name = &id["config:".len()..];
                 let key = gateway
                     .config
                     .access
