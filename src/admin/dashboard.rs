@@ -268,6 +268,23 @@ mod tests {
     }
 
     #[test]
+    fn account_sessions_outlive_an_admin_key_change_and_end_with_the_account() {
+        let key = Secret::new("admin-key-0001");
+        let sessions = Sessions::default();
+        sessions.bind(Some(&key));
+        let by_key = sessions.create(&key).unwrap();
+        let by_account = sessions.create_for_account("olga", 3).unwrap();
+        assert_eq!(sessions.account(&by_account), Some(("olga".into(), 3)));
+        assert_eq!(sessions.account(&by_key), None);
+        assert!(!sessions.is_valid(&by_account, &key), "not an admin-key session");
+        sessions.bind(Some(&Secret::new("admin-key-0002")));
+        assert!(!sessions.is_valid(&by_key, &key));
+        assert!(sessions.account(&by_account).is_some());
+        sessions.end_account("olga");
+        assert_eq!(sessions.account(&by_account), None);
+    }
+
+    #[test]
     fn the_session_cookie_is_found_among_others() {
         let mut headers = HeaderMap::new();
         headers.insert(

@@ -605,6 +605,23 @@ mod tests {
     }
 
     #[test]
+    fn a_rotated_out_secret_holds_until_its_grace_ends() {
+        let (old, new) = (new_secret().unwrap(), new_secret().unwrap());
+        let mut row = key_row("r", &new, true);
+        let mut record: KeyRecord = serde_json::from_str(&row.body).unwrap();
+        record.previous = Some(Previous {
+            hash: Digest::of(&old).hex(),
+            until_ms: 500,
+        });
+        row.body = serde_json::to_string(&record).unwrap();
+        let snapshot = Snapshot::build(2, &[row]);
+        assert!(snapshot.lookup(&Digest::of(&old), 499).is_some());
+        assert!(snapshot.lookup(&Digest::of(&old), 500).is_none());
+        assert!(snapshot.lookup(&Digest::of(&new), 1_999).is_some());
+        assert!(snapshot.has_keys());
+    }
+
+    #[test]
     fn passwords_verify_only_themselves() {
         let hash = hash_password("correct horse").unwrap();
         assert!(hash.starts_with("$argon2id$"));
