@@ -595,3 +595,39 @@ async fn without_redis_the_store_version_poll_carries_a_revocation_within_a_seco
     );
     assert_eq!(chat(&two, &secret).await, 401);
 }
+
+/// A team's token budget under 200 concurrent requests from two of its keys: each request
+/// reserves its estimate (a quarter of its body's bytes) at admission, so with the upstream
+/// answering only after every request was decided, exactly budget / estimate pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_budget_is_exact_under_200_concurrent_requests() {
+    let mock = mock_with(sluice::mock::MockOptions {
+        fault: Some(sluice::mock::Fault::SlowFirstByte(Duration::from_millis(
+            1500,
+        ))),
+        record: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = gateway(&config(&mock)).await;
+    let estimate = chat_body("gpt-4o", false).len() / 4;
+    let (status, _) = call(
+        &gw,
+        "POST",
+        "/api/teams",
+        Some(json!({"name": "metered", "budget": {"tokens": 100 * estimate, "period": "day"}})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (_, a) = create_key(&gw, json!({"name": "m1", "team": "metered"})).await;
+    let (_, b) = create_key(&gw, json!({"name": "m2", "team": "metered"})).await;
+    let requests = (0..200).map(|i| {
+        let key = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let gw = &gw;
+        async move { chat(gw, &key).await }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((ok, refused), (100, 100), "{statuses:?}");
+}

@@ -276,7 +276,10 @@ mod tests {
         let by_account = sessions.create_for_account("olga", 3).unwrap();
         assert_eq!(sessions.account(&by_account), Some(("olga".into(), 3)));
         assert_eq!(sessions.account(&by_key), None);
-        assert!(!sessions.is_valid(&by_account, &key), "not an admin-key session");
+        assert!(
+            !sessions.is_valid(&by_account, &key),
+            "not an admin-key session"
+        );
         sessions.bind(Some(&Secret::new("admin-key-0002")));
         assert!(!sessions.is_valid(&by_key, &key));
         assert!(sessions.account(&by_account).is_some());
