@@ -130,8 +130,11 @@ async fn route_request(
                     "usage": scope_usage(gateway, key_scope(&key.name)).await,
                 }));
             }
-            for record in snapshot.keys.values() {
-                data.push(key_view(gateway, record, true).await);
+            // Usage comes from Redis with shared state: a few calls at a time, not one by one.
+            let records: Vec<&KeyRecord> = snapshot.keys.values().collect();
+            for chunk in records.chunks(64) {
+                let views = chunk.iter().map(|record| key_view(gateway, record, true));
+                data.extend(futures_util::future::join_all(views).await);
             }
             Ok(json_response(StatusCode::OK, &json!({"data": data})))
         }
@@ -281,8 +284,10 @@ async fn route_request(
         (&Method::GET, ["teams"]) => {
             let snapshot = gateway.registry.snapshot();
             let mut data = Vec::new();
-            for team in snapshot.teams.values() {
-                data.push(team_view(gateway, &snapshot, team).await);
+            let teams: Vec<&TeamRecord> = snapshot.teams.values().collect();
+            for chunk in teams.chunks(64) {
+                let views = chunk.iter().map(|team| team_view(gateway, &snapshot, team));
+                data.extend(futures_util::future::join_all(views).await);
             }
             Ok(json_response(StatusCode::OK, &json!({"data": data})))
         }

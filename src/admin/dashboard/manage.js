@@ -231,11 +231,51 @@
     document.querySelector("main table") && document.querySelector("main table").setAttribute("id", "audit");
   }
 
+  // Admin accounts: the admins' alone (a viewer is told so).
+  async function renderAdmins() {
+    if (!isAdmin()) {
+      render(h("h1", {}, "Admin accounts"), h("div", { class: "empty" }, "Admin accounts are managed by admins."));
+      return;
+    }
+    const admins = (await api("api/admins")).data;
+    const rerender = () => renderAdmins();
+    const name = h("input", { name: "admin_name", required: true, autocomplete: "off" });
+    const password = h("input", { name: "admin_password", type: "password", required: true, minlength: "8", autocomplete: "new-password" });
+    const roleSelect = h("select", { name: "admin_role" }, h("option", { value: "viewer" }, "viewer"), h("option", { value: "admin" }, "admin"));
+    const error = h("p", { class: "bad" });
+    const form = h("form", {
+      class: "panel form", id: "admin-form",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        try { await send("POST", "api/admins", { name: name.value.trim(), password: password.value, role: roleSelect.value }); await rerender(); }
+        catch (e) { error.textContent = e.message; }
+      },
+    }, h("h2", {}, "New account"),
+    h("div", { class: "fields" }, field("Name", name), field("Password (8 or more characters)", password), field("Role", roleSelect)),
+    h("div", { class: "actions" }, h("button", { type: "submit" }, "Create account")), error);
+    const act = (label, method, path, body, question) => h("button", { class: `small${method === "DELETE" ? " danger" : ""}`, onclick: async () => {
+      if (question && !confirm(question)) return;
+      try { await send(method, path, body); await rerender(); } catch (err) { showError(err.message); }
+    } }, label);
+    render(h("h1", {}, "Admin accounts"), form,
+      admins.length ? h("div", { class: "scroll" }, table([
+        { label: "Name", value: (a) => a.name },
+        { label: "Role", value: (a) => a.role },
+        { label: "Enabled", value: (a) => (a.enabled ? "yes" : "no") },
+        { label: "Created", value: (a) => a.created_at },
+        { label: "", value: (a) => h("span", { class: "row-actions" },
+          act("End sessions", "POST", `api/admins/${encodeURIComponent(a.name)}/revoke-sessions`),
+          act(a.enabled ? "Disable" : "Enable", "PATCH", `api/admins/${encodeURIComponent(a.name)}`, { enabled: !a.enabled }),
+          act("Delete", "DELETE", `api/admins/${encodeURIComponent(a.name)}`, undefined, `Delete ${a.name}?`)) },
+      ], admins)) : h("div", { class: "empty" }, "No admin accounts: the admin key is the only way in."));
+  }
+
   window.sluiceManage = {
-    views: ["keys", "teams", "audit"],
+    views: ["keys", "teams", "audit", "admins"],
     async render(view, path) {
       if (view === "keys") return renderKeys(path);
       if (view === "teams") return renderTeams(path);
+      if (view === "admins") return renderAdmins();
       return renderAudit();
     },
   };
