@@ -231,6 +231,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
   done
 } | tee "$out/latest.md"
 
+# Authentication alone: a config key against a runtime key with 10,000 runtime keys loaded.
+auth_line=$(taskset -c "$core_gw" "$client" auth --keys 10000)
+{
+  echo
+  echo "Authentication in process, ns per request (config key / runtime key among 10,000 / unknown key): $auth_line"
+} | tee -a "$out/latest.md"
+
 # Peers users would pick instead, installed from their own registries into bench/peers/
 # (git-ignored), each forwarding the same request to the same mock, pinned like sluice.
 if [ "$peers" = 1 ]; then

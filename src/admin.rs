@@ -25,44 +25,104 @@ use crate::pure::limits::{Period, Usage, key_scope, upstream_scope};
 use crate::store::ListQuery;
 
 pub mod dashboard;
+pub mod manage;
+pub mod registry;
 pub mod throttle;
 
+use registry::Role;
 use throttle::Verdict;
+
+/// Who uses the admin side, and with which role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// As the audit log names it: `admin key`, `loopback` or `admin:<name>`.
+    pub actor: String,
+    pub role: Role,
+}
+
+impl Principal {
+    fn admin(actor: &str) -> Self {
+        Self {
+            actor: actor.to_string(),
+            role: Role::Admin,
+        }
+    }
+}
+
+/// What [`authorize_or`] found.
+enum Found {
+    /// No admin credential was presented.
+    Nothing,
+    Principal(Principal),
+    /// Not an admin credential, but one the route accepts.
+    Other,
+}
 
 /// The OpenAPI document of the admin API.
 pub const OPENAPI: &str = include_str!("admin/openapi.json");
 
-/// Whether a request is the admin's: it carries a dashboard session opened with the admin
-/// key in force, or the admin key; or, with no admin key configured, it comes from
-/// loopback to a loopback listener. `Ok(false)`: it presents no admin credential at all.
-/// `Err`: a wrong key (401, counted against the client's address) or an address locked
-/// out for failing too often (429 with `Retry-After`, the key not even compared).
+/// Whether a request is the admin side's (any role): see [`principal`].
 pub fn authorize(
     gateway: &Gateway,
     headers: &HeaderMap,
     client: IpAddr,
     local: IpAddr,
 ) -> Result<bool, ApiError> {
-    authorize_or(gateway, headers, client, local, |_| false)
-        .map(|found| found == Some(Verdict::Pass))
+    principal(gateway, headers, client, local).map(|found| found.is_some())
 }
 
-/// [`authorize`] for a route that also accepts other keys (`accepts`): `Some(Other)` for
-/// such a key, which is not counted as a failure; `None` when no key was presented.
+/// Who a request is on the admin side: a live session of an admin account (enabled, at
+/// its record's epoch), a dashboard session opened with the admin key in force, or the
+/// admin key; or, with neither an admin key nor accounts, a loopback client on a loopback
+/// listener. `Ok(None)`: it presents no admin credential at all. `Err`: a wrong key (401,
+/// counted against the client's address) or an address locked out for failing too often
+/// (429 with `Retry-After`, the key not even compared).
+pub fn principal(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    client: IpAddr,
+    local: IpAddr,
+) -> Result<Option<Principal>, ApiError> {
+    authorize_or(gateway, headers, client, local, |_| false).map(|found| match found {
+        Found::Principal(principal) => Some(principal),
+        _ => None,
+    })
+}
+
+/// [`principal`] for a route that also accepts other keys (`accepts`): `Found::Other` for
+/// such a key, which is not counted as a failure.
 fn authorize_or(
     gateway: &Gateway,
     headers: &HeaderMap,
     client: IpAddr,
     local: IpAddr,
     accepts: impl FnOnce(&str) -> bool,
-) -> Result<Option<Verdict>, ApiError> {
+) -> Result<Found, ApiError> {
+    let token = dashboard::session_token(headers);
+    if let Some((name, epoch)) = token.and_then(|token| gateway.sessions.account(token)) {
+        let snapshot = gateway.registry.snapshot();
+        if let Some(account) = snapshot
+            .admins
+            .get(&name)
+            .filter(|a| a.enabled && a.epoch == epoch)
+        {
+            return Ok(Found::Principal(Principal {
+                actor: format!("admin:{name}"),
+                role: account.role,
+            }));
+        }
+    }
     let Some(key) = &gateway.config.admin.key else {
-        return Ok(open_without_key(client, local).then_some(Verdict::Pass));
+        let open = open_without_key(client, local) && gateway.registry.snapshot().admins.is_empty();
+        return Ok(if open {
+            Found::Principal(Principal::admin("loopback"))
+        } else {
+            Found::Nothing
+        });
     };
     // A session already proved the key; it is no guess, so a lockout does not refuse it.
-    if dashboard::session_token(headers).is_some_and(|token| gateway.sessions.is_valid(token, key))
-    {
-        return Ok(Some(Verdict::Pass));
+    if token.is_some_and(|token| gateway.sessions.is_valid(token, key)) {
+        return Ok(Found::Principal(Principal::admin("admin key")));
     }
     let presented = headers
         .get("x-admin-key")
@@ -71,12 +131,12 @@ fn authorize_or(
         .filter(|v| !v.is_empty())
         .or_else(|| presented_key(headers));
     let Some(presented) = presented else {
-        return Ok(None);
+        return Ok(Found::Nothing);
     };
-    let verdict = check_key(gateway, client, presented, key, accepts)?;
-    match verdict {
+    match check_key(gateway, client, presented, key, accepts)? {
         Verdict::Fail => Err(wrong_key()),
-        _ => Ok(Some(verdict)),
+        Verdict::Pass => Ok(Found::Principal(Principal::admin("admin key"))),
+        Verdict::Other => Ok(Found::Other),
     }
 }
 
@@ -131,10 +191,13 @@ pub async fn handle(
             ApiError::not_found("unknown_url", "no such asset").into_response()
         });
     }
-    if gateway.config.admin.key.is_none() && !open_without_key(client, local) {
+    if gateway.config.admin.key.is_none()
+        && !open_without_key(client, local)
+        && gateway.registry.snapshot().admins.is_empty()
+    {
         return ApiError::forbidden(
             "dashboard_off",
-            "the dashboard and admin API need admin.key when not bound to loopback",
+            "the dashboard and admin API need admin.key (or admin accounts) when not bound to loopback",
         )
         .into_response();
     }
@@ -166,25 +229,26 @@ pub async fn handle(
             );
             response
         }
-        _ => match authorize(gateway, request.headers(), client, local) {
+        _ => match principal(gateway, request.headers(), client, local) {
             Err(error) => error.into_response(),
-            Ok(false) => unauthorized(),
-            Ok(true) if path == "/api/session" && request.method() == Method::GET => {
-                json_response(StatusCode::OK, &json!({"ok": true}))
+            Ok(None) => unauthorized(),
+            Ok(Some(who)) if path == "/api/session" && request.method() == Method::GET => {
+                json_response(
+                    StatusCode::OK,
+                    &json!({"ok": true, "actor": who.actor, "role": who.role.name()}),
+                )
             }
-            Ok(true) => api(gateway, request, &path).await,
+            Ok(Some(who)) if manage::owns(&path) => {
+                manage::handle(gateway, request, &path, &who, client).await
+            }
+            Ok(Some(who)) => api(gateway, request, &path, &who).await,
         },
     }
 }
 
-/// `POST /api/login` with `{"key": "…"}` (or a form field `key`): sets the session cookie.
+/// `POST /api/login` with `{"key": "…"}` (the admin key) or `{"name": "…", "password":
+/// "…"}` (an admin account), as JSON or a form: sets the session cookie.
 async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) -> Response<Body> {
-    let Some(admin_key) = &gateway.config.admin.key else {
-        return json_response(
-            StatusCode::OK,
-            &json!({"ok": true, "note": "no admin key is configured"}),
-        );
-    };
     // A login is a few bytes: a client that trickles them holds nothing for long.
     let timed = crate::http::body::TimedBody::new(
         request.into_body(),
@@ -195,15 +259,27 @@ async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) ->
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
-    let presented = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_string))
-        .or_else(|| {
-            serde_urlencoded::from_bytes::<HashMap<String, String>>(&body)
-                .ok()
-                .and_then(|mut form| form.remove("key"))
-        })
-        .unwrap_or_default();
+    let mut fields: HashMap<String, String> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+            .collect(),
+        _ => serde_urlencoded::from_bytes::<HashMap<String, String>>(&body).unwrap_or_default(),
+    };
+    if let Some(name) = fields.remove("name").filter(|n| !n.is_empty()) {
+        let password = fields.remove("password").unwrap_or_default();
+        return login_account(gateway, client, name, password).await;
+    }
+    let Some(admin_key) = &gateway.config.admin.key else {
+        if gateway.registry.snapshot().admins.is_empty() {
+            return json_response(
+                StatusCode::OK,
+                &json!({"ok": true, "note": "no admin key is configured"}),
+            );
+        }
+        return unauthorized();
+    };
+    let presented = fields.remove("key").unwrap_or_default();
     match check_key(gateway, client, &presented, admin_key, |_| false) {
         Err(error) => return error.into_response(),
         Ok(Verdict::Pass) => {}
@@ -217,11 +293,80 @@ async fn login(gateway: &Gateway, request: Request<Incoming>, client: IpAddr) ->
     let Some(token) = gateway.sessions.create(admin_key) else {
         return ApiError::internal("cannot create a session").into_response();
     };
-    let mut response = json_response(StatusCode::OK, &json!({"ok": true}));
+    let mut response = json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "actor": "admin key", "role": "admin"}),
+    );
     response
         .headers_mut()
         .insert(http::header::SET_COOKIE, dashboard::cookie(Some(&token)));
     response
+}
+
+/// A password login of an admin account. Throttled per client address and per account
+/// name; a locked-out one is refused before its password is hashed. At most two password
+/// checks run at once (`Registry::verifying`), and an unknown name costs the same hash.
+async fn login_account(
+    gateway: &Gateway,
+    client: IpAddr,
+    name: String,
+    password: String,
+) -> Response<Body> {
+    let registry = &gateway.registry;
+    let name: String = name.chars().take(100).collect();
+    let now = now_ms();
+    if let Some(wait) = gateway
+        .admin_auth
+        .locked_ip(client, now)
+        .or_else(|| registry.logins.locked(&name, now))
+    {
+        return locked_out(wait).into_response();
+    }
+    let Ok(permit) = registry.verifying.acquire().await else {
+        return ApiError::internal("cannot check the password").into_response();
+    };
+    let account = registry.snapshot().admins.get(&name).cloned();
+    let hash = account
+        .as_ref()
+        .map_or_else(|| dummy_hash().to_string(), |a| a.password_hash.clone());
+    let matches = tokio::task::spawn_blocking(move || registry::verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    drop(permit);
+    let account = account.filter(|a| matches && a.enabled);
+    let verdict = if account.is_some() {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    };
+    let by_address = gateway.admin_auth.attempt(client, now_ms(), || verdict);
+    let by_name = registry
+        .logins
+        .attempt_as(name.clone(), now_ms(), || verdict);
+    if let Err(wait) = by_address.and(by_name) {
+        return locked_out(wait).into_response();
+    }
+    let Some(account) = account else {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        return ApiError::unauthorized("invalid_login", "wrong name or password").into_response();
+    };
+    let Some(token) = gateway.sessions.create_for_account(&name, account.epoch) else {
+        return ApiError::internal("cannot create a session").into_response();
+    };
+    let mut response = json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "actor": format!("admin:{name}"), "role": account.role.name()}),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::SET_COOKIE, dashboard::cookie(Some(&token)));
+    response
+}
+
+/// A hash no password matches, checked for unknown names so they cost the same time.
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| registry::hash_password("sluice: no such account").unwrap_or_default())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -239,8 +384,24 @@ fn wrong_key() -> ApiError {
     )
 }
 
-/// `/api/*` for the admin.
-async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Response<Body> {
+/// The query string's parameters (invalid encoding reads as none).
+fn query_map(request: &Request<Incoming>) -> HashMap<String, String> {
+    request
+        .uri()
+        .query()
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// `/api/*` for the admin side; a viewer sees no bodies unless
+/// `admin.log_bodies_for_viewers`.
+async fn api(
+    gateway: &Gateway,
+    request: Request<Incoming>,
+    route: &str,
+    who: &Principal,
+) -> Response<Body> {
+    let hide_bodies = who.role == Role::Viewer && !gateway.config.admin.log_bodies_for_viewers;
     if request.method() != Method::GET {
         return ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -259,11 +420,7 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
         )
         .into_response();
     };
-    let query: HashMap<String, String> = request
-        .uri()
-        .query()
-        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
-        .unwrap_or_default();
+    let query = query_map(&request);
     let store = recorder.store.clone();
     let result = match route {
         "/api/requests" => {
@@ -271,6 +428,9 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
                 Ok(list) => list,
                 Err(error) => return error.into_response(),
             };
+            if hide_bodies && list.search.is_some() {
+                return search_refused();
+            }
             tokio::task::spawn_blocking(move || {
                 store
                     .list(&list)
@@ -291,7 +451,12 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
             tokio::task::spawn_blocking(move || store.stats(from, to, now)).await
         }
         "/api/values" => tokio::task::spawn_blocking(move || store.values()).await,
-        "/api/export" => return export(store, &query).await,
+        "/api/export" => {
+            if hide_bodies && query.get("search").is_some_and(|s| !s.trim().is_empty()) {
+                return search_refused();
+            }
+            return export(store, &query).await;
+        }
         _ => match route.strip_prefix("/api/requests/") {
             Some(id) if id.len() > MAX_TEXT => {
                 return ApiError::bad_request(
@@ -311,7 +476,15 @@ async fn api(gateway: &Gateway, request: Request<Incoming>, route: &str) -> Resp
                         )
                         .into_response();
                     }
-                    other => other.map(|r| r.map(Option::unwrap_or_default)),
+                    other => other.map(|r| {
+                        r.map(|found| {
+                            let mut row = found.unwrap_or_default();
+                            if hide_bodies {
+                                hide_body_fields(&mut row);
+                            }
+                            row
+                        })
+                    }),
                 }
             }
             _ => {
@@ -518,6 +691,34 @@ fn store_error(error: &anyhow::Error) -> Response<Body> {
     }
 }
 
+/// A text search looks into bodies: one who may not read them may not probe them, in the
+/// list or in an export.
+fn search_refused() -> Response<Body> {
+    ApiError::forbidden(
+        "search_needs_bodies",
+        "`search` looks into request and response bodies, which viewers do not see (admin.log_bodies_for_viewers)",
+    )
+    .into_response()
+}
+
+/// Blanks what a request's row holds of its bodies, for a viewer.
+fn hide_body_fields(row: &mut Value) {
+    if let Some(row) = row.as_object_mut() {
+        for field in [
+            "request_body",
+            "response_body",
+            "upstream_response_body",
+            "reply_text",
+            "reply_tool_calls",
+        ] {
+            if row.contains_key(field) {
+                row.insert(field.to_string(), Value::Null);
+            }
+        }
+        row.insert("bodies_hidden".to_string(), Value::Bool(true));
+    }
+}
+
 /// The longest text filter (`search`, `model`, …) and cursor id taken.
 const MAX_TEXT: usize = 1000;
 /// The deepest numbered page: deeper, the `before` cursor pages at the same cost.
@@ -706,7 +907,7 @@ pub async fn status(
     // A gateway key reads its own use; anything else presented is an admin guess.
     match authorize_or(gateway, headers, client, local, |_| own_key().is_some()) {
         Err(error) => return error.into_response(),
-        Ok(Some(Verdict::Pass)) => {}
+        Ok(Found::Principal(_)) => {}
         Ok(_) => {
             return match own_key() {
                 Some(key) => json_response(

@@ -269,6 +269,8 @@ impl Default for Storage {
 #[derive(Debug, Clone, Default)]
 pub struct Admin {
     pub key: Option<Secret>,
+    /// Whether `viewer` accounts see request and response bodies in the log.
+    pub log_bodies_for_viewers: bool,
     /// A listener of its own for the dashboard and `/api/*` (e.g. on a private interface).
     pub listen: Option<SocketAddr>,
 }
@@ -431,6 +433,48 @@ pub struct GatewayKey {
     pub models: ModelSet,
     pub limits: Limits,
     pub budget: Option<Budget>,
+    /// The team whose limits and budget the key shares with its other keys (runtime keys
+    /// only; see `admin::registry`).
+    pub team: Option<Arc<Team>>,
+}
+
+impl GatewayKey {
+    /// Whether admitting this key counts anything: it or its team has a limit or budget.
+    pub fn is_limited(&self) -> bool {
+        !self.limits.is_unlimited()
+            || self.budget.is_some()
+            || self.team.as_ref().is_some_and(|t| t.is_limited())
+    }
+
+    /// Whether tokens or cost must be reserved at admission (a `tpm` or a budget, its own
+    /// or its team's).
+    pub fn counts_tokens(&self) -> bool {
+        self.limits.tpm.is_some()
+            || self.budget.is_some()
+            || self
+                .team
+                .as_ref()
+                .is_some_and(|t| t.limits.tpm.is_some() || t.budget.is_some())
+    }
+
+    /// Whether a cost budget (its own or its team's) prices its requests by model.
+    pub fn has_budget(&self) -> bool {
+        self.budget.is_some() || self.team.as_ref().is_some_and(|t| t.budget.is_some())
+    }
+}
+
+/// Limits and a budget shared by every key of a team, on top of each key's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Team {
+    pub name: String,
+    pub limits: Limits,
+    pub budget: Option<Budget>,
+}
+
+impl Team {
+    pub fn is_limited(&self) -> bool {
+        !self.limits.is_unlimited() || self.budget.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]

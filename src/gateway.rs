@@ -45,6 +45,8 @@ pub struct Gateway {
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
     /// Which upstream created which object (file, batch, response…).
     pub affinity: Arc<Affinity>,
+    /// Keys, teams and admin accounts managed at run time.
+    pub registry: Arc<crate::admin::registry::Registry>,
     /// Where requests without a model go, when `routing.default_upstream` says.
     default_upstream: Option<usize>,
     /// Whether requests naming objects look up where they live: object affinity is on and
@@ -97,6 +99,7 @@ pub struct Shared {
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
+    pub registry: Arc<crate::admin::registry::Registry>,
 }
 
 impl Shared {
@@ -159,7 +162,15 @@ impl Shared {
         if let (Some(recorder), Some(alerts)) = (&recorder, &alerts) {
             recorder.set_alerts(alerts.clone());
         }
+        let registry = Arc::new(crate::admin::registry::Registry::new(
+            recorder.as_ref().map(|r| r.store.clone()),
+        ));
+        registry
+            .reload()
+            .context("cannot read managed keys, teams and admins from the store")?;
+        registry.follow()?;
         Ok(Self {
+            registry,
             limiter,
             affinity,
             metrics,
@@ -224,7 +235,8 @@ impl Gateway {
             || object_routing
             || shared.recorder.is_some();
         Ok(Self {
-            guard: Guard::new(&config.access),
+            guard: Guard::new(&config.access, shared.registry.clone()),
+            registry: shared.registry,
             config,
             upstreams,
             router,
@@ -258,6 +270,20 @@ impl Gateway {
             admin_auth: self.admin_auth.clone(),
             shared_state: self.shared_state.clone(),
             traces: self.traces.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+
+    /// Tells the other instances that keys, teams or admins changed in the store, so they
+    /// reload at once rather than at their next poll.
+    pub fn announce_managed_change(&self) {
+        if let Some(shared) = &self.shared_state {
+            shared.publish(
+                EventKind::Managed {
+                    version: self.registry.snapshot().version,
+                },
+                Duration::from_secs(5),
+            );
         }
     }
 
@@ -339,7 +365,7 @@ impl Gateway {
         upstream: Option<&Upstream>,
     ) -> Result<(Option<KeyTicket>, bool), ApiError> {
         let now = crate::clock::unix_now();
-        let key_limited = key.filter(|(k, _)| !k.limits.is_unlimited() || k.budget.is_some());
+        let key_limited = key.filter(|(k, _)| k.is_limited());
         let upstream_limited = upstream.filter(|u| !u.limits.is_unlimited());
         let shared = self
             .shared_state
@@ -349,14 +375,27 @@ impl Gateway {
             return self.admit_locally(key, upstream, now);
         };
         let key_scope = key_limited.map(|(k, _)| crate::pure::limits::key_scope(&k.name));
+        let team = key_limited.and_then(|(k, _)| k.team.as_deref());
+        let team_scope = team.map(|t| crate::pure::limits::team_scope(&t.name));
         let upstream_scope = upstream_limited.map(|u| crate::pure::limits::upstream_scope(&u.name));
-        let mut scopes = Vec::with_capacity(2);
+        let mut scopes = Vec::with_capacity(3);
         if let (Some((k, reserve)), Some(name)) = (key_limited, &key_scope) {
             scopes.push(Scope {
                 name,
                 required: true,
                 limits: &k.limits,
                 budget: k.budget.as_ref(),
+                reserve,
+            });
+        }
+        // The team's scope goes in the same script call: its keys on every instance meet
+        // one count.
+        if let (Some((_, reserve)), Some(team), Some(name)) = (key_limited, team, &team_scope) {
+            scopes.push(Scope {
+                name,
+                required: true,
+                limits: &team.limits,
+                budget: team.budget.as_ref(),
                 reserve,
             });
         }
@@ -389,8 +428,14 @@ impl Gateway {
         if let Some(refusal) = admission.refused {
             match (key_limited, scopes.get(refusal.scope)) {
                 (Some((k, _)), Some(scope)) if scope.required => {
+                    let holder = match (&team_scope, &k.team) {
+                        (Some(name), Some(team)) if name == scope.name => {
+                            format!("team `{}`", team.name)
+                        }
+                        _ => format!("API key `{}`", k.name),
+                    };
                     return Err(key_refused(
-                        &k.name,
+                        &holder,
                         &refusal.what,
                         refusal.retry_after,
                         refusal.budget,
@@ -423,8 +468,14 @@ impl Gateway {
                 self.limiter
                     .admit_key(key, now, reserve)
                     .map_err(|refusal| {
+                        let holder = match (&refusal.holder, &key.team) {
+                            (crate::pure::limits::Holder::Team, Some(team)) => {
+                                format!("team `{}`", team.name)
+                            }
+                            _ => format!("API key `{}`", key.name),
+                        };
                         key_refused(
-                            &key.name,
+                            &holder,
                             &refusal.limit,
                             refusal.retry_after,
                             refusal.limit.is_budget(),
@@ -448,13 +499,20 @@ impl Gateway {
     pub fn refund(&self, key: &GatewayKey, ticket: KeyTicket) {
         if ticket.shared {
             if let Some(shared) = &self.shared_state {
-                shared.settle(Settlement {
-                    scope: crate::pure::limits::key_scope(&key.name),
-                    at: Some(ticket.at),
-                    requests: -1,
-                    tokens: -i64::try_from(ticket.reserve.tokens).unwrap_or(i64::MAX),
-                    cost: -ticket.reserve.cost,
-                });
+                let team = key
+                    .team
+                    .as_ref()
+                    .map(|t| crate::pure::limits::team_scope(&t.name));
+                let scopes = std::iter::once(crate::pure::limits::key_scope(&key.name)).chain(team);
+                for scope in scopes {
+                    shared.settle(Settlement {
+                        scope,
+                        at: Some(ticket.at),
+                        requests: -1,
+                        tokens: -i64::try_from(ticket.reserve.tokens).unwrap_or(i64::MAX),
+                        cost: -ticket.reserve.cost,
+                    });
+                }
             }
         } else {
             self.limiter.refund_key(key, ticket.at, ticket.reserve);
@@ -465,7 +523,7 @@ impl Gateway {
     /// four bytes a token, priced as input of `model`. Nothing when no limit counts
     /// tokens or cost, or when no log settles them.
     pub fn estimate(&self, key: &GatewayKey, model: Option<&str>, body_len: usize) -> Reserve {
-        let counts_tokens = key.limits.tpm.is_some() || key.budget.is_some();
+        let counts_tokens = key.counts_tokens();
         if !counts_tokens || self.recorder.is_none() {
             return Reserve::default();
         }
@@ -545,6 +603,7 @@ impl Gateway {
                     None => runtime.rest_at_least(left),
                 }
             }
+            EventKind::Managed { .. } => self.registry.nudge(),
             EventKind::Session {
                 session,
                 upstream,
@@ -731,21 +790,21 @@ pub fn model_not_found(model: &str) -> ApiError {
     )
 }
 
-/// The 429 for a gateway key at a rate limit or, with `budget`, out of budget; `what` names
-/// the limit ("60 requests per minute", "the day budget"). Local and shared limits say
-/// it alike.
+/// The 429 for a gateway key (or its team: `holder` says which, "API key `alice`") at a
+/// rate limit or, with `budget`, out of budget; `what` names the limit ("60 requests per
+/// minute", "the day budget"). Local and shared limits say it alike.
 fn key_refused(
-    key: &str,
+    holder: &str,
     what: &dyn std::fmt::Display,
     retry_after: u64,
     budget: bool,
 ) -> ApiError {
     let (code, message) = if budget {
-        ("budget_exceeded", format!("API key `{key}` used up {what}"))
+        ("budget_exceeded", format!("{holder} used up {what}"))
     } else {
         (
             "rate_limit_exceeded",
-            format!("API key `{key}` reached its limit of {what}"),
+            format!("{holder} reached its limit of {what}"),
         )
     };
     let mut error = ApiError::new(

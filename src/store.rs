@@ -517,7 +517,84 @@ pub trait Store: Send + Sync {
         let _ = now_ms;
         Ok(0)
     }
+    /// Every key, team and admin account managed at run time, with the version of the set
+    /// (bumped by every change).
+    fn managed(&self) -> anyhow::Result<(i64, Vec<Managed>)>;
+    /// The version of the managed set: cheap, polled to notice other instances' changes.
+    fn managed_version(&self) -> anyhow::Result<i64>;
+    /// Applies one change to the managed set and writes its audit entry, in one
+    /// transaction. A name or id already taken fails with [`Conflict`], a change to
+    /// nothing with [`NotFound`].
+    fn change_managed(&self, change: &ManagedChange, audit: &AuditEntry) -> anyhow::Result<()>;
+    /// The newest audit entries (older than the entry `before`, when given), newest first.
+    fn audit(&self, before: Option<i64>, limit: u64) -> anyhow::Result<Vec<AuditEntry>>;
 }
+
+/// A key, team or admin account as the store keeps it: its kind (`key`, `team`, `admin`),
+/// id, unique name and JSON body. Bodies hold hashes, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    pub kind: String,
+    pub id: String,
+    pub name: String,
+    pub body: String,
+}
+
+/// One change to the managed set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManagedChange {
+    /// A new one; its id and name must be free.
+    Insert(Managed),
+    /// A new body for an existing one (found by kind and id).
+    Update(Managed),
+    Delete {
+        kind: String,
+        id: String,
+    },
+}
+
+/// Who changed what, when and from where: never a secret.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// Assigned by the store.
+    pub id: i64,
+    /// Unix milliseconds.
+    pub ts: i64,
+    /// `admin key` or `admin:<name>`.
+    pub actor: String,
+    /// The client's address.
+    pub address: String,
+    /// `key.create`, `team.update`, `admin.delete`…
+    pub action: String,
+    /// The kind and id of what changed (`key:key_1a2b…`).
+    pub target: String,
+    /// What changed, as JSON text (fields and new values; secrets left out).
+    pub changes: String,
+}
+
+/// The name or id of a new key, team or admin is taken.
+#[derive(Debug)]
+pub struct Conflict;
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the name is taken")
+    }
+}
+
+impl std::error::Error for Conflict {}
+
+/// The key, team or admin to change does not exist.
+#[derive(Debug)]
+pub struct NotFound;
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no such entry")
+    }
+}
+
+impl std::error::Error for NotFound {}
 
 /// Which upstream (and key of its pool, masked) created an object, until when: what object
 /// affinity keeps across restarts. An empty `upstream` in a write forgets the object.

@@ -36,11 +36,11 @@ use serde_json::{Value, json};
 
 use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
-use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
+use crate::config::{Budget, Config, GatewayKey, Overflow, Price, Storage, mask};
 use crate::observe::access::{AccessLine, AccessLog};
 use crate::observe::alerts::Alerts;
 use crate::observe::metrics::LogGauges;
-use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
+use crate::pure::limits::{Limiter, Period, Usage, key_scope, team_scope, upstream_scope};
 use crate::pure::shape::Shaper;
 use crate::pure::usage::{self, Reply, TokenUsage, UsageSource};
 use crate::store::{CounterDelta, LogRecord, Store};
@@ -576,20 +576,28 @@ impl Accountant {
         let mut counters: Counters = HashMap::new();
         let at = pending.started_ms.div_euclid(1000);
         if let Some(key) = &pending.key {
-            let scope = key_scope(&key.name);
-            self.settle_key(&scope, pending, at, tokens, cost);
-            self.check_budget(key, &scope, at);
-            let requests = u64::from(pending.ticket.is_some());
-            add_usage(
-                &mut counters,
-                scope,
-                at,
-                Usage {
-                    requests,
-                    tokens,
-                    cost,
-                },
-            );
+            // A team's keys are counted in the team's scope too, alike.
+            let team = key.team.as_ref().map(|t| team_scope(&t.name));
+            for scope in std::iter::once(key_scope(&key.name)).chain(team) {
+                self.settle_key(&scope, pending, at, tokens, cost);
+                let requests = u64::from(pending.ticket.is_some());
+                add_usage(
+                    &mut counters,
+                    scope,
+                    at,
+                    Usage {
+                        requests,
+                        tokens,
+                        cost,
+                    },
+                );
+            }
+            let key_budget = key.budget.as_ref();
+            self.check_budget(("key", &key.name), key_budget, &key_scope(&key.name), at);
+            if let Some(team) = &key.team {
+                let team_budget = team.budget.as_ref();
+                self.check_budget(("team", &team.name), team_budget, &team_scope(&team.name), at);
+            }
         }
         for attempt in &pending.attempts {
             let tried = Usage {
@@ -614,24 +622,25 @@ impl Accountant {
     }
 
     /// Raises the key's budget alerts (80%, 100%) its use has reached in the current window.
-    fn check_budget(&self, key: &GatewayKey, scope: &str, at: i64) {
-        let (Some(alerts), Some(budget)) = (self.alerts.get(), &key.budget) else {
+    /// Tells alerts how much of a key's or team's budget (`holder`, `name`) is used.
+    fn check_budget(
+        &self,
+        (holder, name): (&'static str, &str),
+        budget: Option<&Budget>,
+        scope: &str,
+        at: i64,
+    ) {
+        let (Some(alerts), Some(budget)) = (self.alerts.get(), budget) else {
             return;
         };
         let period = Period::from(budget.period);
         let usage = self.limiter.usage(scope, period, at);
         let window = period.window(at);
         if let Some(limit) = budget.tokens {
-            alerts.budget(
-                &key.name,
-                period.name(),
-                window,
-                usage.tokens as f64,
-                limit as f64,
-            );
+            alerts.budget(holder, name, period.name(), window, usage.tokens as f64, limit as f64);
         }
         if let Some(limit) = budget.cost {
-            alerts.budget(&key.name, period.name(), window, usage.cost, limit);
+            alerts.budget(holder, name, period.name(), window, usage.cost, limit);
         }
     }
 

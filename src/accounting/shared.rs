@@ -233,6 +233,8 @@ pub enum EventKind {
         upstream: String,
         key: Option<usize>,
     },
+    /// Keys, teams or admin accounts changed in the store (now at `version`): reload them.
+    Managed { version: i64 },
 }
 
 enum Job {
@@ -280,6 +282,7 @@ impl Redis {
                 None => format!("{}:cool:{upstream}:-", self.prefix),
             },
             EventKind::Session { session, .. } => format!("{}:session:{session}", self.prefix),
+            EventKind::Managed { .. } => format!("{}:managed", self.prefix),
         }
     }
 

@@ -17,6 +17,8 @@ use crate::http::body::{Body, full};
 const INDEX: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
+const MANAGE_JS: &str = include_str!("dashboard/manage.js");
+const MANAGE_CSS: &str = include_str!("dashboard/manage.css");
 const UPLOT_JS: &str = include_str!("dashboard/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("dashboard/vendor/uPlot.min.css");
 
@@ -58,6 +60,8 @@ pub fn asset(name: &str) -> Option<Response<Body>> {
     let (content_type, body) = match name {
         "app.js" => ("text/javascript; charset=utf-8", APP_JS),
         "app.css" => ("text/css; charset=utf-8", APP_CSS),
+        "manage.js" => ("text/javascript; charset=utf-8", MANAGE_JS),
+        "manage.css" => ("text/css; charset=utf-8", MANAGE_CSS),
         "uPlot.iife.min.js" => ("text/javascript; charset=utf-8", UPLOT_JS),
         "uPlot.min.css" => ("text/css; charset=utf-8", UPLOT_CSS),
         "favicon.svg" => ("image/svg+xml", FAVICON),
@@ -104,10 +108,19 @@ struct SessionState {
     key: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Session {
     expires: Instant,
-    key: u64,
+    who: Opened,
+}
+
+/// What a session was opened with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Opened {
+    /// The admin key (its fingerprint).
+    Key(u64),
+    /// An admin account, under the epoch its record had: a later epoch ends it.
+    Account { name: String, epoch: u64 },
 }
 
 impl Sessions {
@@ -121,13 +134,17 @@ impl Sessions {
         let key = admin_key.map(|k| self.fingerprint(k));
         if let Ok(mut state) = self.state.lock() {
             if state.key != key {
-                if state.key.is_some() && !state.live.is_empty() {
+                let before = state.live.len();
+                // Accounts' sessions do not depend on the key.
+                state
+                    .live
+                    .retain(|_, session| matches!(session.who, Opened::Account { .. }));
+                if state.key.is_some() && before > state.live.len() {
                     tracing::info!(
-                        ended = state.live.len(),
-                        "The admin key changed; every dashboard session ends."
+                        ended = before - state.live.len(),
+                        "The admin key changed; every session opened with it ends."
                     );
                 }
-                state.live.clear();
                 state.key = key;
             }
         }
@@ -136,10 +153,21 @@ impl Sessions {
     /// A new session token (128 random bits from the operating system), opened with
     /// `admin_key`.
     pub fn create(&self, admin_key: &Secret) -> Option<String> {
+        self.open(Opened::Key(self.fingerprint(admin_key)))
+    }
+
+    /// A new session for the admin account `name` at its record's `epoch`.
+    pub fn create_for_account(&self, name: &str, epoch: u64) -> Option<String> {
+        self.open(Opened::Account {
+            name: name.to_string(),
+            epoch,
+        })
+    }
+
+    fn open(&self, who: Opened) -> Option<String> {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).ok()?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let key = self.fingerprint(admin_key);
         let mut state = self.state.lock().ok()?;
         let now = Instant::now();
         if state.live.len() >= SESSION_LIMIT {
@@ -149,10 +177,31 @@ impl Sessions {
             token.clone(),
             Session {
                 expires: now + SESSION_TTL,
-                key,
+                who,
             },
         );
         Some(token)
+    }
+
+    /// The admin account and epoch a live session `token` was opened for, if it was.
+    pub fn account(&self, token: &str) -> Option<(String, u64)> {
+        let state = self.state.lock().ok()?;
+        let session = state.live.get(token)?;
+        match &session.who {
+            Opened::Account { name, epoch } if session.expires > Instant::now() => {
+                Some((name.clone(), *epoch))
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends every session of the account `name` on this instance.
+    pub fn end_account(&self, name: &str) {
+        if let Ok(mut state) = self.state.lock() {
+            state.live.retain(
+                |_, session| !matches!(&session.who, Opened::Account { name: n, .. } if n == name),
+            );
+        }
     }
 
     /// Whether `token` is a live session opened with `admin_key`.
@@ -160,10 +209,9 @@ impl Sessions {
         let key = self.fingerprint(admin_key);
         self.state.lock().is_ok_and(|state| {
             state.key.is_none_or(|bound| bound == key)
-                && state
-                    .live
-                    .get(token)
-                    .is_some_and(|session| session.key == key && session.expires > Instant::now())
+                && state.live.get(token).is_some_and(|session| {
+                    session.who == Opened::Key(key) && session.expires > Instant::now()
+                })
         })
     }
 
@@ -234,6 +282,26 @@ mod tests {
         sessions.bind(Some(&new));
         sessions.bind(Some(&old));
         assert!(!sessions.is_valid(&token, &old), "a key change ended it");
+    }
+
+    #[test]
+    fn account_sessions_outlive_an_admin_key_change_and_end_with_the_account() {
+        let key = Secret::new("admin-key-0001");
+        let sessions = Sessions::default();
+        sessions.bind(Some(&key));
+        let by_key = sessions.create(&key).unwrap();
+        let by_account = sessions.create_for_account("olga", 3).unwrap();
+        assert_eq!(sessions.account(&by_account), Some(("olga".into(), 3)));
+        assert_eq!(sessions.account(&by_key), None);
+        assert!(
+            !sessions.is_valid(&by_account, &key),
+            "not an admin-key session"
+        );
+        sessions.bind(Some(&Secret::new("admin-key-0002")));
+        assert!(!sessions.is_valid(&by_key, &key));
+        assert!(sessions.account(&by_account).is_some());
+        sessions.end_account("olga");
+        assert_eq!(sessions.account(&by_account), None);
     }
 
     #[test]

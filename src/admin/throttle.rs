@@ -55,10 +55,11 @@ impl Entry {
     }
 }
 
-/// The per-address failure table and its counters.
-#[derive(Debug, Default)]
-pub struct AuthThrottle {
-    entries: Mutex<HashMap<IpAddr, Entry>>,
+/// The failure table and its counters: per client address by default, or per admin
+/// account name (`AuthThrottle<String>`) for password logins.
+#[derive(Debug)]
+pub struct AuthThrottle<K = IpAddr> {
+    entries: Mutex<HashMap<K, Entry>>,
     failures: AtomicU64,
     lockouts: AtomicU64,
     refused: AtomicU64,
@@ -76,7 +77,18 @@ fn counted_as(client: IpAddr) -> IpAddr {
     }
 }
 
-impl AuthThrottle {
+impl<K> Default for AuthThrottle<K> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            failures: AtomicU64::new(0),
+            lockouts: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+}
+
+impl AuthThrottle<IpAddr> {
     /// Runs `check` for a credential `client` presents, unless `client` is locked out:
     /// then `Err` with the seconds to wait. `now_ms` is a monotonic clock.
     pub fn attempt(
@@ -85,7 +97,32 @@ impl AuthThrottle {
         now_ms: u64,
         check: impl FnOnce() -> Verdict,
     ) -> Result<Verdict, u64> {
-        let address = counted_as(client);
+        self.attempt_as(counted_as(client), now_ms, check)
+    }
+
+    /// Seconds `client` is still locked out for, if it is.
+    pub fn locked_ip(&self, client: IpAddr, now_ms: u64) -> Option<u64> {
+        self.locked(&counted_as(client), now_ms)
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone + std::fmt::Display> AuthThrottle<K> {
+    /// Seconds `who` is still locked out for, if it is: a check before slow work (a
+    /// password hash), whose outcome [`attempt_as`](Self::attempt_as) then counts.
+    pub fn locked(&self, who: &K, now_ms: u64) -> Option<u64> {
+        let entries = self.entries.lock().ok()?;
+        let entry = entries.get(who)?;
+        (entry.locked_until > now_ms).then(|| (entry.locked_until - now_ms).div_ceil(1000).max(1))
+    }
+
+    /// [`AuthThrottle::attempt`] for any kind of counted name.
+    pub fn attempt_as(
+        &self,
+        address: K,
+        now_ms: u64,
+        check: impl FnOnce() -> Verdict,
+    ) -> Result<Verdict, u64> {
+        let client = address.clone();
         // The check runs under the lock: parallel guesses wait for each other's count.
         let Ok(mut entries) = self.entries.lock() else {
             return Err(1);
@@ -164,17 +201,17 @@ impl AuthThrottle {
 }
 
 /// Makes room in a full table: drops the forgotten, then the quietest quarter.
-fn evict(entries: &mut HashMap<IpAddr, Entry>, now_ms: u64) {
+fn evict<K: std::hash::Hash + Eq + Clone>(entries: &mut HashMap<K, Entry>, now_ms: u64) {
     entries.retain(|_, e| e.forgotten_at() > now_ms);
     if entries.len() < MAX_ENTRIES {
         return;
     }
-    let mut by_age: Vec<(u64, IpAddr)> = entries
+    let mut by_age: Vec<(u64, K)> = entries
         .iter()
-        .map(|(ip, e)| (e.locked_until.max(e.last_failure), *ip))
+        .map(|(ip, e)| (e.locked_until.max(e.last_failure), ip.clone()))
         .collect();
     let drop = by_age.len() / 4;
-    by_age.select_nth_unstable(drop);
+    by_age.select_nth_unstable_by_key(drop, |(age, _)| *age);
     for (_, ip) in &by_age[..drop] {
         entries.remove(ip);
     }

@@ -738,6 +738,7 @@ fn resolve_access(raw: RawAccess, env: &EnvMap, problems: &mut Vec<Problem>) -> 
             models: ModelSet::from_list(&models),
             limits,
             budget,
+            team: None,
         });
     }
     Access {
@@ -1038,6 +1039,24 @@ fn resolve_traces(raw: RawTraces, env: &EnvMap, problems: &mut Vec<Problem>) -> 
 }
 
 /// `-1` or absent is unlimited; `0` admits nothing; below `-1` is a mistake.
+/// A limit given through the admin API, checked as the config file's are.
+pub(crate) fn api_limit(
+    value: Option<i64>,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<u64> {
+    limit(value, path, problems)
+}
+
+/// A budget given through the admin API (`{tokens, cost, period}`), checked as the config
+/// file's are: unknown fields, negative amounts and periods that do not exist are problems.
+pub(crate) fn api_budget(value: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<Budget> {
+    let raw: RawBudget = section(Some(value), path, problems)?;
+    let before = problems.len();
+    let budget = resolve_budget(&raw, path, problems);
+    (problems.len() == before).then_some(budget).flatten()
+}
+
 fn limit(value: Option<i64>, path: &str, problems: &mut Vec<Problem>) -> Option<u64> {
     match value {
         None | Some(-1) => None,
@@ -1181,7 +1200,11 @@ fn resolve_admin(raw: &RawAdmin, env: &EnvMap, problems: &mut Vec<Problem>) -> A
                 None
             }
         });
-    Admin { key, listen }
+    Admin {
+        key,
+        listen,
+        log_bodies_for_viewers: raw.log_bodies_for_viewers.unwrap_or(false),
+    }
 }
 
 fn resolve_token(

@@ -93,6 +93,7 @@ pub struct RawAdmin {
     pub key: Option<String>,
     pub key_env: Option<String>,
     pub listen: Option<String>,
+    pub log_bodies_for_viewers: Option<bool>,
 }
 
 /// Price of a model in USD per million tokens.

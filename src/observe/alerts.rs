@@ -130,9 +130,17 @@ impl Alerts {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A key's use of its budget in the current window, `used` of `limit`; raises the 80%
-    /// and 100% alerts not yet raised in that window.
-    pub fn budget(&self, key: &str, period: &'static str, window: i64, used: f64, limit: f64) {
+    /// A key's or a team's (`holder`: `"key"` or `"team"`) use of its budget in the current
+    /// window, `used` of `limit`; raises the 80% and 100% alerts not yet raised in that window.
+    pub fn budget(
+        &self,
+        holder: &'static str,
+        name: &str,
+        period: &'static str,
+        window: i64,
+        used: f64,
+        limit: f64,
+    ) {
         if limit <= 0.0 || !used.is_finite() {
             return;
         }
@@ -144,7 +152,7 @@ impl Alerts {
             let new = self
                 .said()
                 .budgets
-                .insert((key.to_string(), threshold, period, window));
+                .insert((format!("{holder}:{name}"), threshold, period, window));
             if new {
                 self.raise(Alert {
                     kind: if threshold == 100 {
@@ -153,7 +161,7 @@ impl Alerts {
                         "budget_80"
                     },
                     text: format!(
-                        "key `{key}` has used {}% of its {period} budget{}",
+                        "{holder} `{name}` has used {}% of its {period} budget{}",
                         (share * 100.0).floor(),
                         if threshold == 100 {
                             ": its requests are refused until the period ends"
@@ -161,7 +169,7 @@ impl Alerts {
                             ""
                         }
                     ),
-                    fields: json!({"key": key, "threshold": threshold, "period": period,
+                    fields: json!({holder: name, "threshold": threshold, "period": period,
                         "used": crate::pure::usage::round_cost(used), "limit": limit}),
                 });
             }

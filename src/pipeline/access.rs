@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, header};
 use ipnet::IpNet;
 
+use crate::admin::registry::{Digest, Registry};
 use crate::config::{Access, Config, GatewayKey};
 use crate::http::error::ApiError;
 
@@ -41,7 +42,11 @@ pub struct Guard {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     passthrough: bool,
-    keys: HashMap<Box<str>, Arc<GatewayKey>>,
+    /// Config keys by the SHA-256 of their secret, as runtime keys are: a presented key is
+    /// hashed once and looked up in both, digests compared in constant time.
+    keys: HashMap<Digest, Arc<GatewayKey>>,
+    /// Keys managed at run time.
+    registry: Arc<Registry>,
 }
 
 /// The credential a request was admitted with.
@@ -80,12 +85,12 @@ impl Caller {
     /// use some models only, or pays from a cost budget priced by model. Such a request
     /// whose model cannot be told is refused, never waved through.
     pub fn needs_known_model(&self) -> bool {
-        matches!(self, Caller::Gateway(key) if !key.models.any || key.budget.is_some())
+        matches!(self, Caller::Gateway(key) if !key.models.any || key.has_budget())
     }
 }
 
 impl Guard {
-    pub fn new(access: &Access) -> Self {
+    pub fn new(access: &Access, registry: Arc<Registry>) -> Self {
         Self {
             allow: access.ip_allow.clone(),
             deny: access.ip_deny.clone(),
@@ -93,9 +98,24 @@ impl Guard {
             keys: access
                 .keys
                 .iter()
-                .map(|k| (Box::from(k.key.expose()), Arc::new(k.clone())))
+                .map(|k| (Digest::of(k.key.expose()), Arc::new(k.clone())))
                 .collect(),
+            registry,
         }
+    }
+
+    /// The gateway key `presented` is, config or runtime (valid now).
+    pub fn key(&self, presented: &str) -> Option<Arc<GatewayKey>> {
+        let digest = Digest::of(presented);
+        if let Some(key) = self.keys.get(&digest) {
+            return Some(key.clone());
+        }
+        self.registry.lookup(&digest, crate::clock::unix_now_ms())
+    }
+
+    /// Whether `name` is a config key's.
+    pub fn is_config_key(&self, name: &str) -> bool {
+        self.keys.values().any(|k| k.name == name)
     }
 
     /// Deny wins over allow; an empty allow list admits everyone.
@@ -112,8 +132,10 @@ impl Guard {
         Ok(())
     }
 
+    /// No gateway keys at all, in the config or managed at run time (a revoked one counts:
+    /// revoking the last key does not open the gateway).
     pub fn is_open(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && !self.registry.has_keys()
     }
 
     /// Admits a request by the key it presents.
@@ -125,8 +147,8 @@ impl Guard {
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let presented = presented_key(headers);
         if let Some(key) = presented {
-            if let Some(gateway_key) = self.keys.get(key) {
-                return Ok(Caller::Gateway(gateway_key.clone()));
+            if let Some(gateway_key) = self.key(key) {
+                return Ok(Caller::Gateway(gateway_key));
             }
             if self.passthrough {
                 let value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
@@ -219,21 +241,26 @@ mod tests {
     }
 
     fn guard(keys: &[(&str, &str)], passthrough: bool, allow: &[&str], deny: &[&str]) -> Guard {
-        Guard::new(&Access {
-            ip_allow: allow.iter().map(|s| net(s)).collect(),
-            ip_deny: deny.iter().map(|s| net(s)).collect(),
-            passthrough,
-            keys: keys
-                .iter()
-                .map(|(name, key)| GatewayKey {
-                    name: name.to_string(),
-                    key: Secret::new(*key),
-                    models: ModelSet::any(),
-                    limits: Default::default(),
-                    budget: None,
-                })
-                .collect(),
-        })
+        let registry = Arc::new(Registry::default());
+        Guard::new(
+            &Access {
+                ip_allow: allow.iter().map(|s| net(s)).collect(),
+                ip_deny: deny.iter().map(|s| net(s)).collect(),
+                passthrough,
+                keys: keys
+                    .iter()
+                    .map(|(name, key)| GatewayKey {
+                        name: name.to_string(),
+                        key: Secret::new(*key),
+                        models: ModelSet::any(),
+                        limits: Default::default(),
+                        budget: None,
+                        team: None,
+                    })
+                    .collect(),
+            },
+            registry,
+        )
     }
 
     fn bearer(key: &str) -> HeaderMap {

@@ -237,6 +237,11 @@ pub fn key_scope(name: &str) -> String {
     format!("key:{name}")
 }
 
+/// The scope name a team's counts are kept under.
+pub fn team_scope(name: &str) -> String {
+    format!("team:{name}")
+}
+
 /// The scope name an upstream's counts are kept under.
 pub fn upstream_scope(name: &str) -> String {
     format!("upstream:{name}")
@@ -330,6 +335,8 @@ impl fmt::Display for Limit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holder {
     Key,
+    /// The team of the key: limits all its keys share.
+    Team,
     Upstream,
 }
 
@@ -384,8 +391,10 @@ impl Limiter {
         guard
     }
 
-    /// Admits one request of `key` at `now`, counting it and reserving `reserve`; or says
-    /// which limit refuses it.
+    /// Admits one request of `key` at `now`, counting it and reserving `reserve` in its
+    /// own scope and its team's; or says which limit (the key's or its team's) refuses it.
+    /// Both are checked and counted under one lock, so a team's limits are exact however
+    /// many of its keys call at once.
     pub fn admit_key(&self, key: &GatewayKey, now: i64, reserve: Reserve) -> Result<(), Refusal> {
         let mut guard = self.lock();
         let scope = key_scope(&key.name);
@@ -402,22 +411,49 @@ impl Limiter {
                 retry_after,
             });
         }
-        guard.scopes.entry(scope).or_default().admit(
-            now,
-            Usage {
-                requests: 1,
-                tokens: reserve.tokens,
-                cost: reserve.cost,
-            },
-        );
+        let team = key.team.as_ref().map(|team| (team, team_scope(&team.name)));
+        if let Some((team, team_scope)) = &team {
+            let state = guard.scopes.get(team_scope);
+            let refused = check_limits(&team.limits, state, now).or_else(|| {
+                team.budget
+                    .as_ref()
+                    .and_then(|b| check_budget(b, state, now))
+            });
+            if let Some((limit, retry_after)) = refused {
+                return Err(Refusal {
+                    holder: Holder::Team,
+                    limit,
+                    retry_after,
+                });
+            }
+        }
+        let delta = Usage {
+            requests: 1,
+            tokens: reserve.tokens,
+            cost: reserve.cost,
+        };
+        guard.scopes.entry(scope).or_default().admit(now, delta);
+        if let Some((_, team_scope)) = team {
+            guard
+                .scopes
+                .entry(team_scope)
+                .or_default()
+                .admit(now, delta);
+        }
         Ok(())
     }
 
     /// Takes back a request admitted at `at` by [`admit_key`](Self::admit_key) that never
-    /// went out, with what it reserved.
+    /// went out, with what it reserved, from the key and its team.
     pub fn refund_key(&self, key: &GatewayKey, at: i64, reserve: Reserve) {
-        if let Some(state) = self.lock().scopes.get_mut(&key_scope(&key.name)) {
+        let mut guard = self.lock();
+        if let Some(state) = guard.scopes.get_mut(&key_scope(&key.name)) {
             state.refund(at, reserve);
+        }
+        if let Some(team) = &key.team {
+            if let Some(state) = guard.scopes.get_mut(&team_scope(&team.name)) {
+                state.refund(at, reserve);
+            }
         }
     }
 
@@ -502,11 +538,40 @@ mod tests {
             models: ModelSet::any(),
             limits,
             budget,
+            team: None,
         }
     }
 
     // 2026-11-25T20:00:00Z
     const T: i64 = 1_795_636_800;
+
+    #[test]
+    fn a_team_limit_is_shared_by_its_keys() {
+        let team = std::sync::Arc::new(crate::config::Team {
+            name: "t".into(),
+            limits: Limits {
+                rpm: Some(3),
+                ..Limits::default()
+            },
+            budget: None,
+        });
+        let member = |name: &str| GatewayKey {
+            name: name.into(),
+            team: Some(team.clone()),
+            ..key(Limits::default(), None)
+        };
+        let (a, b) = (member("a"), member("b"));
+        let limiter = Limiter::default();
+        assert!(limiter.admit_key(&a, T, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&b, T, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&a, T, Reserve::default()).is_ok());
+        let refusal = limiter.admit_key(&b, T, Reserve::default()).unwrap_err();
+        assert_eq!(refusal.holder, Holder::Team);
+        assert_eq!(limiter.usage("key:b", Period::Minute, T).requests, 1);
+        limiter.refund_key(&a, T, Reserve::default());
+        assert!(limiter.admit_key(&b, T, Reserve::default()).is_ok());
+        assert!(limiter.admit_key(&a, T + 60, Reserve::default()).is_ok());
+    }
 
     #[test]
     fn calendar_windows() {
@@ -851,6 +916,7 @@ mod properties {
                 cost: Some(cost),
                 period: BudgetPeriod::Day,
             }),
+            team: None,
         }
     }
 

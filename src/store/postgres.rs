@@ -431,6 +431,18 @@ const MIGRATIONS: &[&str] = &[
          prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
          total_tokens BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL, refused BIGINT NOT NULL,
          upstream_errors BIGINT NOT NULL, PRIMARY KEY (hour_ms, end_user));",
+    // 4: keys, teams and admin accounts managed at run time, the version of their set,
+    // and the audit log of their changes.
+    "CREATE TABLE IF NOT EXISTS managed (
+         kind TEXT NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
+         PRIMARY KEY (kind, id));
+     CREATE UNIQUE INDEX IF NOT EXISTS managed_name ON managed (kind, name);
+     CREATE TABLE IF NOT EXISTS managed_version (version BIGINT NOT NULL);
+     INSERT INTO managed_version SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM managed_version);
+     CREATE TABLE IF NOT EXISTS audit (
+         id BIGSERIAL PRIMARY KEY, ts BIGINT NOT NULL, actor TEXT NOT NULL,
+         address TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
+         changes TEXT NOT NULL);",
 ];
 
 /// Any number of lock key: instances starting together take turns applying the schema
@@ -543,6 +555,139 @@ impl Store for PostgresStore {
                     &[&now_ms],
                 )
                 .await?)
+        })
+    }
+
+    fn managed(&self) -> anyhow::Result<(i64, Vec<super::Managed>)> {
+        self.call(move |client| async move {
+            in_transaction(&client, async {
+                let version: i64 = client
+                    .query_one("SELECT version FROM managed_version", &[])
+                    .await?
+                    .get(0);
+                let rows = client
+                    .query(
+                        "SELECT kind, id, name, body FROM managed ORDER BY kind, name",
+                        &[],
+                    )
+                    .await?
+                    .iter()
+                    .map(|row| super::Managed {
+                        kind: row.get(0),
+                        id: row.get(1),
+                        name: row.get(2),
+                        body: row.get(3),
+                    })
+                    .collect();
+                Ok((version, rows))
+            })
+            .await
+        })
+    }
+
+    fn managed_version(&self) -> anyhow::Result<i64> {
+        self.call(move |client| async move {
+            Ok(client
+                .query_one("SELECT version FROM managed_version", &[])
+                .await?
+                .get(0))
+        })
+    }
+
+    fn change_managed(
+        &self,
+        change: &super::ManagedChange,
+        audit: &super::AuditEntry,
+    ) -> anyhow::Result<()> {
+        let change = change.clone();
+        let audit = audit.clone();
+        self.call(move |client| async move {
+            in_transaction(&client, async {
+                use super::ManagedChange;
+                let changed = match &change {
+                    ManagedChange::Insert(m) => {
+                        let taken: bool = client
+                            .query_one(
+                                "SELECT EXISTS (SELECT 1 FROM managed WHERE kind = $1 AND (id = $2 OR name = $3))",
+                                &[&m.kind, &m.id, &m.name],
+                            )
+                            .await?
+                            .get(0);
+                        if taken {
+                            return Err(anyhow::Error::new(super::Conflict));
+                        }
+                        client
+                            .execute(
+                                "INSERT INTO managed (kind, id, name, body) VALUES ($1, $2, $3, $4)",
+                                &[&m.kind, &m.id, &m.name, &m.body],
+                            )
+                            .await
+                            .map_err(|error| {
+                                // Another instance took the name meanwhile.
+                                if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                                    anyhow::Error::new(super::Conflict)
+                                } else {
+                                    error.into()
+                                }
+                            })?
+                    }
+                    ManagedChange::Update(m) => {
+                        client
+                            .execute(
+                                "UPDATE managed SET body = $3 WHERE kind = $1 AND id = $2",
+                                &[&m.kind, &m.id, &m.body],
+                            )
+                            .await?
+                    }
+                    ManagedChange::Delete { kind, id } => {
+                        client
+                            .execute(
+                                "DELETE FROM managed WHERE kind = $1 AND id = $2",
+                                &[kind, id],
+                            )
+                            .await?
+                    }
+                };
+                if changed == 0 {
+                    return Err(anyhow::Error::new(super::NotFound));
+                }
+                client
+                    .execute("UPDATE managed_version SET version = version + 1", &[])
+                    .await?;
+                client
+                    .execute(
+                        "INSERT INTO audit (ts, actor, address, action, target, changes) VALUES ($1, $2, $3, $4, $5, $6)",
+                        &[&audit.ts, &audit.actor, &audit.address, &audit.action, &audit.target, &audit.changes],
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn audit(&self, before: Option<i64>, limit: u64) -> anyhow::Result<Vec<super::AuditEntry>> {
+        let before = before.unwrap_or(i64::MAX);
+        let limit = to_i64(limit);
+        self.call(move |client| async move {
+            Ok(client
+                .query(
+                    "SELECT id, ts, actor, address, action, target, changes FROM audit \
+                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                    &[&before, &limit],
+                )
+                .await?
+                .iter()
+                .map(|row| super::AuditEntry {
+                    id: row.get(0),
+                    ts: row.get(1),
+                    actor: row.get(2),
+                    address: row.get(3),
+                    action: row.get(4),
+                    target: row.get(5),
+                    changes: row.get(6),
+                })
+                .collect())
         })
     }
 

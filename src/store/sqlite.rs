@@ -10,7 +10,10 @@ use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value as SqlValue};
 use serde_json::{Map, Value, json};
 
-use super::{CounterDelta, ListQuery, LogRecord, Page, Store};
+use super::{
+    AuditEntry, Conflict, CounterDelta, ListQuery, LogRecord, Managed, ManagedChange, NotFound,
+    Page, Store,
+};
 use crate::pure::limits::{Period, Usage};
 
 const SCHEMA: &str = "
@@ -222,6 +225,18 @@ const MIGRATIONS: &[&str] = &[
          prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
          total_tokens BIGINT NOT NULL, cost DOUBLE PRECISION NOT NULL, refused BIGINT NOT NULL,
          upstream_errors BIGINT NOT NULL, PRIMARY KEY (hour_ms, end_user));",
+    // 4: keys, teams and admin accounts managed at run time, the version of their set,
+    // and the audit log of their changes.
+    "CREATE TABLE IF NOT EXISTS managed (
+         kind TEXT NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
+         PRIMARY KEY (kind, id));
+     CREATE UNIQUE INDEX IF NOT EXISTS managed_name ON managed (kind, name);
+     CREATE TABLE IF NOT EXISTS managed_version (version BIGINT NOT NULL);
+     INSERT INTO managed_version SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM managed_version);
+     CREATE TABLE IF NOT EXISTS audit (
+         id INTEGER PRIMARY KEY AUTOINCREMENT, ts BIGINT NOT NULL, actor TEXT NOT NULL,
+         address TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
+         changes TEXT NOT NULL);",
 ];
 
 fn migrate(connection: &Connection) -> anyhow::Result<()> {
@@ -523,6 +538,98 @@ impl Store for SqliteStore {
             params![now_ms],
         )?;
         Ok(u64::try_from(removed).unwrap_or(0))
+    }
+
+    fn managed(&self) -> anyhow::Result<(i64, Vec<Managed>)> {
+        let connection = self.reader()?;
+        let transaction = connection.unchecked_transaction()?;
+        let version: i64 =
+            transaction.query_row("SELECT version FROM managed_version", [], |row| row.get(0))?;
+        let rows = {
+            let mut select = transaction
+                .prepare("SELECT kind, id, name, body FROM managed ORDER BY kind, name")?;
+            select
+                .query_map([], |row| {
+                    Ok(Managed {
+                        kind: row.get(0)?,
+                        id: row.get(1)?,
+                        name: row.get(2)?,
+                        body: row.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        transaction.commit()?;
+        Ok((version, rows))
+    }
+
+    fn managed_version(&self) -> anyhow::Result<i64> {
+        // The reader, not the objects' connection: a poll never delays a request's lookup.
+        let connection = self.reader()?;
+        Ok(connection.query_row("SELECT version FROM managed_version", [], |row| row.get(0))?)
+    }
+
+    fn change_managed(&self, change: &ManagedChange, audit: &AuditEntry) -> anyhow::Result<()> {
+        let mut connection = self
+            .writer
+            .lock()
+            // A panic under the lock rolled its transaction back; the connection is sound.
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let transaction = connection.transaction()?;
+        let changed = match change {
+            ManagedChange::Insert(m) => {
+                let taken: bool = transaction.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM managed WHERE kind = ?1 AND (id = ?2 OR name = ?3))",
+                    params![m.kind, m.id, m.name],
+                    |row| row.get(0),
+                )?;
+                if taken {
+                    return Err(anyhow::Error::new(Conflict));
+                }
+                transaction.execute(
+                    "INSERT INTO managed (kind, id, name, body) VALUES (?1, ?2, ?3, ?4)",
+                    params![m.kind, m.id, m.name, m.body],
+                )?
+            }
+            ManagedChange::Update(m) => transaction.execute(
+                "UPDATE managed SET body = ?3 WHERE kind = ?1 AND id = ?2",
+                params![m.kind, m.id, m.body],
+            )?,
+            ManagedChange::Delete { kind, id } => transaction.execute(
+                "DELETE FROM managed WHERE kind = ?1 AND id = ?2",
+                params![kind, id],
+            )?,
+        };
+        if changed == 0 {
+            return Err(anyhow::Error::new(NotFound));
+        }
+        transaction.execute("UPDATE managed_version SET version = version + 1", [])?;
+        transaction.execute(
+            "INSERT INTO audit (ts, actor, address, action, target, changes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![audit.ts, audit.actor, audit.address, audit.action, audit.target, audit.changes],
+        )?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    fn audit(&self, before: Option<i64>, limit: u64) -> anyhow::Result<Vec<AuditEntry>> {
+        let connection = self.reader()?;
+        let mut select = connection.prepare_cached(
+            "SELECT id, ts, actor, address, action, target, changes FROM audit \
+             WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = select.query_map(params![before.unwrap_or(i64::MAX), to_i64(limit)], |row| {
+            Ok(AuditEntry {
+                id: row.get(0)?,
+                ts: row.get(1)?,
+                actor: row.get(2)?,
+                address: row.get(3)?,
+                action: row.get(4)?,
+                target: row.get(5)?,
+                changes: row.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     fn write(&self, records: &[LogRecord], counters: &[CounterDelta]) -> anyhow::Result<()> {

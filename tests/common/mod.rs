@@ -101,6 +101,8 @@ pub async fn stored_text(gw: &TestGateway) -> String {
         "rollup_hourly",
         "rollup_latency",
         "usage_counters",
+        "managed",
+        "audit",
     ] {
         for row in client
             .query(&format!("SELECT CAST(t AS TEXT) FROM {table} t"), &[])

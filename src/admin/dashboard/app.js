@@ -210,14 +210,16 @@ function byName(xs, rows, pick, limit) {
 function renderLogin(message) {
   document.getElementById("nav").hidden = true;
   document.getElementById("logout").hidden = true;
-  const input = h("input", { type: "password", name: "key", placeholder: "Admin key", autocomplete: "current-password", required: true });
+  const account = h("input", { type: "text", name: "name", placeholder: "Account (empty: admin key)", autocomplete: "username" });
+  const input = h("input", { type: "password", name: "key", placeholder: "Admin key or password", autocomplete: "current-password", required: true });
   const error = h("p", { class: "bad", id: "login-error" }, message || "");
   const form = h("form", {
     onsubmit: async (event) => {
       event.preventDefault();
       const response = await fetch("api/login", {
         method: "POST", credentials: "same-origin",
-        headers: { "content-type": "application/json" }, body: JSON.stringify({ key: input.value }),
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(account.value ? { name: account.value, password: input.value } : { key: input.value }),
       });
       // The app starts afresh at its root, with the session cookie in place and the view
       // asked for before the login (the fragment) kept.
@@ -225,7 +227,7 @@ function renderLogin(message) {
       else if (response.ok) location.reload();
       else error.textContent = response.status === 401 ? "That admin key is not right." : `Login failed (${response.status}).`;
     },
-  }, input, h("button", { type: "submit" }, "Log in"), error);
+  }, account, input, h("button", { type: "submit" }, "Log in"), error);
   render(h("div", { class: "login panel" }, h("h1", {}, "sluice dashboard"),
     h("p", { class: "muted", id: "login-hint" },
       "Enter the gateway's admin key: the value of the environment variable that admin.key_env names (SLUICE_ADMIN_KEY in the examples)."),
@@ -621,7 +623,7 @@ async function route() {
 async function start() {
   const atLogin = /\/login$/.test(location.pathname);
   try {
-    await api("api/session");
+    window.sluiceSession = await api("api/session");
   } catch (error) {
     if (error instanceof Unauthorized) { renderLogin(); return; }
     showError(error.message || String(error));
