@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 
 use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
-use crate::config::{Budget, Config, GatewayKey, Overflow, Price, Storage, mask};
+use crate::config::{Budget, Config, Overflow, Price, Storage, mask};
 use crate::observe::access::{AccessLine, AccessLog};
 use crate::observe::alerts::Alerts;
 use crate::observe::metrics::LogGauges;
