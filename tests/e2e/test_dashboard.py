@@ -354,7 +354,7 @@ VIEWS = [
 ]
 
 
-@pytest.mark.parametrize("width,height", [(1440, 900), (390, 844)])
+@pytest.mark.parametrize("width,height", [(1440, 900), (390, 844), (360, 740), (3840, 2160)])
 def test_every_view_fits_the_screen(site, browser, width, height):
     gateway, _ = site
     browser.set_window_size(width, height)
@@ -372,6 +372,8 @@ def test_every_view_fits_the_screen(site, browser, width, height):
             browser.get(f"http://{gateway.address}/{fragment}")
             wait(browser, EC.presence_of_element_located((By.CSS_SELECTOR, ready)))
             if name == "detail":
+                # The same page as the list before: wait for the search's own render.
+                wait(browser, EC.text_to_be_present_in_element((By.ID, "page-info"), "· 1 requests"))
                 browser.find_element(By.CSS_SELECTOR, "tbody tr").click()
                 wait(browser, EC.presence_of_element_located((By.ID, "reply-text")))
             time.sleep(0.3)  # charts settle to their containers' width
@@ -387,7 +389,7 @@ def test_every_view_fits_the_screen(site, browser, width, height):
         browser.get(f"http://{gateway.address}/")
         canvas = wait(browser, EC.presence_of_element_located((By.CSS_SELECTOR, "#chart-cost canvas")))
         before = canvas.size["width"]
-        browser.set_window_size(width // 2 if width > 800 else 360, height)
+        browser.set_window_size(700 if width > 800 else 320, height)
         wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#chart-cost canvas").size["width"] != before)
         scroll, body, inner = no_sideways_scroll(browser)
         assert scroll <= inner, (scroll, inner)
