@@ -48,6 +48,9 @@ pub struct Gateway {
     /// of these, bodies stream straight through.
     read_json_always: bool,
     routes_by_model: bool,
+    /// Model → every model to try after it, in order (each listed model's own fallbacks
+    /// follow it), flattened once from `routing.fallbacks`.
+    fallbacks: std::collections::HashMap<String, Vec<String>>,
 }
 
 /// The gateway in force. A reload swaps it whole; a request takes a handle when it starts
@@ -183,8 +186,10 @@ impl Gateway {
             // Model names and prices come with the config; the recorder outlives it.
             recorder.configure(&config);
         }
+        let fallbacks = flatten_fallbacks(&routing.fallbacks);
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
+            || !fallbacks.is_empty()
             || rewrites
             || can_retry
             || router.sessions_enabled()
@@ -207,6 +212,7 @@ impl Gateway {
             object_routing,
             read_json_always,
             routes_by_model: routing_needs_model,
+            fallbacks,
         })
     }
 
@@ -402,6 +408,35 @@ impl Gateway {
             .and_then(|m| self.config.pricing.get(m))
             .map_or(0.0, |price| tokens as f64 * price.input / 1_000_000.0);
         Reserve { tokens, cost }
+    }
+
+    /// The models to try, in order, when `model` cannot answer (`routing.fallbacks`).
+    pub fn fallbacks(&self, model: &str) -> &[String] {
+        self.fallbacks.get(model).map_or(&[], Vec::as_slice)
+    }
+
+    /// Re-prices what a key's admission reserved for the model that will serve instead
+    /// (a fallback): the difference goes to the counters it was taken from, so the key is
+    /// still charged once, at the price of the model that serves.
+    pub fn reprice(&self, key: &GatewayKey, ticket: KeyTicket, reserve: Reserve) -> KeyTicket {
+        let tokens = i64::try_from(reserve.tokens).unwrap_or(i64::MAX)
+            - i64::try_from(ticket.reserve.tokens).unwrap_or(i64::MAX);
+        let cost = reserve.cost - ticket.reserve.cost;
+        let scope = crate::pure::limits::key_scope(&key.name);
+        if ticket.shared {
+            if let Some(shared) = &self.shared_state {
+                shared.settle(Settlement {
+                    scope,
+                    at: Some(ticket.at),
+                    requests: 0,
+                    tokens,
+                    cost,
+                });
+            }
+        } else {
+            self.limiter.settle(&scope, ticket.at, tokens, cost);
+        }
+        KeyTicket { reserve, ..ticket }
     }
 
     /// Rests an upstream after it failed here, and tells the other instances (unless it
@@ -647,6 +682,35 @@ impl Gateway {
             reqwest::Body::wrap(learner),
         ))
     }
+}
+
+/// Each model's fallbacks in the order they are tried: its own list, each listed model
+/// followed by its own fallbacks, every model once. Validation refuses loops; a model
+/// met again is skipped all the same.
+fn flatten_fallbacks(
+    fallbacks: &std::collections::HashMap<String, Vec<String>>,
+) -> std::collections::HashMap<String, Vec<String>> {
+    fn visit(
+        fallbacks: &std::collections::HashMap<String, Vec<String>>,
+        model: &str,
+        out: &mut Vec<String>,
+        start: &str,
+    ) {
+        for next in fallbacks.get(model).into_iter().flatten() {
+            if next != start && !out.contains(next) {
+                out.push(next.clone());
+                visit(fallbacks, next, out, start);
+            }
+        }
+    }
+    fallbacks
+        .keys()
+        .map(|model| {
+            let mut out = Vec::new();
+            visit(fallbacks, model, &mut out, model);
+            (model.clone(), out)
+        })
+        .collect()
 }
 
 pub fn model_not_found(model: &str) -> ApiError {

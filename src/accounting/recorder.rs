@@ -716,11 +716,13 @@ fn token_usage(pending: &Pending, reply: &Reply) -> (Option<TokenUsage>, Option<
     )
 }
 
-/// The price of the model the client named, else of the model the upstream was asked for.
+/// The price of the model that served (the client's, or the fallback that answered for
+/// it), else of the model the upstream was asked for.
 fn price<'a>(pending: &Pending, catalog: &'a Catalog) -> Option<&'a Price> {
     pending
-        .model
+        .served_model
         .as_deref()
+        .or(pending.model.as_deref())
         .and_then(|m| catalog.pricing.get(m))
         .or_else(|| {
             pending
@@ -834,7 +836,7 @@ fn attempts_json(attempts: &[Attempt]) -> String {
     let attempts: Vec<Value> = attempts
         .iter()
         .map(|a| {
-            json!({"upstream": a.upstream, "key": a.key, "status": a.status, "error": a.error,
+            json!({"upstream": a.upstream, "model": a.model, "key": a.key, "status": a.status, "error": a.error,
                 "ms": (a.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0})
         })
         .collect();

@@ -6,7 +6,7 @@
 //! 2. [`read`]: what must be read of the body, the model, whether
 //!    the caller may use it;
 //! 3. [`plan`]: the candidates, an object's home, upstream limits,
-//!    the session;
+//!    the session (again for each fallback model, [`fallback`]);
 //! 4. admit and send ([`try_loop`] over
 //!    [`send`](super::send)): the caller's key and each upstream under their
 //!    limits, tries until one answers or none is left;
@@ -27,6 +27,8 @@ use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
 use crate::pipeline::relay::{self, Shaping};
+use crate::config::FallbackModelName;
+use crate::pipeline::fallback::{self, Chain};
 use crate::pipeline::{plan, read, try_loop};
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
@@ -47,14 +49,40 @@ pub async fn forward(
     }
 }
 
-/// The stages after authentication, in order; the first refusal ends the request.
+/// The stages after authentication, in order; the first refusal ends the request. Plan
+/// and tries run again for each fallback model the outcome gives way to.
 async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, ApiError> {
     let mut inbound = read::read_inbound(x, body).await?;
     read::authorise_model(x, &inbound)?;
-    let plan = plan::plan(x, &mut inbound).await?;
-    let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
+    let requested = inbound.model.clone();
+    let mut chain = Chain::of(x, &inbound);
+    let settled = loop {
+        let plan = match plan::plan(x, &mut inbound).await {
+            Ok(plan) => plan,
+            Err(error) if chain.takes_plan_error(&error) => {
+                if chain.next(x, &mut inbound).is_some() {
+                    continue;
+                }
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
+        fallback::reprice(x, &plan);
+        let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
+        let (settled, fall_back) = chain.judge(settled).await;
+        if fall_back && chain.next(x, &mut inbound).is_some() {
+            continue;
+        }
+        break settled;
+    };
+    let served = inbound.model.as_deref();
+    let fell_back = served != requested.as_deref();
     let shaping = Shaping {
-        client_model: inbound.model.as_deref(),
+        client_model: match x.gateway.config.routing.fallback_model_name {
+            FallbackModelName::Requested => requested.as_deref(),
+            FallbackModelName::Served => served,
+        },
+        served_model: served.filter(|_| fell_back),
         strip_usage: inbound.strip_usage,
     };
     Ok(relay::relay_settled(x, settled, shaping))

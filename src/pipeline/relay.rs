@@ -35,11 +35,24 @@ use crate::upstream::{InFlight, UpstreamRuntime};
 pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";
 /// The response header counting the tries a request took.
 pub const TRIES_HEADER: &str = "x-sluice-tries";
+/// The response header naming the model that served (a fallback's, when one did).
+pub const MODEL_HEADER: &str = "x-sluice-model";
 
 /// How a relayed body must be changed on its way to the client.
 pub struct Shaping<'a> {
+    /// The model name the answer shows.
     pub client_model: Option<&'a str>,
+    /// The model that served (the client-facing name), when it is not `client_model`'s
+    /// upstream name: a fallback's.
+    pub served_model: Option<&'a str>,
     pub strip_usage: bool,
+}
+
+impl Shaping<'_> {
+    /// The client-facing name of the model that served.
+    fn served(&self) -> Option<&str> {
+        self.served_model.or(self.client_model)
+    }
 }
 
 /// Answers the client with how the tries settled: the answer relayed, or the failure
@@ -56,16 +69,17 @@ pub fn relay_settled(
             choice,
             in_flight,
         } => {
-            let log = take_record(x, choice, upstream, shaping.client_model);
+            let log = take_record(x, choice, upstream, shaping.served());
             relay(response, upstream, shaping, Some(in_flight), log)
         }
         Settled::Failed {
             failure,
             upstream,
             choice,
+            ..
         } => {
-            let log = take_record(x, choice, upstream, shaping.client_model);
-            answer_failure(failure, upstream, shaping.client_model, log, x.gateway)
+            let log = take_record(x, choice, upstream, shaping.served());
+            answer_failure(failure, upstream, shaping, log, x.gateway)
         }
     }
 }
@@ -83,6 +97,9 @@ fn take_record(
         record.upstream = Some(upstream.config.name.clone());
         record.upstream_key = choice.key.and_then(|k| upstream.masked_key(k));
         record.upstream_model = model.map(|m| upstream.config.upstream_model(m).to_string());
+        if model != record.model.as_deref() {
+            record.served_model = model.map(str::to_string);
+        }
         record.attempts = attempts;
         record
     });
@@ -107,15 +124,15 @@ struct Log {
 fn answer_failure(
     failure: Failure,
     upstream: &Arc<UpstreamRuntime>,
-    model: Option<&str>,
+    shaping: Shaping<'_>,
     log: Log,
     gateway: &Gateway,
 ) -> Response<Body> {
     match failure {
         Failure::Response(response) => {
             let shaping = Shaping {
-                client_model: model,
                 strip_usage: false,
+                ..shaping
             };
             relay(response, upstream, shaping, None, log)
         }
@@ -149,9 +166,10 @@ fn relay(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
+    let served = shaping.served();
     let rename = shaping
         .client_model
-        .filter(|m| upstream.config.upstream_model(m) != *m);
+        .filter(|m| served.is_none_or(|s| upstream.config.upstream_model(s) != *m));
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
     let shaper = UpstreamKind::of(&upstream.config).shaper(sse, json, rename, shaping.strip_usage);
@@ -165,6 +183,9 @@ fn relay(
     }
     headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
     headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
+    if let Some(value) = served.and_then(|m| HeaderValue::from_str(m).ok()) {
+        headers.insert(MODEL_HEADER, value);
+    }
     // A body relayed unchanged with a declared length is complete when that many bytes
     // are handed over; hyper may drop it then without asking for its end.
     let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
