@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::accounting::recorder::Recorder;
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
+use crate::cache::ResponseCache;
 use crate::config::{Config, GatewayKey, Upstream};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, Guard};
@@ -38,6 +39,8 @@ pub struct Gateway {
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
     /// Which upstream created which object (file, batch, response…).
     pub affinity: Arc<Affinity>,
+    /// The response cache, when `cache.enabled`.
+    pub cache: Option<Arc<ResponseCache>>,
     /// Where requests without a model go, when `routing.default_upstream` says.
     default_upstream: Option<usize>,
     /// Whether requests naming objects look up where they live: object affinity is on and
@@ -91,6 +94,8 @@ pub struct Shared {
     pub admin_auth: Arc<crate::admin::throttle::AuthThrottle>,
     pub shared_state: Option<Arc<SharedState>>,
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
+    /// Cached answers outlive a reload that keeps the cache's settings.
+    pub cache: Option<Arc<ResponseCache>>,
 }
 
 impl Shared {
@@ -149,6 +154,7 @@ impl Shared {
             admin_auth: Default::default(),
             shared_state,
             traces,
+            cache: ResponseCache::start(config).context("cache")?,
         })
     }
 }
@@ -187,9 +193,15 @@ impl Gateway {
             recorder.configure(&config);
         }
         let fallbacks = flatten_fallbacks(&routing.fallbacks);
+        // A reload that changes the cache's settings starts it afresh.
+        let cache = match &shared.cache {
+            Some(cache) if Some(&cache.config) == config.cache.as_ref() => Some(cache.clone()),
+            _ => ResponseCache::start(&config).context("cache")?,
+        };
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
             || !fallbacks.is_empty()
+            || cache.is_some()
             || rewrites
             || can_retry
             || router.sessions_enabled()
@@ -208,6 +220,7 @@ impl Gateway {
             traces: shared.traces,
             metrics: shared.metrics,
             affinity: shared.affinity,
+            cache,
             default_upstream,
             object_routing,
             read_json_always,
@@ -227,6 +240,7 @@ impl Gateway {
             admin_auth: self.admin_auth.clone(),
             shared_state: self.shared_state.clone(),
             traces: self.traces.clone(),
+            cache: self.cache.clone(),
         }
     }
 

@@ -44,6 +44,10 @@ pub struct LogRecord {
     pub response_body: Option<String>,
     pub reply_text: Option<String>,
     pub reply_tool_calls: Option<String>,
+    /// What the response cache did: `hit`, `miss`, `skip`; `None` with the cache off.
+    pub cache: Option<String>,
+    /// What a cache hit saved: the cost the upstream would have charged.
+    pub saved_cost: Option<f64>,
     /// The model as statistics name it (a configured name, or `other`), so clients cannot
     /// grow the rollups with names of their own; `None`: the model as sent.
     #[serde(skip)]
@@ -82,6 +86,7 @@ impl LogRecord {
             &mut self.response_body,
             &mut self.reply_text,
             &mut self.reply_tool_calls,
+            &mut self.cache,
             &mut self.model_label,
         ]
         .into_iter()
@@ -435,6 +440,11 @@ pub struct RollupRow {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub cost: f64,
+    /// Requests answered from the response cache, and those it looked up.
+    pub cache_hits: u64,
+    pub cache_lookups: u64,
+    /// What the hits saved.
+    pub saved_cost: f64,
 }
 
 impl Rollup {
@@ -459,6 +469,11 @@ impl Rollup {
             row.completion_tokens += r.completion_tokens.unwrap_or(0);
             row.total_tokens += r.total_tokens.unwrap_or(0);
             row.cost += r.cost.unwrap_or(0.0);
+            // A hit refused by its key's limits was not answered from the cache.
+            let hit = r.cache.as_deref() == Some("hit") && (200..300).contains(&r.status);
+            row.cache_hits += u64::from(hit);
+            row.cache_lookups += u64::from(hit || r.cache.as_deref() == Some("miss"));
+            row.saved_cost += r.saved_cost.unwrap_or(0.0);
             *rollup
                 .latency
                 .entry((hour, latency_bucket(r.latency_ms)))
@@ -477,6 +492,9 @@ impl RollupRow {
         self.completion_tokens += other.completion_tokens;
         self.total_tokens += other.total_tokens;
         self.cost += other.cost;
+        self.cache_hits += other.cache_hits;
+        self.cache_lookups += other.cache_lookups;
+        self.saved_cost += other.saved_cost;
     }
 
     /// The aggregate as the stats answer shows it, rates included.
@@ -492,13 +510,17 @@ impl RollupRow {
             "cost": self.cost,
             "errors": errors,
             "success_rate": if self.requests > 0 { self.succeeded as f64 / self.requests as f64 } else { 0.0 },
+            "cache_hits": self.cache_hits,
+            "cache_lookups": self.cache_lookups,
+            "cache_hit_rate": (self.cache_lookups > 0).then(|| self.cache_hits as f64 / self.cache_lookups as f64),
+            "saved_cost": self.saved_cost,
         })
     }
 }
 
 /// The rollup columns a [`HourRow`] is read from, in its fields' order.
 pub const HOUR_ROW_COLUMNS: &str = "hour_ms, model, upstream, key_name, requests, succeeded, \
-    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost";
+    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost, cache_hits, cache_lookups, saved_cost";
 
 /// One row of the hourly rollup table, as both stores read it.
 #[derive(Debug, Clone)]

@@ -16,7 +16,12 @@ const ALICE: &str = "Bearer fk-alice-0001";
 
 /// `big` serves gpt-4o (two upstreams when `second_big`), `small` serves gpt-4o-mini;
 /// gpt-4o falls back to gpt-4o-mini.
-fn config(big: &MockServer, second_big: Option<&MockServer>, small: &MockServer, extra: &str) -> String {
+fn config(
+    big: &MockServer,
+    second_big: Option<&MockServer>,
+    small: &MockServer,
+    extra: &str,
+) -> String {
     let second = second_big.map_or(String::new(), |m| {
         format!(
             "  - {{name: big2, base_url: '{}', keys: [sk-big2-00001], models: [gpt-4o]}}\n",
@@ -74,7 +79,11 @@ async fn falls_back_on(fault: Fault) {
     let body = json(response).await;
     assert_eq!(body["model"], "gpt-4o-mini", "the real model by default");
     assert_eq!(big.requests().len(), 1, "{fault:?}");
-    let seen = small.last().expect("the fallback was asked").json().unwrap();
+    let seen = small
+        .last()
+        .expect("the fallback was asked")
+        .json()
+        .unwrap();
     assert_eq!(seen["model"], "gpt-4o-mini");
     assert_eq!(seen["messages"][0]["content"], "hello");
 }
@@ -136,7 +145,10 @@ async fn falls_back_after_both_upstreams_of_the_model_fail_and_logs_every_try() 
     // Priced by the model that served: gpt-4o-mini at 1 USD per million tokens.
     let tokens = reply["usage"]["total_tokens"].as_f64().unwrap();
     let cost = row["cost"].as_f64().unwrap();
-    assert!((cost - tokens / 1e6).abs() < 1e-12, "{cost} for {tokens} tokens");
+    assert!(
+        (cost - tokens / 1e6).abs() < 1e-12,
+        "{cost} for {tokens} tokens"
+    );
     let detail = admin_json(
         &gw,
         &format!("/api/requests/{}", row["id"].as_str().unwrap()),
@@ -182,8 +194,14 @@ async fn no_fallback_after_the_first_byte() {
     assert_eq!(served_by(&response), "big");
     assert_eq!(response.headers()["x-sluice-model"], "gpt-4o");
     let text = response.text().await.unwrap_or_default();
-    assert!(text.contains("\"error\""), "the cut stream ends with an error: {text}");
-    assert!(small.requests().is_empty(), "no model is tried once bytes went out");
+    assert!(
+        text.contains("\"error\""),
+        "the cut stream ends with an error: {text}"
+    );
+    assert!(
+        small.requests().is_empty(),
+        "no model is tried once bytes went out"
+    );
 }
 
 #[tokio::test]

@@ -55,6 +55,8 @@ fn record(i: usize, now_ms: i64) -> LogRecord {
         response_body: Some(format!(r#"{{"answer":"reply {i}"}}"#)),
         reply_text: Some(format!("reply {i}")),
         reply_tool_calls: None,
+        cache: None,
+        saved_cost: None,
         model_label: None,
     }
 }

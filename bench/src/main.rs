@@ -434,6 +434,8 @@ fn synthetic(i: usize, now_ms: i64) -> sluice::store::LogRecord {
             "answer number {i}: the keeper lights the lamp at dusk"
         )),
         reply_tool_calls: None,
+        cache: None,
+        saved_cost: None,
         model_label: None,
     }
 }

@@ -34,7 +34,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::accounting::records::{Attempt, Pending, TAIL};
+use crate::accounting::records::{Attempt, CacheNote, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Config, Overflow, Price, Storage, mask};
 use crate::observe::metrics::LogGauges;
@@ -118,6 +118,8 @@ impl RecorderStats {
 pub struct Catalog {
     pub models: HashSet<String>,
     pub pricing: HashMap<String, Price>,
+    /// A response cache hit counts its tokens and cost against its key (`cache.count_tokens`).
+    pub cache_hits_count: bool,
 }
 
 impl Catalog {
@@ -138,6 +140,7 @@ impl Catalog {
         Self {
             models,
             pricing: config.pricing.clone(),
+            cache_hits_count: config.cache.as_ref().is_some_and(|c| c.count_tokens),
         }
     }
 
@@ -639,14 +642,24 @@ impl Accountant {
         let content_type = pending.response_content_type.as_deref().unwrap_or("");
         let reply = read_reply(pending, &response, content_type);
         let (token_usage, source) = token_usage(pending, &reply);
-        let cost = match (price(pending, catalog), token_usage) {
+        let mut cost = match (price(pending, catalog), token_usage) {
             (Some(price), Some(u)) => Some(usage::cost(*price, u)),
             _ => None,
         };
+        // A cache hit saved what the upstream would have charged; it costs the key
+        // nothing unless hits are counted.
+        let hit = pending.cache == Some(CacheNote::Hit);
+        let saved_cost = cost.filter(|_| hit);
+        let mut tokens = token_usage.map_or(0, |u| u.total);
+        if hit && !catalog.cache_hits_count {
+            cost = cost.map(|_| 0.0);
+            tokens = 0;
+        }
         let accounted = Accounted {
             usage: token_usage,
             source,
             cost,
+            saved_cost,
         };
         let shown = Shown {
             log_bodies: self.log_bodies && pending.keep_bodies,
@@ -656,11 +669,7 @@ impl Accountant {
         };
         let mut record = shape_row(pending, catalog, &accounted, &shown);
         record.sanitise();
-        (
-            record,
-            token_usage.map_or(0, |u| u.total),
-            cost.unwrap_or(0.0),
-        )
+        (record, tokens, cost.unwrap_or(0.0))
     }
 }
 
@@ -737,6 +746,8 @@ struct Accounted {
     usage: Option<TokenUsage>,
     source: Option<UsageSource>,
     cost: Option<f64>,
+    /// What a cache hit saved.
+    saved_cost: Option<f64>,
 }
 
 /// What a row may show of a record's bodies.
@@ -828,6 +839,8 @@ fn shape_row(
         reply_tool_calls: (!reply.tool_calls.is_empty() && log_bodies)
             .then(|| Value::Array(reply.tool_calls.clone()).to_string()),
         model_label: Some(catalog.label(pending.model.as_deref())),
+        cache: pending.cache.map(|note| note.name().to_string()),
+        saved_cost: accounted.saved_cost,
     }
 }
 

@@ -1439,21 +1439,29 @@ mod tests {
             "{upstreams}routing: {{fallbacks: {{big: [small, huge], nope: [big]}}}}"
         ));
         assert!(
-            found.contains(&"routing.fallbacks.big[1]: no upstream serves the model \"huge\"".to_string()),
+            found.contains(
+                &"routing.fallbacks.big[1]: no upstream serves the model \"huge\"".to_string()
+            ),
             "{found:?}"
         );
         assert!(
-            found.contains(&"routing.fallbacks.nope: no upstream serves the model \"nope\"".to_string()),
+            found.contains(
+                &"routing.fallbacks.nope: no upstream serves the model \"nope\"".to_string()
+            ),
             "{found:?}"
         );
         let looped = problems(&format!(
             "{upstreams}routing: {{fallbacks: {{big: [small], small: [tiny], tiny: [big]}}}}"
         ));
         assert!(
-            looped.contains(&"routing.fallbacks.big: the fallbacks loop: big → small → tiny → big".to_string()),
+            looped.contains(
+                &"routing.fallbacks.big: the fallbacks loop: big → small → tiny → big".to_string()
+            ),
             "{looped:?}"
         );
-        let bad_name = problems(&format!("{upstreams}routing: {{fallback_model_name: asked}}"));
+        let bad_name = problems(&format!(
+            "{upstreams}routing: {{fallback_model_name: asked}}"
+        ));
         assert_eq!(
             bad_name,
             ["routing.fallback_model_name: \"asked\" is not served or requested"]

@@ -195,7 +195,8 @@ mod tests {
         assert!(refusal_code(context));
         let filtered = br#"{"error":{"message":"filtered","type":"invalid_request_error","code":"content_filter"}}"#;
         assert!(refusal_code(filtered));
-        let other = br#"{"error":{"message":"bad","type":"invalid_request_error","code":"invalid_value"}}"#;
+        let other =
+            br#"{"error":{"message":"bad","type":"invalid_request_error","code":"invalid_value"}}"#;
         assert!(!refusal_code(other));
         assert!(!refusal_code(b"not json"));
     }

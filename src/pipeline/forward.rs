@@ -4,7 +4,7 @@
 //! 1. accept and authenticate: done by the edge (`http::server`, with the pipeline's
 //!    `access`), which hands over a [`Caller`];
 //! 2. [`read`]: what must be read of the body, the model, whether
-//!    the caller may use it;
+//!    the caller may use it; then [`cached`]: a response cache hit answers here;
 //! 3. [`plan`]: the candidates, an object's home, upstream limits,
 //!    the session (again for each fallback model, [`fallback`]);
 //! 4. admit and send ([`try_loop`] over
@@ -21,14 +21,15 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use crate::accounting::records::Pending;
+use crate::config::FallbackModelName;
 use crate::gateway::Gateway;
 use crate::http::body::Body;
 use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
+use crate::pipeline::cached::{self, Looked};
 use crate::pipeline::exchange::Exchange;
-use crate::pipeline::relay::{self, Shaping};
-use crate::config::FallbackModelName;
 use crate::pipeline::fallback::{self, Chain};
+use crate::pipeline::relay::{self, Shaping};
 use crate::pipeline::{plan, read, try_loop};
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
@@ -43,10 +44,14 @@ pub async fn forward(
     record: Option<Box<Pending>>,
 ) -> Response<Body> {
     let mut exchange = Exchange::new(gateway, &caller, parts, path, record);
-    match stages(&mut exchange, body).await {
+    let outcome = stages(&mut exchange, body).await;
+    let note = exchange.cache;
+    let mut response = match outcome {
         Ok(response) => response,
         Err(error) => exchange.refuse(error),
-    }
+    };
+    cached::mark(&mut response, note);
+    response
 }
 
 /// The stages after authentication, in order; the first refusal ends the request. Plan
@@ -54,6 +59,10 @@ pub async fn forward(
 async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, ApiError> {
     let mut inbound = read::read_inbound(x, body).await?;
     read::authorise_model(x, &inbound)?;
+    let fill = match cached::look_up(x, &inbound).await? {
+        Looked::Hit(response) => return Ok(response),
+        Looked::Pass(fill) => fill,
+    };
     let requested = inbound.model.clone();
     let mut chain = Chain::of(x, &inbound);
     let settled = loop {
@@ -84,6 +93,7 @@ async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, 
         },
         served_model: served.filter(|_| fell_back),
         strip_usage: inbound.strip_usage,
+        fill: cached::fill_for(fill, served),
     };
     Ok(relay::relay_settled(x, settled, shaping))
 }

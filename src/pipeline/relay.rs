@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::accounting::recorder::LogSink;
 use crate::accounting::records::Pending;
+use crate::cache::Fill;
 use crate::gateway::Gateway;
 use crate::http::body::{Body, BoxError};
 use crate::http::error::ApiError;
@@ -46,6 +47,8 @@ pub struct Shaping<'a> {
     /// upstream name: a fallback's.
     pub served_model: Option<&'a str>,
     pub strip_usage: bool,
+    /// Captures a successful answer for the response cache.
+    pub fill: Option<Fill>,
 }
 
 impl Shaping<'_> {
@@ -132,6 +135,7 @@ fn answer_failure(
         Failure::Response(response) => {
             let shaping = Shaping {
                 strip_usage: false,
+                fill: None,
                 ..shaping
             };
             relay(response, upstream, shaping, None, log)
@@ -189,6 +193,18 @@ fn relay(
     // A body relayed unchanged with a declared length is complete when that many bytes
     // are handed over; hyper may drop it then without asking for its end.
     let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
+    let fill = shaping
+        .fill
+        .filter(|_| status == StatusCode::OK)
+        .map(|mut fill| {
+            fill.stream = sse;
+            fill.content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/json")
+                .to_string();
+            Box::new(fill)
+        });
     let relay = RelayBody {
         inner: upstream_body,
         remaining,
@@ -206,6 +222,7 @@ fn relay(
         record,
         sink: log.sink,
         protocol: log.protocol,
+        fill,
     };
     let mut out = Response::new(relay.boxed_unsync());
     *out.status_mut() = status;
@@ -265,6 +282,8 @@ struct RelayBody {
     sink: Option<LogSink>,
     /// How an error ending the stream is written.
     protocol: ClientProtocol,
+    /// The answer as relayed, for the response cache; stored only if it ends whole.
+    fill: Option<Box<Fill>>,
 }
 
 impl Drop for RelayBody {
@@ -290,6 +309,22 @@ impl RelayBody {
         deadline.map_or(wake, |d| d.min(wake))
     }
 
+    /// Copies relayed bytes for the cache; an answer too big to cache is let go.
+    fn capture(&mut self, data: &[u8]) {
+        if let Some(fill) = self.fill.as_mut() {
+            if !fill.push(data) {
+                self.fill = None;
+            }
+        }
+    }
+
+    /// The answer ended whole: the cache may keep it (off the hot path).
+    fn complete_fill(&mut self) {
+        if let Some(fill) = self.fill.take() {
+            fill.complete();
+        }
+    }
+
     /// Submits the log record: the exchange is over.
     fn finish(&mut self, error: Option<String>) {
         if let (Some(mut record), Some(sink)) = (self.record.take(), self.sink.as_ref()) {
@@ -309,6 +344,11 @@ impl RelayBody {
         {
             record.response_body.push(data, sink.body_limit);
         }
+        if self.shaper.is_none() {
+            if let Some(data) = frame.data_ref() {
+                self.capture(data);
+            }
+        }
         let Some(shaper) = self.shaper.as_mut() else {
             if let (Some(remaining), Some(data)) = (self.remaining.as_mut(), frame.data_ref()) {
                 *remaining = remaining.saturating_sub(data.len() as u64);
@@ -316,6 +356,7 @@ impl RelayBody {
                     self.done = true;
                     self._in_flight = None;
                     self.finish(None);
+                    self.complete_fill();
                 }
             }
             return Some(Ok(frame));
@@ -323,7 +364,10 @@ impl RelayBody {
         match frame.into_data() {
             Ok(data) => match shaper.push(data) {
                 Ok(out) if out.is_empty() => None,
-                Ok(out) => Some(Ok(Frame::data(out))),
+                Ok(out) => {
+                    self.capture(&out);
+                    Some(Ok(Frame::data(out)))
+                }
                 Err(too_large) => {
                     let message = format!("upstream `{}`: {too_large}", self.upstream);
                     tracing::warn!(upstream = %self.upstream, "{message}");
@@ -362,6 +406,7 @@ impl RelayBody {
     /// Ends the body with an error: the protocol's error event for a stream, a cut
     /// transfer for anything else.
     fn last_frame(&mut self, error: ApiError) -> Result<Frame<Bytes>, BoxError> {
+        self.fill = None;
         self.done = true;
         self._in_flight = None;
         self.finish(Some(error.message.clone()));
@@ -405,6 +450,8 @@ impl HttpBody for RelayBody {
                     this._in_flight = None;
                     this.finish(None);
                     let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
+                    this.capture(&rest);
+                    this.complete_fill();
                     return if rest.is_empty() {
                         Poll::Ready(None)
                     } else {

@@ -99,7 +99,14 @@ pub async fn send_until_settled<'g>(
         };
         let in_flight = InFlight::new(upstream);
         let outcome = send::send(x.gateway, upstream, choice, outgoing, sent).await;
-        note_attempt(x, upstream, choice, started, &outcome, inbound.model.as_deref());
+        note_attempt(
+            x,
+            upstream,
+            choice,
+            started,
+            &outcome,
+            inbound.model.as_deref(),
+        );
         match outcome {
             Outcome::Answer(response) => {
                 return Ok(answered(x, plan, response, upstream, choice, in_flight));

@@ -64,12 +64,12 @@ CREATE INDEX IF NOT EXISTS requests_search_trgm ON requests USING gin (search_te
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-    stream, error, tries";
+    stream, error, tries, cache, saved_cost";
 
 const DETAIL_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-    reply_tool_calls";
+    reply_tool_calls, cache, saved_cost";
 
 type Job = Box<
     dyn FnOnce(Result<Arc<Client>, super::Unavailable>) -> Pin<Box<dyn Future<Output = ()> + Send>>
@@ -413,6 +413,12 @@ async fn keep_connected(
 const MIGRATIONS: &[&str] = &[
     // 1: search text is kept lowercased, so a search is a plain LIKE.
     "UPDATE requests SET search_text = lower(search_text) WHERE search_text <> lower(search_text)",
+    // 2: what the response cache did for each request, and the hourly hits and savings.
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS cache TEXT;
+     ALTER TABLE requests ADD COLUMN IF NOT EXISTS saved_cost DOUBLE PRECISION;
+     ALTER TABLE rollup_hourly ADD COLUMN IF NOT EXISTS cache_hits BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN IF NOT EXISTS cache_lookups BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN IF NOT EXISTS saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0",
 ];
 
 /// Any number of lock key: instances starting together take turns applying the schema
@@ -663,6 +669,9 @@ impl Store for PostgresStore {
                         completion_tokens: count(row.get(8)),
                         total_tokens: count(row.get(9)),
                         cost: row.get(10),
+                        cache_hits: count(row.get(11)),
+                        cache_lookups: count(row.get(12)),
+                        saved_cost: row.get(13),
                     },
                 })
                 .collect();
@@ -689,8 +698,8 @@ async fn write_batch(
             "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
              upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
              stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-             reply_tool_calls, search_text) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29) ON CONFLICT (id) DO NOTHING",
+             reply_tool_calls, search_text, cache, saved_cost) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+             $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31) ON CONFLICT (id) DO NOTHING",
         )
         .await?;
     // Every insert of the batch is sent before the first answer is awaited: tokio-postgres
@@ -740,6 +749,8 @@ async fn write_batch(
                         &r.reply_text,
                         &r.reply_tool_calls,
                         &search,
+                        &r.cache,
+                        &r.saved_cost,
                     ],
                 )
                 .await
@@ -750,13 +761,17 @@ async fn write_batch(
     let hourly = client
         .prepare(
             "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
-             prompt_tokens, completion_tokens, total_tokens, cost) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             prompt_tokens, completion_tokens, total_tokens, cost, cache_hits, cache_lookups, saved_cost) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (hour_ms, model, upstream, key_name) DO UPDATE SET \
              requests = rollup_hourly.requests + excluded.requests, succeeded = rollup_hourly.succeeded + excluded.succeeded, \
              latency_sum = rollup_hourly.latency_sum + excluded.latency_sum, \
              prompt_tokens = rollup_hourly.prompt_tokens + excluded.prompt_tokens, \
              completion_tokens = rollup_hourly.completion_tokens + excluded.completion_tokens, \
-             total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
+             total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost, \
+                 cache_hits = rollup_hourly.cache_hits + excluded.cache_hits, \
+                 cache_lookups = rollup_hourly.cache_lookups + excluded.cache_lookups, \
+                 saved_cost = rollup_hourly.saved_cost + excluded.saved_cost",
         )
         .await?;
     let hourly_rows = rollup
@@ -771,6 +786,8 @@ async fn write_batch(
                     row.prompt_tokens,
                     row.completion_tokens,
                     row.total_tokens,
+                    row.cache_hits,
+                    row.cache_lookups,
                 ]
                 .map(to_i64);
                 client
@@ -788,6 +805,9 @@ async fn write_batch(
                             &numbers[3],
                             &numbers[4],
                             &row.cost,
+                            &numbers[5],
+                            &numbers[6],
+                            &row.saved_cost,
                         ],
                     )
                     .await

@@ -90,7 +90,7 @@ CREATE INDEX IF NOT EXISTS object_routes_expires ON object_routes (expires_ms);
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-    stream, error, tries";
+    stream, error, tries, cache, saved_cost";
 
 pub struct SqliteStore {
     writer: Mutex<Connection>,
@@ -205,6 +205,12 @@ const MIGRATIONS: &[&str] = &[
          || char(10) || substr(coalesce(response_body, ''), 1, 65536) || char(10)
          || substr(coalesce(reply_text, ''), 1, 65536))
      FROM requests;",
+    // 2: what the response cache did for each request, and the hourly hits and savings.
+    "ALTER TABLE requests ADD COLUMN cache TEXT;
+     ALTER TABLE requests ADD COLUMN saved_cost DOUBLE PRECISION;
+     ALTER TABLE rollup_hourly ADD COLUMN cache_hits BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN cache_lookups BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0;",
 ];
 
 fn migrate(connection: &Connection) -> anyhow::Result<()> {
@@ -474,8 +480,8 @@ impl Store for SqliteStore {
                 "INSERT OR IGNORE INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
                  upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
                  stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-                 reply_tool_calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                 ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+                 reply_tool_calls, cache, saved_cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
             )?;
             // The search row takes its request's rowid (see `search`).
             let mut search = transaction.prepare_cached(
@@ -511,6 +517,8 @@ impl Store for SqliteStore {
                     r.response_body,
                     r.reply_text,
                     r.reply_tool_calls,
+                    r.cache,
+                    r.saved_cost,
                 ])?;
                 // Not a second time for a record already written (a retried batch).
                 if inserted > 0 {
@@ -521,13 +529,17 @@ impl Store for SqliteStore {
             let rollup = super::Rollup::of(records);
             let mut hourly = transaction.prepare_cached(
                 "INSERT INTO rollup_hourly (hour_ms, model, upstream, key_name, requests, succeeded, latency_sum, \
-                 prompt_tokens, completion_tokens, total_tokens, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 prompt_tokens, completion_tokens, total_tokens, cost, cache_hits, cache_lookups, saved_cost) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
                  ON CONFLICT (hour_ms, model, upstream, key_name) DO UPDATE SET \
                  requests = rollup_hourly.requests + excluded.requests, succeeded = rollup_hourly.succeeded + excluded.succeeded, \
                  latency_sum = rollup_hourly.latency_sum + excluded.latency_sum, \
                  prompt_tokens = rollup_hourly.prompt_tokens + excluded.prompt_tokens, \
                  completion_tokens = rollup_hourly.completion_tokens + excluded.completion_tokens, \
-                 total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost",
+                 total_tokens = rollup_hourly.total_tokens + excluded.total_tokens, cost = rollup_hourly.cost + excluded.cost, \
+                 cache_hits = rollup_hourly.cache_hits + excluded.cache_hits, \
+                 cache_lookups = rollup_hourly.cache_lookups + excluded.cache_lookups, \
+                 saved_cost = rollup_hourly.saved_cost + excluded.saved_cost",
             )?;
             for ((hour, model, upstream, key), row) in &rollup.hourly {
                 hourly.execute(params![
@@ -541,7 +553,10 @@ impl Store for SqliteStore {
                     to_i64(row.prompt_tokens),
                     to_i64(row.completion_tokens),
                     to_i64(row.total_tokens),
-                    row.cost
+                    row.cost,
+                    to_i64(row.cache_hits),
+                    to_i64(row.cache_lookups),
+                    row.saved_cost
                 ])?;
             }
             let mut latency = transaction.prepare_cached(
@@ -711,6 +726,9 @@ impl Store for SqliteStore {
                         completion_tokens: count(row.get(8)?),
                         total_tokens: count(row.get(9)?),
                         cost: row.get(10)?,
+                        cache_hits: count(row.get(11)?),
+                        cache_lookups: count(row.get(12)?),
+                        saved_cost: row.get(13)?,
                     },
                 })
             })?
