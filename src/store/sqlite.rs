@@ -219,7 +219,16 @@ fn migrate(connection: &Connection) -> anyhow::Result<()> {
     for (number, migration) in MIGRATIONS.iter().enumerate().skip(done) {
         tracing::info!("applying log migration {}", number + 1);
         let transaction = connection.unchecked_transaction()?;
-        transaction.execute_batch(migration)?;
+        // Statement by statement: SQLite has no `ADD COLUMN IF NOT EXISTS`, so a column
+        // already there (a log whose version was set back) is not added twice.
+        for statement in migration.split(';').filter(|s| !s.trim().is_empty()) {
+            match transaction.execute_batch(statement) {
+                Err(error)
+                    if statement.contains("ADD COLUMN")
+                        && error.to_string().contains("duplicate column name") => {}
+                other => other?,
+            }
+        }
         transaction.pragma_update(None, "user_version", i64::try_from(number + 1)?)?;
         transaction.commit()?;
     }
