@@ -79,3 +79,69 @@ cache: {{enabled: true, ttl: 1m}}
     finally:
         gateway.stop()
         upstream.stop()
+
+
+def test_the_dashboard_shows_the_cache_hit_rate_and_saved_cost(tmp_path_factory):
+    """Two asks of one question: one miss, one hit; the overview shows 50% and the saving."""
+    import shutil
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import admin_get
+
+    admin_key = "adm-e2e-cache-secret-0001"
+    upstream = Mock(["mock-upstream", "--listen", "127.0.0.1:0", "--record", "--name", "up"])
+    config = f"""
+upstreams:
+  - {{name: up, base_url: 'http://{upstream.address}'}}
+cache: {{enabled: true, ttl: 1m}}
+admin: {{key: {admin_key}}}
+pricing: {{gpt-4o: {{input: 2.5, output: 10}}}}
+"""
+    gateway = start_gateway(tmp_path_factory.mktemp("cache-dashboard"), config)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="sluice-chrome-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        client = sdk(gateway)
+        ask = dict(model="gpt-4o", messages=[{"role": "user", "content": "dashboard"}], temperature=0)
+        assert client.chat.completions.with_raw_response.create(**ask).headers["x-sluice-cache"] == "miss"
+        for _ in range(100):
+            if client.chat.completions.with_raw_response.create(
+                **ask, extra_headers={"Cache-Control": "no-store"}
+            ).headers["x-sluice-cache"] == "hit":
+                break
+            time.sleep(0.02)
+        for _ in range(200):
+            totals = admin_get(gateway.address, "/api/stats", admin_key)["totals"]
+            if totals["cache_hits"] == 1:
+                break
+            time.sleep(0.05)
+        assert totals["cache_hits"] == 1 and totals["saved_cost"] > 0
+        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+        driver.get(f"http://{gateway.address}/")
+        field = WebDriverWait(driver, 10).until(EC.presence_of_element_located((By.NAME, "key")))
+        field.send_keys(admin_key)
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        rate = WebDriverWait(driver, 10).until(
+            EC.presence_of_element_located((By.CSS_SELECTOR, "[data-stat=cache_hit_rate] .value"))
+        )
+        expected = f"{totals['cache_hits'] / totals['cache_lookups'] * 100:.1f}%"
+        assert rate.text == expected
+        saved = driver.find_element(By.CSS_SELECTOR, "[data-stat=saved_cost] .value").text
+        assert saved.startswith("$") and float(saved[1:]) > 0
+    finally:
+        if driver is not None:
+            driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+        gateway.stop()
+        upstream.stop()

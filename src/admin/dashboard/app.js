@@ -126,7 +126,7 @@ async function renderOverview(params) {
   const cards = h("div", { class: "cards", id: "totals" },
     [["Requests", fmt.int(t.requests), "requests"], ["Success rate", fmt.pct(t.success_rate), "success_rate"],
      ["Avg latency", fmt.ms(t.avg_latency_ms), "avg_latency_ms"], ["p95 latency", fmt.ms(t.p95_latency_ms), "p95_latency_ms"],
-     ["Tokens", fmt.int(t.total_tokens), "total_tokens"], ["Cost", fmt.usd(t.cost), "cost"]]
+     ["Tokens", fmt.int(t.total_tokens), "total_tokens"], ["Cost", fmt.usd(t.cost), "cost"], ...cacheCards(t)]
       .map(([label, value, key]) => h("div", { class: "card", "data-stat": key }, h("div", { class: "label" }, label), h("div", { class: "value" }, value))));
   const breakdownColumns = [
     { label: "Name", value: (r) => r.name || "—" },
@@ -155,6 +155,12 @@ async function renderOverview(params) {
   );
   drawSeries(hourlyChart, stats.hourly_by[by], 3600e3, 48, now);
   drawSeries(dailyChart, stats.daily_by[by], 86400e3, 30, now);
+}
+
+// The response cache's figures, once it has looked anything up in the range.
+function cacheCards(t) {
+  if (!t.cache_lookups) return [];
+  return [["Cache hit rate", fmt.pct(t.cache_hit_rate), "cache_hit_rate"], ["Saved by cache", fmt.usd(t.saved_cost), "saved_cost"]];
 }
 
 function drawSeries(container, rows, bucketMs, buckets, now) {
