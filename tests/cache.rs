@@ -113,16 +113,19 @@ async fn only_deterministic_requests_are_looked_up_and_every_answer_says_so() {
         assert_eq!(cache_header(&response), "skip");
     }
     assert_eq!(mock.requests().len(), 2);
-    // An error sluice answers itself says it too.
+    // An error sluice answers itself says it too, and so does an answer it makes.
     let refused = send(&gw, "Bearer fk-nobody", &body, None).await;
     assert_eq!(refused.status(), 401);
-    let models = client()
-        .get(gw.url("/v1/embeddings"))
-        .header("authorization", ALICE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cache_header(&models), "skip");
+    assert_eq!(cache_header(&refused), "skip");
+    for path in ["/v1/embeddings", "/v1/models"] {
+        let response = client()
+            .get(gw.url(path))
+            .header("authorization", ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cache_header(&response), "skip", "{path}");
+    }
 }
 
 #[tokio::test]

@@ -30,6 +30,13 @@ const FALLBACK_CODES: [&str; 3] = [
     "content_filter",
     "content_policy_violation",
 ];
+/// What providers whose errors carry no such code say instead (lowercased): Anthropic's
+/// "prompt is too long", Gemini's token count over "the maximum number of tokens".
+const FALLBACK_MESSAGES: [&str; 3] = [
+    "maximum context length",
+    "prompt is too long",
+    "exceeds the maximum number of tokens",
+];
 
 /// What is left of a request's fallback chain, and what must be restored for each try.
 pub struct Chain {
@@ -177,12 +184,18 @@ fn refusal_code(body: &[u8]) -> bool {
         return false;
     };
     let error = value.get("error").unwrap_or(&value);
-    ["code", "type"].iter().any(|field| {
+    let coded = ["code", "type", "status"].iter().any(|field| {
         error
             .get(field)
             .and_then(Value::as_str)
             .is_some_and(|code| FALLBACK_CODES.contains(&code))
-    })
+    });
+    let message = error
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    coded || FALLBACK_MESSAGES.iter().any(|m| message.contains(m))
 }
 
 #[cfg(test)]
@@ -199,6 +212,8 @@ mod tests {
             br#"{"error":{"message":"bad","type":"invalid_request_error","code":"invalid_value"}}"#;
         assert!(!refusal_code(other));
         assert!(!refusal_code(b"not json"));
+        let anthropic = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#;
+        assert!(refusal_code(anthropic));
     }
 
     #[test]
