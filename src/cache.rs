@@ -298,6 +298,12 @@ impl ResponseCache {
             None => {
                 let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
                 let expires = crate::clock::now_ms().saturating_add(ms);
+                // A copy of exactly its length: the capture's buffer may have grown past
+                // it, and the cap counts what is held.
+                let entry = Entry {
+                    body: Bytes::copy_from_slice(&entry.body),
+                    ..entry
+                };
                 self.memory.insert(key, Arc::new(entry), expires);
                 None
             }

@@ -189,7 +189,7 @@ async fn answers_expire_after_their_models_ttl() {
 #[tokio::test]
 async fn the_byte_cap_is_never_exceeded_and_the_least_recent_answer_goes() {
     let mock = mock().await;
-    // Each answer takes about 700 bytes with its overhead: four fit in 3000, not five.
+    // Each answer takes about 900 bytes with its overhead: three fit in 3000, not four.
     let gw = gateway(&config(&mock, "ttl: 1h, max_bytes: 3000")).await;
     let cache = gw.gateway.cache.clone().unwrap();
     for i in 0..6 {

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use super::{Entry, Key};
 
-/// What an entry costs beyond its own bytes: its key twice, the maps' nodes.
-pub const OVERHEAD: usize = 160;
+/// What an entry costs beyond its own bytes, rounded up: its key in both maps, the maps'
+/// nodes and spare room, the slot, the shared `Entry` with its strings' headers.
+pub const OVERHEAD: usize = 384;
 
 /// The least-recently-used store.
 #[derive(Debug)]
