@@ -407,3 +407,58 @@ async fn two_instances_share_hits_through_redis() {
         "in Redis, not in memory"
     );
 }
+
+/// A key whose token budget holds one answer and a half: hits leave it alone unless
+/// `count_tokens` says they count.
+async fn hits_against_a_token_budget(count_tokens: bool) -> Vec<u16> {
+    let mock = mock().await;
+    // What one answer costs in tokens, asked of the mock directly.
+    let direct = client()
+        .post(format!("{}/v1/chat/completions", mock.url()))
+        .header("content-type", "application/json")
+        .body(ask("budget", false).to_string())
+        .send()
+        .await
+        .unwrap();
+    let tokens = json(direct).await["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+    let yaml = format!(
+        "access:
+  keys:
+    - {{name: alice, key: fk-alice-0001, budget: {{tokens: {}, period: day}}}}
+upstreams:
+  - {{name: main, base_url: '{}', keys: [sk-upstream-0001], rpm: 1}}
+cache: {{enabled: true, ttl: 1m, count_tokens: {count_tokens}}}
+",
+        tokens + tokens / 2,
+        mock.url()
+    );
+    let gw = gateway(&yaml).await;
+    let mut statuses = Vec::new();
+    let miss = send(&gw, ALICE, &ask("budget", false), None).await;
+    statuses.push(miss.status().as_u16());
+    miss.bytes().await.unwrap();
+    stored(&gw, 1).await;
+    for _ in 0..3 {
+        flush(&gw).await;
+        let response = send(&gw, ALICE, &ask("budget", false), None).await;
+        assert_eq!(cache_header(&response), "hit");
+        statuses.push(response.status().as_u16());
+        response.bytes().await.unwrap();
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn hits_use_no_upstream_quota_nor_the_keys_tokens_unless_configured() {
+    // The upstream's rpm of 1 went to the miss: hits never ask it.
+    assert_eq!(
+        hits_against_a_token_budget(false).await,
+        [200, 200, 200, 200]
+    );
+    assert_eq!(
+        hits_against_a_token_budget(true).await,
+        [200, 200, 429, 429]
+    );
+}
