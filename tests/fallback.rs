@@ -246,3 +246,27 @@ async fn the_requested_name_is_kept_when_configured() {
     assert!(!models.is_empty(), "{text}");
     assert!(models.iter().all(|m| m == "gpt-4o"), "{models:?}");
 }
+
+#[tokio::test]
+async fn each_upstream_counts_its_own_tries_and_a_fallback_at_its_limit_reports_the_first_failure()
+{
+    start_of_a_minute().await;
+    let big = named_mock("big", Some(Fault::ServerError)).await;
+    let small = named_mock("small", None).await;
+    let yaml = config(&big, None, &small, "").replace(
+        "keys: [sk-small-00001], models: [gpt-4o-mini]}",
+        "keys: [sk-small-00001], models: [gpt-4o-mini], rpm: 1}",
+    );
+    let gw = gateway(&yaml).await;
+    let first = chat(&gw, hello(false)).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(served_by(&first), "small");
+    // gpt-4o-mini's upstream spent its one request: the answer is gpt-4o's own failure.
+    let second = chat(&gw, hello(false)).await;
+    assert_eq!(second.status(), 500);
+    assert_eq!(served_by(&second), "big");
+    assert_eq!(second.headers()["x-sluice-model"], "gpt-4o");
+    assert_eq!(json(second).await["error"]["code"], "server_error");
+    assert_eq!(big.requests().len(), 2);
+    assert_eq!(small.requests().len(), 1);
+}

@@ -65,26 +65,32 @@ async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, 
     };
     let requested = inbound.model.clone();
     let mut chain = Chain::of(x, &inbound);
-    let settled = loop {
+    // A model's outcome that gave way to the next, reported if that one cannot be planned.
+    let mut last = None;
+    let (settled, served) = loop {
         let plan = match plan::plan(x, &mut inbound).await {
             Ok(plan) => plan,
-            Err(error) if chain.takes_plan_error(&error) => {
-                if chain.next(x, &mut inbound).is_some() {
+            Err(error) => {
+                if chain.takes_plan_error(&error) && chain.next(x, &mut inbound).is_some() {
                     continue;
                 }
-                return Err(error);
+                match last.take() {
+                    Some(last) => break last,
+                    None => return Err(error),
+                }
             }
-            Err(error) => return Err(error),
         };
         fallback::reprice(x, &plan);
         let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
         let (settled, fall_back) = chain.judge(settled).await;
+        let model = inbound.model.clone();
         if fall_back && chain.next(x, &mut inbound).is_some() {
+            last = Some((settled, model));
             continue;
         }
-        break settled;
+        break (settled, model);
     };
-    let served = inbound.model.as_deref();
+    let served = served.as_deref();
     let fell_back = served != requested.as_deref();
     let shaping = Shaping {
         client_model: match x.gateway.config.routing.fallback_model_name {
