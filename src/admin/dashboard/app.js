@@ -322,11 +322,13 @@ async function renderDetail(id) {
       h("div", {}, "Tokens"), h("div", {}, r.total_tokens === null ? "—" : `${fmt.int(r.prompt_tokens)} prompt + ${fmt.int(r.completion_tokens)} completion = ${fmt.int(r.total_tokens)} (${r.usage_source})`),
       h("div", {}, "Cost"), h("div", {}, fmt.usd(r.cost)),
       h("div", {}, "Streamed"), h("div", {}, r.stream ? "yes" : "no"),
+      r.cache ? h("div", {}, "Cache") : null, r.cache ? h("div", { id: "cache" }, r.cache === "hit" ? `hit, saved ${fmt.usd(r.saved_cost)}` : r.cache) : null,
       r.error ? h("div", {}, "Error") : null, r.error ? h("div", { class: "bad" }, r.error) : null),
     h("h2", {}, "Tries"),
     table([
       { label: "#", num: true, value: (a) => r.attempts.indexOf(a) + 1 },
       { label: "Upstream", value: (a) => a.upstream },
+      { label: "Model", value: (a) => a.model || "—" },
       { label: "Key", mono: true, value: (a) => a.key || "—" },
       { label: "Outcome", value: (a) => (a.status ? statusPill(a.status) : h("span", { class: "bad" }, a.error || "failed")) },
       { label: "Time", num: true, value: (a) => fmt.ms(a.ms) },
