@@ -139,6 +139,11 @@ pricing: {{gpt-4o: {{input: 2.5, output: 10}}}}
         assert rate.text == expected
         saved = driver.find_element(By.CSS_SELECTOR, "[data-stat=saved_cost] .value").text
         assert saved.startswith("$") and float(saved[1:]) > 0
+        rows = admin_get(gateway.address, "/api/requests", admin_key)["data"]
+        hit = next(r for r in rows if r["cache"] == "hit")
+        driver.get(f"http://{gateway.address}/#/requests/{hit['id']}")
+        cell = WebDriverWait(driver, 10).until(EC.presence_of_element_located((By.ID, "cache")))
+        assert cell.text == f"hit, saved {saved}"
     finally:
         if driver is not None:
             driver.quit()
