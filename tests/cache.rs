@@ -369,6 +369,21 @@ async fn a_hit_counts_against_rpm_costs_nothing_and_is_logged_with_what_it_saved
     }
     let missed = rows.iter().find(|r| r["cache"] == "miss").unwrap();
     assert!((missed["cost"].as_f64().unwrap() - full_cost).abs() < 1e-12);
+    let metrics = client()
+        .get(gw.url("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_cache_requests_total{model=\"gpt-4o\",result=\"hit\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_cache_requests_total{model=\"gpt-4o\",result=\"miss\"} 1"));
+    assert!(metrics.contains("sluice_cache_saved_usd_total "));
     let stats = admin_json(&gw, "/api/stats", ADMIN).await;
     assert_eq!(stats["totals"]["cache_hits"], 2);
     assert_eq!(stats["totals"]["cache_lookups"], 3, "{}", stats["totals"]);
