@@ -5,7 +5,8 @@
 //! records, so the request path pays nothing for them; they are there when the request log
 //! is on (the default). Gauges (requests in flight, cooldowns, the log queue) are read
 //! live by the caller into a plain [`Gauges`] snapshot, so this module knows finished
-//! records and numbers, never the gateway. Labels are model, upstream and gateway key *name*, never a key.
+//! records and numbers, never the gateway. Labels are model, upstream and gateway key
+//! *name*, never a key.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
