@@ -6,6 +6,8 @@
 #   bench/run.sh --quick    # shorter runs, no 5k/10k stream steps
 #   bench/run.sh --peers    # also measure crabllm, openai-forward and LiteLLM (installed
 #                           # into bench/peers/, git-ignored)
+#   bench/run.sh --cache    # only the response cache: a hit against pass-through (about
+#                           # 1 minute; its own table in target/bench/cache.md)
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -15,10 +17,12 @@ root=$PWD
 
 quick=0
 peers=0
+cache=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
     --peers) peers=1 ;;
+    --cache) cache=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -162,6 +166,47 @@ held() {
   R[$name.streams$count]="$(kv "$line" lost_frames)/$(kv "$line" reordered_frames)/$(kv "$line" failed)"
   R[$name.peak$count]=$((peak / 1024))
 }
+
+# The response cache: the same gateway answering a deterministic request from its cache
+# (a hit) and a request it passes through (not cacheable: no temperature 0, no seed).
+if [ "$cache" = 1 ]; then
+  cat > "$work/cache.yaml" <<YAML
+server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: $busy_poll}
+access: {keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000}]}
+upstreams:
+  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1]}
+storage: {url: 'sqlite://$work/cache.db', log_bodies: true}
+cache: {enabled: true, ttl: 1h, max_bytes: 16MiB}
+YAML
+  hit_body='{"model":"gpt-4o-mini","temperature":0,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/cache.yaml" >"$work/cache.log" 2>&1 & pid=$!
+  pids+=("$pid")
+  wait_port 18000
+  url=http://127.0.0.1:18000/v1/chat/completions
+  for mode in pass hit; do
+    request=$body; [ "$mode" = hit ] && request=$hit_body
+    echo "== cache $mode: latency at concurrency 1"
+    line=$(load "$client" latency --url "$url" --requests "$latency_n" --body "$request" --key fk-bench-key-0001)
+    echo "   $line"
+    R[cache.$mode.p50]=$(kv "$line" p50_us); R[cache.$mode.p99]=$(kv "$line" p99_us)
+    echo "== cache $mode: throughput at saturation (wrk, 64 connections, ${wrk_secs}s)"
+    wrk_out=$(BENCH_BODY="$request" BENCH_KEY=fk-bench-key-0001 load wrk -t1 -c64 -d"${wrk_secs}s" -s bench/post.lua "$url")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$wrk_out"); R[cache.$mode.rps]=${rps%.*}
+    echo "   ${rps} req/s"
+  done
+  R[cache.rss]=$(( $(rss_kib "$pid") / 1024 ))
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  {
+    echo "sluice response cache — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1), log on (SQLite)."
+    echo
+    echo "| figure | pass-through | cache hit |"
+    echo "|---|---|---|"
+    echo "| latency at c=1, p50 / p99 (µs) | ${R[cache.pass.p50]} / ${R[cache.pass.p99]} | ${R[cache.hit.p50]} / ${R[cache.hit.p99]} |"
+    echo "| throughput at saturation, req/s | ${R[cache.pass.rps]} | ${R[cache.hit.rps]} |"
+    echo "| RSS after both runs (MiB) | ${R[cache.rss]} | |"
+  } | tee "$out/cache.md"
+  exit 0
+fi
 
 measure direct http://127.0.0.1:19000 "" ""
 ttft direct http://127.0.0.1:19001 ""

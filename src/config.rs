@@ -131,6 +131,8 @@ pub struct Config {
     pub log: Log,
     /// Webhooks told when a budget runs low, an upstream goes down or the log drops rows.
     pub alerts: Alerts,
+    /// The response cache; `None` when it is off.
+    pub cache: Option<Cache>,
 }
 
 /// sluice's own log on stdout: its format, and whether each request gets a line.
@@ -188,6 +190,55 @@ pub struct Webhook {
 pub enum WebhookFormat {
     Json,
     Slack,
+}
+
+/// The response cache: exact-match answers kept for a while, so a repeated deterministic
+/// request costs no upstream call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cache {
+    /// How long an answer is kept, unless its model has a TTL of its own.
+    pub ttl: Duration,
+    /// Bytes the in-memory cache may hold (entries and their keys); never exceeded.
+    pub max_bytes: u64,
+    pub scope: CacheScope,
+    /// Model → its own TTL; zero: that model's answers are never cached.
+    pub models: HashMap<String, Duration>,
+    /// Only requests that look deterministic (temperature 0 or a `seed`) are cached.
+    pub deterministic_only: bool,
+    /// A hit counts its tokens and cost against the key's limits and budget (its request
+    /// counts against rpm whatever this says).
+    pub count_tokens: bool,
+}
+
+impl Cache {
+    /// How long an answer of `model` is kept; zero: not at all.
+    pub fn ttl_for(&self, model: Option<&str>) -> Duration {
+        model
+            .and_then(|m| self.models.get(m))
+            .copied()
+            .unwrap_or(self.ttl)
+    }
+}
+
+/// Who shares cached answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    /// Each gateway key has its own answers.
+    Key,
+    /// Each team shares its answers (a key's own until keys belong to teams).
+    Team,
+    /// Every caller shares every answer.
+    Global,
+}
+
+/// Which model name an answer served by a fallback shows in its `model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FallbackModelName {
+    /// The model that served it.
+    #[default]
+    Served,
+    /// The model the client asked for.
+    Requested,
 }
 
 #[derive(Debug, Clone)]
@@ -331,6 +382,11 @@ pub struct Routing {
     /// How long an object an upstream created (file, batch, response…) routes requests
     /// naming it back to that upstream and key; `None`: object affinity is off.
     pub affinity_ttl: Option<Duration>,
+    /// Model (or alias) → the models to try next, in order, when every upstream of it
+    /// failed in a retryable way or it refused the request as too long or filtered. Each
+    /// listed model's own fallbacks follow it; loops are refused by validation.
+    pub fallbacks: HashMap<String, Vec<String>>,
+    pub fallback_model_name: FallbackModelName,
 }
 
 impl Default for Routing {
@@ -344,6 +400,8 @@ impl Default for Routing {
             session_ttl: None,
             default_upstream: None,
             affinity_ttl: Some(DEFAULT_AFFINITY_TTL),
+            fallbacks: HashMap::new(),
+            fallback_model_name: FallbackModelName::Served,
         }
     }
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::accounting::recorder::{RecordSink, Recorder};
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
+use crate::cache::ResponseCache;
 use crate::config::{Config, GatewayKey, Upstream};
 use crate::http::error::ApiError;
 use crate::observe::access::AccessLog;
@@ -47,6 +48,8 @@ pub struct Gateway {
     pub affinity: Arc<Affinity>,
     /// Keys, teams and admin accounts managed at run time.
     pub registry: Arc<crate::admin::registry::Registry>,
+    /// The response cache, when `cache.enabled`.
+    pub cache: Option<Arc<ResponseCache>>,
     /// Where requests without a model go, when `routing.default_upstream` says.
     default_upstream: Option<usize>,
     /// Whether requests naming objects look up where they live: object affinity is on and
@@ -57,6 +60,9 @@ pub struct Gateway {
     /// of these, bodies stream straight through.
     read_json_always: bool,
     routes_by_model: bool,
+    /// Model → every model to try after it, in order (each listed model's own fallbacks
+    /// follow it), flattened once from `routing.fallbacks`.
+    fallbacks: std::collections::HashMap<String, Vec<String>>,
 }
 
 /// The gateway in force. A reload swaps it whole; a request takes a handle when it starts
@@ -100,6 +106,8 @@ pub struct Shared {
     pub shared_state: Option<Arc<SharedState>>,
     pub traces: Option<Arc<crate::observe::traces::Exporter>>,
     pub registry: Arc<crate::admin::registry::Registry>,
+    /// Cached answers outlive a reload that keeps the cache's settings.
+    pub cache: Option<Arc<ResponseCache>>,
 }
 
 impl Shared {
@@ -181,6 +189,7 @@ impl Shared {
             admin_auth: Default::default(),
             shared_state,
             traces,
+            cache: ResponseCache::start(config).context("cache")?,
         })
     }
 }
@@ -227,8 +236,16 @@ impl Gateway {
             // Model names and prices come with the config; the recorder outlives it.
             recorder.configure(&config);
         }
+        let fallbacks = flatten_fallbacks(&routing.fallbacks);
+        // A reload that changes the cache's settings starts it afresh.
+        let cache = match &shared.cache {
+            Some(cache) if Some(&cache.config) == config.cache.as_ref() => Some(cache.clone()),
+            _ => ResponseCache::start(&config).context("cache")?,
+        };
         // The log wants each request's model and usage, so it reads JSON bodies too.
         let read_json_always = routing_needs_model
+            || !fallbacks.is_empty()
+            || cache.is_some()
             || rewrites
             || can_retry
             || router.sessions_enabled()
@@ -250,10 +267,12 @@ impl Gateway {
             traces: shared.traces,
             metrics: shared.metrics,
             affinity: shared.affinity,
+            cache,
             default_upstream,
             object_routing,
             read_json_always,
             routes_by_model: routing_needs_model,
+            fallbacks,
         })
     }
 
@@ -271,6 +290,7 @@ impl Gateway {
             shared_state: self.shared_state.clone(),
             traces: self.traces.clone(),
             registry: self.registry.clone(),
+            cache: self.cache.clone(),
         }
     }
 
@@ -534,6 +554,35 @@ impl Gateway {
         Reserve { tokens, cost }
     }
 
+    /// The models to try, in order, when `model` cannot answer (`routing.fallbacks`).
+    pub fn fallbacks(&self, model: &str) -> &[String] {
+        self.fallbacks.get(model).map_or(&[], Vec::as_slice)
+    }
+
+    /// Re-prices what a key's admission reserved for the model that will serve instead
+    /// (a fallback): the difference goes to the counters it was taken from, so the key is
+    /// still charged once, at the price of the model that serves.
+    pub fn reprice(&self, key: &GatewayKey, ticket: KeyTicket, reserve: Reserve) -> KeyTicket {
+        let tokens = i64::try_from(reserve.tokens).unwrap_or(i64::MAX)
+            - i64::try_from(ticket.reserve.tokens).unwrap_or(i64::MAX);
+        let cost = reserve.cost - ticket.reserve.cost;
+        let scope = crate::pure::limits::key_scope(&key.name);
+        if ticket.shared {
+            if let Some(shared) = &self.shared_state {
+                shared.settle(Settlement {
+                    scope,
+                    at: Some(ticket.at),
+                    requests: 0,
+                    tokens,
+                    cost,
+                });
+            }
+        } else {
+            self.limiter.settle(&scope, ticket.at, tokens, cost);
+        }
+        KeyTicket { reserve, ..ticket }
+    }
+
     /// Rests an upstream after it failed here, and tells the other instances (unless it
     /// already rests for most of that time, so a burst of failures is told once).
     pub fn rest_upstream(&self, upstream: &UpstreamRuntime, rest: Duration, cause: &str) {
@@ -781,6 +830,35 @@ impl Gateway {
             reqwest::Body::wrap(learner),
         ))
     }
+}
+
+/// Each model's fallbacks in the order they are tried: its own list, each listed model
+/// followed by its own fallbacks, every model once. Validation refuses loops; a model
+/// met again is skipped all the same.
+fn flatten_fallbacks(
+    fallbacks: &std::collections::HashMap<String, Vec<String>>,
+) -> std::collections::HashMap<String, Vec<String>> {
+    fn visit(
+        fallbacks: &std::collections::HashMap<String, Vec<String>>,
+        model: &str,
+        out: &mut Vec<String>,
+        start: &str,
+    ) {
+        for next in fallbacks.get(model).into_iter().flatten() {
+            if next != start && !out.contains(next) {
+                out.push(next.clone());
+                visit(fallbacks, next, out, start);
+            }
+        }
+    }
+    fallbacks
+        .keys()
+        .map(|model| {
+            let mut out = Vec::new();
+            visit(fallbacks, model, &mut out, model);
+            (model.clone(), out)
+        })
+        .collect()
 }
 
 pub fn model_not_found(model: &str) -> ApiError {

@@ -11,6 +11,8 @@
 //! - [`pure`]: decisions and transforms without sockets: routing choice, limit windows,
 //!   body rewrites, SSE shaping, usage extraction.
 //! - [`upstream`]: an upstream's HTTP client, key pool, token cache and health figures.
+//! - [`cache`]: the response cache: request keys, the in-memory LRU or Redis, stream and
+//!   answer conversions.
 //! - [`accounting`]: the request log and its writer, usage settlement, limits shared
 //!   through Redis.
 //! - [`store`]: the log's SQLite and PostgreSQL stores.
@@ -26,6 +28,7 @@
 
 pub mod accounting;
 pub mod admin;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod gateway;

@@ -489,7 +489,7 @@ fn mock_options(
         .with_context(|| format!("--interval {interval:?} is not a duration"))?;
     let fault = match fault {
         Some(text) => Some(Fault::parse(text).with_context(|| {
-            format!("--fault {text:?}: expected 500, 429[:secs], slow[:dur], drop, stall or cut")
+            format!("--fault {text:?}: expected 500, 429[:secs], slow[:dur], drop, stall, cut or context")
         })?),
         None => None,
     };

@@ -43,10 +43,12 @@ pub enum Fault {
     Stall,
     /// Streams break off half way by dropping the connection.
     Cut,
+    /// 400 `context_length_exceeded`: the prompt is too long for the model.
+    ContextLength,
 }
 
 impl Fault {
-    /// Parses `500`, `429`, `429:7`, `slow`, `slow:250ms`, `drop`, `stall`, `cut`.
+    /// Parses `500`, `429`, `429:7`, `slow`, `slow:250ms`, `drop`, `stall`, `cut`, `context`.
     pub fn parse(text: &str) -> Option<Fault> {
         let (kind, arg) = text
             .split_once(':')
@@ -62,6 +64,7 @@ impl Fault {
             "drop" => Fault::Drop,
             "stall" => Fault::Stall,
             "cut" => Fault::Cut,
+            "context" => Fault::ContextLength,
             _ => return None,
         })
     }
@@ -347,6 +350,14 @@ async fn handle(
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             return Ok(finish(response, &plan, &state));
         }
+        Some(Fault::ContextLength) => {
+            let response = error(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                "This model's maximum context length is 8 tokens (mock).",
+            );
+            return Ok(finish(response, &plan, &state));
+        }
         Some(Fault::SlowFirstByte(delay)) => tokio::time::sleep(delay).await,
         Some(Fault::Drop) => return Err(DropConnection),
         _ => {}
@@ -397,7 +408,7 @@ fn finish(mut response: Response<Body>, plan: &Plan, state: &MockState) -> Respo
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let kind = match status.as_u16() {
-        401 => "invalid_request_error",
+        400 | 401 => "invalid_request_error",
         429 => "requests",
         _ => "server_error",
     };

@@ -51,6 +51,10 @@ pub struct LogRecord {
     pub upstream_response_body: Option<String>,
     pub reply_text: Option<String>,
     pub reply_tool_calls: Option<String>,
+    /// What the response cache did: `hit`, `miss`, `skip`; `None` with the cache off.
+    pub cache: Option<String>,
+    /// What a cache hit saved: the cost the upstream would have charged.
+    pub saved_cost: Option<f64>,
     /// The model as statistics name it (a configured name, or `other`), so clients cannot
     /// grow the rollups with names of their own; `None`: the model as sent.
     #[serde(skip)]
@@ -91,6 +95,7 @@ impl LogRecord {
             &mut self.upstream_response_body,
             &mut self.reply_text,
             &mut self.reply_tool_calls,
+            &mut self.cache,
             &mut self.model_label,
         ]
         .into_iter()
@@ -670,6 +675,11 @@ pub struct RollupRow {
     pub refused: u64,
     /// Failed at an upstream ([`Cause::Upstream`]).
     pub upstream_errors: u64,
+    /// Requests answered from the response cache, and those it looked up.
+    pub cache_hits: u64,
+    pub cache_lookups: u64,
+    /// What the hits saved.
+    pub saved_cost: f64,
 }
 
 impl Rollup {
@@ -708,7 +718,8 @@ impl Rollup {
 
 /// The sums of a rollup row as both stores' tables hold them, in [`RollupRow`]'s order.
 pub const ROLLUP_SUMS: &str = "requests, succeeded, latency_sum, prompt_tokens, \
-    completion_tokens, total_tokens, cost, refused, upstream_errors";
+    completion_tokens, total_tokens, cost, refused, upstream_errors, cache_hits, cache_lookups, \
+    saved_cost";
 
 impl RollupRow {
     fn count(&mut self, r: &LogRecord) {
@@ -724,6 +735,11 @@ impl RollupRow {
             Cause::Upstream => self.upstream_errors += 1,
             Cause::Ok | Cause::Rejected => {}
         }
+        // A hit refused by its key's limits was not answered from the cache.
+        let hit = r.cache.as_deref() == Some("hit") && (200..300).contains(&r.status);
+        self.cache_hits += u64::from(hit);
+        self.cache_lookups += u64::from(hit || r.cache.as_deref() == Some("miss"));
+        self.saved_cost += r.saved_cost.unwrap_or(0.0);
     }
 
     fn add(&mut self, other: &RollupRow) {
@@ -736,6 +752,9 @@ impl RollupRow {
         self.cost += other.cost;
         self.refused += other.refused;
         self.upstream_errors += other.upstream_errors;
+        self.cache_hits += other.cache_hits;
+        self.cache_lookups += other.cache_lookups;
+        self.saved_cost += other.saved_cost;
     }
 
     /// The aggregate as the stats answer shows it, rates included. `success_rate` is of
@@ -761,6 +780,10 @@ impl RollupRow {
             "rejected": errors - refused - upstream_errors,
             "reached": reached,
             "success_rate": if reached > 0 { self.succeeded as f64 / reached as f64 } else { 0.0 },
+                        "cache_hits": self.cache_hits,
+            "cache_lookups": self.cache_lookups,
+            "cache_hit_rate": (self.cache_lookups > 0).then(|| self.cache_hits as f64 / self.cache_lookups as f64),
+            "saved_cost": round_cost(self.saved_cost),
         })
     }
 }
@@ -768,11 +791,13 @@ impl RollupRow {
 /// The rollup columns a [`HourRow`] is read from, in its fields' order (the sums as in
 /// [`ROLLUP_SUMS`]).
 pub const HOUR_ROW_COLUMNS: &str = "hour_ms, model, upstream, key_name, requests, succeeded, \
-    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors";
+    latency_sum, prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors, cache_hits, \
+    cache_lookups, saved_cost";
 
 /// The per-user rollup columns a [`UserRow`] is read from, in its fields' order.
 pub const USER_ROW_COLUMNS: &str = "hour_ms, end_user, requests, succeeded, latency_sum, \
-    prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors";
+    prompt_tokens, completion_tokens, total_tokens, cost, refused, upstream_errors, cache_hits, \
+    cache_lookups, saved_cost";
 
 /// One row of the per-user rollup table.
 #[derive(Debug, Clone)]
@@ -905,7 +930,7 @@ fn summed_sums() -> String {
         .split(',')
         .map(str::trim)
         .map(|c| match c {
-            "latency_sum" | "cost" => format!("SUM({c})"),
+            "latency_sum" | "cost" | "saved_cost" => format!("SUM({c})"),
             _ => format!("CAST(SUM({c}) AS BIGINT)"),
         })
         .collect::<Vec<_>>()

@@ -113,6 +113,37 @@ upstreams:
 }
 
 #[test]
+fn check_refuses_fallbacks_to_unserved_models_loops_and_a_cache_cap_that_is_no_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fallbacks.yaml");
+    std::fs::write(
+        &path,
+        "
+upstreams:
+  - {name: a, base_url: 'http://127.0.0.1:1', models: [big, small]}
+routing:
+  fallbacks: {big: [small, huge], small: [big]}
+cache: {enabled: true, max_bytes: plenty}
+",
+    )
+    .unwrap();
+    let output = sluice().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    for expected in [
+        "routing.fallbacks.big[1]: no upstream serves the model \"huge\"",
+        "routing.fallbacks.big: the fallbacks loop: big → small → big",
+        "routing.fallbacks.small: the fallbacks loop: small → big → small",
+        "cache.max_bytes: \"plenty\" is not a size like 64MiB",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+}
+
+#[test]
 fn check_finds_shared_secrets_without_showing_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.yaml");

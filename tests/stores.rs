@@ -59,6 +59,8 @@ fn record(i: usize, now_ms: i64) -> LogRecord {
         reply_text: Some(format!("reply {i}")),
         reply_tool_calls: None,
         upstream_response_body: None,
+        cache: None,
+        saved_cost: None,
         model_label: None,
     }
 }

@@ -547,6 +547,8 @@ fn synthetic(i: usize, now_ms: i64) -> sluice::store::LogRecord {
         )),
         reply_tool_calls: None,
         upstream_response_body: None,
+        cache: None,
+        saved_cost: None,
         model_label: None,
     }
 }

@@ -34,7 +34,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::accounting::records::{Attempt, Pending, TAIL};
+use crate::accounting::records::{Attempt, CacheNote, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Budget, Config, Overflow, Price, Storage, mask};
 use crate::observe::access::{AccessLine, AccessLog};
@@ -128,6 +128,8 @@ impl RecorderStats {
 pub struct Catalog {
     pub models: HashSet<String>,
     pub pricing: HashMap<String, Price>,
+    /// A response cache hit counts its tokens and cost against its key (`cache.count_tokens`).
+    pub cache_hits_count: bool,
 }
 
 impl Catalog {
@@ -148,6 +150,7 @@ impl Catalog {
         Self {
             models,
             pricing: config.pricing.clone(),
+            cache_hits_count: config.cache.as_ref().is_some_and(|c| c.count_tokens),
         }
     }
 
@@ -731,14 +734,24 @@ impl Accountant {
         let content_type = pending.response_content_type.as_deref().unwrap_or("");
         let reply = read_reply(pending, &response, content_type);
         let (token_usage, source) = token_usage(pending, &reply);
-        let cost = match (price(pending, catalog), token_usage) {
+        let mut cost = match (price(pending, catalog), token_usage) {
             (Some(price), Some(u)) => Some(usage::cost(*price, u)),
             _ => None,
         };
+        // A cache hit saved what the upstream would have charged; it costs the key
+        // nothing unless hits are counted.
+        let hit = pending.cache == Some(CacheNote::Hit);
+        let saved_cost = cost.filter(|_| hit);
+        let mut tokens = token_usage.map_or(0, |u| u.total);
+        if hit && !catalog.cache_hits_count {
+            cost = cost.map(|_| 0.0);
+            tokens = 0;
+        }
         let accounted = Accounted {
             usage: token_usage,
             source,
             cost,
+            saved_cost,
         };
         let log_bodies = self.log_bodies && pending.keep_bodies;
         // What the client received, when it differs from the upstream's bytes.
@@ -756,11 +769,7 @@ impl Accountant {
         };
         let mut record = shape_row(pending, catalog, &accounted, &shown);
         record.sanitise();
-        (
-            record,
-            token_usage.map_or(0, |u| u.total),
-            cost.unwrap_or(0.0),
-        )
+        (record, tokens, cost.unwrap_or(0.0))
     }
 }
 
@@ -838,11 +847,13 @@ fn token_usage(pending: &Pending, reply: &Reply) -> (Option<TokenUsage>, Option<
     )
 }
 
-/// The price of the model the client named, else of the model the upstream was asked for.
+/// The price of the model that served (the client's, or the fallback that answered for
+/// it), else of the model the upstream was asked for.
 fn price<'a>(pending: &Pending, catalog: &'a Catalog) -> Option<&'a Price> {
     pending
-        .model
+        .served_model
         .as_deref()
+        .or(pending.model.as_deref())
         .and_then(|m| catalog.pricing.get(m))
         .or_else(|| {
             pending
@@ -857,6 +868,8 @@ struct Accounted {
     usage: Option<TokenUsage>,
     source: Option<UsageSource>,
     cost: Option<f64>,
+    /// What a cache hit saved.
+    saved_cost: Option<f64>,
 }
 
 /// What a row may show of a record's bodies.
@@ -960,6 +973,8 @@ fn shape_row(
         reply_tool_calls: (!reply.tool_calls.is_empty() && log_bodies)
             .then(|| Value::Array(reply.tool_calls.clone()).to_string()),
         model_label: Some(catalog.label(pending.model.as_deref())),
+        cache: pending.cache.map(|note| note.name().to_string()),
+        saved_cost: accounted.saved_cost,
     }
 }
 
@@ -968,7 +983,7 @@ fn attempts_json(attempts: &[Attempt]) -> String {
     let attempts: Vec<Value> = attempts
         .iter()
         .map(|a| {
-            json!({"upstream": a.upstream, "key": a.key, "status": a.status, "error": a.error,
+            json!({"upstream": a.upstream, "model": a.model, "key": a.key, "status": a.status, "error": a.error,
                 "ms": (a.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0})
         })
         .collect();

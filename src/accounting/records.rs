@@ -79,6 +79,10 @@ pub struct Pending {
     pub model: Option<String>,
     /// The body's `user` (end-user attribution), when the body was read.
     pub user: Option<String>,
+    /// The model that answered, when a fallback did (it prices the request).
+    pub served_model: Option<String>,
+    /// What the response cache made of the request, when it is on.
+    pub cache: Option<CacheNote>,
     pub upstream_model: Option<String>,
     pub upstream: Option<String>,
     pub upstream_key: Option<String>,
@@ -128,6 +132,8 @@ impl Pending {
             path: path.to_string(),
             model: None,
             user: None,
+            served_model: None,
+            cache: None,
             upstream_model: None,
             upstream: None,
             upstream_key: None,
@@ -169,6 +175,8 @@ impl Pending {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub upstream: String,
+    /// The model asked of it (a fallback's, after the first model failed).
+    pub model: Option<String>,
     pub key: Option<String>,
     /// The upstream's status, or `None` if no response came.
     pub status: Option<u16>,
@@ -176,6 +184,27 @@ pub struct Attempt {
     /// When it started, from the start of the request.
     pub offset: Duration,
     pub elapsed: Duration,
+}
+
+/// What the response cache did for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheNote {
+    /// Answered from the cache: no upstream was asked.
+    Hit,
+    /// Looked up and not found: the answer may be stored.
+    Miss,
+    /// Not looked up (not cacheable, or `Cache-Control: no-cache`).
+    Skip,
+}
+
+impl CacheNote {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Skip => "skip",
+        }
+    }
 }
 
 /// Where and when a request's key was counted, and what it reserved: what its settlement

@@ -15,6 +15,7 @@ use super::raw::{
     RawTimeouts, RawToken, RawUpstream, Scalar,
 };
 use super::raw::{RawAlerts, RawLog, RawSharedState, RawTraces};
+use super::raw::RawCache;
 use super::{
     Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn,
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
@@ -22,6 +23,7 @@ use super::{
 };
 use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
 use super::{Alerts, Log, LogFormat, Webhook, WebhookFormat};
+use super::{Cache, CacheScope, FallbackModelName};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -79,6 +81,7 @@ const SECTIONS: &[&str] = &[
     "traces",
     "log",
     "alerts",
+    "cache",
 ];
 
 /// Loads and checks the configuration. On failure, returns every problem found.
@@ -374,6 +377,10 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    if !upstreams.is_empty() {
+        check_fallbacks(&routing, &upstreams, &mut problems);
+    }
+
     // A key's model that no upstream serves can never be used: almost surely a typo.
     if !upstreams.is_empty() {
         for (i, key) in access.keys.iter().enumerate() {
@@ -448,6 +455,8 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
     let raw_alerts: RawAlerts =
         section(top.get("alerts"), "alerts", &mut problems).unwrap_or_default();
     let alerts = resolve_alerts(raw_alerts, env, &mut problems);
+    let raw_cache: RawCache = section(top.get("cache"), "cache", &mut problems).unwrap_or_default();
+    let cache = resolve_cache(raw_cache, &mut problems);
 
     if problems.is_empty() {
         Ok(Config {
@@ -462,6 +471,7 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
             traces,
             log,
             alerts,
+            cache,
         })
     } else {
         Err(problems)
@@ -1391,7 +1401,134 @@ fn resolve_routing(raw: RawRouting, problems: &mut Vec<Problem>) -> Routing {
             Some(ttl) => duration(&Some(ttl.clone()), "affinity.ttl").filter(|d| !d.is_zero()),
         },
         default_upstream: raw.default_upstream,
+        fallbacks: raw.fallbacks.into_iter().collect(),
+        fallback_model_name: match raw.fallback_model_name.as_deref() {
+            None | Some("served") => FallbackModelName::Served,
+            Some("requested") => FallbackModelName::Requested,
+            Some(other) => {
+                problems.push(Problem::new(
+                    "routing.fallback_model_name",
+                    format!("{other:?} is not served or requested"),
+                ));
+                FallbackModelName::Served
+            }
+        },
     }
+}
+
+/// Refuses a fallback chain that names a model no upstream serves, or that leads back to
+/// a model already on its way (a loop), each with its path.
+fn check_fallbacks(routing: &Routing, upstreams: &[Upstream], problems: &mut Vec<Problem>) {
+    let mut models: Vec<&String> = routing.fallbacks.keys().collect();
+    models.sort();
+    for model in models {
+        let path = format!("routing.fallbacks.{model}");
+        if !upstreams.iter().any(|u| u.serves(model)) {
+            problems.push(Problem::new(
+                path.clone(),
+                format!("no upstream serves the model {model:?}"),
+            ));
+        }
+        for (i, next) in routing.fallbacks[model].iter().enumerate() {
+            if !upstreams.iter().any(|u| u.serves(next)) {
+                problems.push(Problem::new(
+                    format!("{path}[{i}]"),
+                    format!("no upstream serves the model {next:?}"),
+                ));
+            }
+        }
+        if let Some(cycle) = fallback_loop(&routing.fallbacks, model) {
+            problems.push(Problem::new(
+                path,
+                format!("the fallbacks loop: {}", cycle.join(" → ")),
+            ));
+        }
+    }
+}
+
+/// The first path from `start` that comes back to a model already on it, if any.
+fn fallback_loop(
+    fallbacks: &std::collections::HashMap<String, Vec<String>>,
+    start: &str,
+) -> Option<Vec<String>> {
+    fn walk(
+        fallbacks: &std::collections::HashMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        let last = path.last()?.clone();
+        for next in fallbacks.get(&last).into_iter().flatten() {
+            if path.contains(next) {
+                let mut cycle = path.clone();
+                cycle.push(next.clone());
+                return Some(cycle);
+            }
+            path.push(next.clone());
+            if let Some(cycle) = walk(fallbacks, path) {
+                return Some(cycle);
+            }
+            path.pop();
+        }
+        None
+    }
+    walk(fallbacks, &mut vec![start.to_string()])
+}
+
+/// The `cache` section: `None` unless `enabled: true`. A cap that is not a size, a TTL
+/// that is not a duration or a scope of another name is a problem at its path.
+fn resolve_cache(raw: RawCache, problems: &mut Vec<Problem>) -> Option<Cache> {
+    let ttl = duration_field(
+        raw.ttl.as_ref(),
+        "cache.ttl",
+        "a duration like 10m",
+        |d| !d.is_zero(),
+        problems,
+    );
+    let max_bytes = raw.max_bytes.as_ref().and_then(|value| {
+        let text = value.as_text();
+        let parsed = parse_size(&text).filter(|&n| n > 0);
+        if parsed.is_none() {
+            problems.push(Problem::new(
+                "cache.max_bytes",
+                format!("{text:?} is not a size like 64MiB"),
+            ));
+        }
+        parsed
+    });
+    let scope = match raw.scope.as_deref() {
+        None | Some("key") => CacheScope::Key,
+        Some("team") => CacheScope::Team,
+        Some("global") => CacheScope::Global,
+        Some(other) => {
+            problems.push(Problem::new(
+                "cache.scope",
+                format!("{other:?} is not key, team or global"),
+            ));
+            CacheScope::Key
+        }
+    };
+    let mut models = std::collections::HashMap::new();
+    for (model, value) in &raw.models {
+        if let Some(ttl) = duration_field(
+            Some(value),
+            &format!("cache.models.{model}"),
+            "a duration like 1h (0s: never cached)",
+            |_| true,
+            problems,
+        ) {
+            models.insert(model.clone(), ttl);
+        }
+    }
+    if raw.enabled != Some(true) {
+        return None;
+    }
+    Some(Cache {
+        ttl: ttl.unwrap_or(Duration::from_secs(3600)),
+        max_bytes: max_bytes.unwrap_or(64 << 20),
+        scope,
+        models,
+        deterministic_only: raw.deterministic_only.unwrap_or(true),
+        count_tokens: raw.count_tokens.unwrap_or(false),
+    })
 }
 
 fn resolve_headers(
@@ -1624,6 +1761,82 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn fallback_chains_name_served_models_and_never_loop() {
+        let upstreams = "upstreams:
+  - {name: a, base_url: 'http://127.0.0.1:9', models: [big, small, tiny]}
+";
+        let ok = check(
+            &format!("{upstreams}routing: {{fallbacks: {{big: [small], small: [tiny]}}}}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.routing.fallbacks["big"], ["small"]);
+        let found = problems(&format!(
+            "{upstreams}routing: {{fallbacks: {{big: [small, huge], nope: [big]}}}}"
+        ));
+        assert!(
+            found.contains(
+                &"routing.fallbacks.big[1]: no upstream serves the model \"huge\"".to_string()
+            ),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(
+                &"routing.fallbacks.nope: no upstream serves the model \"nope\"".to_string()
+            ),
+            "{found:?}"
+        );
+        let looped = problems(&format!(
+            "{upstreams}routing: {{fallbacks: {{big: [small], small: [tiny], tiny: [big]}}}}"
+        ));
+        assert!(
+            looped.contains(
+                &"routing.fallbacks.big: the fallbacks loop: big → small → tiny → big".to_string()
+            ),
+            "{looped:?}"
+        );
+        let bad_name = problems(&format!(
+            "{upstreams}routing: {{fallback_model_name: asked}}"
+        ));
+        assert_eq!(
+            bad_name,
+            ["routing.fallback_model_name: \"asked\" is not served or requested"]
+        );
+    }
+
+    #[test]
+    fn the_cache_section_is_checked_field_by_field() {
+        let upstreams = "upstreams: [{name: a, base_url: 'http://127.0.0.1:9'}]\n";
+        let off = check(upstreams, &[]).unwrap();
+        assert!(off.cache.is_none());
+        let on = check(
+            &format!(
+                "{upstreams}cache: {{enabled: true, ttl: 10m, max_bytes: 2MiB, scope: global, models: {{gpt-4o: 1h, gpt-4o-mini: 0s}}}}"
+            ),
+            &[],
+        )
+        .unwrap();
+        let cache = on.cache.unwrap();
+        assert_eq!(cache.max_bytes, 2 << 20);
+        assert_eq!(cache.scope, crate::config::CacheScope::Global);
+        assert_eq!(cache.ttl_for(Some("gpt-4o")), Duration::from_secs(3600));
+        assert_eq!(cache.ttl_for(Some("gpt-4o-mini")), Duration::ZERO);
+        assert_eq!(cache.ttl_for(Some("other")), Duration::from_secs(600));
+        assert!(cache.deterministic_only);
+        let found = problems(&format!(
+            "{upstreams}cache: {{enabled: true, max_bytes: lots, scope: tenant, ttl: soon}}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "cache.ttl: \"soon\" is not a duration like 10m",
+                "cache.max_bytes: \"lots\" is not a size like 64MiB",
+                "cache.scope: \"tenant\" is not key, team or global",
+            ]
+        );
     }
 
     #[test]

@@ -160,6 +160,23 @@ pub struct RawRouting {
     pub session_ttl: Option<Scalar>,
     pub default_upstream: Option<String>,
     pub affinity: RawAffinity,
+    /// Model (or alias) → the models to try, in order, when it cannot answer.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+    pub fallback_model_name: Option<String>,
+}
+
+/// The response cache (`cache:`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub enabled: Option<bool>,
+    pub ttl: Option<Scalar>,
+    pub max_bytes: Option<Scalar>,
+    pub scope: Option<String>,
+    /// Model → its own TTL (`0s`: never cached).
+    pub models: BTreeMap<String, Scalar>,
+    pub deterministic_only: Option<bool>,
+    pub count_tokens: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

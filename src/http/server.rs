@@ -336,7 +336,20 @@ async fn respond(
         (&Method::GET, "/v1/status") => {
             admin::status(gateway, request.headers(), client, local).await
         }
-        (_, r) if r == "/v1" || r.starts_with("/v1/") => api(gateway, client, request, route).await,
+        (_, r) if r == "/v1" || r.starts_with("/v1/") => {
+            let mut response = api(gateway, client, request, route).await;
+            // With the cache on, every API answer says what it did (`skip` if nothing).
+            if gateway.cache.is_some() {
+                let headers = response.headers_mut();
+                if !headers.contains_key(crate::pipeline::cached::CACHE_HEADER) {
+                    headers.insert(
+                        crate::pipeline::cached::CACHE_HEADER,
+                        http::HeaderValue::from_static("skip"),
+                    );
+                }
+            }
+            response
+        }
         (method, _) => unknown_route(method, path),
     }
 }

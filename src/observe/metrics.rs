@@ -1,11 +1,12 @@
 //! `/metrics` in the Prometheus text format.
 //!
 //! Per-request series (requests, latency and time-to-first-byte histograms, tokens, upstream
-//! errors, refusals) are fed by the log writer from finished records, so the request path
-//! pays nothing for them; they are there when the request log is on (the default). Gauges
-//! (requests in flight, cooldowns, the log queue) are read live by the caller into a plain
-//! [`Gauges`] snapshot, so this module knows finished records and numbers, never the
-//! gateway. Labels are model, upstream and gateway key *name*, never a key.
+//! errors, refusals, response cache outcomes) are fed by the log writer from finished
+//! records, so the request path pays nothing for them; they are there when the request log
+//! is on (the default). Gauges (requests in flight, cooldowns, the log queue) are read
+//! live by the caller into a plain [`Gauges`] snapshot, so this module knows finished
+//! records and numbers, never the gateway. Labels are model, upstream and gateway key
+//! *name*, never a key.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -90,6 +91,10 @@ struct Series {
     cost: HashMap<(String, String), f64>,
     upstream_errors: HashMap<(String, String), u64>,
     refusals: HashMap<(String, u16), u64>,
+    /// Response cache outcomes by model: hit, miss, skip.
+    cache: HashMap<(String, &'static str), u64>,
+    /// USD the cache's hits saved.
+    cache_saved: f64,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +166,17 @@ impl Metrics {
         // Refused by sluice itself: no upstream was tried.
         if record.upstream.is_none() && record.status >= 400 {
             *series.refusals.entry((key, record.status)).or_default() += 1;
+        }
+        // A hit refused by its key's limits was not answered from the cache.
+        let outcome = match record.cache.as_deref() {
+            Some("hit") if (200..300).contains(&record.status) => Some("hit"),
+            Some("miss") => Some("miss"),
+            Some("skip") => Some("skip"),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            *series.cache.entry((model, outcome)).or_default() += 1;
+            series.cache_saved += record.saved_cost.unwrap_or(0.0);
         }
     }
 }
@@ -242,6 +258,19 @@ fn render_series(out: &mut String, metrics: &Metrics) {
                 escape(upstream)
             );
         }
+        out.push_str("# HELP sluice_cache_requests_total Requests the response cache answered (hit), looked up in vain (miss) or did not look up (skip), by model.\n# TYPE sluice_cache_requests_total counter\n");
+        for ((model, outcome), count) in &series.cache {
+            let _ = writeln!(
+                out,
+                "sluice_cache_requests_total{{model=\"{}\",result=\"{outcome}\"}} {count}",
+                escape(model)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_cache_saved_usd_total What the response cache's hits would have cost upstream, in USD.\n# TYPE sluice_cache_saved_usd_total counter\nsluice_cache_saved_usd_total {}",
+            series.cache_saved
+        );
         out.push_str("# HELP sluice_refusals_total Requests sluice refused itself (auth, limits, bad input), by key name and status.\n# TYPE sluice_refusals_total counter\n");
         for ((key, status), count) in &series.refusals {
             let _ = writeln!(

@@ -7,9 +7,9 @@
 use http::Response;
 use http::request::Parts;
 
-use crate::accounting::records::Attempt;
 use crate::accounting::records::KeyTicket;
 use crate::accounting::records::Pending;
+use crate::accounting::records::{Attempt, CacheNote};
 use crate::gateway::Gateway;
 use crate::http::body::Body;
 use crate::http::error::ApiError;
@@ -33,6 +33,8 @@ pub struct Exchange<'r> {
     pub ticket: Option<KeyTicket>,
     /// Every try so far, for the log.
     pub attempts: Vec<Attempt>,
+    /// What the response cache made of it, when the cache is on (`x-sluice-cache`).
+    pub cache: Option<CacheNote>,
 }
 
 impl<'r> Exchange<'r> {
@@ -54,6 +56,7 @@ impl<'r> Exchange<'r> {
             tries: 0,
             ticket: None,
             attempts: Vec::new(),
+            cache: None,
         }
     }
 

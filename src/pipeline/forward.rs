@@ -4,9 +4,9 @@
 //! 1. accept and authenticate: done by the edge (`http::server`, with the pipeline's
 //!    `access`), which hands over a [`Caller`];
 //! 2. [`read`]: what must be read of the body, the model, whether
-//!    the caller may use it;
+//!    the caller may use it; then [`cached`]: a response cache hit answers here;
 //! 3. [`plan`]: the candidates, an object's home, upstream limits,
-//!    the session;
+//!    the session (again for each fallback model, [`fallback`]);
 //! 4. admit and send ([`try_loop`] over
 //!    [`send`](super::send)): the caller's key and each upstream under their
 //!    limits, tries until one answers or none is left;
@@ -21,11 +21,14 @@ use http::request::Parts;
 use hyper::body::Incoming;
 
 use crate::accounting::records::Pending;
+use crate::config::FallbackModelName;
 use crate::gateway::Gateway;
 use crate::http::body::Body;
 use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
+use crate::pipeline::cached::{self, Looked};
 use crate::pipeline::exchange::Exchange;
+use crate::pipeline::fallback::{self, Chain};
 use crate::pipeline::relay::{self, Shaping};
 use crate::pipeline::{plan, read, try_loop};
 
@@ -41,21 +44,62 @@ pub async fn forward(
     record: Option<Box<Pending>>,
 ) -> Response<Body> {
     let mut exchange = Exchange::new(gateway, &caller, parts, path, record);
-    match stages(&mut exchange, body).await {
+    let outcome = stages(&mut exchange, body).await;
+    let note = exchange.cache;
+    let mut response = match outcome {
         Ok(response) => response,
         Err(error) => exchange.refuse(error),
-    }
+    };
+    cached::mark(&mut response, note);
+    response
 }
 
-/// The stages after authentication, in order; the first refusal ends the request.
+/// The stages after authentication, in order; the first refusal ends the request. Plan
+/// and tries run again for each fallback model the outcome gives way to.
 async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, ApiError> {
     let mut inbound = read::read_inbound(x, body).await?;
     read::authorise_model(x, &inbound)?;
-    let plan = plan::plan(x, &mut inbound).await?;
-    let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
+    let fill = match cached::look_up(x, &inbound).await? {
+        Looked::Hit(response) => return Ok(response),
+        Looked::Pass(fill) => fill,
+    };
+    let requested = inbound.model.clone();
+    let mut chain = Chain::of(x, &inbound);
+    // A model's outcome that gave way to the next, reported if that one cannot be planned.
+    let mut last = None;
+    let (settled, served) = loop {
+        let plan = match plan::plan(x, &mut inbound).await {
+            Ok(plan) => plan,
+            Err(error) => {
+                if chain.takes_plan_error(&error) && chain.next(x, &mut inbound).is_some() {
+                    continue;
+                }
+                match last.take() {
+                    Some(last) => break last,
+                    None => return Err(error),
+                }
+            }
+        };
+        fallback::reprice(x, &plan);
+        let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
+        let (settled, fall_back) = chain.judge(settled).await;
+        let model = inbound.model.clone();
+        if fall_back && chain.next(x, &mut inbound).is_some() {
+            last = Some((settled, model));
+            continue;
+        }
+        break (settled, model);
+    };
+    let served = served.as_deref();
+    let fell_back = served != requested.as_deref();
     let shaping = Shaping {
-        client_model: inbound.model.as_deref(),
+        client_model: match x.gateway.config.routing.fallback_model_name {
+            FallbackModelName::Requested => requested.as_deref(),
+            FallbackModelName::Served => served,
+        },
+        served_model: served.filter(|_| fell_back),
         strip_usage: inbound.strip_usage,
+        fill: cached::fill_for(fill, served),
     };
     Ok(relay::relay_settled(x, settled, shaping))
 }

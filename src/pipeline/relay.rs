@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::accounting::recorder::RecordSink;
 use crate::accounting::records::Pending;
+use crate::cache::Fill;
 use crate::gateway::Gateway;
 use crate::http::body::{Body, BoxError};
 use crate::http::error::ApiError;
@@ -35,11 +36,26 @@ use crate::upstream::{InFlight, UpstreamRuntime};
 pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";
 /// The response header counting the tries a request took.
 pub const TRIES_HEADER: &str = "x-sluice-tries";
+/// The response header naming the model that served (a fallback's, when one did).
+pub const MODEL_HEADER: &str = "x-sluice-model";
 
 /// How a relayed body must be changed on its way to the client.
 pub struct Shaping<'a> {
+    /// The model name the answer shows.
     pub client_model: Option<&'a str>,
+    /// The model that served (the client-facing name), when it is not `client_model`'s
+    /// upstream name: a fallback's.
+    pub served_model: Option<&'a str>,
     pub strip_usage: bool,
+    /// Captures a successful answer for the response cache.
+    pub fill: Option<Fill>,
+}
+
+impl Shaping<'_> {
+    /// The client-facing name of the model that served.
+    fn served(&self) -> Option<&str> {
+        self.served_model.or(self.client_model)
+    }
 }
 
 /// Answers the client with how the tries settled: the answer relayed, or the failure
@@ -56,16 +72,17 @@ pub fn relay_settled(
             choice,
             in_flight,
         } => {
-            let log = take_record(x, choice, upstream, shaping.client_model);
+            let log = take_record(x, choice, upstream, shaping.served());
             relay(response, upstream, shaping, Some(in_flight), log)
         }
         Settled::Failed {
             failure,
             upstream,
             choice,
+            ..
         } => {
-            let log = take_record(x, choice, upstream, shaping.client_model);
-            answer_failure(failure, upstream, shaping.client_model, log, x.gateway)
+            let log = take_record(x, choice, upstream, shaping.served());
+            answer_failure(failure, upstream, shaping, log, x.gateway)
         }
     }
 }
@@ -83,6 +100,9 @@ fn take_record(
         record.upstream = Some(upstream.config.name.clone());
         record.upstream_key = choice.key.and_then(|k| upstream.masked_key(k));
         record.upstream_model = model.map(|m| upstream.config.upstream_model(m).to_string());
+        if model != record.model.as_deref() {
+            record.served_model = model.map(str::to_string);
+        }
         record.attempts = attempts;
         record
     });
@@ -107,15 +127,16 @@ struct Log {
 fn answer_failure(
     failure: Failure,
     upstream: &Arc<UpstreamRuntime>,
-    model: Option<&str>,
+    shaping: Shaping<'_>,
     log: Log,
     gateway: &Gateway,
 ) -> Response<Body> {
     match failure {
         Failure::Response(response) => {
             let shaping = Shaping {
-                client_model: model,
                 strip_usage: false,
+                fill: None,
+                ..shaping
             };
             relay(response, upstream, shaping, None, log)
         }
@@ -149,9 +170,10 @@ fn relay(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
+    let served = shaping.served();
     let rename = shaping
         .client_model
-        .filter(|m| upstream.config.upstream_model(m) != *m);
+        .filter(|m| served.is_none_or(|s| upstream.config.upstream_model(s) != *m));
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
     let kind = UpstreamKind::of(&upstream.config);
@@ -170,9 +192,24 @@ fn relay(
     }
     headers.insert(UPSTREAM_HEADER, upstream.name_header.clone());
     headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
+    if let Some(value) = served.and_then(|m| HeaderValue::from_str(m).ok()) {
+        headers.insert(MODEL_HEADER, value);
+    }
     // A body relayed unchanged with a declared length is complete when that many bytes
     // are handed over; hyper may drop it then without asking for its end.
     let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
+    let fill = shaping
+        .fill
+        .filter(|_| status == StatusCode::OK)
+        .map(|mut fill| {
+            fill.stream = sse;
+            fill.content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/json")
+                .to_string();
+            Box::new(fill)
+        });
     let relay = RelayBody {
         inner: upstream_body,
         remaining,
@@ -190,6 +227,7 @@ fn relay(
         record,
         sink: log.sink,
         protocol: log.protocol,
+        fill,
     };
     let mut out = Response::new(relay.boxed_unsync());
     *out.status_mut() = status;
@@ -249,6 +287,8 @@ struct RelayBody {
     sink: Option<RecordSink>,
     /// How an error ending the stream is written.
     protocol: ClientProtocol,
+    /// The answer as relayed, for the response cache; stored only if it ends whole.
+    fill: Option<Box<Fill>>,
 }
 
 impl Drop for RelayBody {
@@ -274,6 +314,22 @@ impl RelayBody {
         deadline.map_or(wake, |d| d.min(wake))
     }
 
+    /// Copies relayed bytes for the cache; an answer too big to cache is let go.
+    fn capture(&mut self, data: &[u8]) {
+        if let Some(fill) = self.fill.as_mut() {
+            if !fill.push(data) {
+                self.fill = None;
+            }
+        }
+    }
+
+    /// The answer ended whole: the cache may keep it (off the hot path).
+    fn complete_fill(&mut self) {
+        if let Some(fill) = self.fill.take() {
+            fill.complete();
+        }
+    }
+
     /// Submits the log record: the exchange is over.
     fn finish(&mut self, error: Option<String>) {
         if let (Some(mut record), Some(sink)) = (self.record.take(), self.sink.as_ref()) {
@@ -293,6 +349,11 @@ impl RelayBody {
         {
             record.response_body.push(data, sink.body_limit());
         }
+        if self.shaper.is_none() {
+            if let Some(data) = frame.data_ref() {
+                self.capture(data);
+            }
+        }
         let Some(shaper) = self.shaper.as_mut() else {
             if let (Some(remaining), Some(data)) = (self.remaining.as_mut(), frame.data_ref()) {
                 *remaining = remaining.saturating_sub(data.len() as u64);
@@ -300,6 +361,7 @@ impl RelayBody {
                     self.done = true;
                     self._in_flight = None;
                     self.finish(None);
+                    self.complete_fill();
                 }
             }
             return Some(Ok(frame));
@@ -307,7 +369,10 @@ impl RelayBody {
         match frame.into_data() {
             Ok(data) => match shaper.push(data) {
                 Ok(out) if out.is_empty() => None,
-                Ok(out) => Some(Ok(Frame::data(out))),
+                Ok(out) => {
+                    self.capture(&out);
+                    Some(Ok(Frame::data(out)))
+                }
                 Err(too_large) => {
                     let message = format!("upstream `{}`: {too_large}", self.upstream);
                     tracing::warn!(upstream = %self.upstream, "{message}");
@@ -346,6 +411,7 @@ impl RelayBody {
     /// Ends the body with an error: the protocol's error event for a stream, a cut
     /// transfer for anything else.
     fn last_frame(&mut self, error: ApiError) -> Result<Frame<Bytes>, BoxError> {
+        self.fill = None;
         self.done = true;
         self._in_flight = None;
         if self.sse {
@@ -395,6 +461,8 @@ impl HttpBody for RelayBody {
                     this._in_flight = None;
                     this.finish(None);
                     let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
+                    this.capture(&rest);
+                    this.complete_fill();
                     return if rest.is_empty() {
                         Poll::Ready(None)
                     } else {

@@ -36,6 +36,9 @@ pub enum Settled<'g> {
         failure: Failure,
         upstream: &'g Arc<UpstreamRuntime>,
         choice: Choice,
+        /// Every try failed in a way another try could have mended (connect, timeout,
+        /// 429, 5xx): a fallback model may be tried.
+        retryable: bool,
     },
 }
 
@@ -53,6 +56,9 @@ struct Tries<'g> {
     /// and key is tried again too, after its back-off).
     might_retry: bool,
     headers: Option<HeaderMap>,
+    /// Tries made for earlier models (fallbacks) before this loop: its retries count
+    /// from here.
+    before: usize,
 }
 
 impl Tries<'_> {
@@ -93,7 +99,14 @@ pub async fn send_until_settled<'g>(
         };
         let in_flight = InFlight::new(upstream);
         let outcome = send::send(x.gateway, upstream, choice, outgoing, sent).await;
-        note_attempt(x, upstream, choice, started, &outcome);
+        note_attempt(
+            x,
+            upstream,
+            choice,
+            started,
+            &outcome,
+            inbound.model.as_deref(),
+        );
         match outcome {
             Outcome::Answer(response) => {
                 return Ok(answered(x, plan, response, upstream, choice, in_flight));
@@ -119,6 +132,7 @@ pub async fn send_until_settled<'g>(
                     failure,
                     upstream,
                     choice,
+                    retryable: false,
                 });
             }
             Outcome::Retryable {
@@ -128,15 +142,16 @@ pub async fn send_until_settled<'g>(
                 drop(in_flight);
                 let Some(retries_used) = retries_left(x, &state) else {
                     let next = if state.replayable {
-                        "no retry left (routing.retries): the client gets this failure"
+                        "no retry left (routing.retries): the client gets this failure, unless a fallback model answers"
                     } else {
-                        "the body was streamed and cannot be resent: the client gets this failure"
+                        "the body was streamed and cannot be resent: the client gets this failure, unless a fallback model answers"
                     };
                     log_failure(x, upstream, choice, &failure, next);
                     return Ok(Settled::Failed {
                         failure,
                         upstream,
                         choice,
+                        retryable: true,
                     });
                 };
                 let wait = backoff(x, retries_used);
@@ -150,6 +165,7 @@ pub async fn send_until_settled<'g>(
                     failure,
                     upstream,
                     choice,
+                    retryable: true,
                 });
                 tokio::time::sleep(wait).await;
                 if key_refused {
@@ -232,6 +248,7 @@ fn start<'g>(x: &mut Exchange<'g>, inbound: &Inbound, plan: &Plan) -> Tries<'g> 
         replayable,
         might_retry,
         headers: Some(headers),
+        before: x.attempts.len(),
     }
 }
 
@@ -311,12 +328,14 @@ fn note_attempt(
     choice: Choice,
     started: Instant,
     outcome: &Outcome,
+    model: Option<&str>,
 ) {
     let offset = x.record.as_ref().map_or(Duration::ZERO, |r| {
         started.into_std().saturating_duration_since(r.started)
     });
     let mut attempt = Attempt {
         upstream: upstream.config.name.clone(),
+        model: model.map(str::to_string),
         key: choice.key.and_then(|k| upstream.masked_key(k)),
         status: None,
         error: None,
@@ -363,7 +382,7 @@ fn retries_left(x: &Exchange<'_>, state: &Tries<'_>) -> Option<usize> {
     let retries_used = x
         .attempts
         .len()
-        .saturating_sub(1 + usize::from(state.token_refreshed));
+        .saturating_sub(state.before + 1 + usize::from(state.token_refreshed));
     let allowed = x.gateway.config.routing.retries as usize;
     (state.replayable && retries_used < allowed).then_some(retries_used)
 }

@@ -64,12 +64,12 @@ CREATE INDEX IF NOT EXISTS requests_search_trgm ON requests USING gin (search_te
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-    stream, error, tries, end_user";
+    stream, error, tries, end_user, cache, saved_cost";
 
 const DETAIL_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-    reply_tool_calls, upstream_response_body, end_user";
+    reply_tool_calls, upstream_response_body, end_user, cache, saved_cost";
 
 type Job = Box<
     dyn FnOnce(Result<Arc<Client>, super::Unavailable>) -> Pin<Box<dyn Future<Output = ()> + Send>>
@@ -443,6 +443,15 @@ const MIGRATIONS: &[&str] = &[
          id BIGSERIAL PRIMARY KEY, ts BIGINT NOT NULL, actor TEXT NOT NULL,
          address TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
          changes TEXT NOT NULL);",
+    // 5: what the response cache did for each request, and the hourly hits and savings.
+    "ALTER TABLE requests ADD COLUMN IF NOT EXISTS cache TEXT;
+     ALTER TABLE requests ADD COLUMN IF NOT EXISTS saved_cost DOUBLE PRECISION;
+     ALTER TABLE rollup_hourly ADD COLUMN IF NOT EXISTS cache_hits BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN IF NOT EXISTS cache_lookups BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN IF NOT EXISTS saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_users ADD COLUMN IF NOT EXISTS cache_hits BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_users ADD COLUMN IF NOT EXISTS cache_lookups BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_users ADD COLUMN IF NOT EXISTS saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0",
 ];
 
 /// Any number of lock key: instances starting together take turns applying the schema
@@ -886,7 +895,7 @@ impl Store for PostgresStore {
 }
 
 /// A rollup row's sums as query parameters, in [`super::ROLLUP_SUMS`]' order.
-fn sums(row: &super::RollupRow) -> [Box<dyn ToSql + Sync + Send>; 9] {
+fn sums(row: &super::RollupRow) -> [Box<dyn ToSql + Sync + Send>; 12] {
     [
         Box::new(to_i64(row.requests)),
         Box::new(to_i64(row.succeeded)),
@@ -897,6 +906,9 @@ fn sums(row: &super::RollupRow) -> [Box<dyn ToSql + Sync + Send>; 9] {
         Box::new(row.cost),
         Box::new(to_i64(row.refused)),
         Box::new(to_i64(row.upstream_errors)),
+        Box::new(to_i64(row.cache_hits)),
+        Box::new(to_i64(row.cache_lookups)),
+        Box::new(row.saved_cost),
     ]
 }
 
@@ -913,6 +925,9 @@ fn read_sums(row: &Row, at: usize) -> super::RollupRow {
         cost: row.get(at + 6),
         refused: count(row.get(at + 7)),
         upstream_errors: count(row.get(at + 8)),
+        cache_hits: count(row.get(at + 9)),
+        cache_lookups: count(row.get(at + 10)),
+        saved_cost: row.get(at + 11),
     }
 }
 
@@ -926,9 +941,9 @@ async fn write_batch(
             "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
              upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
              stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-             reply_tool_calls, search_text, upstream_response_body, end_user) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31) \
-             ON CONFLICT (id) DO NOTHING",
+             reply_tool_calls, search_text, upstream_response_body, end_user, cache, saved_cost) VALUES ($1, $2, $3, $4, \
+             $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, \
+             $28, $29, $30, $31, $32, $33) ON CONFLICT (id) DO NOTHING",
         )
         .await?;
     // Every insert of the batch is sent before the first answer is awaited: tokio-postgres
@@ -980,6 +995,8 @@ async fn write_batch(
                         &search,
                         &r.upstream_response_body,
                         &r.user,
+                        &r.cache,
+                        &r.saved_cost,
                     ],
                 )
                 .await

@@ -93,7 +93,7 @@ CREATE INDEX IF NOT EXISTS object_routes_expires ON object_routes (expires_ms);
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-    stream, error, tries, end_user";
+    stream, error, tries, end_user, cache, saved_cost";
 
 pub struct SqliteStore {
     writer: Mutex<Connection>,
@@ -237,6 +237,15 @@ const MIGRATIONS: &[&str] = &[
          id INTEGER PRIMARY KEY AUTOINCREMENT, ts BIGINT NOT NULL, actor TEXT NOT NULL,
          address TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
          changes TEXT NOT NULL);",
+    // 5: what the response cache did for each request, and the hourly hits and savings.
+    "ALTER TABLE requests ADD COLUMN cache TEXT;
+     ALTER TABLE requests ADD COLUMN saved_cost DOUBLE PRECISION;
+     ALTER TABLE rollup_hourly ADD COLUMN cache_hits BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN cache_lookups BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_hourly ADD COLUMN saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_users ADD COLUMN cache_hits BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_users ADD COLUMN cache_lookups BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE rollup_users ADD COLUMN saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0;",
 ];
 
 fn migrate(connection: &Connection) -> anyhow::Result<()> {
@@ -245,39 +254,20 @@ fn migrate(connection: &Connection) -> anyhow::Result<()> {
     for (number, migration) in MIGRATIONS.iter().enumerate().skip(done) {
         tracing::info!("applying log migration {}", number + 1);
         let transaction = connection.unchecked_transaction()?;
-        // SQLite has no `ADD COLUMN IF NOT EXISTS`: a column already there (a log that
-        // was rolled back to an older version and forward again) is not added twice.
-        let present = match added_column(migration) {
-            Some(column) => has_column(&transaction, "requests", column)?,
-            None => false,
-        };
-        if !present {
-            transaction.execute_batch(migration)?;
+        // Statement by statement: SQLite has no `ADD COLUMN IF NOT EXISTS`, so a column
+        // already there (a log whose version was set back) is not added twice.
+        for statement in migration.split(';').filter(|s| !s.trim().is_empty()) {
+            match transaction.execute_batch(statement) {
+                Err(error)
+                    if statement.contains("ADD COLUMN")
+                        && error.to_string().contains("duplicate column name") => {}
+                other => other?,
+            }
         }
         transaction.pragma_update(None, "user_version", i64::try_from(number + 1)?)?;
         transaction.commit()?;
     }
     Ok(())
-}
-
-/// The column a migration `ALTER TABLE requests ADD COLUMN name …` adds.
-fn added_column(migration: &str) -> Option<&str> {
-    migration
-        .trim()
-        .strip_prefix("ALTER TABLE requests ADD COLUMN ")?
-        .split_whitespace()
-        .next()
-}
-
-fn has_column(connection: &Connection, table: &str, column: &str) -> anyhow::Result<bool> {
-    let mut statement = connection.prepare(&format!("PRAGMA table_info({table})"))?;
-    let names = statement.query_map([], |row| row.get::<_, String>(1))?;
-    for name in names {
-        if name? == column {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 fn to_i64(n: u64) -> i64 {
@@ -644,8 +634,9 @@ impl Store for SqliteStore {
                 "INSERT OR IGNORE INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
                  upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
                  stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-                 reply_tool_calls, upstream_response_body, end_user) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-                 ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
+                 reply_tool_calls, upstream_response_body, end_user, cache, saved_cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, \
+                 ?29, ?30, ?31, ?32)",
             )?;
             // The search row takes its request's rowid (see `search`).
             let mut search = transaction.prepare_cached(
@@ -683,6 +674,8 @@ impl Store for SqliteStore {
                     r.reply_tool_calls,
                     r.upstream_response_body,
                     r.user,
+                    r.cache,
+                    r.saved_cost,
                 ])?;
                 // Not a second time for a record already written (a retried batch).
                 if inserted > 0 {
@@ -711,6 +704,9 @@ impl Store for SqliteStore {
                     row.cost,
                     to_i64(row.refused),
                     to_i64(row.upstream_errors),
+                    to_i64(row.cache_hits),
+                    to_i64(row.cache_lookups),
+                    row.saved_cost,
                 ])?;
             }
             let mut users = transaction.prepare_cached(&super::rollup_upsert_sql(
@@ -731,6 +727,9 @@ impl Store for SqliteStore {
                     row.cost,
                     to_i64(row.refused),
                     to_i64(row.upstream_errors),
+                    to_i64(row.cache_hits),
+                    to_i64(row.cache_lookups),
+                    row.saved_cost,
                 ])?;
             }
             for (table, histogram) in [
@@ -899,6 +898,9 @@ impl Store for SqliteStore {
                 cost: row.get(at + 6)?,
                 refused: count(row.get(at + 7)?),
                 upstream_errors: count(row.get(at + 8)?),
+                cache_hits: count(row.get(at + 9)?),
+                cache_lookups: count(row.get(at + 10)?),
+                saved_cost: row.get(at + 11)?,
             })
         };
         let hours: Vec<super::HourRow> = connection

@@ -140,6 +140,15 @@ function meter(label, used, limit, show) {
       h("div", { class: "meter-bar", style: `width:${Math.min(100, ratio * 100).toFixed(1)}%` })));
 }
 
+// The response cache's figures, once it has looked anything up in the range.
+function cacheCards(t) {
+  if (!t.cache_lookups) return [];
+  return [
+    card("cache_hit_rate", "Cache hit rate", fmt.pct(t.cache_hit_rate), `${fmt.int(t.cache_hits)} of ${fmt.int(t.cache_lookups)} lookups answered from the cache`),
+    card("saved_cost", "Saved by the cache", fmt.usd(t.saved_cost), "what the hits would have cost upstream"),
+  ];
+}
+
 function card(key, label, value, note) {
   return h("div", { class: "card", "data-stat": key },
     h("div", { class: "label" }, label),
@@ -260,7 +269,8 @@ async function renderOverview(params) {
     card("p95_latency_ms", "Latency p50 / p95", `${fmt.ms(t.p50_latency_ms)} / ${fmt.ms(t.p95_latency_ms)}`, "whole request, as the client saw it"),
     card("ttfb", "Time to first byte p50 / p95", `${fmt.ms(t.ttfb_p50_ms)} / ${fmt.ms(t.ttfb_p95_ms)}`, "until the upstream's first byte"),
     card("total_tokens", "Tokens", fmt.int(t.total_tokens), `${fmt.int(t.prompt_tokens)} prompt + ${fmt.int(t.completion_tokens)} completion`),
-    card("cost", "Cost", fmt.usd(t.cost), "at the configured prices (pricing)"));
+    card("cost", "Cost", fmt.usd(t.cost), "at the configured prices (pricing)"),
+    ...cacheCards(t));
   const xs = buckets(bucketMs, count, now);
   const series = bucketMs === 3600e3 ? stats.hourly : stats.daily;
   const latency = bucketMs === 3600e3 ? stats.latency_hourly : stats.latency_daily;
@@ -567,6 +577,7 @@ async function renderDetail(id, params) {
     r.attempts && r.attempts.length ? table([
       { label: "#", num: true, value: (a) => r.attempts.indexOf(a) + 1 },
       { label: "Upstream", value: (a) => a.upstream },
+      { label: "Model", value: (a) => a.model || "—" },
       { label: "Key", mono: true, value: (a) => a.key || "—" },
       { label: "Outcome", value: (a) => (a.status ? statusPill(a.status) : h("span", { class: "bad" }, a.error || "failed")) },
       { label: "Time", num: true, value: (a) => fmt.ms(a.ms) },
