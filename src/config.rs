@@ -225,7 +225,7 @@ impl Cache {
 pub enum CacheScope {
     /// Each gateway key has its own answers.
     Key,
-    /// Each team shares its answers (a key's own until keys belong to teams).
+    /// The keys of a team share their answers (a key without a team has its own).
     Team,
     /// Every caller shares every answer.
     Global,

@@ -104,15 +104,16 @@ fn cache_control(headers: &HeaderMap) -> (bool, bool) {
     (no_cache, no_store)
 }
 
-/// Whose answers a caller shares: its key's (a team's, once keys have teams), or
-/// everyone's. `None`: not cached.
+/// Whose answers a caller shares: its key's, its key's team's (a key without a team is its
+/// own), or everyone's. `None`: not cached.
 fn scope(cache: &ResponseCache, caller: &Caller) -> Option<String> {
     match (cache.config.scope, caller) {
         (CacheScope::Global, _) => Some("global".into()),
-        // Teams do not exist yet: until they do, a key is its own team.
-        (CacheScope::Key | CacheScope::Team, Caller::Gateway(key)) => {
-            Some(format!("key:{}", key.name))
-        }
+        (CacheScope::Team, Caller::Gateway(key)) => Some(match &key.team {
+            Some(team) => format!("team:{}", team.name),
+            None => format!("key:{}", key.name),
+        }),
+        (CacheScope::Key, Caller::Gateway(key)) => Some(format!("key:{}", key.name)),
         // The caller's own credential is its scope; it only enters the key's hash.
         (CacheScope::Key | CacheScope::Team, Caller::Passthrough(value)) => value
             .to_str()
