@@ -38,7 +38,7 @@ use crate::accounting::records::{Attempt, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Config, GatewayKey, Overflow, Price, Storage, mask};
 use crate::observe::access::{AccessLine, AccessLog};
-use crate::observe::alerts::Alerts;
+use crate::observe::alerts::{Alerts, Holder};
 use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, upstream_scope};
 use crate::pure::shape::Shaper;
@@ -621,9 +621,13 @@ impl Accountant {
         let period = Period::from(budget.period);
         let usage = self.limiter.usage(scope, period, at);
         let window = period.window(at);
+        let holder = Holder {
+            kind: "key",
+            name: &key.name,
+        };
         if let Some(limit) = budget.tokens {
             alerts.budget(
-                &key.name,
+                holder,
                 period.name(),
                 window,
                 usage.tokens as f64,
@@ -631,7 +635,7 @@ impl Accountant {
             );
         }
         if let Some(limit) = budget.cost {
-            alerts.budget(&key.name, period.name(), window, usage.cost, limit);
+            alerts.budget(holder, period.name(), window, usage.cost, limit);
         }
     }
 
