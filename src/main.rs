@@ -128,11 +128,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// The log's format: `SLUICE_LOG_FORMAT` (text or json) wins over `log.format`.
+/// The log's format: `SLUICE_LOG_FORMAT` (text or json) wins over `log.format`; another
+/// value is ignored with a word on stderr (the log is not started yet).
 fn log_format(config: Option<&config::Config>) -> LogFormat {
-    std::env::var("SLUICE_LOG_FORMAT")
+    let from_env = std::env::var("SLUICE_LOG_FORMAT")
         .ok()
-        .and_then(|text| LogFormat::parse(&text))
+        .filter(|text| !text.trim().is_empty())
+        .and_then(|text| {
+            let format = LogFormat::parse(&text);
+            if format.is_none() {
+                eprintln!("sluice: SLUICE_LOG_FORMAT={text:?} is not text or json; ignored");
+            }
+            format
+        });
+    from_env
         .or(config.map(|c| c.log.format))
         .unwrap_or_default()
 }

@@ -38,7 +38,7 @@ use crate::accounting::records::{Attempt, CacheNote, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Budget, Config, Overflow, Price, Storage, mask};
 use crate::observe::access::{AccessLine, AccessLog};
-use crate::observe::alerts::Alerts;
+use crate::observe::alerts::{Alerts, Holder};
 use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, team_scope, upstream_scope};
 use crate::pure::shape::Shaper;
@@ -596,10 +596,18 @@ impl Accountant {
                 );
             }
             let key_budget = key.budget.as_ref();
-            self.check_budget(("key", &key.name), key_budget, &key_scope(&key.name), at);
+            let holder = Holder {
+                kind: "key",
+                name: &key.name,
+            };
+            self.check_budget(holder, key_budget, &key_scope(&key.name), at);
             if let Some(team) = &key.team {
                 let team_budget = team.budget.as_ref();
-                self.check_budget(("team", &team.name), team_budget, &team_scope(&team.name), at);
+                let holder = Holder {
+                    kind: "team",
+                    name: &team.name,
+                };
+                self.check_budget(holder, team_budget, &team_scope(&team.name), at);
             }
         }
         for attempt in &pending.attempts {
@@ -624,11 +632,11 @@ impl Accountant {
         counters
     }
 
-    /// Raises the key's budget alerts (80%, 100%) its use has reached in the current window.
-    /// Tells alerts how much of a key's or team's budget (`holder`, `name`) is used.
+    /// Raises a key's or a team's budget alerts (80%, 100%) its use has reached in the
+    /// current window.
     fn check_budget(
         &self,
-        (holder, name): (&'static str, &str),
+        holder: Holder<'_>,
         budget: Option<&Budget>,
         scope: &str,
         at: i64,
@@ -640,10 +648,10 @@ impl Accountant {
         let usage = self.limiter.usage(scope, period, at);
         let window = period.window(at);
         if let Some(limit) = budget.tokens {
-            alerts.budget(holder, name, period.name(), window, usage.tokens as f64, limit as f64);
+            alerts.budget(holder, period.name(), window, usage.tokens as f64, limit as f64);
         }
         if let Some(limit) = budget.cost {
-            alerts.budget(holder, name, period.name(), window, usage.cost, limit);
+            alerts.budget(holder, period.name(), window, usage.cost, limit);
         }
     }
 

@@ -95,8 +95,20 @@ pub fn load(options: &LoadOptions, env: &EnvMap) -> Result<Loaded, Vec<Problem>>
                 .exists()
                 .then(|| PathBuf::from("sluice.yaml"))
         });
+    let from_variable = options.path.is_none() && env.get("SLUICE_CONFIG").is_some();
     let mut document = match &path {
-        Some(path) => read_file(path)?,
+        Some(path) => read_file(path).map_err(|problems| {
+            // A file named by SLUICE_CONFIG: the operator must look at the variable.
+            problems
+                .into_iter()
+                .map(|mut problem| {
+                    if from_variable && problem.path.is_empty() {
+                        problem.path = "SLUICE_CONFIG".into();
+                    }
+                    problem
+                })
+                .collect::<Vec<_>>()
+        })?,
         None => defaults_without_file(env),
     };
     let config = configure(&mut document, env, options.listen.as_deref())?;
@@ -1688,6 +1700,19 @@ mod tests {
         assert!(
             found.len() == 1 && found[0].starts_with("upstreams[0].base_url: "),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_named_by_sluice_config_names_the_variable() {
+        let env = EnvMap::from_pairs([("SLUICE_CONFIG", "/nonexistent/sluice.yaml")]);
+        let problems = load(&LoadOptions::default(), &env).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0]
+                .to_string()
+                .starts_with("SLUICE_CONFIG: cannot read /nonexistent/sluice.yaml"),
+            "{problems:?}"
         );
     }
 

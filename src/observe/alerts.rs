@@ -59,10 +59,17 @@ impl Alert {
     }
 }
 
+/// Who holds a budget: its kind (`key`; a team, say) and its name.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    pub kind: &'static str,
+    pub name: &'a str,
+}
+
 /// What has been said already, so each condition is said once.
 #[derive(Debug, Default)]
 struct Said {
-    /// (key, threshold percent, period, window) of budget alerts sent.
+    /// (`kind:name`, threshold percent, period, window) of budget alerts sent.
     budgets: HashSet<(String, u8, &'static str, i64)>,
     /// Upstreams said to be down and not yet said to be back.
     down: HashSet<String>,
@@ -130,12 +137,12 @@ impl Alerts {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A key's or a team's (`holder`: `"key"` or `"team"`) use of its budget in the current
-    /// window, `used` of `limit`; raises the 80% and 100% alerts not yet raised in that window.
+    /// A budget holder's use (`holder` is what holds it: `key`, or another kind such as a
+    /// team) in the current window, `used` of `limit`; raises the 80% and 100% alerts not
+    /// yet raised in that window.
     pub fn budget(
         &self,
-        holder: &'static str,
-        name: &str,
+        holder: Holder<'_>,
         period: &'static str,
         window: i64,
         used: f64,
@@ -144,35 +151,39 @@ impl Alerts {
         if limit <= 0.0 || !used.is_finite() {
             return;
         }
+        let Holder { kind, name } = holder;
         let share = used / limit;
         for threshold in [80u8, 100] {
             if share < f64::from(threshold) / 100.0 {
                 continue;
             }
-            let new = self
-                .said()
-                .budgets
-                .insert((format!("{holder}:{name}"), threshold, period, window));
-            if new {
-                self.raise(Alert {
-                    kind: if threshold == 100 {
-                        "budget_exhausted"
-                    } else {
-                        "budget_80"
-                    },
-                    text: format!(
-                        "{holder} `{name}` has used {}% of its {period} budget{}",
-                        (share * 100.0).floor(),
-                        if threshold == 100 {
-                            ": its requests are refused until the period ends"
-                        } else {
-                            ""
-                        }
-                    ),
-                    fields: json!({holder: name, "threshold": threshold, "period": period,
-                        "used": crate::pure::usage::round_cost(used), "limit": limit}),
-                });
+            let new =
+                self.said()
+                    .budgets
+                    .insert((format!("{kind}:{name}"), threshold, period, window));
+            if !new {
+                continue;
             }
+            let mut fields = json!({"threshold": threshold, "period": period,
+                "used": crate::pure::usage::round_cost(used), "limit": limit});
+            fields[kind] = json!(name);
+            self.raise(Alert {
+                kind: if threshold == 100 {
+                    "budget_exhausted"
+                } else {
+                    "budget_80"
+                },
+                text: format!(
+                    "{kind} `{name}` has used {}% of its {period} budget{}",
+                    (share * 100.0).floor(),
+                    if threshold == 100 {
+                        ": its requests are refused until the period ends"
+                    } else {
+                        ""
+                    }
+                ),
+                fields,
+            });
         }
     }
 
