@@ -195,7 +195,7 @@ impl Gateway {
         let fallbacks = flatten_fallbacks(&routing.fallbacks);
         // A reload that changes the cache's settings starts it afresh.
         let cache = match &shared.cache {
-            Some(cache) if Some(&cache.config) == config.cache.as_ref() => Some(cache.clone()),
+            Some(cache) if cache.fits(&config) => Some(cache.clone()),
             _ => ResponseCache::start(&config).context("cache")?,
         };
         // The log wants each request's model and usage, so it reads JSON bodies too.
