@@ -116,6 +116,8 @@ pub struct Request {
 /// The cache the gateway holds.
 pub struct ResponseCache {
     pub config: config::Cache,
+    /// The Redis it uses, as configured: a reload that changes it starts a new cache.
+    pub shared_state: Option<config::SharedState>,
     memory: memory::Lru,
     redis: Option<Arc<Shared>>,
     writes: mpsc::Sender<(Key, Entry, Duration)>,
@@ -203,6 +205,7 @@ impl ResponseCache {
         let (writes, queued) = mpsc::channel(QUEUE);
         let this = Arc::new(Self {
             config: cache.clone(),
+            shared_state: config.shared_state.clone(),
             memory: memory::Lru::new(cap),
             redis,
             writes,
@@ -210,6 +213,12 @@ impl ResponseCache {
         });
         runtime.spawn(write(Arc::downgrade(&this), queued));
         Ok(Some(this))
+    }
+
+    /// Whether this is the cache `config` asks for (same settings, same Redis), so a
+    /// reload keeps it and what it holds.
+    pub fn fits(&self, config: &Config) -> bool {
+        Some(&self.config) == config.cache.as_ref() && self.shared_state == config.shared_state
     }
 
     /// What the cache makes of a request to `path` with this JSON `body` in `scope`:
@@ -434,6 +443,7 @@ mod tests {
                 deterministic_only,
                 count_tokens: false,
             },
+            shared_state: None,
             memory: memory::Lru::new(1 << 20),
             redis: None,
             writes,

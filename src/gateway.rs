@@ -239,7 +239,7 @@ impl Gateway {
         let fallbacks = flatten_fallbacks(&routing.fallbacks);
         // A reload that changes the cache's settings starts it afresh.
         let cache = match &shared.cache {
-            Some(cache) if Some(&cache.config) == config.cache.as_ref() => Some(cache.clone()),
+            Some(cache) if cache.fits(&config) => Some(cache.clone()),
             _ => ResponseCache::start(&config).context("cache")?,
         };
         // The log wants each request's model and usage, so it reads JSON bodies too.
@@ -893,4 +893,29 @@ fn key_refused(
     );
     error.retry_after = Some(retry_after);
     error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_chains_follow_each_models_own_fallbacks_once() {
+        let raw: std::collections::HashMap<String, Vec<String>> = [
+            ("a", vec!["b", "c"]),
+            ("b", vec!["d", "c"]),
+            ("d", vec!["a"]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+        .collect();
+        let flat = flatten_fallbacks(&raw);
+        assert_eq!(
+            flat["a"],
+            ["b", "d", "c"],
+            "b's own before c, a never again"
+        );
+        assert_eq!(flat["b"], ["d", "a", "c"]);
+        assert_eq!(flat["d"], ["a", "b", "c"]);
+    }
 }

@@ -477,3 +477,38 @@ async fn hits_use_no_upstream_quota_nor_the_keys_tokens_unless_configured() {
         [200, 200, 429, 429]
     );
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_cache_unless_its_settings_change() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "ttl: 1m")).await;
+    assert_eq!(
+        cache_header(&send(&gw, BOB, &ask("kept", false), None).await),
+        "miss"
+    );
+    stored(&gw, 1).await;
+    let reload = |cache: &str| {
+        let yaml = format!(
+            "{}storage: {{url: 'sqlite://{}'}}\n",
+            config(&mock, cache),
+            gw.dir.as_ref().unwrap().path().join("sluice.db").display()
+        );
+        let env = sluice::config::EnvMap::from_pairs(std::iter::empty::<(&str, &str)>());
+        let document = sluice::config::load::parse_document(&yaml).unwrap();
+        let config = sluice::config::load::resolve(&document, &env).unwrap();
+        sluice::gateway::Gateway::with_shared(config, gw.gateway.shared()).unwrap()
+    };
+    let same = reload("ttl: 1m");
+    assert_eq!(
+        same.cache.as_ref().unwrap().memory_len(),
+        1,
+        "what it held is kept"
+    );
+    let changed = reload("ttl: 2m");
+    assert_eq!(
+        changed.cache.as_ref().unwrap().memory_len(),
+        0,
+        "new settings, new cache"
+    );
+    assert!(reload("ttl: 1m").cache.is_some());
+}

@@ -15,10 +15,10 @@ use serde_json::Value;
 use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
-use crate::pipeline::plan::Plan;
+use crate::pipeline::plan::{self, Plan};
 use crate::pipeline::read::{BodyKind, Inbound};
 use crate::pipeline::send::Failure;
-use crate::pipeline::try_loop::Settled;
+use crate::pipeline::try_loop::{self, Settled};
 
 /// The largest error answer read to see whether it names a context or content refusal;
 /// a larger one is relayed as it is.
@@ -42,8 +42,46 @@ const FALLBACK_MESSAGES: [&str; 5] = [
     "context window",
 ];
 
+/// Plans the request and tries its upstreams, then, as long as the outcome gives way to
+/// the next model of its chain, does so again for that model. Returns how the tries
+/// settled and the model that settled them (the client-facing name).
+pub async fn plan_and_try<'g>(
+    x: &mut Exchange<'g>,
+    inbound: &mut Inbound,
+) -> Result<(Settled<'g>, Option<String>), ApiError> {
+    let mut chain = Chain::of(x, inbound);
+    // A model's outcome that gave way to the next, reported if that one cannot be tried.
+    let mut last = None;
+    loop {
+        let tried = match plan::plan(x, inbound).await {
+            Ok(plan) => {
+                reprice(x, &plan);
+                try_loop::send_until_settled(x, inbound, &plan).await
+            }
+            Err(error) => Err(error),
+        };
+        let settled = match tried {
+            Ok(settled) => settled,
+            // Nothing could be tried for this model (its upstreams at their limits).
+            Err(error) => {
+                if chain.takes_error(&error) && chain.next(x, inbound).is_some() {
+                    continue;
+                }
+                return last.ok_or(error);
+            }
+        };
+        let (settled, fall_back) = chain.judge(settled).await;
+        let model = inbound.model.clone();
+        if fall_back && chain.next(x, inbound).is_some() {
+            last = Some((settled, model));
+            continue;
+        }
+        return Ok((settled, model));
+    }
+}
+
 /// What is left of a request's fallback chain, and what must be restored for each try.
-pub struct Chain {
+struct Chain {
     /// The models still to try, in order.
     models: std::vec::IntoIter<String>,
     /// The request's headers as the client sent them, for the next model's tries.
@@ -53,7 +91,7 @@ pub struct Chain {
 impl Chain {
     /// The chain of the request's model; empty when it has none or its body cannot be
     /// resent (it streamed through, or is not JSON whose `model` can be rewritten).
-    pub fn of(x: &Exchange<'_>, inbound: &Inbound) -> Self {
+    fn of(x: &Exchange<'_>, inbound: &Inbound) -> Self {
         let models = match (&inbound.model, inbound.kind, &inbound.buffered) {
             // A key never falls back to a model it may not use.
             (Some(model), BodyKind::Json, Some(_)) => x
@@ -72,16 +110,20 @@ impl Chain {
         }
     }
 
-    /// Whether a failed plan (`error`) should give way to the next model: every upstream
-    /// of this one is at its own limit.
-    pub fn takes_plan_error(&self, error: &ApiError) -> bool {
-        self.models.len() > 0 && error.code == "upstream_rate_limited"
+    /// Whether a plan or try loop that found nothing to try (`error`) should give way to
+    /// the next model: every upstream of this one is at its own limits.
+    fn takes_error(&self, error: &ApiError) -> bool {
+        self.models.len() > 0
+            && matches!(
+                error.code,
+                "upstream_rate_limited" | "no_upstream_available"
+            )
     }
 
     /// Whether the tries' outcome gives way to the next model, reading an error answer's
     /// body (bounded) to tell a context or content refusal. Returns the outcome to relay
     /// (rebuilt when its body was read) and whether to fall back.
-    pub async fn judge<'g>(&self, settled: Settled<'g>) -> (Settled<'g>, bool) {
+    async fn judge<'g>(&self, settled: Settled<'g>) -> (Settled<'g>, bool) {
         if self.models.len() == 0 {
             return (settled, false);
         }
@@ -126,7 +168,7 @@ impl Chain {
     /// Moves the request on to the next model: its body names it, the caller's headers
     /// are back for its tries, and the key's reservation is priced for it. `None` when the
     /// chain is spent.
-    pub fn next(&mut self, x: &mut Exchange<'_>, inbound: &mut Inbound) -> Option<String> {
+    fn next(&mut self, x: &mut Exchange<'_>, inbound: &mut Inbound) -> Option<String> {
         let model = self.models.next()?;
         let body = inbound.buffered.as_ref()?;
         let rewritten = with_model(body, &model)?;
@@ -142,7 +184,7 @@ impl Chain {
 
 /// Prices the key's reservation for the model about to be tried, if it was admitted
 /// for another.
-pub fn reprice(x: &mut Exchange<'_>, plan: &Plan) {
+fn reprice(x: &mut Exchange<'_>, plan: &Plan) {
     if let (Caller::Gateway(key), Some(ticket)) = (x.caller, x.ticket) {
         if ticket.reserve != plan.reserve {
             let ticket = x.gateway.reprice(key, ticket, plan.reserve);

@@ -5,11 +5,12 @@
 //!    `access`), which hands over a [`Caller`];
 //! 2. [`read`]: what must be read of the body, the model, whether
 //!    the caller may use it; then [`cached`]: a response cache hit answers here;
-//! 3. [`plan`]: the candidates, an object's home, upstream limits,
-//!    the session (again for each fallback model, [`fallback`]);
-//! 4. admit and send ([`try_loop`] over
+//! 3. [`plan`](super::plan): the candidates, an object's home, upstream limits,
+//!    the session;
+//! 4. admit and send ([`try_loop`](super::try_loop) over
 //!    [`send`](super::send)): the caller's key and each upstream under their
-//!    limits, tries until one answers or none is left;
+//!    limits, tries until one answers or none is left; 3 and 4 again for each
+//!    fallback model the outcome gives way to ([`fallback`]);
 //! 5. relay and record ([`relay`]): the answer streamed to the
 //!    client, the log record submitted when it ends.
 //!
@@ -28,9 +29,8 @@ use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
 use crate::pipeline::cached::{self, Looked};
 use crate::pipeline::exchange::Exchange;
-use crate::pipeline::fallback::{self, Chain};
 use crate::pipeline::relay::{self, Shaping};
-use crate::pipeline::{plan, read, try_loop};
+use crate::pipeline::{fallback, read};
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
 /// `record` is the request's log record, if the log is on; it is submitted when the
@@ -64,32 +64,8 @@ async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, 
         Looked::Pass(fill) => fill,
     };
     let requested = inbound.model.clone();
-    let mut chain = Chain::of(x, &inbound);
-    // A model's outcome that gave way to the next, reported if that one cannot be planned.
-    let mut last = None;
-    let (settled, served) = loop {
-        let plan = match plan::plan(x, &mut inbound).await {
-            Ok(plan) => plan,
-            Err(error) => {
-                if chain.takes_plan_error(&error) && chain.next(x, &mut inbound).is_some() {
-                    continue;
-                }
-                match last.take() {
-                    Some(last) => break last,
-                    None => return Err(error),
-                }
-            }
-        };
-        fallback::reprice(x, &plan);
-        let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
-        let (settled, fall_back) = chain.judge(settled).await;
-        let model = inbound.model.clone();
-        if fall_back && chain.next(x, &mut inbound).is_some() {
-            last = Some((settled, model));
-            continue;
-        }
-        break (settled, model);
-    };
+    // Plan and tries, again for each fallback model the outcome gives way to.
+    let (settled, served) = fallback::plan_and_try(x, &mut inbound).await?;
     let served = served.as_deref();
     let fell_back = served != requested.as_deref();
     let shaping = Shaping {
