@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::accounting::recorder::Recorder;
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
-use crate::config::{Config, GatewayKey, Upstream};
+use crate::config::{ApiKind, Config, GatewayKey, Upstream};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, Guard};
 use crate::pipeline::affinity::{self, Affinity, Learner};
@@ -165,8 +165,11 @@ impl Gateway {
             .map(|u| UpstreamRuntime::new(u.clone()).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let routing = &config.routing;
-        let routing_needs_model =
-            upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
+        // An Azure upstream's path names the model's deployment.
+        let routing_needs_model = upstreams.len() > 1
+            || upstreams
+                .iter()
+                .any(|u| !u.config.models.any || u.config.kind == ApiKind::Azure);
         let rewrites = upstreams.iter().any(|u| u.config.rewrites_bodies());
         // Even a lone upstream and key is tried again after a failure.
         let can_retry = routing.retries > 0;

@@ -149,12 +149,13 @@ fn relay(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
+    let kind = UpstreamKind::of(&upstream.config);
     let rename = shaping
         .client_model
-        .filter(|m| upstream.config.upstream_model(m) != *m);
+        .filter(|m| kind.puts_model_back(&upstream.config, m));
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
-    let shaper = UpstreamKind::of(&upstream.config).shaper(sse, json, rename, shaping.strip_usage);
+    let shaper = kind.shaper(sse, json, rename, shaping.strip_usage);
     if shaper.is_some() {
         // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);

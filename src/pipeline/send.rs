@@ -70,10 +70,14 @@ pub async fn outgoing(
         headers.insert(TRACEPARENT, trace.traceparent());
     }
     let kind = UpstreamKind::of(&upstream.config);
-    let url = upstream.url(
-        &kind.path(&x.parts.method, x.path, &upstream.config),
+    let (path, query) = kind.target(
+        &x.parts.method,
+        x.path,
         x.parts.uri.query(),
-    );
+        inbound.model.as_deref(),
+        &upstream.config,
+    )?;
+    let url = upstream.url(&path, query.as_deref());
     let mut request = upstream
         .client
         .request(x.parts.method.clone(), url)
@@ -116,7 +120,7 @@ async fn set_credential(
                 headers.insert(header::AUTHORIZATION, token.header);
                 return Ok(Some(token.generation));
             } else if let Some(value) = choice.key.and_then(|k| upstream.auth_header(k)) {
-                headers.insert(header::AUTHORIZATION, value.clone());
+                headers.insert(upstream.key_header.clone(), value.clone());
             } else if matches!(x.caller, Caller::Open) && x.gateway.config.access.passthrough {
                 // Passthrough makes client keys the credential; with none sent and none
                 // of the upstream's own to use, there is nothing to authenticate with.
