@@ -135,7 +135,7 @@ impl UpstreamKind {
         match self {
             Self::OpenAi => Ok((
                 openai::upstream_path(method, path, upstream),
-                query.map(Cow::Borrowed),
+                openai::upstream_query(path, query, model, upstream),
             )),
             Self::Azure => azure::target(path, query, model, upstream),
         }

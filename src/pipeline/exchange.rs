@@ -33,6 +33,9 @@ pub struct Exchange<'r> {
     pub ticket: Option<KeyTicket>,
     /// Every try so far, for the log.
     pub attempts: Vec<Attempt>,
+    /// The request opens a WebSocket (a realtime session): the upstream is asked to
+    /// switch protocols too.
+    pub websocket: bool,
 }
 
 impl<'r> Exchange<'r> {
@@ -54,6 +57,7 @@ impl<'r> Exchange<'r> {
             tries: 0,
             ticket: None,
             attempts: Vec::new(),
+            websocket: false,
         }
     }
 

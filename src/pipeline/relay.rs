@@ -95,6 +95,22 @@ fn take_record(
 }
 
 /// A request's log record on its way to the log, with the number of tries it took.
+/// The record of a realtime session and the log it goes to when the session ends: its
+/// upstream side filled in as a relayed answer's is.
+pub fn take_session_record(
+    x: &mut Exchange<'_>,
+    choice: Choice,
+    upstream: &UpstreamRuntime,
+    model: Option<&str>,
+) -> (Option<Box<Pending>>, Option<LogSink>) {
+    let log = take_record(x, choice, upstream, model);
+    let record = log.record.map(|mut record| {
+        record.first_byte = Some(record.started.elapsed());
+        record
+    });
+    (record, log.sink)
+}
+
 struct Log {
     record: Option<Box<Pending>>,
     sink: Option<LogSink>,

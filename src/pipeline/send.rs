@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::LengthLimitError;
 use tokio::time::Instant;
 
@@ -65,6 +65,11 @@ pub async fn outgoing(
     let token_generation = set_credential(x, upstream, choice, &mut headers).await?;
     for (name, value) in &upstream.config.headers {
         headers.insert(name.clone(), value.clone());
+    }
+    if x.websocket {
+        // Hop-by-hop, so taken off the client's headers; a handshake needs them again.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     if let Some(trace) = x.record.as_ref().and_then(|r| r.trace.as_ref()) {
         headers.insert(TRACEPARENT, trace.traceparent());
