@@ -378,3 +378,51 @@ upstreams:
     assert_eq!(seen.header("api-key"), Some("az-key-one-0001"));
     socket.close(None).await.unwrap();
 }
+
+#[tokio::test]
+async fn open_sessions_count_against_the_per_address_connection_cap() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "", "").replace(
+        "server: {max_body: 64KiB}",
+        "server: {max_body: 64KiB, max_connections_per_ip: 2}",
+    ))
+    .await;
+    let auth = [("authorization", "Bearer fk-alice-0001")];
+    let (mut first, _) = connect(&gw, "gpt-4o-realtime", &auth).await.unwrap();
+    let (mut second, _) = connect(&gw, "gpt-4o-realtime", &auth).await.unwrap();
+    assert_eq!(next_event(&mut first).await["type"], "session.created");
+    assert_eq!(next_event(&mut second).await["type"], "session.created");
+    assert_eq!(
+        connect(&gw, "gpt-4o-realtime", &auth).await.err(),
+        Some(429),
+        "two sessions hold both of the address's connections"
+    );
+    first.close(None).await.unwrap();
+    assert!(closed(&mut first).await);
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(session) = connect(&gw, "gpt-4o-realtime", &auth).await {
+            again = Some(session);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a closed session gives its slot back");
+}
+
+#[tokio::test]
+async fn a_query_naming_two_models_is_refused() {
+    let mock = mock().await;
+    let gw = gateway(&config(&mock, "", "")).await;
+    assert_eq!(
+        connect(
+            &gw,
+            "gpt-4o-realtime&model=other",
+            &[("authorization", "Bearer fk-alice-0001")]
+        )
+        .await
+        .err(),
+        Some(400)
+    );
+    assert_eq!(mock.requests().len(), 0);
+}

@@ -109,7 +109,20 @@ pub async fn serve_current(
         }
         let current = current.clone();
         let busy_poll = busy_poll.clone();
-        let service = service_fn(move |request| {
+        // A realtime session outlives its connection's HTTP exchange: it takes a hold on
+        // the address's slot with it, so the cap counts open sessions too.
+        let slot = slot.map(Arc::new);
+        let held = slot.clone();
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            if let Some(held) = held
+                .as_ref()
+                .filter(|_| request.headers().contains_key(http::header::UPGRADE))
+            {
+                let held: Arc<dyn std::any::Any + Send + Sync> = held.clone();
+                request
+                    .extensions_mut()
+                    .insert(realtime::HeldConnection(held));
+            }
             let gateway = current.load();
             if let Some(busy_poll) = &busy_poll {
                 busy_poll.touch();

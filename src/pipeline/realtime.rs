@@ -19,6 +19,7 @@
 //! with no default features (no TLS, no connector of its own): it only frames bytes over
 //! the connections hyper (client side) and reqwest (upstream side) have already upgraded.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +58,11 @@ const KEY_PROTOCOL: &str = "openai-insecure-api-key.";
 
 /// How long closing a side may take once the other has gone.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A hold on what the connection a session came on counts against (its address's slot
+/// under `max_connections_per_ip`), kept until the session ends.
+#[derive(Clone)]
+pub struct HeldConnection(pub Arc<dyn std::any::Any + Send + Sync>);
 
 /// Whether a request asks to open a realtime session.
 pub fn is_upgrade(parts: &Parts, route: &str) -> bool {
@@ -118,9 +124,10 @@ pub async fn open(
     record: Option<Box<Pending>>,
 ) -> Response<Body> {
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+    let held = parts.extensions.remove::<HeldConnection>();
     let mut exchange = Exchange::new(gateway, &caller, parts, path, record);
     exchange.websocket = true;
-    match stages(&mut exchange, body, client_upgrade).await {
+    match stages(&mut exchange, body, client_upgrade, held).await {
         Ok(response) => response,
         Err(error) => exchange.refuse(error),
     }
@@ -130,6 +137,7 @@ async fn stages(
     x: &mut Exchange<'_>,
     body: Incoming,
     client_upgrade: Option<OnUpgrade>,
+    held: Option<HeldConnection>,
 ) -> Result<Response<Body>, ApiError> {
     let handshake = |message: &str| ApiError::bad_request("invalid_websocket_handshake", message);
     let accept = x
@@ -147,6 +155,13 @@ async fn stages(
     }
     let client_upgrade =
         client_upgrade.ok_or_else(|| handshake("the connection cannot switch protocols"))?;
+    if query_models(x.parts.uri.query()) > 1 {
+        // The upstream might read another one than the one checked and priced.
+        return Err(ApiError::bad_request(
+            "invalid_model",
+            "the query names `model` more than once",
+        ));
+    }
     let model = query_model(x.parts.uri.query()).ok_or_else(|| {
         ApiError::bad_request(
             "missing_model",
@@ -219,6 +234,7 @@ async fn stages(
         record,
         sink,
         _in_flight: in_flight,
+        _held: held,
     };
     tokio::spawn(session.run(client_upgrade, upstream_io));
 
@@ -245,6 +261,15 @@ fn query_model(query: Option<&str>) -> Option<String> {
         .find_map(|(name, value)| (name == "model" && !value.is_empty()).then_some(value))
 }
 
+/// How many `model` parameters a query string has.
+fn query_models(query: Option<&str>) -> usize {
+    query
+        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
+        .map_or(0, |pairs| {
+            pairs.iter().filter(|(name, _)| name == "model").count()
+        })
+}
+
 /// One session's relay and what it leaves behind.
 struct Session {
     config: WebSocketConfig,
@@ -253,6 +278,8 @@ struct Session {
     sink: Option<LogSink>,
     /// The upstream counts the session in flight until it ends.
     _in_flight: InFlight,
+    /// The client's address keeps its connection slot until it ends.
+    _held: Option<HeldConnection>,
 }
 
 /// What crossed a session, for its log record.
@@ -530,5 +557,6 @@ mod tests {
         assert_eq!(query_model(Some("model=a%20b")).as_deref(), Some("a b"));
         assert_eq!(query_model(Some("x=1")), None);
         assert_eq!(query_model(None), None);
+        assert_eq!(query_models(Some("model=a&x=1&model=b")), 2);
     }
 }
