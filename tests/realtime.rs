@@ -426,3 +426,54 @@ async fn a_query_naming_two_models_is_refused() {
     );
     assert_eq!(mock.requests().len(), 0);
 }
+
+#[tokio::test]
+async fn shutdown_closes_open_sessions_and_waits_for_them() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}\nstorage: {{url: 'sqlite://{}'}}\n",
+        config(&mock, "", ""),
+        dir.path().join("sluice.db").display()
+    );
+    let document = sluice::config::load::parse_document(&yaml).unwrap();
+    let config = sluice::config::load::resolve(&document, &Default::default()).unwrap();
+    let gateway = std::sync::Arc::new(sluice::gateway::Gateway::new(config).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sluice::http::server::serve(
+        listener,
+        gateway.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let gw = TestGateway {
+        addr,
+        gateway,
+        dir: None,
+    };
+    let (mut socket, _) = connect(
+        &gw,
+        "gpt-4o-realtime",
+        &[("authorization", "Bearer fk-alice-0001")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_event(&mut socket).await["type"], "session.created");
+    stop.send(()).unwrap();
+    assert!(closed(&mut socket).await, "the session was closed");
+    let finished = tokio::time::timeout(Duration::from_secs(5), server).await;
+    assert!(
+        finished.is_ok(),
+        "the server waited for the session and then ended"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || mock
+            .count(&mock.state.realtime_closed)
+            == 1)
+        .await,
+        "the upstream's side was closed too"
+    );
+}

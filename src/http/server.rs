@@ -110,18 +110,19 @@ pub async fn serve_current(
         let current = current.clone();
         let busy_poll = busy_poll.clone();
         // A realtime session outlives its connection's HTTP exchange: it takes a hold on
-        // the address's slot with it, so the cap counts open sessions too.
+        // the address's slot with it, so the cap counts open sessions too, and watches
+        // the drain, so shutdown closes it and waits for it.
         let slot = slot.map(Arc::new);
         let held = slot.clone();
+        let session_drain = drain.subscribe();
         let service = service_fn(move |mut request: Request<Incoming>| {
-            if let Some(held) = held
-                .as_ref()
-                .filter(|_| request.headers().contains_key(http::header::UPGRADE))
-            {
-                let held: Arc<dyn std::any::Any + Send + Sync> = held.clone();
-                request
-                    .extensions_mut()
-                    .insert(realtime::HeldConnection(held));
+            if request.headers().contains_key(http::header::UPGRADE) {
+                request.extensions_mut().insert(realtime::HeldConnection {
+                    slot: held
+                        .clone()
+                        .map(|slot| -> Arc<dyn std::any::Any + Send + Sync> { slot }),
+                    draining: session_drain.clone(),
+                });
             }
             let gateway = current.load();
             if let Some(busy_poll) = &busy_poll {

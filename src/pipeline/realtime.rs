@@ -59,10 +59,14 @@ const KEY_PROTOCOL: &str = "openai-insecure-api-key.";
 /// How long closing a side may take once the other has gone.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// A hold on what the connection a session came on counts against (its address's slot
-/// under `max_connections_per_ip`), kept until the session ends.
+/// What the connection a session came on holds, kept until the session ends: its
+/// address's slot under `max_connections_per_ip`, and the server's drain, which a session
+/// watches (shutdown closes it, and waits for it within the grace period).
 #[derive(Clone)]
-pub struct HeldConnection(pub Arc<dyn std::any::Any + Send + Sync>);
+pub struct HeldConnection {
+    pub slot: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    pub draining: tokio::sync::watch::Receiver<bool>,
+}
 
 /// Whether a request asks to open a realtime session.
 pub fn is_upgrade(parts: &Parts, route: &str) -> bool {
@@ -342,6 +346,8 @@ enum End {
     ClientBroke,
     UpstreamBroke,
     TimedOut,
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
 impl End {
@@ -352,6 +358,7 @@ impl End {
             End::ClientBroke => "client_error",
             End::UpstreamBroke => "upstream_error",
             End::TimedOut => "timeout",
+            End::Shutdown => "shutdown",
         }
     }
 }
@@ -371,7 +378,8 @@ impl Session {
         .await;
         let upstream =
             WebSocketStream::from_raw_socket(upstream_io, Role::Client, Some(self.config)).await;
-        let (tally, end) = relay_both(client, upstream, self.total).await;
+        let draining = self._held.as_ref().map(|held| held.draining.clone());
+        let (tally, end) = relay_both(client, upstream, self.total, draining).await;
         self.finish(tally, end, started.elapsed());
     }
 
@@ -414,6 +422,7 @@ async fn relay_both<C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
     total: Option<Duration>,
+    draining: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> (Tally, End)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -472,10 +481,17 @@ where
             None => std::future::pending().await,
         }
     };
+    let shutdown = async {
+        match draining {
+            Some(mut draining) => drop(draining.wait_for(|draining| *draining).await),
+            None => std::future::pending().await,
+        }
+    };
     let end = tokio::select! {
         end = up => end,
         end = down => end,
         () = deadline => End::TimedOut,
+        () = shutdown => End::Shutdown,
     };
     tally.from_client = from_client;
     // The other side is closed too (a close frame where it can still take one).
