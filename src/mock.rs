@@ -410,7 +410,7 @@ async fn handle(
                 parts.uri = translated.uri;
                 translated.body
             }
-            Err(response) => return Ok(finish(response, &plan, &state)),
+            Err(response) => return Ok(finish(*response, &plan, &state)),
         }
     } else {
         body

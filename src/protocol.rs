@@ -4,11 +4,12 @@
 //! on the way (its path, its body, its answer's shape).
 //!
 //! Each protocol is a variant of a small `Copy` enum ([`ClientProtocol`], [`UpstreamKind`])
-//! whose methods `match` to the protocol's module ([`openai`] today). An enum rather than a
-//! trait object: the hot path pays a `match` the compiler can see through (no `dyn`, no
-//! `Box`, no vtable), and adding Anthropic, Gemini or Azure is one module and one variant,
-//! with the compiler naming every method that must learn it. This module reads no socket
-//! and holds no state.
+//! whose methods `match` to the protocol's module ([`openai`]; [`azure`] for Azure OpenAI
+//! upstreams, which speak OpenAI's bodies behind other paths and another key header). An
+//! enum rather than a trait object: the hot path pays a `match` the compiler can see
+//! through (no `dyn`, no `Box`, no vtable), and adding Anthropic or Gemini is one module
+//! and one variant, with the compiler naming every method that must learn it. This module
+//! reads no socket and holds no state.
 
 pub mod azure;
 pub mod openai;

@@ -29,7 +29,7 @@ pub(super) fn translate(
     parts: &Parts,
     body: &Bytes,
     deployments: &[String],
-) -> Result<Translated, Response<Body>> {
+) -> Result<Translated, Box<Response<Body>>> {
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
     let (rest, deployment) = if let Some(rest) = path.strip_prefix("/openai/v1/") {
@@ -46,10 +46,7 @@ pub(super) fn translate(
             p.strip_prefix("api-version=")
                 .is_some_and(|v| !v.is_empty())
         }) {
-            return Err(json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"error": {"code": "404", "message": "Resource not found"}}),
-            ));
+            return Err(not_found());
         }
         match rest.strip_prefix("deployments/") {
             Some(tail) => {
@@ -61,11 +58,11 @@ pub(super) fn translate(
     };
     if let Some(deployment) = &deployment {
         if !deployments.iter().any(|d| d == deployment) {
-            return Err(json_response(
+            return Err(Box::new(json_response(
                 StatusCode::NOT_FOUND,
                 &json!({"error": {"code": "DeploymentNotFound", "message":
                     "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}),
-            ));
+            )));
         }
     }
     let kept: Vec<&str> = query
@@ -88,9 +85,9 @@ pub(super) fn translate(
     Ok(Translated { uri, body })
 }
 
-fn not_found() -> Response<Body> {
-    json_response(
+fn not_found() -> Box<Response<Body>> {
+    Box::new(json_response(
         StatusCode::NOT_FOUND,
         &json!({"error": {"code": "404", "message": "Resource not found"}}),
-    )
+    ))
 }
