@@ -126,6 +126,21 @@ async fn a_stream_keeps_the_clients_model_and_its_usage_is_logged() {
     assert_eq!(row["upstream"], "az");
     assert!(row["total_tokens"].as_u64().unwrap() > 0, "{row}");
     assert_eq!(row["usage_source"], "upstream");
+    let metrics = client()
+        .get(gw.url("/metrics"))
+        .bearer_auth("admin-secret-0001")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"sluice_requests_total{model="gpt-4o",upstream="az",key="alice",status="200"} 1"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

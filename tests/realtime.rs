@@ -477,3 +477,31 @@ async fn shutdown_closes_open_sessions_and_waits_for_them() {
         "the upstream's side was closed too"
     );
 }
+
+#[tokio::test]
+async fn a_mapped_model_reaches_the_upstream_under_its_own_name() {
+    let mock = mock().await;
+    let gw = gateway(&config(
+        &mock,
+        "",
+        "    model_map: {my-voice: gpt-4o-realtime-preview}\n",
+    ))
+    .await;
+    let (mut socket, _) = connect(
+        &gw,
+        "my-voice",
+        &[("authorization", "Bearer fk-alice-0001")],
+    )
+    .await
+    .unwrap();
+    let created = next_event(&mut socket).await;
+    assert_eq!(created["session"]["model"], "gpt-4o-realtime-preview");
+    assert_eq!(
+        mock.last().unwrap().query.as_deref(),
+        Some("model=gpt-4o-realtime-preview")
+    );
+    socket.close(None).await.unwrap();
+    let row = last_row(&gw, 0).await;
+    assert_eq!(row["model"], "my-voice");
+    assert_eq!(row["upstream_model"], "gpt-4o-realtime-preview");
+}
