@@ -366,3 +366,22 @@ async fn check_names_what_an_azure_upstream_lacks() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_unquoted_api_version_reads_as_written() {
+    let yaml = "upstreams:
+  - name: az
+    kind: azure
+    base_url: https://res.openai.azure.com/
+    api_version: 2024-10-21
+    keys: [az-key-one-0001]
+    deployments: {gpt-4o: prod-4o}
+";
+    let document = sluice::config::load::parse_document(yaml).unwrap();
+    let config = sluice::config::load::resolve(&document, &Default::default()).unwrap();
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.kind, sluice::config::ApiKind::Azure);
+    assert_eq!(upstream.api_version.as_deref(), Some("2024-10-21"));
+    assert_eq!(upstream.upstream_model("gpt-4o"), "prod-4o");
+    assert!(upstream.serves("gpt-4o"));
+}
