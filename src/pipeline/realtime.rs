@@ -238,7 +238,7 @@ async fn stages(
         record,
         sink,
         _in_flight: in_flight,
-        _held: held,
+        held,
     };
     tokio::spawn(session.run(client_upgrade, upstream_io));
 
@@ -283,7 +283,7 @@ struct Session {
     /// The upstream counts the session in flight until it ends.
     _in_flight: InFlight,
     /// The client's address keeps its connection slot until it ends.
-    _held: Option<HeldConnection>,
+    held: Option<HeldConnection>,
 }
 
 /// What crossed a session, for its log record.
@@ -378,7 +378,7 @@ impl Session {
         .await;
         let upstream =
             WebSocketStream::from_raw_socket(upstream_io, Role::Client, Some(self.config)).await;
-        let draining = self._held.as_ref().map(|held| held.draining.clone());
+        let draining = self.held.as_ref().map(|held| held.draining.clone());
         let (tally, end) = relay_both(client, upstream, self.total, draining).await;
         self.finish(tally, end, started.elapsed());
     }
