@@ -505,3 +505,31 @@ async fn a_mapped_model_reaches_the_upstream_under_its_own_name() {
     assert_eq!(row["model"], "my-voice");
     assert_eq!(row["upstream_model"], "gpt-4o-realtime-preview");
 }
+
+#[tokio::test]
+async fn an_azure_v1_upstream_gets_the_deployment_as_the_model() {
+    let mock = mock_with(MockOptions {
+        protocol: MockProtocol::Azure,
+        models: vec!["rt-prod".into()],
+        ..MockOptions::default()
+    })
+    .await;
+    let gw = gateway(&format!(
+        "upstreams:
+  - name: az
+    kind: azure
+    base_url: {}
+    api_version: v1
+    keys: [az-key-one-0001]
+    deployments: {{gpt-4o-realtime: rt-prod}}
+",
+        mock.url()
+    ))
+    .await;
+    let (mut socket, _) = connect(&gw, "gpt-4o-realtime", &[]).await.unwrap();
+    assert_eq!(next_event(&mut socket).await["session"]["model"], "rt-prod");
+    let seen = mock.last().unwrap();
+    assert_eq!(seen.path, "/openai/v1/realtime");
+    assert_eq!(seen.query.as_deref(), Some("model=rt-prod"));
+    socket.close(None).await.unwrap();
+}

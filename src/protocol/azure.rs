@@ -55,11 +55,15 @@ pub fn target<'a>(
     if version == V1 {
         // The v1 API names the deployment in the body (`model`) and needs no version.
         let query = match (rest, model) {
-            ("/realtime", Some(model)) => Some(Cow::Owned(with_param(
-                query,
-                "model",
-                deployment(model, upstream)?,
-            ))),
+            ("/realtime", Some(model)) => {
+                // The client's `model` gives way to the deployment it names.
+                let others = without_param(query, "model");
+                Some(Cow::Owned(with_param(
+                    others.as_deref(),
+                    "model",
+                    deployment(model, upstream)?,
+                )))
+            }
             _ => query.map(Cow::Borrowed),
         };
         return Ok((Cow::Owned(format!("/openai/v1{rest}")), query));
@@ -213,9 +217,9 @@ mod tests {
         check(
             V1,
             "/v1/realtime",
-            None,
+            Some("model=gpt-4o&x=1"),
             Some("gpt-4o"),
-            "/openai/v1/realtime?model=prod-4o",
+            "/openai/v1/realtime?x=1&model=prod-4o",
         );
     }
 
