@@ -151,6 +151,13 @@ impl UpstreamKind {
         }
     }
 
+    /// Whether the upstream serves OpenAI's Realtime API (`/v1/realtime` over WebSocket).
+    pub fn speaks_realtime(self) -> bool {
+        match self {
+            Self::OpenAi | Self::Azure => true,
+        }
+    }
+
     /// Whether the client's model name is put back into the answer: when the upstream
     /// was asked for another name, and always for Azure, which answers with the
     /// deployment's model (`gpt-4o-2024-08-06`).

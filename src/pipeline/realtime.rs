@@ -47,6 +47,7 @@ use crate::pipeline::exchange::Exchange;
 use crate::pipeline::relay::{self, Shaping};
 use crate::pipeline::try_loop::Settled;
 use crate::pipeline::{plan, read, try_loop};
+use crate::protocol::UpstreamKind;
 use crate::pure::usage::{TokenUsage, parse_usage};
 use crate::upstream::InFlight;
 
@@ -181,7 +182,18 @@ async fn stages(
         record.model = Some(model);
     }
     read::authorise_model(x, &inbound)?;
-    let plan = plan::plan(x, &mut inbound).await?;
+    let mut plan = plan::plan(x, &mut inbound).await?;
+    let upstreams = &x.gateway.upstreams;
+    plan.candidates
+        .retain(|&i| UpstreamKind::of(&upstreams[i].config).speaks_realtime());
+    if plan.candidates.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            "no upstream serving this model speaks the Realtime API",
+        ));
+    }
     let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
     let Settled::Answered {
         response,
