@@ -13,6 +13,9 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 # psql creates the SDK tests' PostgreSQL databases; redis-server runs the outage test.
 command -v psql >/dev/null || missing+=(postgresql-client)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# The openai Node SDK tests (tests/e2e-node) need Node 20 or newer and npm.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
@@ -22,7 +25,7 @@ fi
 
 python=${PYTHON:-python3}
 venv=.venv
-if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, selenium, opentelemetry.proto" 2>/dev/null; then
+if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, selenium, opentelemetry.proto, websockets" 2>/dev/null; then
   echo "== setting up the Python test environment in $venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
@@ -50,8 +53,23 @@ if command -v psql >/dev/null; then
     | while read -r db; do psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
 fi
 echo "== cargo test (request log on PostgreSQL)"
-SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing --test admin --test affinity --test guards --test operator --test manage --test cache --test fallback
+SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing --test admin --test affinity --test guards --test operator --test manage --test cache --test fallback --test realtime
 
 echo "== OpenAI SDK end-to-end tests"
 cargo build --quiet --bin sluice
 SLUICE_TEST_BIN="$PWD/target/debug/sluice" "$venv/bin/pytest" -q tests/e2e
+
+# The official openai Node SDK against every upstream kind (tests/e2e-node/harness.mjs),
+# its packages pinned by the committed lockfile; a summary line of its own at the end.
+echo "== openai Node SDK end-to-end tests"
+(cd tests/e2e-node && npm ci --no-audit --no-fund --loglevel=error)
+tap=$(mktemp)
+node_status=0
+(cd tests/e2e-node && SLUICE_TEST_BIN="$PWD/../../target/debug/sluice" node --test \
+  --test-reporter=spec --test-reporter-destination=stdout \
+  --test-reporter=tap --test-reporter-destination="$tap" sdk.test.mjs) || node_status=$?
+node_passed=$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$tap" | tail -1)
+node_failed=$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$tap" | tail -1)
+rm -f "$tap"
+echo "node: ${node_passed:-0} passed, ${node_failed:-0} failed"
+exit "$node_status"

@@ -535,9 +535,34 @@ impl Team {
     }
 }
 
+/// The API an upstream speaks (`kind:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiKind {
+    /// OpenAI's API, or one compatible with it.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI: deployments in the path, `api-version` in the query, `api-key`.
+    Azure,
+}
+
+impl ApiKind {
+    pub const NAMES: [&'static str; 2] = ["openai", "azure"];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "openai" => Some(Self::OpenAi),
+            "azure" => Some(Self::Azure),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    pub kind: ApiKind,
+    /// Azure's `api-version`; `Some("v1")` selects the `/openai/v1/` paths.
+    pub api_version: Option<String>,
     /// Scheme, host and optional base path, without a trailing slash.
     pub base_url: String,
     pub keys: Vec<Secret>,
@@ -545,7 +570,8 @@ pub struct Upstream {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub proxy: Option<String>,
     pub timeouts: Timeouts,
-    /// Client-facing model name → the upstream's name for it.
+    /// Client-facing model name → the upstream's name for it (for Azure, the deployment:
+    /// `deployments` are merged in here).
     pub model_map: HashMap<String, String>,
     /// JSON field renames applied recursively to request bodies (`model` → `model_id`).
     pub field_aliases: Vec<(String, String)>,

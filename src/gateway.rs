@@ -11,7 +11,7 @@ use crate::accounting::recorder::{RecordSink, Recorder};
 use crate::accounting::records::{KeyTicket, Pending, TraceContext};
 use crate::accounting::shared::{Event, EventKind, Scope, Settlement, SharedState};
 use crate::cache::ResponseCache;
-use crate::config::{Config, GatewayKey, Upstream};
+use crate::config::{ApiKind, Config, GatewayKey, Upstream};
 use crate::http::error::ApiError;
 use crate::observe::access::AccessLog;
 use crate::observe::alerts::Alerts;
@@ -218,8 +218,11 @@ impl Gateway {
             }
         }
         let routing = &config.routing;
-        let routing_needs_model =
-            upstreams.len() > 1 || upstreams.iter().any(|u| !u.config.models.any);
+        // An Azure upstream's path names the model's deployment.
+        let routing_needs_model = upstreams.len() > 1
+            || upstreams
+                .iter()
+                .any(|u| !u.config.models.any || u.config.kind == ApiKind::Azure);
         let rewrites = upstreams.iter().any(|u| u.config.rewrites_bodies());
         // Even a lone upstream and key is tried again after a failure.
         let can_retry = routing.retries > 0;

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::{self, EnvMap, LoadOptions, LogFormat};
 use sluice::gateway::{Current, Gateway};
-use sluice::mock::{self, Fault, MockOptions};
+use sluice::mock::{self, Fault, MockOptions, MockProtocol};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -50,6 +50,9 @@ enum Command {
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: String,
+        /// The API it speaks: openai, or azure (deployment paths, api-version, api-key).
+        #[arg(long, default_value = "openai")]
+        protocol: String,
         /// Content chunks per streamed reply (and words per plain reply).
         #[arg(long, default_value_t = 8)]
         chunks: usize,
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         }
         Command::MockUpstream {
             listen,
+            protocol,
             chunks,
             interval,
             fault,
@@ -114,6 +118,15 @@ fn main() -> ExitCode {
         } => {
             init_tracing(log_format(None));
             let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name);
+            let options = options.and_then(|options| {
+                let protocol = MockProtocol::parse(&protocol).with_context(|| {
+                    format!("--protocol {protocol:?}: expected openai or azure")
+                })?;
+                Ok(MockOptions {
+                    protocol,
+                    ..options
+                })
+            });
             options.and_then(|options| {
                 runtime(workers).and_then(|rt| rt.block_on(mock_upstream(&listen, options)))
             })

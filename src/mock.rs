@@ -6,7 +6,11 @@
 //! stream) either for every request or per request via `x-mock-*` headers. It records what
 //! reached it so tests can assert on the path, headers, key and body an upstream saw.
 
+mod azure;
+mod realtime;
 mod responses;
+
+pub use azure::deployment_model;
 
 pub use responses::speech_bytes;
 
@@ -70,9 +74,29 @@ impl Fault {
     }
 }
 
+/// The API the mock speaks (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MockProtocol {
+    #[default]
+    OpenAi,
+    /// Azure OpenAI: deployment paths, `api-version`, the `api-key` header.
+    Azure,
+}
+
+impl MockProtocol {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "openai" => Some(Self::OpenAi),
+            "azure" => Some(Self::Azure),
+            _ => None,
+        }
+    }
+}
+
 /// How the mock behaves when a request does not say otherwise.
 #[derive(Debug, Clone)]
 pub struct MockOptions {
+    pub protocol: MockProtocol,
     /// Name reported in `x-mock-upstream` and in replies, to tell mocks apart.
     pub name: String,
     /// Content chunks in a streamed reply (also the words of a plain reply).
@@ -96,6 +120,7 @@ pub struct MockOptions {
 impl Default for MockOptions {
     fn default() -> Self {
         Self {
+            protocol: MockProtocol::OpenAi,
             name: "mock".into(),
             chunks: 8,
             interval: Duration::ZERO,
@@ -160,6 +185,9 @@ pub struct MockState {
     pub streams_finished: AtomicUsize,
     /// Streams whose reader went away before the end.
     pub streams_cancelled: AtomicUsize,
+    /// Realtime sessions opened, and ended (by either side).
+    pub realtime_opened: AtomicUsize,
+    pub realtime_closed: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +281,7 @@ pub async fn run(listener: TcpListener, state: Arc<MockState>) {
             let service = service_fn(move |request| handle(state.clone(), request));
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -282,9 +311,12 @@ struct Plan {
 
 async fn handle(
     state: Arc<MockState>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<Body>, DropConnection> {
-    let (parts, body) = request.into_parts();
+    if realtime::is_upgrade(&request) {
+        return Ok(realtime::accept(&state, &mut request));
+    }
+    let (mut parts, body) = request.into_parts();
     let body = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => return Err(DropConnection),
@@ -363,7 +395,10 @@ async fn handle(
         _ => {}
     }
 
-    let presented = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    let azure = options.protocol == MockProtocol::Azure;
+    let presented = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header("api-key").filter(|_| azure));
     let token_ok =
         || presented.is_some_and(|t| state.tokens.lock().is_ok_and(|tokens| tokens.contains(t)));
     let key_ok = || presented.is_some_and(|key| options.keys.iter().any(|k| k == key));
@@ -380,6 +415,17 @@ async fn handle(
         ));
     }
 
+    let body = if azure {
+        match azure::translate(&parts, &body, &options.models) {
+            Ok(translated) => {
+                parts.uri = translated.uri;
+                translated.body
+            }
+            Err(response) => return Ok(finish(*response, &plan, &state)),
+        }
+    } else {
+        body
+    };
     let response = responses::route(&state, &plan, &parts, body);
     Ok(finish(response, &plan, &state))
 }
@@ -479,6 +525,8 @@ fn control(state: &MockState, method: &Method, path: &str) -> Response<Body> {
                 "streams_started": state.streams_started.load(Ordering::SeqCst),
                 "streams_finished": state.streams_finished.load(Ordering::SeqCst),
                 "streams_cancelled": state.streams_cancelled.load(Ordering::SeqCst),
+                "realtime_opened": state.realtime_opened.load(Ordering::SeqCst),
+                "realtime_closed": state.realtime_closed.load(Ordering::SeqCst),
             }),
         ),
         _ => error(

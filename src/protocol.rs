@@ -4,20 +4,22 @@
 //! on the way (its path, its body, its answer's shape).
 //!
 //! Each protocol is a variant of a small `Copy` enum ([`ClientProtocol`], [`UpstreamKind`])
-//! whose methods `match` to the protocol's module ([`openai`] today). An enum rather than a
-//! trait object: the hot path pays a `match` the compiler can see through (no `dyn`, no
-//! `Box`, no vtable), and adding Anthropic, Gemini or Azure is one module and one variant,
-//! with the compiler naming every method that must learn it. This module reads no socket
-//! and holds no state.
+//! whose methods `match` to the protocol's module ([`openai`]; [`azure`] for Azure OpenAI
+//! upstreams, which speak OpenAI's bodies behind other paths and another key header). An
+//! enum rather than a trait object: the hot path pays a `match` the compiler can see
+//! through (no `dyn`, no `Box`, no vtable), and adding Anthropic or Gemini is one module
+//! and one variant, with the compiler naming every method that must learn it. This module
+//! reads no socket and holds no state.
 
+pub mod azure;
 pub mod openai;
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::{Method, Response};
+use http::{HeaderName, Method, Response, header};
 
-use crate::config::Upstream;
+use crate::config::{ApiKind, Upstream};
 use crate::http::body::Body;
 use crate::http::error::ApiError;
 use crate::pure::shape::{ModelRename, Shaper};
@@ -32,6 +34,8 @@ pub enum ClientProtocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamKind {
     OpenAi,
+    /// Azure OpenAI: OpenAI's bodies behind deployment paths ([`azure`]).
+    Azure,
 }
 
 /// What the gateway needs of a request body, borrowed from it where it can be.
@@ -111,15 +115,57 @@ impl ClientProtocol {
 }
 
 impl UpstreamKind {
-    /// The kind of a configured upstream: every upstream speaks OpenAI's API today.
-    pub fn of(_upstream: &Upstream) -> Self {
-        Self::OpenAi
+    /// The kind of a configured upstream (`kind:`).
+    pub fn of(upstream: &Upstream) -> Self {
+        match upstream.kind {
+            ApiKind::OpenAi => Self::OpenAi,
+            ApiKind::Azure => Self::Azure,
+        }
     }
 
-    /// The path to send the upstream: a model named in it gets the upstream's own name.
-    pub fn path<'a>(self, method: &Method, path: &'a str, upstream: &Upstream) -> Cow<'a, str> {
+    /// The path and query to send the upstream for a gateway path, the client's query
+    /// and the client's model (which names an Azure deployment).
+    pub fn target<'a>(
+        self,
+        method: &Method,
+        path: &'a str,
+        query: Option<&'a str>,
+        model: Option<&str>,
+        upstream: &Upstream,
+    ) -> Result<(Cow<'a, str>, Option<Cow<'a, str>>), ApiError> {
         match self {
-            Self::OpenAi => openai::upstream_path(method, path, upstream),
+            Self::OpenAi => Ok((
+                openai::upstream_path(method, path, upstream),
+                openai::upstream_query(path, query, model, upstream),
+            )),
+            Self::Azure => azure::target(path, query, model, upstream),
+        }
+    }
+
+    /// The header that carries one of the upstream's own keys, and whether its value is
+    /// `Bearer KEY` (else the key alone). Tokens always go as `Authorization: Bearer`.
+    pub fn key_header(self) -> (HeaderName, bool) {
+        match self {
+            Self::OpenAi => (header::AUTHORIZATION, true),
+            Self::Azure => (HeaderName::from_static("api-key"), false),
+        }
+    }
+
+    /// Whether the upstream serves OpenAI's Realtime API (`/v1/realtime` over WebSocket).
+    pub fn speaks_realtime(self) -> bool {
+        match self {
+            Self::OpenAi | Self::Azure => true,
+        }
+    }
+
+    /// Whether the client's model name is put back into the answer: when the upstream
+    /// was asked for another name than the client's for the model that serves (`served`:
+    /// the client's, or a fallback's), and always for Azure, which answers with the
+    /// deployment's model (`gpt-4o-2024-08-06`).
+    pub fn puts_model_back(self, upstream: &Upstream, served: &str, client_model: &str) -> bool {
+        match self {
+            Self::OpenAi => upstream.upstream_model(served) != client_model,
+            Self::Azure => true,
         }
     }
 
@@ -131,7 +177,9 @@ impl UpstreamKind {
         upstream: &Upstream,
     ) -> Result<Option<Bytes>, serde_json::Error> {
         match self {
-            Self::OpenAi => crate::pure::rewrite::request_body(body, client_model, upstream),
+            Self::OpenAi | Self::Azure => {
+                crate::pure::rewrite::request_body(body, client_model, upstream)
+            }
         }
     }
 
@@ -146,7 +194,7 @@ impl UpstreamKind {
         strip_usage: bool,
     ) -> Option<Shaper> {
         match self {
-            Self::OpenAi => {
+            Self::OpenAi | Self::Azure => {
                 let rename = rename
                     .filter(|_| sse || json)
                     .map(|m| ModelRename { to: m.to_string() });

@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 use crate::clock::now_ms;
 use crate::config::Upstream;
+use crate::protocol::UpstreamKind;
 use crate::pure::routing::Health;
 use crate::upstream::token::TokenCache;
 
@@ -22,8 +23,11 @@ pub struct UpstreamRuntime {
     pub config: Upstream,
     pub client: reqwest::Client,
     next_key: AtomicUsize,
-    /// `Bearer <key>` for each key, built once so the hot path only clones a handle.
+    /// `Bearer <key>` for each key (the key alone for Azure's `api-key`), built once so
+    /// the hot path only clones a handle.
     auth_headers: Vec<HeaderValue>,
+    /// The header the keys go in (`Authorization`, or Azure's `api-key`).
+    pub key_header: HeaderName,
     /// The upstream's name as the `x-sluice-upstream` response header.
     pub name_header: HeaderValue,
     /// Whether `base_url` already ends in `/v1`, so `/v1/...` paths drop their own.
@@ -62,14 +66,19 @@ impl UpstreamRuntime {
     pub fn new(config: Upstream) -> anyhow::Result<Self> {
         let name = config.name.clone();
         let client = build_client(&config).with_context(|| format!("upstream {name}"))?;
+        let (key_header, bearer) = UpstreamKind::of(&config).key_header();
         let auth_headers = config
             .keys
             .iter()
             .map(|key| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                    .with_context(|| {
-                        format!("upstream {name}: a key has characters not allowed in a header")
-                    })?;
+                let text = if bearer {
+                    format!("Bearer {}", key.expose())
+                } else {
+                    key.expose().to_string()
+                };
+                let mut value = HeaderValue::from_str(&text).with_context(|| {
+                    format!("upstream {name}: a key has characters not allowed in a header")
+                })?;
                 value.set_sensitive(true);
                 Ok(value)
             })
@@ -88,6 +97,7 @@ impl UpstreamRuntime {
             client,
             next_key: AtomicUsize::new(0),
             auth_headers,
+            key_header,
             name_header,
             token,
             in_flight: AtomicUsize::new(0),
@@ -131,18 +141,23 @@ impl UpstreamRuntime {
     }
 
     /// The upstream's own credential for a request of sluice's making: its token, or its
-    /// next usable key.
+    /// next usable key, with the header it goes in.
     pub async fn own_credential(
         &self,
-    ) -> Result<Option<HeaderValue>, crate::http::error::ApiError> {
+    ) -> Result<Option<(HeaderName, HeaderValue)>, crate::http::error::ApiError> {
         if let Some(cache) = &self.token {
-            return Ok(Some(cache.get().await?.header));
+            return Ok(Some((
+                http::header::AUTHORIZATION,
+                cache.get().await?.header,
+            )));
         }
         let key = self
             .pick_key(now_ms(), |_| false)
             .flatten()
             .or_else(|| self.soonest_key());
-        Ok(key.and_then(|k| self.auth_header(k)).cloned())
+        Ok(key
+            .and_then(|k| self.auth_header(k))
+            .map(|value| (self.key_header.clone(), value.clone())))
     }
 
     pub fn cool_key(&self, index: usize, duration: Duration) {
@@ -277,6 +292,8 @@ mod tests {
     pub fn upstream_config(base_url: &str, keys: &[&str]) -> Upstream {
         Upstream {
             name: "u".into(),
+            kind: Default::default(),
+            api_version: None,
             base_url: base_url.into(),
             keys: keys.iter().map(|k| Secret::new(*k)).collect(),
             models: ModelSet::any(),

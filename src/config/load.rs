@@ -1,7 +1,7 @@
 //! Layered loading: file (or built-in defaults) → `SLUICE_…` environment → CLI flags, then
 //! section-by-section deserialisation and validation that collects every problem.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use super::{
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
     parse_net, parse_size,
 };
-use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
+use super::{Admin, ApiKind, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
 use super::{Alerts, Log, LogFormat, Webhook, WebhookFormat};
 use super::{Cache, CacheScope, FallbackModelName};
 
@@ -839,6 +839,7 @@ fn resolve_upstream(
         }
     }
 
+    let (kind, model_map) = resolve_kind(&raw, path, problems);
     let model_list = raw.models.unwrap_or_else(|| vec!["*".to_string()]);
     if model_list.is_empty() {
         problems.push(Problem::new(
@@ -912,13 +913,15 @@ fn resolve_upstream(
 
     (problems.len() == before).then(|| Upstream {
         name: raw.name,
+        kind,
+        api_version: raw.api_version,
         base_url,
         keys,
         models: ModelSet::from_list(&model_list),
         headers,
         proxy: raw.proxy,
         timeouts,
-        model_map: raw.model_map.into_iter().collect(),
+        model_map,
         field_aliases: raw.field_aliases.into_iter().collect(),
         paths: raw.paths.into_iter().collect(),
         weight: raw.weight.unwrap_or(1),
@@ -1007,6 +1010,76 @@ fn resolve_alerts(raw: RawAlerts, env: &EnvMap, problems: &mut Vec<Problem>) -> 
     )
     .unwrap_or(DEFAULT_ALERT_INTERVAL);
     Alerts { webhooks, interval }
+}
+
+/// The API an upstream speaks and its model map: Azure's `deployments` join `model_map`
+/// (a deployment is the upstream's name for the client's model), and Azure needs its
+/// `api-version`; neither means anything to another kind.
+fn resolve_kind(
+    raw: &RawUpstream,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> (ApiKind, HashMap<String, String>) {
+    let kind = match raw.kind.as_deref().map(str::trim) {
+        None => ApiKind::OpenAi,
+        Some(text) => ApiKind::parse(text).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                format!("{path}.kind"),
+                format!("must be one of {}", ApiKind::NAMES.join(", ")),
+            ));
+            ApiKind::OpenAi
+        }),
+    };
+    let mut model_map: HashMap<String, String> = raw
+        .model_map
+        .iter()
+        .map(|(from, to)| (from.clone(), to.clone()))
+        .collect();
+    if kind != ApiKind::Azure {
+        if raw.api_version.is_some() {
+            problems.push(Problem::new(
+                format!("{path}.api_version"),
+                "only an upstream of kind azure takes an api_version",
+            ));
+        }
+        if !raw.deployments.is_empty() {
+            problems.push(Problem::new(
+                format!("{path}.deployments"),
+                "only an upstream of kind azure has deployments; use model_map",
+            ));
+        }
+        return (kind, model_map);
+    }
+    match raw.api_version.as_deref().map(str::trim) {
+        None | Some("") => problems.push(Problem::new(
+            format!("{path}.api_version"),
+            "an azure upstream needs its api-version (e.g. 2024-10-21, or v1 for the /openai/v1/ paths)",
+        )),
+        Some(version) if !version.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+            problems.push(Problem::new(
+                format!("{path}.api_version"),
+                "may hold only letters, digits and '-' (e.g. 2024-10-21)",
+            ))
+        }
+        Some(_) => {}
+    }
+    for (model, deployment) in &raw.deployments {
+        if model.trim().is_empty() || !crate::protocol::azure::is_deployment_name(deployment) {
+            problems.push(Problem::new(
+                format!("{path}.deployments.{model}"),
+                "a deployment name is 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+        } else if model_map
+            .insert(model.clone(), deployment.clone())
+            .is_some()
+        {
+            problems.push(Problem::new(
+                format!("{path}.deployments.{model}"),
+                "the model is in model_map too; name its deployment once",
+            ));
+        }
+    }
+    (kind, model_map)
 }
 
 fn resolve_shared_state(raw: RawSharedState, problems: &mut Vec<Problem>) -> Option<SharedState> {

@@ -108,7 +108,14 @@ pub struct RawPrice {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: String,
+    /// The API it speaks: `openai` (the default) or `azure`.
+    pub kind: Option<String>,
     pub base_url: String,
+    /// Azure OpenAI's `api-version` (`2024-10-21`, or `v1` for the `/openai/v1/` paths).
+    pub api_version: Option<String>,
+    /// Azure OpenAI: client model name → deployment name.
+    #[serde(default)]
+    pub deployments: BTreeMap<String, String>,
     #[serde(default)]
     pub keys: Vec<String>,
     pub keys_env: Option<String>,

@@ -13,7 +13,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -25,7 +24,7 @@ use crate::gateway::{Current, Gateway};
 use crate::http::body::{Body, json_response};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, client_ip};
-use crate::pipeline::{forward, models};
+use crate::pipeline::{forward, models, realtime};
 use crate::pure::limits::Reserve;
 
 /// How long open exchanges may run on after shutdown begins.
@@ -69,7 +68,9 @@ pub async fn serve_current(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?.ip();
-    let graceful = GracefulShutdown::new();
+    // hyper-util's `GracefulShutdown` cannot watch a connection served with upgrades, so
+    // draining is a watch channel of its own.
+    let (drain, _) = tokio::sync::watch::channel(false);
     let busy_poll = BusyPoll::start(current.load().config.server.busy_poll);
     // Cooldowns and session pins other instances announce apply to whichever gateway is
     // in force when they arrive.
@@ -108,18 +109,45 @@ pub async fn serve_current(
         }
         let current = current.clone();
         let busy_poll = busy_poll.clone();
-        let service = service_fn(move |request| {
+        // A realtime session outlives its connection's HTTP exchange: it takes a hold on
+        // the address's slot with it, so the cap counts open sessions too, and watches
+        // the drain, so shutdown closes it and waits for it.
+        let slot = slot.map(Arc::new);
+        let held = slot.clone();
+        let session_drain = drain.subscribe();
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            if request.headers().contains_key(http::header::UPGRADE) {
+                request.extensions_mut().insert(realtime::HeldConnection {
+                    slot: held
+                        .clone()
+                        .map(|slot| -> Arc<dyn std::any::Any + Send + Sync> { slot }),
+                    draining: session_drain.clone(),
+                });
+            }
             let gateway = current.load();
             if let Some(busy_poll) = &busy_poll {
                 busy_poll.touch();
             }
             async move { Ok::<_, Infallible>(handle(&gateway, peer, local, role, request).await) }
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        // With upgrades, so a realtime session's connection can switch to WebSocket.
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut draining = drain.subscribe();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = async { drop(draining.wait_for(|draining| *draining).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(%peer, "connection ended with an error: {error}");
             }
+            drop(draining);
             drop(slot);
         });
     }
@@ -127,8 +155,11 @@ pub async fn serve_current(
     if let Some(follower) = follower {
         follower.abort();
     }
+    // Every connection is told to finish its exchange and close; each holds a receiver
+    // until it has, so the sender is closed when the last one is.
+    let _ = drain.send(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = drain.closed() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
     }
     Ok(())
@@ -422,7 +453,12 @@ async fn api(
             return error.into_response();
         }
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    let realtime = realtime::is_upgrade(&parts, &route);
+    if realtime {
+        // Before the record copies the headers: a browser's key is in a subprotocol.
+        realtime::key_from_subprotocol(&mut parts.headers);
+    }
     let mut record = gateway.start_record(client, &parts, &route);
     let caller = match gateway.guard.authenticate(&parts.headers) {
         Ok(caller) => caller,
@@ -433,6 +469,9 @@ async fn api(
     };
     if let Some(record) = record.as_mut() {
         record.key_label = caller.label().to_string();
+    }
+    if realtime {
+        return realtime::open(gateway, caller, parts, body, &route, record).await;
     }
     if parts.method != Method::GET || route != "/v1/models" {
         return forward::forward(gateway, caller, parts, body, &route, record).await;

@@ -111,14 +111,22 @@ fn model_of(body: &Value) -> String {
         .to_string()
 }
 
-/// The first function a request offers, when it wants a tool call.
-fn wanted_tool(body: &Value) -> Option<String> {
+/// The functions a request wants called: every one it offers (up to four) when it allows
+/// parallel calls (OpenAI's default), else the first; none when it says `none`.
+fn wanted_tools(body: &Value) -> Vec<String> {
     if body.get("tool_choice").and_then(Value::as_str) == Some("none") {
-        return None;
+        return Vec::new();
     }
-    let tools = body.get("tools")?.as_array()?;
-    let name = tools.first()?.get("function")?.get("name")?.as_str()?;
-    Some(name.to_string())
+    let Some(tools) = body.get("tools").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let parallel = body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
+    tools
+        .iter()
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+        .take(if parallel { 4 } else { 1 })
+        .map(str::to_string)
+        .collect()
 }
 
 const TOOL_ARGUMENTS: &str = r#"{"query":"mock"}"#;
@@ -132,7 +140,8 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
         .clamp(1, 16) as usize;
     let id = format!("chatcmpl-mock{}", state.next_id());
     let created = now();
-    let tool = wanted_tool(body);
+    let tools = wanted_tools(body);
+    let tool = tools.first();
     let prompt = prompt_tokens(body);
     let completion = plan.chunks as u64 * n as u64;
     let usage = if plan.usage {
@@ -159,7 +168,7 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
         };
         let mut events = Vec::with_capacity(plan.chunks + 4);
         for index in 0..n {
-            let delta = match &tool {
+            let delta = match tool {
                 Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
                     "index": 0, "id": format!("call_mock_{index}"), "type": "function",
                     "function": {"name": name, "arguments": ""}}]}),
@@ -170,14 +179,30 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
                 Value::Null,
             ));
         }
-        match &tool {
+        match tool {
             Some(_) => {
-                for index in 0..n {
-                    let delta = json!({"tool_calls": [{"index": 0, "function": {"arguments": TOOL_ARGUMENTS}}]});
-                    events.push(chunk(
-                        json!([{"index": index, "delta": delta, "finish_reason": null}]),
-                        Value::Null,
-                    ));
+                // Each call's arguments arrive in two pieces, and a parallel call starts
+                // only after the one before it is whole, as OpenAI streams them.
+                let (head, rest) = TOOL_ARGUMENTS.split_at(TOOL_ARGUMENTS.len() / 2);
+                for (call, name) in tools.iter().enumerate() {
+                    for index in 0..n {
+                        if call > 0 {
+                            let delta = json!({"tool_calls": [{"index": call,
+                                "id": format!("call_mock_{index}_{call}"), "type": "function",
+                                "function": {"name": name, "arguments": ""}}]});
+                            events.push(chunk(
+                                json!([{"index": index, "delta": delta, "finish_reason": null}]),
+                                Value::Null,
+                            ));
+                        }
+                        for piece in [head, rest] {
+                            let delta = json!({"tool_calls": [{"index": call, "function": {"arguments": piece}}]});
+                            events.push(chunk(
+                                json!([{"index": index, "delta": delta, "finish_reason": null}]),
+                                Value::Null,
+                            ));
+                        }
+                    }
                 }
             }
             None => {
@@ -208,10 +233,23 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
 
     let choices: Vec<Value> = (0..n)
         .map(|index| {
-            let message = match &tool {
-                Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
-                    "id": format!("call_mock_{index}"), "type": "function",
-                    "function": {"name": name, "arguments": TOOL_ARGUMENTS}}]}),
+            let message = match tool {
+                Some(_) => {
+                    let calls: Vec<Value> = tools
+                        .iter()
+                        .enumerate()
+                        .map(|(call, name)| {
+                            let id = if call == 0 {
+                                format!("call_mock_{index}")
+                            } else {
+                                format!("call_mock_{index}_{call}")
+                            };
+                            json!({"id": id, "type": "function",
+                                "function": {"name": name, "arguments": TOOL_ARGUMENTS}})
+                        })
+                        .collect();
+                    json!({"role": "assistant", "content": null, "tool_calls": calls})
+                }
                 None => json!({"role": "assistant", "content": reply_text(plan.chunks)}),
             };
             let finish = if tool.is_some() { "tool_calls" } else { "stop" };

@@ -35,6 +35,9 @@ pub struct Exchange<'r> {
     pub attempts: Vec<Attempt>,
     /// What the response cache made of it, when the cache is on (`x-sluice-cache`).
     pub cache: Option<CacheNote>,
+    /// The request opens a WebSocket (a realtime session): the upstream is asked to
+    /// switch protocols too.
+    pub websocket: bool,
 }
 
 impl<'r> Exchange<'r> {
@@ -57,6 +60,7 @@ impl<'r> Exchange<'r> {
             ticket: None,
             attempts: Vec::new(),
             cache: None,
+            websocket: false,
         }
     }
 

@@ -76,13 +76,24 @@ pub async fn list(
 
 /// An upstream's own model list; on failure, nothing (the other upstreams still answer).
 async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
-    let mut request = upstream.client.get(upstream.url("/v1/models", None));
+    let kind = crate::protocol::UpstreamKind::of(&upstream.config);
+    let url = match kind.target(
+        &http::Method::GET,
+        "/v1/models",
+        None,
+        None,
+        &upstream.config,
+    ) {
+        Ok((path, query)) => upstream.url(&path, query.as_deref()),
+        Err(_) => return Vec::new(),
+    };
+    let mut request = upstream.client.get(url);
     match caller {
         Caller::Passthrough(value) => {
             request = request.header(header::AUTHORIZATION, value.clone())
         }
         _ => match upstream.own_credential().await {
-            Ok(Some(value)) => request = request.header(header::AUTHORIZATION, value),
+            Ok(Some((name, value))) => request = request.header(name, value),
             Ok(None) => {}
             Err(error) => {
                 tracing::warn!(upstream = %upstream.config.name, "cannot list the upstream's models: {}", error.message);

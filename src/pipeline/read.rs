@@ -198,7 +198,7 @@ pub fn invalid_json(error: &serde_json::Error) -> ApiError {
 
 /// Refuses model names no provider uses: over [`MAX_MODEL_NAME`] bytes, or with control
 /// characters (NUL breaks stores, line breaks forge log lines).
-fn check_model_name(model: &str) -> Result<(), ApiError> {
+pub fn check_model_name(model: &str) -> Result<(), ApiError> {
     if model.len() > MAX_MODEL_NAME {
         return Err(ApiError::bad_request(
             "invalid_model",

@@ -114,6 +114,22 @@ fn take_record(
     }
 }
 
+/// The record of a realtime session and the log it goes to when the session ends: its
+/// upstream side filled in as a relayed answer's is.
+pub fn take_session_record(
+    x: &mut Exchange<'_>,
+    choice: Choice,
+    upstream: &UpstreamRuntime,
+    model: Option<&str>,
+) -> (Option<Box<Pending>>, Option<RecordSink>) {
+    let log = take_record(x, choice, upstream, model);
+    let record = log.record.map(|mut record| {
+        record.first_byte = Some(record.started.elapsed());
+        record
+    });
+    (record, log.sink)
+}
+
 /// A request's log record on its way to the log, with the number of tries it took.
 struct Log {
     record: Option<Box<Pending>>,
@@ -170,13 +186,13 @@ fn relay(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
+    let kind = UpstreamKind::of(&upstream.config);
     let served = shaping.served();
     let rename = shaping
         .client_model
-        .filter(|m| served.is_none_or(|s| upstream.config.upstream_model(s) != *m));
+        .filter(|m| kind.puts_model_back(&upstream.config, served.unwrap_or(m), m));
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
-    let kind = UpstreamKind::of(&upstream.config);
     let shaper = kind.shaper(sse, json, rename, shaping.strip_usage);
     if shaper.is_some() {
         // The body changes length when it is reshaped.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::LengthLimitError;
 use tokio::time::Instant;
 
@@ -66,14 +66,23 @@ pub async fn outgoing(
     for (name, value) in &upstream.config.headers {
         headers.insert(name.clone(), value.clone());
     }
+    if x.websocket {
+        // Hop-by-hop, so taken off the client's headers; a handshake needs them again.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
     if let Some(trace) = x.record.as_ref().and_then(|r| r.trace.as_ref()) {
         headers.insert(TRACEPARENT, trace.traceparent());
     }
     let kind = UpstreamKind::of(&upstream.config);
-    let url = upstream.url(
-        &kind.path(&x.parts.method, x.path, &upstream.config),
+    let (path, query) = kind.target(
+        &x.parts.method,
+        x.path,
         x.parts.uri.query(),
-    );
+        inbound.model.as_deref(),
+        &upstream.config,
+    )?;
+    let url = upstream.url(&path, query.as_deref());
     let mut request = upstream
         .client
         .request(x.parts.method.clone(), url)
@@ -116,7 +125,7 @@ async fn set_credential(
                 headers.insert(header::AUTHORIZATION, token.header);
                 return Ok(Some(token.generation));
             } else if let Some(value) = choice.key.and_then(|k| upstream.auth_header(k)) {
-                headers.insert(header::AUTHORIZATION, value.clone());
+                headers.insert(upstream.key_header.clone(), value.clone());
             } else if matches!(x.caller, Caller::Open) && x.gateway.config.access.passthrough {
                 // Passthrough makes client keys the credential; with none sent and none
                 // of the upstream's own to use, there is nothing to authenticate with.

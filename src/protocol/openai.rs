@@ -105,6 +105,37 @@ pub fn upstream_path<'a>(method: &Method, path: &'a str, upstream: &Upstream) ->
     }
 }
 
+/// The query to send `upstream`: a realtime session's `model` gets the upstream's own
+/// name for it; any other query goes as it came.
+pub fn upstream_query<'a>(
+    path: &str,
+    query: Option<&'a str>,
+    model: Option<&str>,
+    upstream: &Upstream,
+) -> Option<Cow<'a, str>> {
+    let query = query?;
+    let mapped = model
+        .filter(|_| path == "/v1/realtime")
+        .map(|m| upstream.upstream_model(m))
+        .filter(|to| Some(*to) != model);
+    let Some(to) = mapped else {
+        return Some(Cow::Borrowed(query));
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).ok()?;
+    let pairs: Vec<(String, String)> = pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let value = if name == "model" {
+                to.to_string()
+            } else {
+                value
+            };
+            (name, value)
+        })
+        .collect();
+    serde_urlencoded::to_string(pairs).ok().map(Cow::Owned)
+}
+
 /// Endpoints whose requests use no model: objects (files, batches, stores, threads…) and
 /// operations on something already made. Any other endpoint with a body and no `model`
 /// may fall back to a default model upstream, which a limited key must not reach.

@@ -782,6 +782,8 @@ mod tests {
         let limiter = Limiter::default();
         let upstream = Upstream {
             name: "u".into(),
+            kind: Default::default(),
+            api_version: None,
             base_url: "http://h".into(),
             keys: Vec::new(),
             models: ModelSet::any(),
