@@ -634,13 +634,7 @@ impl Accountant {
 
     /// Raises a key's or a team's budget alerts (80%, 100%) its use has reached in the
     /// current window.
-    fn check_budget(
-        &self,
-        holder: Holder<'_>,
-        budget: Option<&Budget>,
-        scope: &str,
-        at: i64,
-    ) {
+    fn check_budget(&self, holder: Holder<'_>, budget: Option<&Budget>, scope: &str, at: i64) {
         let (Some(alerts), Some(budget)) = (self.alerts.get(), budget) else {
             return;
         };
@@ -648,7 +642,13 @@ impl Accountant {
         let usage = self.limiter.usage(scope, period, at);
         let window = period.window(at);
         if let Some(limit) = budget.tokens {
-            alerts.budget(holder, period.name(), window, usage.tokens as f64, limit as f64);
+            alerts.budget(
+                holder,
+                period.name(),
+                window,
+                usage.tokens as f64,
+                limit as f64,
+            );
         }
         if let Some(limit) = budget.cost {
             alerts.budget(holder, period.name(), window, usage.cost, limit);

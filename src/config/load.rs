@@ -10,12 +10,12 @@ use http::{HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::raw::RawCache;
 use super::raw::{
     RawAccess, RawAdmin, RawBudget, RawGatewayKey, RawPrice, RawRouting, RawServer, RawStorage,
     RawTimeouts, RawToken, RawUpstream, Scalar,
 };
 use super::raw::{RawAlerts, RawLog, RawSharedState, RawTraces};
-use super::raw::RawCache;
 use super::{
     Access, Config, DEFAULT_LISTEN, DEFAULT_MAX_BODY, GatewayKey, ModelSet, Problem, RetryOn,
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
