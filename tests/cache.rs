@@ -488,10 +488,11 @@ async fn a_reload_keeps_the_cache_unless_its_settings_change() {
     );
     stored(&gw, 1).await;
     let reload = |cache: &str| {
+        // The same log as the running gateway (SQLite here, PostgreSQL in that pass).
         let yaml = format!(
-            "{}storage: {{url: 'sqlite://{}'}}\n",
+            "{}storage: {{url: '{}'}}\n",
             config(&mock, cache),
-            gw.dir.as_ref().unwrap().path().join("sluice.db").display()
+            gw.gateway.config.storage.url.as_deref().unwrap()
         );
         let env = sluice::config::EnvMap::from_pairs(std::iter::empty::<(&str, &str)>());
         let document = sluice::config::load::parse_document(&yaml).unwrap();
