@@ -123,6 +123,9 @@ pub struct ResponseCache {
     writes: mpsc::Sender<(Key, Entry, Duration)>,
     /// Largest entry stored.
     pub max_entry: usize,
+    /// Bytes held by answers being captured right now, all requests together: bounded by
+    /// the cache's cap, so many large misses at once cannot hold unbounded memory.
+    capturing: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -184,6 +187,11 @@ impl Shared {
 }
 
 impl ResponseCache {
+    /// The most bytes answers being captured may hold together: the cache's own cap.
+    fn max_capturing(&self) -> usize {
+        usize::try_from(self.config.max_bytes).unwrap_or(usize::MAX)
+    }
+
     /// The cache `config` asks for, if any, with its writer task started (in Redis when
     /// `shared_state` is on). Needs a Tokio runtime.
     pub fn start(config: &Config) -> anyhow::Result<Option<Arc<Self>>> {
@@ -210,6 +218,7 @@ impl ResponseCache {
             redis,
             writes,
             max_entry: MAX_ENTRY.min(cap),
+            capturing: std::sync::atomic::AtomicUsize::new(0),
         });
         runtime.spawn(write(Arc::downgrade(&this), queued));
         Ok(Some(this))
@@ -407,9 +416,16 @@ impl Fill {
         }
     }
 
-    /// Takes a copy of relayed bytes; `false` once the answer is too big to cache.
+    /// Takes a copy of relayed bytes; `false` once the answer is too big to cache, or the
+    /// answers being captured together would hold more than the cache's cap.
     pub fn push(&mut self, chunk: &[u8]) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         if self.buffer.len() + chunk.len() > self.cache.max_entry {
+            return false;
+        }
+        let held = self.cache.capturing.fetch_add(chunk.len(), Relaxed) + chunk.len();
+        if held > self.cache.max_capturing() {
+            self.cache.capturing.fetch_sub(chunk.len(), Relaxed);
             return false;
         }
         self.buffer.extend_from_slice(chunk);
@@ -417,14 +433,29 @@ impl Fill {
     }
 
     /// The answer ended whole: queue it for storing.
-    pub fn complete(self) {
+    pub fn complete(mut self) {
+        let body = std::mem::take(&mut self.buffer).freeze();
+        self.release(body.len());
         let entry = Entry {
             stream: self.stream,
-            content_type: self.content_type,
-            model: self.model,
-            body: self.buffer.freeze(),
+            content_type: std::mem::take(&mut self.content_type),
+            model: self.model.take(),
+            body,
         };
         self.cache.put(self.key, entry, self.ttl);
+    }
+
+    fn release(&self, bytes: usize) {
+        self.cache
+            .capturing
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Fill {
+    /// An answer given up on (too big, cut, an error) gives its bytes back.
+    fn drop(&mut self) {
+        self.release(self.buffer.len());
     }
 }
 
@@ -448,6 +479,7 @@ mod tests {
             redis: None,
             writes,
             max_entry: 1 << 20,
+            capturing: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -521,5 +553,28 @@ mod tests {
         assert_eq!(Entry::decode(&entry.encode()), Some(entry));
         assert_eq!(Entry::decode(b""), None);
         assert_eq!(Entry::decode(&[0, 0, 9]), None);
+    }
+
+    #[test]
+    fn answers_captured_together_never_hold_more_than_the_cap() {
+        let c = Arc::new(cache(false));
+        let request = Request {
+            key: Key([0; 32]),
+            ttl: Duration::from_secs(60),
+            stream: false,
+            include_usage: false,
+        };
+        let chunk = vec![b'x'; 600 << 10];
+        let mut first = Fill::new(c.clone(), &request);
+        let mut second = Fill::new(c.clone(), &request);
+        assert!(first.push(&chunk));
+        // Both at once would hold 1.2 MiB of a 1 MiB cap: the second gives up.
+        assert!(!second.push(&chunk));
+        drop(first);
+        let mut third = Fill::new(c.clone(), &request);
+        assert!(third.push(&chunk), "the first's bytes were given back");
+        drop(third);
+        drop(second);
+        assert_eq!(c.capturing.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }
