@@ -375,6 +375,8 @@ pub struct GatewayKey {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// The API it speaks.
+    pub kind: ApiKind,
     /// Scheme, host and optional base path, without a trailing slash.
     pub base_url: String,
     pub keys: Vec<Secret>,
@@ -408,6 +410,17 @@ impl Upstream {
     pub fn rewrites_bodies(&self) -> bool {
         !self.model_map.is_empty() || !self.field_aliases.is_empty()
     }
+}
+
+/// The API an upstream speaks (`kind:`); requests are translated when it is not the
+/// client's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ApiKind {
+    #[default]
+    OpenAi,
+    Anthropic,
+    Gemini,
+    Azure,
 }
 
 /// A token endpoint: sluice fetches a short-lived bearer token, caches it and refreshes

@@ -10,28 +10,44 @@
 //! with the compiler naming every method that must learn it. This module reads no socket
 //! and holds no state.
 
+pub mod anthropic;
 pub mod openai;
+pub mod translate;
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::{Method, Response};
 
-use crate::config::Upstream;
+use crate::config::{ApiKind, Upstream};
 use crate::http::body::Body;
 use crate::http::error::ApiError;
 use crate::pure::shape::{ModelRename, Shaper};
+use translate::Wire;
 
 /// The API a client speaks to sluice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientProtocol {
     OpenAi,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Anthropic,
 }
 
 /// The API an upstream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamKind {
     OpenAi,
+    Anthropic,
+    Gemini,
+    /// Azure OpenAI: OpenAI's API under deployments.
+    Azure,
+}
+
+/// A request whose client and upstream speak different APIs: what each side speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub client: Wire,
+    pub upstream: Wire,
 }
 
 /// What the gateway needs of a request body, borrowed from it where it can be.
@@ -48,9 +64,22 @@ pub struct BodyFacts<'a> {
 }
 
 impl ClientProtocol {
-    /// The protocol of a request under `/v1/`: every client speaks OpenAI's today.
-    pub fn of_path(_path: &str) -> Self {
-        Self::OpenAi
+    /// The protocol of a request under `/v1/`, by its path: `/v1/messages…` is
+    /// Anthropic's, the rest OpenAI's.
+    pub fn of_path(path: &str) -> Self {
+        if anthropic::is_path(path) {
+            Self::Anthropic
+        } else {
+            Self::OpenAi
+        }
+    }
+
+    /// The wire format of the client's chat requests.
+    pub fn wire(self) -> Wire {
+        match self {
+            Self::OpenAi => Wire::OpenAiChat,
+            Self::Anthropic => Wire::AnthropicMessages,
+        }
     }
 
     /// Reads the facts routing needs from a request body; an error when it is not the
@@ -58,6 +87,7 @@ impl ClientProtocol {
     pub fn peek(self, body: &[u8]) -> Result<BodyFacts<'_>, serde_json::Error> {
         match self {
             Self::OpenAi => openai::peek(body),
+            Self::Anthropic => anthropic::peek(body),
         }
     }
 
@@ -65,6 +95,7 @@ impl ClientProtocol {
     pub fn model_in_path<'a>(self, method: &Method, path: &'a str) -> Option<&'a str> {
         match self {
             Self::OpenAi => openai::model_in_path(method, path),
+            Self::Anthropic => None,
         }
     }
 
@@ -72,6 +103,7 @@ impl ClientProtocol {
     pub fn model_less(self, path: &str) -> bool {
         match self {
             Self::OpenAi => openai::model_less(path),
+            Self::Anthropic => anthropic::model_less(path),
         }
     }
 
@@ -79,6 +111,7 @@ impl ClientProtocol {
     pub fn counts_tokens(self, path: &str) -> bool {
         match self {
             Self::OpenAi => openai::counts_tokens(path),
+            Self::Anthropic => path == anthropic::MESSAGES,
         }
     }
 
@@ -92,6 +125,8 @@ impl ClientProtocol {
     ) -> Option<Bytes> {
         match self {
             Self::OpenAi => openai::with_usage_requested(path, body, facts),
+            // Anthropic's streams always carry their usage.
+            Self::Anthropic => None,
         }
     }
 
@@ -99,6 +134,7 @@ impl ClientProtocol {
     pub fn error_response(self, error: ApiError) -> Response<Body> {
         match self {
             Self::OpenAi => openai::error_response(error),
+            Self::Anthropic => anthropic::error_response(error),
         }
     }
 
@@ -106,21 +142,85 @@ impl ClientProtocol {
     pub fn error_event(self, error: &ApiError) -> Bytes {
         match self {
             Self::OpenAi => openai::error_event(error),
+            Self::Anthropic => anthropic::error_event(error),
         }
     }
 }
 
 impl UpstreamKind {
-    /// The kind of a configured upstream: every upstream speaks OpenAI's API today.
-    pub fn of(_upstream: &Upstream) -> Self {
-        Self::OpenAi
+    /// The kind of a configured upstream (`kind:` in its config).
+    pub fn of(upstream: &Upstream) -> Self {
+        match upstream.kind {
+            ApiKind::OpenAi => Self::OpenAi,
+            ApiKind::Anthropic => Self::Anthropic,
+            ApiKind::Gemini => Self::Gemini,
+            ApiKind::Azure => Self::Azure,
+        }
     }
 
-    /// The path to send the upstream: a model named in it gets the upstream's own name.
-    pub fn path<'a>(self, method: &Method, path: &'a str, upstream: &Upstream) -> Cow<'a, str> {
+    /// The wire format of the upstream's chat requests.
+    pub fn wire(self) -> Wire {
         match self {
-            Self::OpenAi => openai::upstream_path(method, path, upstream),
+            Self::OpenAi | Self::Azure => Wire::OpenAiChat,
+            Self::Anthropic => Wire::AnthropicMessages,
+            Self::Gemini => Wire::Gemini,
         }
+    }
+
+    /// Whether a request on `path` from a `client` is translated for this upstream
+    /// (`Some`), passes as it is (`None`), or cannot be served by it at all (400).
+    pub fn route(self, client: ClientProtocol, path: &str) -> Result<Option<Route>, ApiError> {
+        let route = Route {
+            client: client.wire(),
+            upstream: self.wire(),
+        };
+        if route.client == route.upstream {
+            return Ok(None);
+        }
+        let chat = match client {
+            ClientProtocol::OpenAi => "/v1/chat/completions",
+            ClientProtocol::Anthropic => anthropic::MESSAGES,
+        };
+        if path == chat {
+            Ok(Some(route))
+        } else {
+            Err(ApiError::bad_request(
+                "unsupported_endpoint",
+                format!(
+                    "`{path}` cannot be served by this model's upstream, which speaks {}",
+                    self.name()
+                ),
+            ))
+        }
+    }
+
+    /// The API's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi => "OpenAI's API",
+            Self::Anthropic => "Anthropic's Messages API",
+            Self::Gemini => "Gemini's API",
+            Self::Azure => "Azure OpenAI's API",
+        }
+    }
+
+    /// The path to send the upstream: a model named in it gets the upstream's own name;
+    /// a translated request goes to the upstream's own chat endpoint.
+    pub fn path<'a>(
+        self,
+        method: &Method,
+        path: &'a str,
+        upstream: &Upstream,
+        translated: Option<(&str, bool)>,
+    ) -> Cow<'a, str> {
+        if let Some((model, stream)) = translated {
+            return match self.wire() {
+                Wire::OpenAiChat => Cow::Borrowed("/v1/chat/completions"),
+                Wire::AnthropicMessages => Cow::Borrowed(anthropic::MESSAGES),
+                Wire::Gemini => Cow::Owned(translate::gemini::path(model, stream)),
+            };
+        }
+        openai::upstream_path(method, path, upstream)
     }
 
     /// The body to send the upstream, or `None` when the client's bytes go as they are.
@@ -130,9 +230,7 @@ impl UpstreamKind {
         client_model: Option<&str>,
         upstream: &Upstream,
     ) -> Result<Option<Bytes>, serde_json::Error> {
-        match self {
-            Self::OpenAi => crate::pure::rewrite::request_body(body, client_model, upstream),
-        }
+        crate::pure::rewrite::request_body(body, client_model, upstream)
     }
 
     /// How the upstream's answer must change on its way to the client: the client's model
@@ -146,7 +244,7 @@ impl UpstreamKind {
         strip_usage: bool,
     ) -> Option<Shaper> {
         match self {
-            Self::OpenAi => {
+            Self::OpenAi | Self::Anthropic | Self::Gemini | Self::Azure => {
                 let rename = rename
                     .filter(|_| sse || json)
                     .map(|m| ModelRename { to: m.to_string() });

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue, header};
 
 use crate::clock::now_ms;
-use crate::config::Upstream;
+use crate::config::{ApiKind, Upstream};
 use crate::pure::routing::Health;
 use crate::upstream::token::TokenCache;
 
@@ -22,8 +22,12 @@ pub struct UpstreamRuntime {
     pub config: Upstream,
     pub client: reqwest::Client,
     next_key: AtomicUsize,
-    /// `Bearer <key>` for each key, built once so the hot path only clones a handle.
+    /// The credential header for each key (`Bearer <key>`, or the bare key for the
+    /// header of an API that takes it so), built once so the hot path only clones a handle.
     auth_headers: Vec<HeaderValue>,
+    /// The header keys go in: `authorization`, `x-api-key` (Anthropic), `x-goog-api-key`
+    /// (Gemini).
+    pub auth_name: HeaderName,
     /// The upstream's name as the `x-sluice-upstream` response header.
     pub name_header: HeaderValue,
     /// Whether `base_url` already ends in `/v1`, so `/v1/...` paths drop their own.
@@ -62,11 +66,21 @@ impl UpstreamRuntime {
     pub fn new(config: Upstream) -> anyhow::Result<Self> {
         let name = config.name.clone();
         let client = build_client(&config).with_context(|| format!("upstream {name}"))?;
+        let (auth_name, bearer) = match config.kind {
+            ApiKind::Anthropic => (HeaderName::from_static("x-api-key"), false),
+            ApiKind::Gemini => (HeaderName::from_static("x-goog-api-key"), false),
+            ApiKind::OpenAi | ApiKind::Azure => (header::AUTHORIZATION, true),
+        };
         let auth_headers = config
             .keys
             .iter()
             .map(|key| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                let text = if bearer {
+                    format!("Bearer {}", key.expose())
+                } else {
+                    key.expose().to_string()
+                };
+                let mut value = HeaderValue::from_str(&text)
                     .with_context(|| {
                         format!("upstream {name}: a key has characters not allowed in a header")
                     })?;
@@ -88,6 +102,7 @@ impl UpstreamRuntime {
             client,
             next_key: AtomicUsize::new(0),
             auth_headers,
+            auth_name,
             name_header,
             token,
             in_flight: AtomicUsize::new(0),
@@ -276,6 +291,7 @@ mod tests {
     pub fn upstream_config(base_url: &str, keys: &[&str]) -> Upstream {
         Upstream {
             name: "u".into(),
+            kind: Default::default(),
             base_url: base_url.into(),
             keys: keys.iter().map(|k| Secret::new(*k)).collect(),
             models: ModelSet::any(),

@@ -25,6 +25,7 @@ const NAMES: [&str; 6] = ["model", "model_id", "messages", "content", "stream", 
 fn upstream(model_map: HashMap<String, String>, field_aliases: Vec<(String, String)>) -> Upstream {
     Upstream {
         name: "fuzz".into(),
+        kind: Default::default(),
         base_url: "http://127.0.0.1:9".into(),
         keys: Vec::new(),
         models: ModelSet::any(),

@@ -20,7 +20,7 @@ use super::{
     Routing, Secret, Server, Strategy, Timeouts, TokenBody, TokenSource, Upstream, parse_duration,
     parse_net, parse_size,
 };
-use super::{Admin, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
+use super::{Admin, ApiKind, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -767,6 +767,19 @@ fn resolve_upstream(
             ));
         }
     }
+    let kind = match raw.kind.as_deref().map(str::trim) {
+        None | Some("openai") => ApiKind::OpenAi,
+        Some("anthropic") => ApiKind::Anthropic,
+        Some("gemini") => ApiKind::Gemini,
+        Some("azure") => ApiKind::Azure,
+        Some(_) => {
+            problems.push(Problem::new(
+                format!("{path}.kind"),
+                "must be one of openai, anthropic, gemini, azure",
+            ));
+            ApiKind::OpenAi
+        }
+    };
     let token = raw
         .token
         .as_ref()
@@ -780,6 +793,7 @@ fn resolve_upstream(
 
     (problems.len() == before).then(|| Upstream {
         name: raw.name,
+        kind,
         base_url,
         keys,
         models: ModelSet::from_list(&model_list),

@@ -107,6 +107,8 @@ pub struct RawPrice {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: String,
+    /// The API it speaks: `openai` (the default), `anthropic`, `gemini`, `azure`.
+    pub kind: Option<String>,
     pub base_url: String,
     #[serde(default)]
     pub keys: Vec<String>,

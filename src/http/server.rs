@@ -26,6 +26,7 @@ use crate::http::body::{Body, json_response};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, client_ip};
 use crate::pipeline::{forward, models};
+use crate::protocol::ClientProtocol;
 use crate::pure::limits::Reserve;
 
 /// How long open exchanges may run on after shutdown begins.
@@ -404,16 +405,17 @@ async fn api(
     if let Some(recorder) = &gateway.recorder {
         // Only with `storage.overflow: backpressure` does this ever wait.
         if let Err(error) = recorder.wait_for_room().await {
-            return error.into_response();
+            return ClientProtocol::of_path(&route).error_response(error);
         }
     }
+    let protocol = ClientProtocol::of_path(&route);
     let (parts, body) = request.into_parts();
     let mut record = gateway.start_record(client, &parts, &route);
     let caller = match gateway.guard.authenticate(&parts.headers) {
         Ok(caller) => caller,
         Err(error) => {
             gateway.record_error(record, &error);
-            return error.into_response();
+            return protocol.error_response(error);
         }
     };
     if let Some(record) = record.as_mut() {

@@ -28,6 +28,7 @@ use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
 use crate::pipeline::relay::{self, Shaping};
 use crate::pipeline::{plan, read, try_loop};
+use crate::protocol::{ClientProtocol, UpstreamKind, anthropic};
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
 /// `record` is the request's log record, if the log is on; it is submitted when the
@@ -51,11 +52,18 @@ pub async fn forward(
 async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, ApiError> {
     let mut inbound = read::read_inbound(x, body).await?;
     read::authorise_model(x, &inbound)?;
-    let plan = plan::plan(x, &mut inbound).await?;
+    let mut plan = plan::plan(x, &mut inbound).await?;
+    if x.protocol == ClientProtocol::Anthropic && x.path == anthropic::COUNT_TOKENS {
+        // Counted by an Anthropic upstream when one serves the model, else here.
+        if !plan::keep_kind(x, &mut plan, UpstreamKind::Anthropic) {
+            return plan::count_tokens_here(x, &inbound);
+        }
+    }
     let settled = try_loop::send_until_settled(x, &mut inbound, &plan).await?;
     let shaping = Shaping {
         client_model: inbound.model.as_deref(),
         strip_usage: inbound.strip_usage,
+        usage_asked: inbound.usage_asked,
     };
     Ok(relay::relay_settled(x, settled, shaping))
 }

@@ -76,6 +76,10 @@ pub async fn list(
 
 /// An upstream's own model list; on failure, nothing (the other upstreams still answer).
 async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
+    if upstream.config.kind != crate::config::ApiKind::OpenAi {
+        // Other APIs list models in shapes of their own: their configured names stand.
+        return Vec::new();
+    }
     let mut request = upstream.client.get(upstream.url("/v1/models", None));
     match caller {
         Caller::Passthrough(value) => {

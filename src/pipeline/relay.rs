@@ -26,6 +26,8 @@ use crate::pipeline::exchange::Exchange;
 use crate::pipeline::read::{content_length, is_json_type};
 use crate::pipeline::send::Failure;
 use crate::pipeline::try_loop::Settled;
+use crate::clock::unix_now;
+use crate::protocol::translate::{AnswerKind, Translator};
 use crate::protocol::{ClientProtocol, UpstreamKind};
 use crate::pure::routing::Choice;
 use crate::pure::shape::Shaper;
@@ -40,6 +42,8 @@ pub const TRIES_HEADER: &str = "x-sluice-tries";
 pub struct Shaping<'a> {
     pub client_model: Option<&'a str>,
     pub strip_usage: bool,
+    /// An OpenAI client asked for its stream's usage chunk itself.
+    pub usage_asked: bool,
 }
 
 /// Answers the client with how the tries settled: the answer relayed, or the failure
@@ -91,6 +95,7 @@ fn take_record(
         sink: x.gateway.recorder.as_ref().map(|r| r.sink.clone()),
         tries,
         protocol: x.protocol,
+        path: x.path.to_string(),
     }
 }
 
@@ -100,6 +105,8 @@ struct Log {
     sink: Option<LogSink>,
     tries: usize,
     protocol: ClientProtocol,
+    /// The path the client asked for, which says whether the answer is translated.
+    path: String,
 }
 
 /// The failure to report as it happened: an upstream's answer is relayed as it is (its
@@ -116,6 +123,7 @@ fn answer_failure(
             let shaping = Shaping {
                 client_model: model,
                 strip_usage: false,
+                usage_asked: false,
             };
             relay(response, upstream, shaping, None, log)
         }
@@ -149,13 +157,50 @@ fn relay(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
+    let kind = UpstreamKind::of(&upstream.config);
+    let translator = kind
+        .route(log.protocol, &log.path)
+        .ok()
+        .flatten()
+        .map(|route| {
+            let answer = if !status.is_success() {
+                AnswerKind::Error {
+                    status: status.as_u16(),
+                }
+            } else if sse {
+                AnswerKind::Stream
+            } else {
+                AnswerKind::Json
+            };
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(if answer == AnswerKind::Stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                }),
+            );
+            headers.remove(header::CONTENT_ENCODING);
+            Translator::new(
+                route.client,
+                route.upstream,
+                answer,
+                shaping.client_model.unwrap_or(""),
+                shaping.usage_asked,
+                unix_now(),
+            )
+        });
     let rename = shaping
         .client_model
         .filter(|m| upstream.config.upstream_model(m) != *m);
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
-    let shaper = UpstreamKind::of(&upstream.config).shaper(sse, json, rename, shaping.strip_usage);
-    if shaper.is_some() {
+    let shaper = if translator.is_some() {
+        None
+    } else {
+        kind.shaper(sse, json, rename, shaping.strip_usage)
+    };
+    if shaper.is_some() || translator.is_some() {
         // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -167,7 +212,9 @@ fn relay(
     headers.insert(TRIES_HEADER, HeaderValue::from(log.tries));
     // A body relayed unchanged with a declared length is complete when that many bytes
     // are handed over; hyper may drop it then without asking for its end.
-    let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
+    let remaining = (shaper.is_none() && translator.is_none())
+        .then(|| content_length(&headers))
+        .flatten();
     let relay = RelayBody {
         inner: upstream_body,
         remaining,
@@ -181,6 +228,7 @@ fn relay(
         upstream: upstream.config.name.clone(),
         done: false,
         shaper,
+        translator,
         _in_flight: in_flight,
         record,
         sink: log.sink,
@@ -237,6 +285,8 @@ struct RelayBody {
     /// Bytes still to relay of a body with a declared length, when relayed unchanged.
     remaining: Option<u64>,
     shaper: Option<Shaper>,
+    /// Turns the upstream's answer into the client's protocol, when they differ.
+    translator: Option<Translator>,
     /// Keeps the upstream's in-flight count up until the body ends or the client leaves.
     _in_flight: Option<InFlight>,
     /// The log record, submitted when the body ends or is dropped.
@@ -283,6 +333,21 @@ impl RelayBody {
     fn relay_frame(&mut self, frame: Frame<Bytes>) -> Option<Result<Frame<Bytes>, BoxError>> {
         let wake = Self::next_wake(self.idle, self.deadline);
         self.timer.as_mut().reset(wake);
+        if let Some(translator) = self.translator.as_mut() {
+            let data = frame.into_data().ok()?;
+            return match translator.push(&data) {
+                Ok(out) if out.is_empty() => None,
+                Ok(out) => {
+                    self.capture(&out);
+                    Some(Ok(Frame::data(out)))
+                }
+                Err(too_large) => {
+                    let message = format!("upstream `{}`: {too_large}", self.upstream);
+                    tracing::warn!(upstream = %self.upstream, "{message}");
+                    Some(self.last_frame(ApiError::bad_gateway(message)))
+                }
+            };
+        }
         if let (Some(record), Some(data), Some(sink)) =
             (self.record.as_mut(), frame.data_ref(), self.sink.as_ref())
         {
@@ -310,6 +375,14 @@ impl RelayBody {
                 }
             },
             Err(frame) => Some(Ok(frame)),
+        }
+    }
+
+    /// Keeps what the client got for the log (a translated answer is logged as the
+    /// client saw it, so its usage is read in the client's protocol).
+    fn capture(&mut self, data: &Bytes) {
+        if let (Some(record), Some(sink)) = (self.record.as_mut(), self.sink.as_ref()) {
+            record.response_body.push(data, sink.body_limit);
         }
     }
 
@@ -382,8 +455,15 @@ impl HttpBody for RelayBody {
                 Poll::Ready(None) => {
                     this.done = true;
                     this._in_flight = None;
+                    let rest = match this.translator.as_mut() {
+                        Some(translator) => {
+                            let rest = translator.finish();
+                            this.capture(&rest);
+                            rest
+                        }
+                        None => this.shaper.as_mut().map(Shaper::finish).unwrap_or_default(),
+                    };
                     this.finish(None);
-                    let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
                     return if rest.is_empty() {
                         Poll::Ready(None)
                     } else {
@@ -396,11 +476,12 @@ impl HttpBody for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.shaper.is_none() && self.inner.is_end_stream())
+        self.done
+            || (self.shaper.is_none() && self.translator.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sse || self.shaper.is_some() {
+        if self.sse || self.shaper.is_some() || self.translator.is_some() {
             SizeHint::default()
         } else {
             self.inner.size_hint()

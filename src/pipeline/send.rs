@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::LengthLimitError;
 use tokio::time::Instant;
 
@@ -17,11 +18,13 @@ use crate::http::error::{ApiError, Fault};
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
 use crate::pipeline::read::{BodyKind, Inbound, invalid_json};
-use crate::protocol::UpstreamKind;
+use crate::protocol::translate;
+use crate::protocol::{UpstreamKind, anthropic};
 use crate::pure::routing::Choice;
 use crate::upstream::UpstreamRuntime;
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthropic-version");
 
 /// How one try ended.
 pub enum Outcome {
@@ -63,22 +66,63 @@ pub async fn outgoing(
     choice: Choice,
 ) -> Result<Outgoing, ApiError> {
     let token_generation = set_credential(x, upstream, choice, &mut headers).await?;
-    for (name, value) in &upstream.config.headers {
-        headers.insert(name.clone(), value.clone());
-    }
     if let Some(trace) = x.record.as_ref().and_then(|r| r.trace.as_ref()) {
         headers.insert(TRACEPARENT, trace.traceparent());
     }
     let kind = UpstreamKind::of(&upstream.config);
-    let url = upstream.url(
-        &kind.path(&x.parts.method, x.path, &upstream.config),
-        x.parts.uri.query(),
+    if kind == UpstreamKind::Anthropic && !headers.contains_key(ANTHROPIC_VERSION) {
+        headers.insert(
+            ANTHROPIC_VERSION,
+            HeaderValue::from_static(anthropic::DEFAULT_VERSION),
+        );
+    }
+    for (name, value) in &upstream.config.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    let route = kind.route(x.protocol, x.path)?;
+    let translated = match (route, &inbound.buffered) {
+        (Some(route), Some(bytes)) if inbound.kind == BodyKind::Json => {
+            let model = inbound
+                .model
+                .as_deref()
+                .map_or("", |m| upstream.config.upstream_model(m));
+            let (body, stream) = translate::request(route.client, route.upstream, bytes, model)
+                .map_err(|e| ApiError::bad_request("untranslatable_field", e.to_string()))?;
+            // The answer is read to be translated: it must come plain.
+            headers.remove(header::ACCEPT_ENCODING);
+            Some((body, model.to_string(), stream))
+        }
+        (Some(_), _) => {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "this request is translated for its upstream and needs a JSON body",
+            ));
+        }
+        (None, _) => None,
+    };
+    let path = kind.path(
+        &x.parts.method,
+        x.path,
+        &upstream.config,
+        translated.as_ref().map(|(_, m, s)| (m.as_str(), *s)),
     );
+    let query = x.parts.uri.query().filter(|_| translated.is_none());
+    let url = upstream.url(&path, query);
     let mut request = upstream
         .client
         .request(x.parts.method.clone(), url)
         .headers(headers);
-    if let Some(bytes) = inbound
+    if let Some((body, _, _)) = translated {
+        let body = Bytes::from(body);
+        // Field aliases still apply, to the body the upstream reads.
+        let rewritten = if upstream.config.field_aliases.is_empty() {
+            None
+        } else {
+            kind.request_body(&body, None, &upstream.config)
+                .map_err(|e| invalid_json(&e))?
+        };
+        request = request.body(rewritten.unwrap_or(body));
+    } else if let Some(bytes) = inbound
         .buffered
         .as_ref()
         .filter(|_| inbound.kind != BodyKind::Json)
@@ -116,7 +160,7 @@ async fn set_credential(
                 headers.insert(header::AUTHORIZATION, token.header);
                 return Ok(Some(token.generation));
             } else if let Some(value) = choice.key.and_then(|k| upstream.auth_header(k)) {
-                headers.insert(header::AUTHORIZATION, value.clone());
+                headers.insert(upstream.auth_name.clone(), value.clone());
             } else if matches!(x.caller, Caller::Open) && x.gateway.config.access.passthrough {
                 // Passthrough makes client keys the credential; with none sent and none
                 // of the upstream's own to use, there is nothing to authenticate with.

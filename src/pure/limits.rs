@@ -717,6 +717,7 @@ mod tests {
         let limiter = Limiter::default();
         let upstream = Upstream {
             name: "u".into(),
+            kind: Default::default(),
             base_url: "http://h".into(),
             keys: Vec::new(),
             models: ModelSet::any(),

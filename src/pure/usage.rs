@@ -51,10 +51,14 @@ fn number(value: Option<&Value>) -> Option<u64> {
     value.and_then(Value::as_u64).map(|n| n.min(MAX_TOKENS))
 }
 
-/// Reads an OpenAI `usage` object (chat, completions, embeddings or Responses shape).
+/// Reads an OpenAI `usage` object (chat, completions, embeddings or Responses shape), or
+/// Anthropic's, whose `input_tokens` leaves out the cached input it counts apart.
 pub fn parse_usage(usage: &Value) -> Option<TokenUsage> {
-    let prompt =
-        number(usage.get("prompt_tokens")).or_else(|| number(usage.get("input_tokens")))?;
+    let cached = number(usage.get("cache_read_input_tokens"))
+        .unwrap_or(0)
+        .saturating_add(number(usage.get("cache_creation_input_tokens")).unwrap_or(0));
+    let prompt = number(usage.get("prompt_tokens"))
+        .or_else(|| number(usage.get("input_tokens")).map(|n| n.saturating_add(cached)))?;
     let completion = number(usage.get("completion_tokens"))
         .or_else(|| number(usage.get("output_tokens")))
         .unwrap_or(0);
@@ -90,8 +94,86 @@ pub fn read_json_reply(body: &[u8]) -> Reply {
         }
     } else if let Some(output) = value.get("output").and_then(Value::as_array) {
         reply.text = Some(responses_output_text(output));
+    } else if let Some(content) = value.get("content").and_then(Value::as_array) {
+        // An Anthropic message.
+        let mut text = String::new();
+        for block in content {
+            match block.get("type").and_then(Value::as_str) {
+                Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
+                Some("tool_use") => reply.tool_calls.push(json!({
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": block.get("name"),
+                        "arguments": block.get("input").map(Value::to_string).unwrap_or_default(),
+                    },
+                })),
+                _ => {}
+            }
+        }
+        reply.text = Some(text);
     }
     reply
+}
+
+/// Reads one event of an Anthropic stream into the reply under way: usage from
+/// `message_start` and `message_delta`, text and tool uses from the content blocks.
+fn anthropic_event(
+    event: &Value,
+    kind: &str,
+    anthropic_usage: &mut serde_json::Map<String, Value>,
+    content: &mut String,
+    saw_content: &mut bool,
+    blocks: &mut Vec<Option<usize>>,
+    calls: &mut Vec<ToolCallParts>,
+) {
+    let index = usize::try_from(number(event.get("index")).unwrap_or(0))
+        .unwrap_or(0)
+        .min(128);
+    let usage = match kind {
+        "message_start" => event.pointer("/message/usage"),
+        "message_delta" => event.get("usage"),
+        _ => None,
+    };
+    for (key, value) in usage.and_then(Value::as_object).into_iter().flatten() {
+        if value.is_u64() {
+            anthropic_usage.insert(key.clone(), value.clone());
+        }
+    }
+    match kind {
+        "content_block_start" => {
+            let block = event.get("content_block").unwrap_or(&Value::Null);
+            if block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                if blocks.len() <= index {
+                    blocks.resize(index + 1, None);
+                }
+                blocks[index] = Some(calls.len());
+                calls.push(ToolCallParts {
+                    id: block.get("id").and_then(Value::as_str).unwrap_or("").into(),
+                    name: block.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                    arguments: String::new(),
+                });
+            }
+        }
+        "content_block_delta" => {
+            let delta = event.get("delta").unwrap_or(&Value::Null);
+            if let Some(text) = delta.get("text").and_then(Value::as_str) {
+                content.push_str(text);
+                *saw_content = true;
+            }
+            if let Some(partial) = delta.get("partial_json").and_then(Value::as_str) {
+                if let Some(call) = blocks
+                    .get(index)
+                    .copied()
+                    .flatten()
+                    .and_then(|c| calls.get_mut(c))
+                {
+                    call.arguments.push_str(partial);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 fn responses_output_text(output: &[Value]) -> String {
@@ -118,6 +200,8 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
     let mut content = String::new();
     let mut saw_content = false;
     let mut calls: Vec<ToolCallParts> = Vec::new();
+    let mut anthropic_usage = serde_json::Map::new();
+    let mut anthropic_blocks: Vec<Option<usize>> = Vec::new();
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data:").map(str::trim) else {
             continue;
@@ -132,6 +216,21 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
             reply.usage = Some(usage);
         }
         match event.get("type").and_then(Value::as_str) {
+            Some(
+                kind @ ("message_start" | "message_delta" | "content_block_start"
+                | "content_block_delta"),
+            ) => {
+                anthropic_event(
+                    &event,
+                    kind,
+                    &mut anthropic_usage,
+                    &mut content,
+                    &mut saw_content,
+                    &mut anthropic_blocks,
+                    &mut calls,
+                );
+                continue;
+            }
             Some("response.output_text.delta") => {
                 if let Some(delta) = event.get("delta").and_then(Value::as_str) {
                     content.push_str(delta);
@@ -187,6 +286,9 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
                 }
             }
         }
+    }
+    if !anthropic_usage.is_empty() {
+        reply.usage = parse_usage(&Value::Object(anthropic_usage));
     }
     if saw_content {
         reply.text = Some(content);
