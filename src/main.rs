@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice::config::{self, EnvMap, LoadOptions};
 use sluice::gateway::{Current, Gateway};
-use sluice::mock::{self, Fault, MockOptions};
+use sluice::mock::{self, Fault, MockOptions, MockProtocol};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -66,6 +66,10 @@ enum Command {
         /// Name reported in the x-mock-upstream header.
         #[arg(long, default_value = "mock")]
         name: String,
+        /// The API its errors and key checks follow: openai, anthropic, gemini. Chat is
+        /// answered in each protocol by path whatever this says.
+        #[arg(long, default_value = "openai")]
+        protocol: String,
         /// Worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
@@ -102,9 +106,16 @@ fn main() -> ExitCode {
             keys,
             record,
             name,
+            protocol,
             workers,
         } => {
-            let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name);
+            let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name)
+                .and_then(|mut options| {
+                    options.protocol = MockProtocol::parse(&protocol).with_context(|| {
+                        format!("--protocol {protocol:?}: expected openai, anthropic or gemini")
+                    })?;
+                    Ok(options)
+                });
             options.and_then(|options| {
                 runtime(workers).and_then(|rt| rt.block_on(mock_upstream(&listen, options)))
             })

@@ -6,6 +6,7 @@
 //! stream) either for every request or per request via `x-mock-*` headers. It records what
 //! reached it so tests can assert on the path, headers, key and body an upstream saw.
 
+mod native;
 mod responses;
 
 pub use responses::speech_bytes;
@@ -67,6 +68,29 @@ impl Fault {
     }
 }
 
+/// The API the mock speaks in its errors and key checks (`--protocol`). Its chat
+/// endpoints answer in every protocol by path: `/v1/chat/completions`, `/v1/messages`,
+/// `/v1beta/models/{model}:generateContent`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MockProtocol {
+    #[default]
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl MockProtocol {
+    /// Parses `openai`, `anthropic`, `gemini`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "openai" => Some(Self::OpenAi),
+            "anthropic" => Some(Self::Anthropic),
+            "gemini" => Some(Self::Gemini),
+            _ => None,
+        }
+    }
+}
+
 /// How the mock behaves when a request does not say otherwise.
 #[derive(Debug, Clone)]
 pub struct MockOptions {
@@ -88,6 +112,8 @@ pub struct MockOptions {
     /// `expires_in` of issued tokens, in seconds.
     pub token_ttl: u64,
     pub models: Vec<String>,
+    /// The API its errors and key checks follow.
+    pub protocol: MockProtocol,
 }
 
 impl Default for MockOptions {
@@ -112,6 +138,7 @@ impl Default for MockOptions {
             ]
             .map(String::from)
             .to_vec(),
+            protocol: MockProtocol::OpenAi,
         }
     }
 }
@@ -275,6 +302,7 @@ struct Plan {
     fault: Option<Fault>,
     /// Report token usage (`x-mock-usage: none` plays an upstream that never does).
     usage: bool,
+    protocol: MockProtocol,
 }
 
 async fn handle(
@@ -298,6 +326,7 @@ async fn handle(
             .map_or(options.interval, Duration::from_millis),
         fault: header("x-mock-fault").map_or(options.fault, Fault::parse),
         usage: header("x-mock-usage") != Some("none"),
+        protocol: options.protocol,
     };
     let path = parts.uri.path().to_string();
     if path.starts_with("/_mock/") {
@@ -327,7 +356,7 @@ async fn handle(
     match plan.fault {
         Some(Fault::ServerError) => {
             return Ok(finish(
-                error(
+                plan.error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
                     "mock upstream failure",
@@ -337,7 +366,7 @@ async fn handle(
             ));
         }
         Some(Fault::RateLimited { retry_after }) => {
-            let mut response = error(
+            let mut response = plan.error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
                 "mock upstream rate limit",
@@ -352,14 +381,20 @@ async fn handle(
         _ => {}
     }
 
-    let presented = header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    // Each API's own key header; a bearer token works everywhere (OAuth, Vertex).
+    let own = match options.protocol {
+        MockProtocol::OpenAi => None,
+        MockProtocol::Anthropic => header("x-api-key"),
+        MockProtocol::Gemini => header("x-goog-api-key"),
+    };
+    let presented = own.or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")));
     let token_ok =
         || presented.is_some_and(|t| state.tokens.lock().is_ok_and(|tokens| tokens.contains(t)));
     let key_ok = || presented.is_some_and(|key| options.keys.iter().any(|k| k == key));
     let guarded = !options.keys.is_empty() || options.require_token;
     if guarded && !(key_ok() || (options.require_token && token_ok())) {
         return Ok(finish(
-            error(
+            plan.error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_api_key",
                 "Incorrect API key provided (mock).",
@@ -393,6 +428,32 @@ fn finish(mut response: Response<Body>, plan: &Plan, state: &MockState) -> Respo
         HeaderValue::from_static("9999"),
     );
     response
+}
+
+impl Plan {
+    /// An error in the mock's protocol.
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response<Body> {
+        match self.protocol {
+            MockProtocol::OpenAi => error(status, code, message),
+            MockProtocol::Anthropic => json_response(
+                status,
+                &crate::protocol::translate::anthropic::error_value(status.as_u16(), message),
+            ),
+            MockProtocol::Gemini => {
+                let gemini_status = match status.as_u16() {
+                    401 => "UNAUTHENTICATED",
+                    429 => "RESOURCE_EXHAUSTED",
+                    404 => "NOT_FOUND",
+                    400 => "INVALID_ARGUMENT",
+                    _ => "INTERNAL",
+                };
+                json_response(
+                    status,
+                    &json!({"error": {"code": status.as_u16(), "message": message, "status": gemini_status}}),
+                )
+            }
+        }
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
