@@ -80,10 +80,9 @@ impl UpstreamRuntime {
                 } else {
                     key.expose().to_string()
                 };
-                let mut value = HeaderValue::from_str(&text)
-                    .with_context(|| {
-                        format!("upstream {name}: a key has characters not allowed in a header")
-                    })?;
+                let mut value = HeaderValue::from_str(&text).with_context(|| {
+                    format!("upstream {name}: a key has characters not allowed in a header")
+                })?;
                 value.set_sensitive(true);
                 Ok(value)
             })

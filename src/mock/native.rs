@@ -68,7 +68,8 @@ pub(super) fn messages(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Res
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
         let mut content = Vec::new();
         if thinking {
-            content.push(json!({"type": "thinking", "thinking": "mock thinking", "signature": "sig"}));
+            content
+                .push(json!({"type": "thinking", "thinking": "mock thinking", "signature": "sig"}));
         }
         if tools.is_empty() {
             content.push(json!({"type": "text", "text": reply_text(plan.chunks)}));
@@ -153,7 +154,10 @@ pub(super) fn messages(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Res
         &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
             "usage": {"output_tokens": if plan.usage { output } else { 0 }}}),
     ));
-    events.push(named_event("message_stop", &json!({"type": "message_stop"})));
+    events.push(named_event(
+        "message_stop",
+        &json!({"type": "message_stop"}),
+    ));
     sse(state, plan, events)
 }
 

@@ -13,9 +13,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Value, json};
 
-use super::{
-    DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error, native,
-};
+use super::{DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error, native};
 use crate::http::body::{Body, BoxError, json_response};
 use crate::http::multipart;
 

@@ -110,11 +110,17 @@ pub fn keep_kind(x: &Exchange<'_>, plan: &mut Plan, kind: UpstreamKind) -> bool 
 
 /// Answers Anthropic's `count_tokens` without an upstream: the prompt counted with the
 /// tokenizer sluice prices with (`{"input_tokens": N}`).
-pub fn count_tokens_here(x: &mut Exchange<'_>, inbound: &Inbound) -> Result<Response<Body>, ApiError> {
+pub fn count_tokens_here(
+    x: &mut Exchange<'_>,
+    inbound: &Inbound,
+) -> Result<Response<Body>, ApiError> {
     let body = inbound.buffered.as_deref().unwrap_or_default();
     let value: Value = serde_json::from_slice(body).map_err(|e| invalid_json(&e))?;
     let Value::Object(object) = value else {
-        return Err(ApiError::bad_request("invalid_json", "the body is not a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body is not a JSON object",
+        ));
     };
     let pivot = translate::anthropic::request_to_openai(object)
         .map_err(|e| ApiError::bad_request("untranslatable_field", e.to_string()))?;
@@ -125,7 +131,10 @@ pub fn count_tokens_here(x: &mut Exchange<'_>, inbound: &Inbound) -> Result<Resp
         record.latency = Some(record.started.elapsed());
         recorder.submit(*record);
     }
-    Ok(json_response(StatusCode::OK, &json!({ "input_tokens": tokens })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "input_tokens": tokens }),
+    ))
 }
 
 /// Decides the session a request belongs to, when sessions are on: its `x-session-id`,

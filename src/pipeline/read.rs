@@ -75,9 +75,7 @@ pub async fn read_inbound(x: &mut Exchange<'_>, body: Incoming) -> Result<Inboun
         && match form {
             Some(_) => x.caller.needs_known_model() || gateway.routes_by_model(),
             // A client whose protocol an upstream may not speak is read to be translated.
-            None => {
-                gateway.must_read_json(x.caller) || x.protocol != ClientProtocol::OpenAi
-            }
+            None => gateway.must_read_json(x.caller) || x.protocol != ClientProtocol::OpenAi,
         };
     let inbound = if must_read {
         let bytes = read_body(body, limit).await?;

@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::accounting::recorder::LogSink;
 use crate::accounting::records::Pending;
+use crate::clock::unix_now;
 use crate::gateway::Gateway;
 use crate::http::body::{Body, BoxError};
 use crate::http::error::ApiError;
@@ -26,7 +27,6 @@ use crate::pipeline::exchange::Exchange;
 use crate::pipeline::read::{content_length, is_json_type};
 use crate::pipeline::send::Failure;
 use crate::pipeline::try_loop::Settled;
-use crate::clock::unix_now;
 use crate::protocol::translate::{AnswerKind, Translator};
 use crate::protocol::{ClientProtocol, UpstreamKind};
 use crate::pure::routing::Choice;

@@ -545,9 +545,10 @@ mod tests {
 
     #[test]
     fn upstream_errors_take_the_clients_shape() {
-        let anthropic = br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#;
-        let body: Value = serde_json::from_slice(&error_body(Wire::OpenAiChat, 429, anthropic))
-            .unwrap();
+        let anthropic =
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#;
+        let body: Value =
+            serde_json::from_slice(&error_body(Wire::OpenAiChat, 429, anthropic)).unwrap();
         assert_eq!(body["error"]["message"], "slow down");
         assert_eq!(body["error"]["type"], "rate_limit_error");
         let gemini = br#"{"error":{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED"}}"#;
@@ -557,7 +558,8 @@ mod tests {
         assert_eq!(body["error"]["type"], "rate_limit_error");
         assert_eq!(body["error"]["message"], "quota");
         let body: Value =
-            serde_json::from_slice(&error_body(Wire::AnthropicMessages, 502, b"<html>bad")).unwrap();
+            serde_json::from_slice(&error_body(Wire::AnthropicMessages, 502, b"<html>bad"))
+                .unwrap();
         assert_eq!(body["error"]["message"], "<html>bad");
         assert_eq!(body["error"]["type"], "api_error");
     }

@@ -99,7 +99,9 @@ pub fn read_json_reply(body: &[u8]) -> Reply {
         let mut text = String::new();
         for block in content {
             match block.get("type").and_then(Value::as_str) {
-                Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
+                Some("text") => {
+                    text.push_str(block.get("text").and_then(Value::as_str).unwrap_or(""))
+                }
                 Some("tool_use") => reply.tool_calls.push(json!({
                     "id": block.get("id"),
                     "type": "function",
@@ -150,7 +152,11 @@ fn anthropic_event(
                 blocks[index] = Some(calls.len());
                 calls.push(ToolCallParts {
                     id: block.get("id").and_then(Value::as_str).unwrap_or("").into(),
-                    name: block.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                    name: block
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .into(),
                     arguments: String::new(),
                 });
             }
@@ -217,7 +223,9 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
         }
         match event.get("type").and_then(Value::as_str) {
             Some(
-                kind @ ("message_start" | "message_delta" | "content_block_start"
+                kind @ ("message_start"
+                | "message_delta"
+                | "content_block_start"
                 | "content_block_delta"),
             ) => {
                 anthropic_event(

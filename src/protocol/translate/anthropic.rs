@@ -306,7 +306,9 @@ fn tool_choice_from_openai(choice: &Value) -> Result<Value, Untranslatable> {
 
 /// An Anthropic Messages request as an OpenAI Chat request (the model stays the
 /// client's; the caller sets the upstream's).
-pub fn request_to_openai(mut body: Map<String, Value>) -> Result<Map<String, Value>, Untranslatable> {
+pub fn request_to_openai(
+    mut body: Map<String, Value>,
+) -> Result<Map<String, Value>, Untranslatable> {
     let mut out = Map::new();
     if let Some(model) = take(&mut body, "model") {
         out.insert("model".into(), model);
@@ -367,7 +369,11 @@ pub fn request_to_openai(mut body: Map<String, Value>) -> Result<Map<String, Val
             _ => return Err(untranslatable("tool_choice.type", "unknown choice")),
         };
         out.insert("tool_choice".into(), mapped);
-        if choice.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
+        if choice
+            .get("disable_parallel_tool_use")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
             out.insert("parallel_tool_calls".into(), Value::Bool(false));
         }
     }
@@ -378,10 +384,7 @@ pub fn request_to_openai(mut body: Map<String, Value>) -> Result<Map<String, Val
                     .get("budget_tokens")
                     .and_then(Value::as_u64)
                     .unwrap_or(4096);
-                out.insert(
-                    "reasoning_effort".into(),
-                    json!(effort_for_budget(budget)),
-                );
+                out.insert("reasoning_effort".into(), json!(effort_for_budget(budget)));
             }
             Some("disabled") => {}
             _ => return Err(untranslatable("thinking.type", "unknown thinking mode")),
@@ -405,13 +408,21 @@ fn messages_to_openai(
             return Ok(());
         }
         Some(Value::Array(blocks)) => blocks,
-        _ => return Err(untranslatable(format!("{at}.content"), "must be a string or a list")),
+        _ => {
+            return Err(untranslatable(
+                format!("{at}.content"),
+                "must be a string or a list",
+            ));
+        }
     };
     let mut parts = Vec::new();
     let mut calls = Vec::new();
     for (j, block) in blocks.iter().enumerate() {
         let field = format!("{at}.content[{j}]");
-        match (role, block.get("type").and_then(Value::as_str).unwrap_or("")) {
+        match (
+            role,
+            block.get("type").and_then(Value::as_str).unwrap_or(""),
+        ) {
             (_, "text") => parts.push(json!({"type": "text", "text": block.get("text")})),
             ("user", "image") => parts.push(image_to_openai(block, &field)?),
             ("user", "tool_result") => {
@@ -788,10 +799,9 @@ impl StreamDecoder {
                     Some("text_delta") => {
                         out.push(self.chunk(json!({"content": text("text")}), Value::Null));
                     }
-                    Some("thinking_delta") => out.push(self.chunk(
-                        json!({"reasoning_content": text("thinking")}),
-                        Value::Null,
-                    )),
+                    Some("thinking_delta") => out.push(
+                        self.chunk(json!({"reasoning_content": text("thinking")}), Value::Null),
+                    ),
                     Some("input_json_delta") => {
                         let tool = self.tools.get(index).copied().flatten();
                         let partial = text("partial_json");
@@ -815,10 +825,7 @@ impl StreamDecoder {
                 self.merge_usage(event.get("usage"));
             }
             "message_stop" => {
-                out.push(self.chunk(
-                    json!({}),
-                    json!(finish_from_stop(self.stop.as_deref())),
-                ));
+                out.push(self.chunk(json!({}), json!(finish_from_stop(self.stop.as_deref()))));
                 let mut usage = json!({
                     "id": self.id, "object": "chat.completion.chunk", "created": self.created,
                     "model": self.model, "choices": [],

@@ -284,7 +284,11 @@ fn user_parts(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> {
 
 /// An image's media type guessed from its URL (Gemini wants one for a file URI).
 fn image_type(url: &str) -> &'static str {
-    let path = url.split(['?', '#']).next().unwrap_or("").to_ascii_lowercase();
+    let path = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if path.ends_with(".png") {
         "image/png"
     } else if path.ends_with(".webp") {
@@ -330,8 +334,7 @@ fn finish_reason(reason: Option<&str>, called: bool) -> &'static str {
     match reason {
         Some("MAX_TOKENS") => "length",
         Some(
-            "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII"
-            | "IMAGE_SAFETY",
+            "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY",
         ) => "content_filter",
         _ if called => "tool_calls",
         _ => "stop",
