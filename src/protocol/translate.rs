@@ -13,6 +13,8 @@
 
 pub mod anthropic;
 pub mod gemini;
+#[cfg(test)]
+mod golden;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value, json};

@@ -489,4 +489,40 @@ mod tests {
                 < 1e-9
         );
     }
+
+    #[test]
+    fn anthropic_answers_are_read_with_their_cached_input() {
+        let body = br#"{"type":"message","content":[{"type":"text","text":"Hi"},{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}],"usage":{"input_tokens":10,"output_tokens":5,"cache_read_input_tokens":4,"cache_creation_input_tokens":2}}"#;
+        let reply = read_json_reply(body);
+        assert_eq!(
+            reply.usage,
+            Some(TokenUsage {
+                prompt: 16,
+                completion: 5,
+                total: 21
+            })
+        );
+        assert_eq!(reply.text.as_deref(), Some("Hi"));
+        assert_eq!(reply.tool_calls[0]["function"]["arguments"], "{\"a\":1}");
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\"output_tokens\":1,\"cache_read_input_tokens\":3}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":9}}\n\n",
+        );
+        let reply = read_stream_reply(stream.as_bytes());
+        assert_eq!(
+            reply.usage,
+            Some(TokenUsage {
+                prompt: 10,
+                completion: 9,
+                total: 19
+            })
+        );
+        assert_eq!(reply.text.as_deref(), Some("Hello"));
+        assert_eq!(reply.tool_calls[0]["function"]["arguments"], "{\"a\":1}");
+    }
 }
