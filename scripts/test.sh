@@ -22,7 +22,7 @@ fi
 
 python=${PYTHON:-python3}
 venv=.venv
-if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, selenium, opentelemetry.proto" 2>/dev/null; then
+if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, anthropic, selenium, opentelemetry.proto" 2>/dev/null; then
   echo "== setting up the Python test environment in $venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
