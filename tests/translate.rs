@@ -667,3 +667,29 @@ async fn limits_refuse_an_anthropic_client_in_its_shape() {
     assert_eq!(body["type"], "error");
     assert_eq!(body["error"]["type"], "rate_limit_error");
 }
+
+#[tokio::test]
+async fn a_passthrough_callers_own_key_goes_in_the_upstreams_header() {
+    let (o, a, g) = mocks().await;
+    let yaml = config(&o, &a, &g, "").replace("access:\n", "access:\n  passthrough: true\n");
+    let gw = gateway(&yaml).await;
+    let body = json!({"model": "claude-sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+    let own = post(&gw, "/v1/messages", body, &[("x-api-key", "sk-ant-0001")]).await;
+    assert_eq!(own.status(), 200);
+    let seen = a.last().unwrap();
+    assert_eq!(seen.header("x-api-key"), Some("sk-ant-0001"));
+    assert_eq!(seen.header("authorization"), None);
+    let body = json!({"model": "gemini-flash", "messages": [{"role": "user", "content": "x"}]});
+    let own = post(
+        &gw,
+        "/v1/chat/completions",
+        body,
+        &[("authorization", "Bearer gm-key-0001")],
+    )
+    .await;
+    assert_eq!(own.status(), 200);
+    assert_eq!(
+        g.last().unwrap().header("x-goog-api-key"),
+        Some("gm-key-0001")
+    );
+}

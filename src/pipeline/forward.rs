@@ -64,6 +64,7 @@ async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, 
         client_model: inbound.model.as_deref(),
         strip_usage: inbound.strip_usage,
         usage_asked: inbound.usage_asked,
+        route: None,
     };
     Ok(relay::relay_settled(x, settled, shaping))
 }

@@ -28,7 +28,7 @@ use crate::pipeline::read::{content_length, is_json_type};
 use crate::pipeline::send::Failure;
 use crate::pipeline::try_loop::Settled;
 use crate::protocol::translate::{AnswerKind, Translator};
-use crate::protocol::{ClientProtocol, UpstreamKind};
+use crate::protocol::{ClientProtocol, Route, UpstreamKind};
 use crate::pure::routing::Choice;
 use crate::pure::shape::Shaper;
 use crate::upstream::{InFlight, UpstreamRuntime};
@@ -44,6 +44,9 @@ pub struct Shaping<'a> {
     pub strip_usage: bool,
     /// An OpenAI client asked for its stream's usage chunk itself.
     pub usage_asked: bool,
+    /// What each side speaks, when the answering upstream's API is not the client's
+    /// (set by [`relay_settled`], which knows the upstream).
+    pub route: Option<Route>,
 }
 
 /// Answers the client with how the tries settled: the answer relayed, or the failure
@@ -51,8 +54,13 @@ pub struct Shaping<'a> {
 pub fn relay_settled(
     x: &mut Exchange<'_>,
     settled: Settled<'_>,
-    shaping: Shaping<'_>,
+    mut shaping: Shaping<'_>,
 ) -> Response<Body> {
+    let (Settled::Answered { upstream, .. } | Settled::Failed { upstream, .. }) = &settled;
+    shaping.route = UpstreamKind::of(&upstream.config)
+        .route(x.protocol, x.path)
+        .ok()
+        .flatten();
     match settled {
         Settled::Answered {
             response,
@@ -69,7 +77,7 @@ pub fn relay_settled(
             choice,
         } => {
             let log = take_record(x, choice, upstream, shaping.client_model);
-            answer_failure(failure, upstream, shaping.client_model, log, x.gateway)
+            answer_failure(failure, upstream, shaping, log, x.gateway)
         }
     }
 }
@@ -95,7 +103,6 @@ fn take_record(
         sink: x.gateway.recorder.as_ref().map(|r| r.sink.clone()),
         tries,
         protocol: x.protocol,
-        path: x.path.to_string(),
     }
 }
 
@@ -105,8 +112,6 @@ struct Log {
     sink: Option<LogSink>,
     tries: usize,
     protocol: ClientProtocol,
-    /// The path the client asked for, which says whether the answer is translated.
-    path: String,
 }
 
 /// The failure to report as it happened: an upstream's answer is relayed as it is (its
@@ -114,16 +119,16 @@ struct Log {
 fn answer_failure(
     failure: Failure,
     upstream: &Arc<UpstreamRuntime>,
-    model: Option<&str>,
+    shaping: Shaping<'_>,
     log: Log,
     gateway: &Gateway,
 ) -> Response<Body> {
     match failure {
         Failure::Response(response) => {
             let shaping = Shaping {
-                client_model: model,
                 strip_usage: false,
                 usage_asked: false,
+                ..shaping
             };
             relay(response, upstream, shaping, None, log)
         }
@@ -158,38 +163,34 @@ fn relay(
     strip_hop_by_hop(&mut headers);
     let sse = is_event_stream(&headers);
     let kind = UpstreamKind::of(&upstream.config);
-    let translator = kind
-        .route(log.protocol, &log.path)
-        .ok()
-        .flatten()
-        .map(|route| {
-            let answer = if !status.is_success() {
-                AnswerKind::Error {
-                    status: status.as_u16(),
-                }
-            } else if sse {
-                AnswerKind::Stream
+    let translator = shaping.route.map(|route| {
+        let answer = if !status.is_success() {
+            AnswerKind::Error {
+                status: status.as_u16(),
+            }
+        } else if sse {
+            AnswerKind::Stream
+        } else {
+            AnswerKind::Json
+        };
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(if answer == AnswerKind::Stream {
+                "text/event-stream"
             } else {
-                AnswerKind::Json
-            };
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(if answer == AnswerKind::Stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                }),
-            );
-            headers.remove(header::CONTENT_ENCODING);
-            Translator::new(
-                route.client,
-                route.upstream,
-                answer,
-                shaping.client_model.unwrap_or(""),
-                shaping.usage_asked,
-                unix_now(),
-            )
-        });
+                "application/json"
+            }),
+        );
+        headers.remove(header::CONTENT_ENCODING);
+        Translator::new(
+            route.client,
+            route.upstream,
+            answer,
+            shaping.client_model.unwrap_or(""),
+            shaping.usage_asked,
+            unix_now(),
+        )
+    });
     let rename = shaping
         .client_model
         .filter(|m| upstream.config.upstream_model(m) != *m);

@@ -152,7 +152,16 @@ async fn set_credential(
 ) -> Result<Option<u64>, ApiError> {
     match x.caller {
         Caller::Passthrough(value) => {
-            headers.insert(header::AUTHORIZATION, value.clone());
+            // The caller's own key, in the header the upstream's API reads it from.
+            let value = match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+                Some(key) if upstream.auth_name != header::AUTHORIZATION => {
+                    let mut bare = HeaderValue::from_str(key).unwrap_or_else(|_| value.clone());
+                    bare.set_sensitive(true);
+                    bare
+                }
+                _ => value.clone(),
+            };
+            headers.insert(upstream.auth_name.clone(), value);
         }
         Caller::Gateway(_) | Caller::Open => {
             if let Some(cache) = &upstream.token {
