@@ -334,15 +334,19 @@ fn write_data(out: &mut BytesMut, value: &Value) {
 #[derive(Debug)]
 enum Mode {
     /// A stream, event by event.
-    Stream {
-        decoder: Decoder,
-        encoder: Encoder,
-        pieces: Vec<Piece>,
-    },
+    Stream(Box<Stream>),
     /// A whole JSON answer, translated at its end.
     Answer,
     /// An upstream's error, rewritten in the client's shape at its end.
     Error { status: u16 },
+}
+
+/// A stream's translation under way.
+#[derive(Debug)]
+struct Stream {
+    decoder: Decoder,
+    encoder: Encoder,
+    pieces: Vec<Piece>,
 }
 
 /// An answer (or error) too large to translate.
@@ -386,7 +390,7 @@ impl Translator {
         created: i64,
     ) -> Self {
         let mode = match kind {
-            AnswerKind::Stream => Mode::Stream {
+            AnswerKind::Stream => Mode::Stream(Box::new(Stream {
                 decoder: match upstream {
                     Wire::OpenAiChat => Decoder::OpenAi,
                     Wire::AnthropicMessages => {
@@ -406,7 +410,7 @@ impl Translator {
                     }),
                 },
                 pieces: Vec::new(),
-            },
+            })),
             AnswerKind::Json => Mode::Answer,
             AnswerKind::Error { status } => Mode::Error { status },
         };
@@ -423,17 +427,17 @@ impl Translator {
     /// Takes a chunk of the upstream's body; returns what the client gets now.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Bytes, TooLarge> {
         self.buffer.extend_from_slice(chunk);
-        let Mode::Stream {
-            decoder,
-            encoder,
-            pieces,
-        } = &mut self.mode
-        else {
+        let Mode::Stream(stream) = &mut self.mode else {
             if self.buffer.len() > JSON_LIMIT {
                 return Err(TooLarge);
             }
             return Ok(Bytes::new());
         };
+        let Stream {
+            decoder,
+            encoder,
+            pieces,
+        } = stream.as_mut();
         let mut out = BytesMut::new();
         let mut from = 0;
         while let Some(end) = first_event_end(&self.buffer[from..]) {
@@ -454,11 +458,12 @@ impl Translator {
     pub fn finish(&mut self) -> Bytes {
         let rest = self.buffer.split().freeze();
         match &mut self.mode {
-            Mode::Stream {
-                decoder,
-                encoder,
-                pieces,
-            } => {
+            Mode::Stream(stream) => {
+                let Stream {
+                    decoder,
+                    encoder,
+                    pieces,
+                } = stream.as_mut();
                 let mut out = BytesMut::new();
                 if !rest.is_empty() {
                     decode_event(&rest, decoder, pieces);
