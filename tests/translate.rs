@@ -693,3 +693,48 @@ async fn a_passthrough_callers_own_key_goes_in_the_upstreams_header() {
         Some("gm-key-0001")
     );
 }
+
+#[tokio::test]
+async fn hostile_bodies_on_anthropics_path_are_refused_in_its_shape() {
+    let (o, a, g) = mocks().await;
+    let gw = gateway(&config(&o, &a, &g, "routing: {default_upstream: oai}\n")).await;
+    let bodies = [
+        "not json".to_string(),
+        "[]".to_string(),
+        "{\"model\": \"gpt-4o\"}".to_string(),
+        "{\"model\": \"gpt-4o\", \"messages\": \"x\"}".to_string(),
+        "{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": 42}]}".to_string(),
+        "{\"model\": \"gpt-4o\", \"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}".to_string(),
+        "{\"model\": \"gpt-4o\", \"messages\": [], \"tools\": {}}".to_string(),
+        "{\"model\": \"gpt-4o\", \"messages\": [], \"system\": 7}".to_string(),
+        "{\"model\": \"gemini-flash\", \"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"source\": {\"type\": \"file\"}}]}]}".to_string(),
+        format!("{{\"model\": \"gpt-4o\", \"messages\": {}}}", "[".repeat(200) + &"]".repeat(200)),
+    ];
+    for body in bodies {
+        for content_type in ["application/json", "text/plain"] {
+            let response = client()
+                .post(gw.url("/v1/messages"))
+                .header("x-api-key", KEY)
+                .header("content-type", content_type)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            assert!((400..500).contains(&status), "{status} for {body}");
+            let value = json(response).await;
+            assert_eq!(value["type"], "error", "{body}: {value}");
+            assert!(value["error"]["message"].is_string());
+        }
+    }
+    // A model name that would climb out of Gemini's `models/` is refused.
+    let yaml = config(&o, &a, &g, "").replace("models: [gemini-flash]", "models: ['*']");
+    let gw = gateway(&yaml).await;
+    let escape = openai(
+        &gw,
+        json!({"model": "x/../../admin", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_error(escape, 400, "invalid_model").await;
+    assert!(g.requests().iter().all(|r| !r.path.contains("admin")));
+}

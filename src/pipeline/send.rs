@@ -86,6 +86,12 @@ pub async fn outgoing(
                 .model
                 .as_deref()
                 .map_or("", |m| upstream.config.upstream_model(m));
+            if route.upstream == translate::Wire::Gemini && !translate::gemini::valid_model(model) {
+                return Err(ApiError::bad_request(
+                    "invalid_model",
+                    "a Gemini model name has only letters, digits, `-`, `_` and `.`",
+                ));
+            }
             let (body, stream) = translate::request(route.client, route.upstream, bytes, model)
                 .map_err(|e| ApiError::bad_request("untranslatable_field", e.to_string()))?;
             // The answer is read to be translated: it must come plain.

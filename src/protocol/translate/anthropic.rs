@@ -402,6 +402,12 @@ fn messages_to_openai(
     out: &mut Vec<Value>,
 ) -> Result<(), Untranslatable> {
     let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+    if role != "user" && role != "assistant" {
+        return Err(untranslatable(
+            format!("{at}.role"),
+            "a message's role is `user` or `assistant`",
+        ));
+    }
     let blocks = match message.get("content") {
         Some(Value::String(text)) => {
             out.push(json!({"role": role, "content": text}));

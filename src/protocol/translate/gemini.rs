@@ -17,6 +17,18 @@ use super::{
 
 const TARGET: &str = "Gemini's API";
 
+/// Whether a model name can stand in Gemini's path as one segment: letters, digits, `-`,
+/// `_`, `.` (not a dot segment), so no client-chosen name climbs out of `models/`.
+pub fn valid_model(model: &str) -> bool {
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    !model.is_empty()
+        && model != "."
+        && model != ".."
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The upstream path of a `generateContent` call for `model`.
 pub fn path(model: &str, stream: bool) -> String {
     let model = model.strip_prefix("models/").unwrap_or(model);
@@ -570,5 +582,32 @@ impl StreamDecoder {
             "model": self.model, "choices": [], "usage": usage_to_openai(&self.usage),
         })));
         out.push(Piece::Done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_stay_one_path_segment() {
+        assert!(valid_model("gemini-2.5-flash"));
+        assert!(valid_model("models/gemini-1.5-pro-002"));
+        for bad in [
+            "",
+            "..",
+            "a/../../x",
+            "x?alt=json",
+            "x#y",
+            "x%2F",
+            "a b",
+            "x:streamGenerateContent",
+        ] {
+            assert!(!valid_model(bad), "{bad}");
+        }
+        assert_eq!(
+            path("models/gemini-x", true),
+            "/v1beta/models/gemini-x:streamGenerateContent?alt=sse"
+        );
     }
 }
