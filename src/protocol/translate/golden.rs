@@ -499,6 +499,29 @@ proptest! {
     }
 
     #[test]
+    fn whatever_an_upstream_sends_the_client_gets_whole_events(
+        events in proptest::collection::vec(hostile_event(), 0..12),
+        cuts in proptest::collection::vec(0usize..2000, 0..8),
+    ) {
+        let input: String = events.concat();
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        for (client, upstream) in [
+            (Wire::OpenAiChat, Wire::AnthropicMessages),
+            (Wire::OpenAiChat, Wire::Gemini),
+            (Wire::AnthropicMessages, Wire::OpenAiChat),
+            (Wire::AnthropicMessages, Wire::Gemini),
+        ] {
+            let text = translate_stream(client, upstream, &input, &cuts);
+            prop_assert!(text.is_empty() || text.ends_with("\n\n"));
+            for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+                let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+                prop_assert!(data.is_some_and(|d| d == "[DONE]" || serde_json::from_str::<Value>(d).is_ok()), "{}", event);
+            }
+        }
+    }
+
+    #[test]
     fn openai_to_anthropic_and_back_keeps_every_translatable_field(request in openai_request()) {
         let Value::Object(object) = request.clone() else { unreachable!() };
         let anthropic = anthropic::request_from_openai(object, "m").unwrap();
@@ -506,6 +529,31 @@ proptest! {
         let back = anthropic::request_to_openai(anthropic).unwrap();
         prop_assert_eq!(Value::Object(back), request);
     }
+}
+
+/// An SSE event an upstream might send, well-formed or not.
+fn hostile_event() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just(r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":1}}}"#.to_string()),
+        Just(r#"{"type":"content_block_start","index":3,"content_block":{"type":"tool_use","id":"t","name":"f"}}"#.to_string()),
+        Just(r#"{"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{\"a"}}"#.to_string()),
+        Just(r#"{"type":"content_block_delta","index":99999999999,"delta":{"type":"text_delta","text":"x"}}"#.to_string()),
+        Just(r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":"bad"}"#.to_string()),
+        Just(r#"{"type":"message_stop"}"#.to_string()),
+        Just(r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#.to_string()),
+        Just(r#"{"choices":[{"index":0,"delta":{"content":"hi","tool_calls":[{"index":70000,"id":"c","function":{"name":"f","arguments":"{"}}]},"finish_reason":null}]}"#.to_string()),
+        Just(r#"{"choices":[{"delta":{"reasoning_content":"hm"},"finish_reason":"length"}],"usage":{"prompt_tokens":-1}}"#.to_string()),
+        Just(r#"{"candidates":[{"content":{"parts":[{"text":"a","thought":true},{"functionCall":{"name":7}}]},"finishReason":"SAFETY"}]}"#.to_string()),
+        Just(r#"{"error":{"code":503,"message":"down"}}"#.to_string()),
+        Just("[DONE]".to_string()),
+        "[ -~]{0,40}",
+    ];
+    (
+        piece,
+        prop_oneof![Just("data: "), Just("data:"), Just("event: x\ndata: ")],
+        prop_oneof![Just("\n\n"), Just("\r\n\r\n"), Just("\n")],
+    )
+        .prop_map(|(data, prefix, end)| format!("{prefix}{data}{end}"))
 }
 
 fn text() -> impl Strategy<Value = String> {
