@@ -217,6 +217,8 @@ pub struct Admin {
 pub struct Price {
     pub input: f64,
     pub output: f64,
+    /// Prompt tokens read from the provider's cache; `None` prices them as input.
+    pub cached_input: Option<f64>,
 }
 
 /// Request and token limits over fixed windows. `None` = unlimited; `Some(0)` admits nothing.

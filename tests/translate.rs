@@ -38,7 +38,7 @@ upstreams:
 admin: {{key: {ADMIN}}}
 routing: {{retries: 0}}
 pricing:
-  claude-sonnet: {{input: 3, output: 15}}
+  claude-sonnet: {{input: 3, output: 15, cached_input: 0.3}}
   gemini-flash: {{input: 1, output: 2}}
   gpt-4o: {{input: 2.5, output: 10}}
 {extra}",
@@ -492,6 +492,10 @@ async fn anthropic_to_anthropic_passes_through_unharmed() {
             + 3
     );
     assert_eq!(logged["row"]["completion_tokens"], 4);
+    // The 3 cached tokens at the cached price.
+    let prompt = logged["row"]["prompt_tokens"].as_f64().unwrap();
+    let expected = ((prompt - 3.0) * 3.0 + 3.0 * 0.3 + 4.0 * 15.0) / 1e6;
+    assert!((logged["row"]["cost"].as_f64().unwrap() - expected).abs() < 1e-12);
 }
 
 #[tokio::test]

@@ -337,11 +337,8 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         section(top.get("pricing"), "pricing", &mut problems).unwrap_or_default();
     let mut pricing = std::collections::HashMap::new();
     for (model, price) in raw_pricing {
-        if !(price.input.is_finite()
-            && price.output.is_finite()
-            && price.input >= 0.0
-            && price.output >= 0.0)
-        {
+        let valid = |n: f64| n.is_finite() && n >= 0.0;
+        if !(valid(price.input) && valid(price.output) && price.cached_input.is_none_or(valid)) {
             problems.push(Problem::new(
                 format!("pricing.{model}"),
                 "prices must be non-negative numbers",
@@ -352,6 +349,7 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
             Price {
                 input: price.input,
                 output: price.output,
+                cached_input: price.cached_input,
             },
         );
     }

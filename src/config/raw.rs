@@ -101,6 +101,8 @@ pub struct RawAdmin {
 pub struct RawPrice {
     pub input: f64,
     pub output: f64,
+    /// Cached prompt tokens (cache reads); unset: priced as input.
+    pub cached_input: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,8 @@ pub struct TokenUsage {
     pub prompt: u64,
     pub completion: u64,
     pub total: u64,
+    /// Prompt tokens read from the provider's cache (part of `prompt`), priced apart.
+    pub cached: u64,
 }
 
 /// Where a usage figure came from.
@@ -64,10 +66,17 @@ pub fn parse_usage(usage: &Value) -> Option<TokenUsage> {
         .unwrap_or(0);
     let total =
         number(usage.get("total_tokens")).unwrap_or_else(|| prompt.saturating_add(completion));
+    // OpenAI's cached prompt tokens, or Anthropic's cache reads.
+    let cached = number(usage.pointer("/prompt_tokens_details/cached_tokens"))
+        .or_else(|| number(usage.pointer("/input_tokens_details/cached_tokens")))
+        .or_else(|| number(usage.get("cache_read_input_tokens")))
+        .unwrap_or(0)
+        .min(prompt);
     Some(TokenUsage {
         prompt,
         completion,
         total,
+        cached,
     })
 }
 
@@ -397,12 +406,18 @@ pub fn estimate(model: &str, request: Option<&Value>, reply: &Reply) -> TokenUsa
         prompt,
         completion,
         total: prompt + completion,
+        cached: 0,
     }
 }
 
 /// Cost in USD of `usage` at `price` (USD per million tokens).
 pub fn cost(price: Price, usage: TokenUsage) -> f64 {
-    (usage.prompt as f64 * price.input + usage.completion as f64 * price.output) / 1_000_000.0
+    let cached = usage.cached.min(usage.prompt);
+    let fresh = usage.prompt - cached;
+    (fresh as f64 * price.input
+        + cached as f64 * price.cached_input.unwrap_or(price.input)
+        + usage.completion as f64 * price.output)
+        / 1_000_000.0
 }
 
 #[cfg(test)]
@@ -419,7 +434,8 @@ mod tests {
             TokenUsage {
                 prompt: 5,
                 completion: 7,
-                total: 12
+                total: 12,
+                cached: 0
             }
         );
         let responses =
@@ -430,7 +446,8 @@ mod tests {
             TokenUsage {
                 prompt: 3,
                 completion: 4,
-                total: 7
+                total: 7,
+                cached: 0
             }
         );
         let embeddings = parse_usage(&json!({"prompt_tokens": 9, "total_tokens": 9})).unwrap();
@@ -439,7 +456,8 @@ mod tests {
             TokenUsage {
                 prompt: 9,
                 completion: 0,
-                total: 9
+                total: 9,
+                cached: 0
             }
         );
     }
@@ -476,12 +494,14 @@ mod tests {
             prompt: 1_000_000,
             completion: 500_000,
             total: 1_500_000,
+            cached: 0,
         };
         assert!(
             (cost(
                 Price {
                     input: 2.5,
-                    output: 10.0
+                    output: 10.0,
+                    cached_input: None,
                 },
                 usage
             ) - 7.5)
@@ -499,7 +519,8 @@ mod tests {
             Some(TokenUsage {
                 prompt: 16,
                 completion: 5,
-                total: 21
+                total: 21,
+                cached: 4
             })
         );
         assert_eq!(reply.text.as_deref(), Some("Hi"));
@@ -519,10 +540,30 @@ mod tests {
             Some(TokenUsage {
                 prompt: 10,
                 completion: 9,
-                total: 19
+                total: 19,
+                cached: 3
             })
         );
         assert_eq!(reply.text.as_deref(), Some("Hello"));
         assert_eq!(reply.tool_calls[0]["function"]["arguments"], "{\"a\":1}");
+    }
+
+    #[test]
+    fn cached_prompt_tokens_have_a_price_of_their_own() {
+        let usage = parse_usage(&json!({"prompt_tokens": 1_000_000, "completion_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 400_000}}))
+        .unwrap();
+        assert_eq!(usage.cached, 400_000);
+        let price = Price {
+            input: 3.0,
+            output: 15.0,
+            cached_input: Some(0.3),
+        };
+        assert!((cost(price, usage) - (0.6 * 3.0 + 0.4 * 0.3)).abs() < 1e-9);
+        let unpriced = Price {
+            cached_input: None,
+            ..price
+        };
+        assert!((cost(unpriced, usage) - 3.0).abs() < 1e-9);
     }
 }
