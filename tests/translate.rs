@@ -742,3 +742,38 @@ async fn hostile_bodies_on_anthropics_path_are_refused_in_its_shape() {
     assert_error(escape, 400, "invalid_model").await;
     assert!(g.requests().iter().all(|r| !r.path.contains("admin")));
 }
+
+#[tokio::test]
+async fn a_failing_upstream_of_one_kind_fails_over_to_another_kind() {
+    let (o, a, g) = mocks().await;
+    a.set_fault(Some(Fault::ServerError));
+    let yaml = format!(
+        "access:
+  keys:
+    - {{name: alice, key: {KEY}}}
+routing: {{strategy: round_robin, retries: 2, backoff: 1ms}}
+upstreams:
+  - {{name: claude, kind: anthropic, base_url: '{}', keys: [sk-ant-0001], models: [shared]}}
+  - {{name: gem, kind: gemini, base_url: '{}', keys: [gm-key-0001], models: [shared]}}
+  - {{name: oai, base_url: '{}', keys: [sk-openai-0001], models: [shared]}}
+",
+        a.url(),
+        g.url(),
+        o.url()
+    );
+    let gw = gateway(&yaml).await;
+    for _ in 0..3 {
+        let response = anthropic(
+            &gw,
+            json!({"model": "shared", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        assert_ne!(served_by(&response), "claude");
+        let text = response.text().await.unwrap();
+        assert!(text.contains("event: message_stop"), "{text}");
+        assert!(text.contains("word3"), "{text}");
+    }
+    // The failing Anthropic upstream was tried once, then rested.
+    assert_eq!(a.requests().len(), 1);
+}
