@@ -50,8 +50,8 @@ if command -v psql >/dev/null; then
     | while read -r db; do psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
 fi
 echo "== cargo test (request log on PostgreSQL)"
-SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing --test admin --test affinity --test guards
+SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing --test admin --test affinity --test guards --test translate
 
-echo "== OpenAI SDK end-to-end tests"
+echo "== OpenAI and Anthropic SDK end-to-end tests"
 cargo build --quiet --bin sluice
 SLUICE_TEST_BIN="$PWD/target/debug/sluice" "$venv/bin/pytest" -q tests/e2e
