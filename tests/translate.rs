@@ -37,6 +37,7 @@ upstreams:
   - {{name: gem, kind: gemini, base_url: '{}', keys: [gm-key-0001], models: [gemini-flash]}}
 admin: {{key: {ADMIN}}}
 routing: {{retries: 0}}
+server: {{max_body: 64KiB}}
 pricing:
   claude-sonnet: {{input: 3, output: 15, cached_input: 0.3}}
   gemini-flash: {{input: 1, output: 2}}
@@ -549,6 +550,30 @@ async fn errors_take_the_clients_shape() {
     )
     .await;
     assert_error(embeddings, 400, "unsupported_endpoint").await;
+
+    let huge = "x".repeat(70_000);
+    let too_large = anthropic(&gw, json!({"model": "gpt-4o", "max_tokens": 1, "messages": [{"role": "user", "content": huge}]})).await;
+    assert_eq!(too_large.status(), 413);
+    assert_eq!(json(too_large).await["error"]["type"], "request_too_large");
+    let denied =
+        gateway(&config(&o, &a, &g, "").replace("access:\n", "access:\n  ip_deny: [127.0.0.1]\n"))
+            .await;
+    let refused = anthropic(
+        &denied,
+        json!({"model": "gpt-4o", "max_tokens": 1, "messages": []}),
+    )
+    .await;
+    assert_eq!(refused.status(), 403);
+    assert_eq!(json(refused).await["error"]["type"], "permission_error");
+    let dots = post(
+        &gw,
+        "/v1/messages/batches%2Fx",
+        json!({}),
+        &[("x-api-key", KEY)],
+    )
+    .await;
+    assert_eq!(dots.status(), 400);
+    assert_eq!(json(dots).await["type"], "error");
 
     // The upstream's errors, mapped: status and Retry-After kept.
     o.set_fault(Some(Fault::RateLimited { retry_after: 7 }));

@@ -296,7 +296,7 @@ async fn respond(
         request.headers(),
     );
     if let Err(error) = gateway.guard.check_ip(client) {
-        return error.into_response();
+        return ClientProtocol::of_path(api_route(gateway, path)).error_response(error);
     }
     if !is_plain_path(path) {
         return refuse_path(gateway, client, request);
@@ -355,15 +355,20 @@ fn refuse_path(
          slash or an encoded control character; send the path without them",
     );
     let path = request.uri().path();
-    let route = path
-        .strip_prefix(gateway.config.server.route_prefix.as_str())
-        .unwrap_or(path);
+    let route = api_route(gateway, path);
+    let protocol = ClientProtocol::of_path(route);
     if route == "/v1" || route.starts_with("/v1/") {
         let route = route.to_string();
         let (parts, _) = request.into_parts();
         gateway.record_error(gateway.start_record(client, &parts, &route), &error);
     }
-    error.into_response()
+    protocol.error_response(error)
+}
+
+/// The path without the route prefix (the path itself when it lacks the prefix).
+fn api_route<'p>(gateway: &Gateway, path: &'p str) -> &'p str {
+    path.strip_prefix(gateway.config.server.route_prefix.as_str())
+        .unwrap_or(path)
 }
 
 /// `/metrics` for the admin: Prometheus text from the log's series and live gauges.
