@@ -53,11 +53,15 @@ pub fn request_from_openai(
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(messages));
-    let max_tokens = take(&mut body, "max_completion_tokens")
-        .or_else(|| take(&mut body, "max_tokens"))
-        .and_then(|v| v.as_u64());
+    let max_tokens =
+        match take(&mut body, "max_completion_tokens").or_else(|| take(&mut body, "max_tokens")) {
+            Some(value) => value
+                .as_u64()
+                .ok_or_else(|| untranslatable("max_tokens", "must be a positive integer"))?,
+            None => DEFAULT_MAX_TOKENS,
+        };
     body.remove("max_tokens");
-    let mut max_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let mut max_tokens = max_tokens;
     for key in ["temperature", "top_p"] {
         if let Some(value) = take(&mut body, key) {
             out.insert(key.into(), value);
