@@ -66,9 +66,6 @@ pub async fn outgoing(
     choice: Choice,
 ) -> Result<Outgoing, ApiError> {
     let token_generation = set_credential(x, upstream, choice, &mut headers).await?;
-    if let Some(trace) = x.record.as_ref().and_then(|r| r.trace.as_ref()) {
-        headers.insert(TRACEPARENT, trace.traceparent());
-    }
     let kind = UpstreamKind::of(&upstream.config);
     if kind == UpstreamKind::Anthropic && !headers.contains_key(ANTHROPIC_VERSION) {
         headers.insert(
@@ -78,6 +75,9 @@ pub async fn outgoing(
     }
     for (name, value) in &upstream.config.headers {
         headers.insert(name.clone(), value.clone());
+    }
+    if let Some(trace) = x.record.as_ref().and_then(|r| r.trace.as_ref()) {
+        headers.insert(TRACEPARENT, trace.traceparent());
     }
     let route = kind.route(x.protocol, x.path)?;
     let translated = match (route, &inbound.buffered) {

@@ -151,7 +151,11 @@ pub fn response(client: Wire, upstream: Wire, body: &[u8], model: &str, created:
         Wire::AnthropicMessages => anthropic::response_to_openai(&value, created),
         Wire::Gemini => gemini::response_to_openai(&value, created),
     };
-    pivot["model"] = Value::String(model.to_string());
+    // An answer that is not an object is relayed as it is (indexing it would panic).
+    let Some(object) = pivot.as_object_mut() else {
+        return body.to_vec();
+    };
+    object.insert("model".into(), Value::String(model.to_string()));
     let out = match client {
         Wire::AnthropicMessages => anthropic::response_from_openai(&pivot),
         _ => pivot,
@@ -268,7 +272,10 @@ impl OpenAiEncoder {
         }
         match piece {
             Piece::Chunk(mut value) => {
-                value["model"] = Value::String(self.model.clone());
+                let Some(object) = value.as_object_mut() else {
+                    return;
+                };
+                object.insert("model".into(), Value::String(self.model.clone()));
                 let finishing = value
                     .pointer("/choices/0/finish_reason")
                     .is_some_and(|f| !f.is_null());
@@ -569,6 +576,24 @@ mod tests {
                 .unwrap();
         assert_eq!(body["error"]["message"], "<html>bad");
         assert_eq!(body["error"]["type"], "api_error");
+    }
+
+    #[test]
+    fn answers_that_are_not_objects_do_not_panic() {
+        for body in [&b"5"[..], b"[]", b"\"x\"", b"null"] {
+            for upstream in [Wire::OpenAiChat, Wire::AnthropicMessages, Wire::Gemini] {
+                for client in [Wire::OpenAiChat, Wire::AnthropicMessages] {
+                    let _ = response(client, upstream, body, "m", 0);
+                    let mut stream =
+                        Translator::new(client, upstream, AnswerKind::Stream, "m", false, 0);
+                    let mut sse = b"data: ".to_vec();
+                    sse.extend_from_slice(body);
+                    sse.extend_from_slice(b"\n\n");
+                    let _ = stream.push(&sse);
+                    let _ = stream.finish();
+                }
+            }
+        }
     }
 
     #[test]
