@@ -1315,6 +1315,37 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_speaks_one_of_four_apis() {
+        let yaml = |kind: &str| {
+            format!(
+                "upstreams: [{{name: a, kind: {kind}, base_url: 'http://127.0.0.1:9/'}}]\npricing: {{m: {{input: 1, output: 2, cached_input: 0.1}}}}"
+            )
+        };
+        for (text, kind) in [
+            ("openai", ApiKind::OpenAi),
+            ("anthropic", ApiKind::Anthropic),
+            ("gemini", ApiKind::Gemini),
+            ("azure", ApiKind::Azure),
+        ] {
+            assert_eq!(check(&yaml(text), &[]).unwrap().upstreams[0].kind, kind);
+        }
+        let config = check(&yaml("openai"), &[]).unwrap();
+        assert_eq!(config.pricing["m"].cached_input, Some(0.1));
+        let found = problems(&yaml("claude"));
+        assert!(
+            found.iter().any(|p| p.starts_with("upstreams[0].kind:")),
+            "{found:?}"
+        );
+        let found = problems(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9/'}]\npricing: {m: {input: 1, output: 2, cached_input: -1}}",
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("pricing.m")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn storage_overflow_is_one_of_three_policies() {
         let yaml = |overflow: &str| {
             format!(
