@@ -4,11 +4,12 @@
 //! on the way (its path, its body, its answer's shape).
 //!
 //! Each protocol is a variant of a small `Copy` enum ([`ClientProtocol`], [`UpstreamKind`])
-//! whose methods `match` to the protocol's module ([`openai`] today). An enum rather than a
-//! trait object: the hot path pays a `match` the compiler can see through (no `dyn`, no
-//! `Box`, no vtable), and adding Anthropic, Gemini or Azure is one module and one variant,
-//! with the compiler naming every method that must learn it. This module reads no socket
-//! and holds no state.
+//! whose methods `match` to the protocol's module ([`openai`], [`anthropic`]). An enum
+//! rather than a trait object: the hot path pays a `match` the compiler can see through (no
+//! `dyn`, no `Box`, no vtable), and adding an API is one module and one variant, with the
+//! compiler naming every method that must learn it. When a client's API is not its
+//! upstream's, [`translate`] carries the request, the answer and the stream across. This
+//! module reads no socket and holds no state.
 
 pub mod anthropic;
 pub mod openai;
@@ -256,9 +257,9 @@ impl UpstreamKind {
 }
 
 impl ApiError {
-    /// The error as the client's answer. Every client speaks OpenAI's API today, so the
-    /// edge and the admin routes need not say which protocol; the pipeline, which knows,
-    /// calls [`ClientProtocol::error_response`].
+    /// The error as an OpenAI client's answer, for the admin routes and the edge's own
+    /// refusals outside `/v1/`; wherever the path is known, [`ClientProtocol::of_path`]
+    /// and [`ClientProtocol::error_response`] write it in the client's protocol.
     pub fn into_response(self) -> Response<Body> {
         ClientProtocol::OpenAi.error_response(self)
     }
