@@ -8,6 +8,8 @@
 #                           # into bench/peers/, git-ignored)
 #   bench/run.sh --cache    # only the response cache: a hit against pass-through (about
 #                           # 1 minute; its own table in target/bench/cache.md)
+#   bench/run.sh --anthropic  # also an Anthropic client (/v1/messages) through the bare
+#                           # config to the OpenAI mock: what translation adds
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -18,11 +20,13 @@ root=$PWD
 quick=0
 peers=0
 cache=0
+anthropic=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
     --peers) peers=1 ;;
     --cache) cache=1 ;;
+    --anthropic) anthropic=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +73,17 @@ wait_port 19000; wait_port 19001; wait_port 19002
 
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
 stream_body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+# The same request as an Anthropic client sends it (--anthropic), translated by sluice.
+anthropic_body='{"model":"gpt-4o-mini","max_tokens":256,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+anthropic_stream_body='{"model":"gpt-4o-mini","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+api_path=/v1/chat/completions
+# as_anthropic CMD...: runs CMD with the Anthropic path and bodies.
+as_anthropic() {
+  local saved_body=$body saved_stream=$stream_body
+  api_path=/v1/messages; body=$anthropic_body; stream_body=$anthropic_stream_body
+  "$@"
+  api_path=/v1/chat/completions; body=$saved_body; stream_body=$saved_stream
+}
 
 busy_poll=${BENCH_BUSY_POLL:-0}
 poll_window=300us
@@ -106,7 +121,7 @@ latency_n=5000; wrk_secs=5; rate_secs=2; ttft_streams=30
 # measure NAME URL KEY PID(or empty): fills R[NAME.*]
 measure() {
   local name=$1 base=$2 key=$3 pid=${4:-}
-  local url="$base/v1/chat/completions"
+  local url="$base$api_path"
   echo "== $name: latency at concurrency 1"
   local line; line=$(load "$client" latency --url "$url" --requests "$latency_n" --body "$body" ${key:+--key "$key"})
   R[$name.p50]=$(kv "$line" p50_us); R[$name.p99]=$(kv "$line" p99_us)
@@ -147,7 +162,7 @@ measure() {
 ttft() {
   local name=$1 base=$2 key=$3
   echo "== $name: time to first token, $ttft_streams streams of 64 chunks 20 ms apart"
-  local line; line=$(load "$client" streams --url "$base/v1/chat/completions" --count "$ttft_streams" --chunks 64 --ramp 1 --body "$stream_body" ${key:+--key "$key"})
+  local line; line=$(load "$client" streams --url "$base$api_path" --count "$ttft_streams" --chunks 64 --ramp 1 --body "$stream_body" ${key:+--key "$key"})
   echo "   $line"
   R[$name.ttft50]=$(kv "$line" ttft_p50_us); R[$name.ttft99]=$(kv "$line" ttft_p99_us); R[$name.gap]=$(kv "$line" gap_mean_us)
 }
@@ -221,6 +236,9 @@ for config in bare full; do
   sleep 0.5
   R[$config.idle]=$(( $(rss_kib "$pid") / 1024 ))
   measure "$config" http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+  if [ "$config" = bare ] && [ "$anthropic" = 1 ]; then
+    as_anthropic measure anthropic http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+  fi
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
   # The same latency with busy polling on: what an idle core's wake-up costs.
@@ -235,6 +253,9 @@ for config in bare full; do
   taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-ttft.yaml" >"$work/$config-ttft.log" 2>&1 & pid=$!
   wait_port 18000
   ttft "$config" http://127.0.0.1:18000 fk-bench-key-0001
+  if [ "$config" = bare ] && [ "$anthropic" = 1 ]; then
+    as_anthropic ttft anthropic http://127.0.0.1:18000 fk-bench-key-0001
+  fi
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
   taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-held.yaml" >"$work/$config-held.log" 2>&1 & pid=$!
@@ -274,6 +295,17 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
     [ -n "${R[bare.peak$count]:-}" ] || continue
     echo "| RSS peak with $count streams (MiB) | — | ${R[bare.peak$count]} | ${R[full.peak$count]} |"
   done
+  if [ "$anthropic" = 1 ]; then
+    echo
+    echo "Anthropic client (/v1/messages) through bare to the OpenAI mock, translated both ways:"
+    echo
+    echo "| figure | bare (OpenAI client) | bare (Anthropic client) | translation adds |"
+    echo "|---|---|---|---|"
+    echo "| latency at c=1, p50 / p99 (µs) | ${R[bare.p50]} / ${R[bare.p99]} | ${R[anthropic.p50]} / ${R[anthropic.p99]} | $(sub "${R[anthropic.p50]}" "${R[bare.p50]}") / $(sub "${R[anthropic.p99]}" "${R[bare.p99]}") |"
+    echo "| sluice CPU per request (µs) | ${R[bare.cpu]} | ${R[anthropic.cpu]} | $(sub "${R[anthropic.cpu]}" "${R[bare.cpu]}") |"
+    echo "| throughput at saturation, req/s | ${R[bare.rps]} | ${R[anthropic.rps]} | — |"
+    echo "| TTFT p50 / p99 (µs) | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[anthropic.ttft50]} / ${R[anthropic.ttft99]} | $(sub "${R[anthropic.ttft50]}" "${R[bare.ttft50]}") / $(sub "${R[anthropic.ttft99]}" "${R[bare.ttft99]}") |"
+  fi
 } | tee "$out/latest.md"
 
 # Authentication alone: a config key against a runtime key with 10,000 runtime keys loaded.

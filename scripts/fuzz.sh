@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 shift || true
-all_targets=(shape_sse rewrite usage config admin_query multipart)
+all_targets=(shape_sse rewrite usage config admin_query multipart translate)
 targets=("${@:-${all_targets[@]}}")
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

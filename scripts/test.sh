@@ -25,7 +25,7 @@ fi
 
 python=${PYTHON:-python3}
 venv=.venv
-if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, selenium, opentelemetry.proto, websockets" 2>/dev/null; then
+if [ ! -x "$venv/bin/pytest" ] || ! "$venv/bin/python" -c "import openai, anthropic, selenium, opentelemetry.proto, websockets" 2>/dev/null; then
   echo "== setting up the Python test environment in $venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
@@ -53,9 +53,9 @@ if command -v psql >/dev/null; then
     | while read -r db; do psql -h 127.0.0.1 -U postgres -d test -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
 fi
 echo "== cargo test (request log on PostgreSQL)"
-SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing --test admin --test affinity --test guards --test operator --test manage --test cache --test fallback --test realtime
+SLUICE_TEST_STORAGE=postgres cargo test --test accounting --test proxy --test routing --test admin --test affinity --test guards --test operator --test manage --test cache --test fallback --test realtime --test translate
 
-echo "== OpenAI SDK end-to-end tests"
+echo "== OpenAI and Anthropic SDK end-to-end tests"
 cargo build --quiet --bin sluice
 SLUICE_TEST_BIN="$PWD/target/debug/sluice" "$venv/bin/pytest" -q tests/e2e
 

@@ -331,6 +331,8 @@ pub struct Admin {
 pub struct Price {
     pub input: f64,
     pub output: f64,
+    /// Prompt tokens read from the provider's cache; `None` prices them as input.
+    pub cached_input: Option<f64>,
 }
 
 /// Request and token limits over fixed windows. `None` = unlimited; `Some(0)` admits nothing.
@@ -535,22 +537,29 @@ impl Team {
     }
 }
 
-/// The API an upstream speaks (`kind:`).
+/// The API an upstream speaks (`kind:`); requests are translated when it is not the
+/// client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ApiKind {
     /// OpenAI's API, or one compatible with it.
     #[default]
     OpenAi,
+    /// Anthropic's Messages API (`x-api-key`, `anthropic-version`).
+    Anthropic,
+    /// Gemini's `generateContent` (`x-goog-api-key`).
+    Gemini,
     /// Azure OpenAI: deployments in the path, `api-version` in the query, `api-key`.
     Azure,
 }
 
 impl ApiKind {
-    pub const NAMES: [&'static str; 2] = ["openai", "azure"];
+    pub const NAMES: [&'static str; 4] = ["openai", "anthropic", "gemini", "azure"];
 
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "openai" => Some(Self::OpenAi),
+            "anthropic" => Some(Self::Anthropic),
+            "gemini" => Some(Self::Gemini),
             "azure" => Some(Self::Azure),
             _ => None,
         }

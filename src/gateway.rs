@@ -253,7 +253,11 @@ impl Gateway {
             || can_retry
             || router.sessions_enabled()
             || object_routing
-            || shared.recorder.is_some();
+            || shared.recorder.is_some()
+            // A request is translated for an upstream of another API.
+            || upstreams
+                .iter()
+                .any(|u| u.config.kind != crate::config::ApiKind::OpenAi);
         Ok(Self {
             guard: Guard::new(&config.access, shared.registry.clone()),
             registry: shared.registry,

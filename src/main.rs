@@ -50,9 +50,6 @@ enum Command {
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: String,
-        /// The API it speaks: openai, or azure (deployment paths, api-version, api-key).
-        #[arg(long, default_value = "openai")]
-        protocol: String,
         /// Content chunks per streamed reply (and words per plain reply).
         #[arg(long, default_value_t = 8)]
         chunks: usize,
@@ -71,6 +68,11 @@ enum Command {
         /// Name reported in the x-mock-upstream header.
         #[arg(long, default_value = "mock")]
         name: String,
+        /// The API its errors and key checks follow: openai, anthropic, gemini, or azure
+        /// (deployment paths, api-version, api-key). Chat is answered in OpenAI's,
+        /// Anthropic's and Gemini's protocol by path whatever this says.
+        #[arg(long, default_value = "openai")]
+        protocol: String,
         /// Worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
@@ -107,20 +109,20 @@ fn main() -> ExitCode {
         }
         Command::MockUpstream {
             listen,
-            protocol,
             chunks,
             interval,
             fault,
             keys,
             record,
             name,
+            protocol,
             workers,
         } => {
             init_tracing(log_format(None));
             let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name);
             let options = options.and_then(|options| {
                 let protocol = MockProtocol::parse(&protocol).with_context(|| {
-                    format!("--protocol {protocol:?}: expected openai or azure")
+                    format!("--protocol {protocol:?}: expected openai, anthropic, gemini or azure")
                 })?;
                 Ok(MockOptions {
                     protocol,

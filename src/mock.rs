@@ -8,6 +8,7 @@
 
 mod azure;
 mod realtime;
+mod native;
 mod responses;
 
 pub use azure::deployment_model;
@@ -74,19 +75,26 @@ impl Fault {
     }
 }
 
-/// The API the mock speaks (`--protocol`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The API the mock speaks in its errors and key checks (`--protocol`). Its chat
+/// endpoints answer in every protocol by path: `/v1/chat/completions`, `/v1/messages`,
+/// `/v1beta/models/{model}:generateContent`; Azure's deployment paths with `azure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MockProtocol {
     #[default]
     OpenAi,
+    Anthropic,
+    Gemini,
     /// Azure OpenAI: deployment paths, `api-version`, the `api-key` header.
     Azure,
 }
 
 impl MockProtocol {
+    /// Parses `openai`, `anthropic`, `gemini`, `azure`.
     pub fn parse(text: &str) -> Option<Self> {
-        match text {
+        match text.trim() {
             "openai" => Some(Self::OpenAi),
+            "anthropic" => Some(Self::Anthropic),
+            "gemini" => Some(Self::Gemini),
             "azure" => Some(Self::Azure),
             _ => None,
         }
@@ -96,6 +104,7 @@ impl MockProtocol {
 /// How the mock behaves when a request does not say otherwise.
 #[derive(Debug, Clone)]
 pub struct MockOptions {
+    /// The API its errors and key checks follow (and, for Azure, its paths).
     pub protocol: MockProtocol,
     /// Name reported in `x-mock-upstream` and in replies, to tell mocks apart.
     pub name: String,
@@ -307,6 +316,7 @@ struct Plan {
     fault: Option<Fault>,
     /// Report token usage (`x-mock-usage: none` plays an upstream that never does).
     usage: bool,
+    protocol: MockProtocol,
 }
 
 async fn handle(
@@ -333,6 +343,7 @@ async fn handle(
             .map_or(options.interval, Duration::from_millis),
         fault: header("x-mock-fault").map_or(options.fault, Fault::parse),
         usage: header("x-mock-usage") != Some("none"),
+        protocol: options.protocol,
     };
     let path = parts.uri.path().to_string();
     if path.starts_with("/_mock/") {
@@ -362,7 +373,7 @@ async fn handle(
     match plan.fault {
         Some(Fault::ServerError) => {
             return Ok(finish(
-                error(
+                plan.error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
                     "mock upstream failure",
@@ -372,7 +383,7 @@ async fn handle(
             ));
         }
         Some(Fault::RateLimited { retry_after }) => {
-            let mut response = error(
+            let mut response = plan.error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
                 "mock upstream rate limit",
@@ -395,17 +406,21 @@ async fn handle(
         _ => {}
     }
 
-    let azure = options.protocol == MockProtocol::Azure;
-    let presented = header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| header("api-key").filter(|_| azure));
+    // Each API's own key header; a bearer token works everywhere (OAuth, Vertex, Entra).
+    let own = match options.protocol {
+        MockProtocol::OpenAi => None,
+        MockProtocol::Anthropic => header("x-api-key"),
+        MockProtocol::Gemini => header("x-goog-api-key"),
+        MockProtocol::Azure => header("api-key"),
+    };
+    let presented = own.or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")));
     let token_ok =
         || presented.is_some_and(|t| state.tokens.lock().is_ok_and(|tokens| tokens.contains(t)));
     let key_ok = || presented.is_some_and(|key| options.keys.iter().any(|k| k == key));
     let guarded = !options.keys.is_empty() || options.require_token;
     if guarded && !(key_ok() || (options.require_token && token_ok())) {
         return Ok(finish(
-            error(
+            plan.error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_api_key",
                 "Incorrect API key provided (mock).",
@@ -415,7 +430,7 @@ async fn handle(
         ));
     }
 
-    let body = if azure {
+    let body = if options.protocol == MockProtocol::Azure {
         match azure::translate(&parts, &body, &options.models) {
             Ok(translated) => {
                 parts.uri = translated.uri;
@@ -450,6 +465,32 @@ fn finish(mut response: Response<Body>, plan: &Plan, state: &MockState) -> Respo
         HeaderValue::from_static("9999"),
     );
     response
+}
+
+impl Plan {
+    /// An error in the mock's protocol.
+    fn error(&self, status: StatusCode, code: &str, message: &str) -> Response<Body> {
+        match self.protocol {
+            MockProtocol::OpenAi | MockProtocol::Azure => error(status, code, message),
+            MockProtocol::Anthropic => json_response(
+                status,
+                &crate::protocol::translate::anthropic::error_value(status.as_u16(), message),
+            ),
+            MockProtocol::Gemini => {
+                let gemini_status = match status.as_u16() {
+                    401 => "UNAUTHENTICATED",
+                    429 => "RESOURCE_EXHAUSTED",
+                    404 => "NOT_FOUND",
+                    400 => "INVALID_ARGUMENT",
+                    _ => "INTERNAL",
+                };
+                json_response(
+                    status,
+                    &json!({"error": {"code": status.as_u16(), "message": message, "status": gemini_status}}),
+                )
+            }
+        }
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {

@@ -437,7 +437,8 @@ async fn one_stream(target: Arc<Target>) -> StreamReport {
                 }
                 last = Some(now);
             }
-            if complete.contains("data: [DONE]") {
+            // OpenAI's end, or Anthropic's (`--anthropic` in bench/run.sh).
+            if complete.contains("data: [DONE]") || complete.contains("event: message_stop") {
                 report.done = true;
             }
         }

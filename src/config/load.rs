@@ -437,11 +437,8 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
         section(top.get("pricing"), "pricing", &mut problems).unwrap_or_default();
     let mut pricing = std::collections::HashMap::new();
     for (model, price) in raw_pricing {
-        if !(price.input.is_finite()
-            && price.output.is_finite()
-            && price.input >= 0.0
-            && price.output >= 0.0)
-        {
+        let valid = |n: f64| n.is_finite() && n >= 0.0;
+        if !(valid(price.input) && valid(price.output) && price.cached_input.is_none_or(valid)) {
             problems.push(Problem::new(
                 format!("pricing.{model}"),
                 "prices must be non-negative numbers",
@@ -452,6 +449,7 @@ pub fn resolve(document: &Value, env: &EnvMap) -> Result<Config, Vec<Problem>> {
             Price {
                 input: price.input,
                 output: price.output,
+                cached_input: price.cached_input,
             },
         );
     }
@@ -1927,14 +1925,15 @@ mod tests {
         let found = problems(&format!(
             "{upstreams}cache: {{enabled: true, max_bytes: lots, scope: tenant, ttl: soon}}"
         ));
-        assert_eq!(
-            found,
-            [
-                "cache.ttl: \"soon\" is not a duration like 10m",
-                "cache.max_bytes: \"lots\" is not a size like 64MiB",
-                "cache.scope: \"tenant\" is not key, team or global",
-            ]
-        );
+        let expected = [
+            "cache.ttl: \"soon\" is not a duration like 10m",
+            "cache.max_bytes: \"lots\" is not a size like 64MiB",
+            "cache.scope: \"tenant\" is not key, team or global",
+        ];
+        assert_eq!(found.len(), expected.len(), "{found:?}");
+        for (problem, prefix) in found.iter().zip(expected) {
+            assert!(problem.starts_with(prefix), "{problem:?} is not {prefix:?}");
+        }
     }
 
     #[test]
@@ -1949,6 +1948,37 @@ mod tests {
         assert_eq!(config.upstreams[0].base_url, "http://127.0.0.1:9");
         assert!(config.upstreams[0].models.any);
         assert!(!config.access.passthrough);
+    }
+
+    #[test]
+    fn an_upstream_speaks_one_of_four_apis() {
+        let yaml = |kind: &str| {
+            format!(
+                "upstreams: [{{name: a, kind: {kind}, base_url: 'http://127.0.0.1:9/'}}]\npricing: {{m: {{input: 1, output: 2, cached_input: 0.1}}}}"
+            )
+        };
+        for (text, kind) in [
+            ("openai", ApiKind::OpenAi),
+            ("anthropic", ApiKind::Anthropic),
+            ("gemini", ApiKind::Gemini),
+            ("azure", ApiKind::Azure),
+        ] {
+            assert_eq!(check(&yaml(text), &[]).unwrap().upstreams[0].kind, kind);
+        }
+        let config = check(&yaml("openai"), &[]).unwrap();
+        assert_eq!(config.pricing["m"].cached_input, Some(0.1));
+        let found = problems(&yaml("claude"));
+        assert!(
+            found.iter().any(|p| p.starts_with("upstreams[0].kind:")),
+            "{found:?}"
+        );
+        let found = problems(
+            "upstreams: [{name: a, base_url: 'http://127.0.0.1:9/'}]\npricing: {m: {input: 1, output: 2, cached_input: -1}}",
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("pricing.m")),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -102,13 +102,15 @@ pub struct RawAdmin {
 pub struct RawPrice {
     pub input: f64,
     pub output: f64,
+    /// Cached prompt tokens (cache reads); unset: priced as input.
+    pub cached_input: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: String,
-    /// The API it speaks: `openai` (the default) or `azure`.
+    /// The API it speaks: `openai` (the default), `anthropic`, `gemini`, `azure`.
     pub kind: Option<String>,
     pub base_url: String,
     /// Azure OpenAI's `api-version` (`2024-10-21`, or `v1` for the `/openai/v1/` paths).

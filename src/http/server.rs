@@ -25,6 +25,7 @@ use crate::http::body::{Body, json_response};
 use crate::http::error::ApiError;
 use crate::pipeline::access::{Caller, client_ip};
 use crate::pipeline::{forward, models, realtime};
+use crate::protocol::ClientProtocol;
 use crate::pure::limits::Reserve;
 
 /// How long open exchanges may run on after shutdown begins.
@@ -326,7 +327,7 @@ async fn respond(
         request.headers(),
     );
     if let Err(error) = gateway.guard.check_ip(client) {
-        return error.into_response();
+        return ClientProtocol::of_path(api_route(gateway, path)).error_response(error);
     }
     if !is_plain_path(path) {
         return refuse_path(gateway, client, request);
@@ -400,15 +401,20 @@ fn refuse_path(
          slash or an encoded control character; send the path without them",
     );
     let path = request.uri().path();
-    let route = path
-        .strip_prefix(gateway.config.server.route_prefix.as_str())
-        .unwrap_or(path);
+    let route = api_route(gateway, path);
+    let protocol = ClientProtocol::of_path(route);
     if route == "/v1" || route.starts_with("/v1/") {
         let route = route.to_string();
         let (parts, _) = request.into_parts();
         gateway.record_error(gateway.start_record(client, &parts, &route), &error);
     }
-    error.into_response()
+    protocol.error_response(error)
+}
+
+/// The path without the route prefix (the path itself when it lacks the prefix).
+fn api_route<'p>(gateway: &Gateway, path: &'p str) -> &'p str {
+    path.strip_prefix(gateway.config.server.route_prefix.as_str())
+        .unwrap_or(path)
 }
 
 /// `/metrics` for the admin: Prometheus text from the log's series and live gauges.
@@ -450,9 +456,10 @@ async fn api(
     if let Some(recorder) = &gateway.recorder {
         // Only with `storage.overflow: backpressure` does this ever wait.
         if let Err(error) = recorder.wait_for_room().await {
-            return error.into_response();
+            return ClientProtocol::of_path(&route).error_response(error);
         }
     }
+    let protocol = ClientProtocol::of_path(&route);
     let (mut parts, body) = request.into_parts();
     let realtime = realtime::is_upgrade(&parts, &route);
     if realtime {
@@ -464,7 +471,7 @@ async fn api(
         Ok(caller) => caller,
         Err(error) => {
             gateway.record_error(record, &error);
-            return error.into_response();
+            return protocol.error_response(error);
         }
     };
     if let Some(record) = record.as_mut() {

@@ -72,7 +72,7 @@ pub(super) fn accept(state: &Arc<MockState>, request: &mut Request<Incoming>) ->
         );
     }
     let model = match options.protocol {
-        MockProtocol::OpenAi => param("model"),
+        MockProtocol::OpenAi | MockProtocol::Anthropic | MockProtocol::Gemini => param("model"),
         MockProtocol::Azure if request.uri().path() == "/openai/v1/realtime" => param("model"),
         MockProtocol::Azure => {
             if param("api-version").is_none() {

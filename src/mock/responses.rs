@@ -13,29 +13,30 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{Value, json};
 
-use super::{DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error};
+use super::{DropConnection, Fault, MockState, Plan, StoredFile, bytes_response, error, native};
 use crate::http::body::{Body, BoxError, json_response};
 use crate::http::multipart;
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// The words of a reply: a streamed reply sends one per chunk, a plain one all of them.
-fn piece(i: usize) -> String {
+pub(super) fn piece(i: usize) -> String {
     format!("word{i} ")
 }
 
-fn reply_text(chunks: usize) -> String {
+pub(super) fn reply_text(chunks: usize) -> String {
     (0..chunks).map(piece).collect()
 }
 
 /// A rough prompt size, so usage numbers move with the input.
-fn prompt_tokens(body: &Value) -> u64 {
+pub(super) fn prompt_tokens(body: &Value) -> u64 {
     let text = body
         .get("messages")
+        .or_else(|| body.get("contents"))
         .or_else(|| body.get("prompt"))
         .or_else(|| body.get("input"));
     text.map_or(1, |v| (v.to_string().len() as u64 / 4).max(1))
@@ -50,6 +51,9 @@ pub(super) fn route(
     let path = parts.uri.path();
     let json_body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let method = &parts.method;
+    if let Some(call) = path.strip_prefix("/v1beta/models/") {
+        return native::gemini(state, plan, call, &json_body);
+    }
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -59,6 +63,11 @@ pub(super) fn route(
     let segments: Vec<&str> = tail.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::POST, ["chat", "completions"]) => chat(state, plan, &json_body),
+        (&Method::POST, ["messages"]) => native::messages(state, plan, &json_body),
+        (&Method::POST, ["messages", "count_tokens"]) => json_response(
+            StatusCode::OK,
+            &json!({"input_tokens": prompt_tokens(&json_body)}),
+        ),
         (&Method::POST, ["completions"]) => completion(state, plan, &json_body),
         (&Method::POST, ["embeddings"]) => embeddings(&json_body),
         (&Method::POST, ["responses"]) => responses(state, plan, &json_body),
@@ -111,25 +120,27 @@ fn model_of(body: &Value) -> String {
         .to_string()
 }
 
-/// The functions a request wants called: every one it offers (up to four) when it allows
-/// parallel calls (OpenAI's default), else the first; none when it says `none`.
+/// The functions a request offers, when it wants tool calls: the mock calls every one
+/// (in parallel when there are several, up to four), or only the first when the request
+/// says `parallel_tool_calls: false`.
 fn wanted_tools(body: &Value) -> Vec<String> {
     if body.get("tool_choice").and_then(Value::as_str) == Some("none") {
         return Vec::new();
     }
-    let Some(tools) = body.get("tools").and_then(Value::as_array) else {
-        return Vec::new();
-    };
     let parallel = body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
-    tools
-        .iter()
+    body.get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
         .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
         .take(if parallel { 4 } else { 1 })
         .map(str::to_string)
         .collect()
 }
 
-const TOOL_ARGUMENTS: &str = r#"{"query":"mock"}"#;
+pub(super) const TOOL_ARGUMENTS: &str = r#"{"query":"mock"}"#;
+/// `TOOL_ARGUMENTS` in the two pieces a stream sends it in.
+pub(super) const TOOL_ARGUMENT_PIECES: [&str; 2] = [r#"{"query":"#, r#""mock"}"#];
 
 fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
     let model = model_of(body);
@@ -141,7 +152,7 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
     let id = format!("chatcmpl-mock{}", state.next_id());
     let created = now();
     let tools = wanted_tools(body);
-    let tool = tools.first();
+    let tool = tools.first().cloned();
     let prompt = prompt_tokens(body);
     let completion = plan.chunks as u64 * n as u64;
     let usage = if plan.usage {
@@ -168,7 +179,7 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
         };
         let mut events = Vec::with_capacity(plan.chunks + 4);
         for index in 0..n {
-            let delta = match tool {
+            let delta = match &tool {
                 Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [{
                     "index": 0, "id": format!("call_mock_{index}"), "type": "function",
                     "function": {"name": name, "arguments": ""}}]}),
@@ -179,24 +190,21 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
                 Value::Null,
             ));
         }
-        match tool {
+        match &tool {
             Some(_) => {
-                // Each call's arguments arrive in two pieces, and a parallel call starts
-                // only after the one before it is whole, as OpenAI streams them.
-                let (head, rest) = TOOL_ARGUMENTS.split_at(TOOL_ARGUMENTS.len() / 2);
-                for (call, name) in tools.iter().enumerate() {
-                    for index in 0..n {
-                        if call > 0 {
-                            let delta = json!({"tool_calls": [{"index": call,
-                                "id": format!("call_mock_{index}_{call}"), "type": "function",
+                for index in 0..n {
+                    for (k, name) in tools.iter().enumerate() {
+                        if k > 0 {
+                            let delta = json!({"tool_calls": [{"index": k,
+                                "id": format!("call_mock_{index}_{k}"), "type": "function",
                                 "function": {"name": name, "arguments": ""}}]});
                             events.push(chunk(
                                 json!([{"index": index, "delta": delta, "finish_reason": null}]),
                                 Value::Null,
                             ));
                         }
-                        for piece in [head, rest] {
-                            let delta = json!({"tool_calls": [{"index": call, "function": {"arguments": piece}}]});
+                        for piece in TOOL_ARGUMENT_PIECES {
+                            let delta = json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]});
                             events.push(chunk(
                                 json!([{"index": index, "delta": delta, "finish_reason": null}]),
                                 Value::Null,
@@ -233,16 +241,16 @@ fn chat(state: &Arc<MockState>, plan: &Plan, body: &Value) -> Response<Body> {
 
     let choices: Vec<Value> = (0..n)
         .map(|index| {
-            let message = match tool {
+            let message = match &tool {
                 Some(_) => {
                     let calls: Vec<Value> = tools
                         .iter()
                         .enumerate()
-                        .map(|(call, name)| {
-                            let id = if call == 0 {
+                        .map(|(k, name)| {
+                            let id = if k == 0 {
                                 format!("call_mock_{index}")
                             } else {
-                                format!("call_mock_{index}_{call}")
+                                format!("call_mock_{index}_{k}")
                             };
                             json!({"id": id, "type": "function",
                                 "function": {"name": name, "arguments": TOOL_ARGUMENTS}})
@@ -658,7 +666,7 @@ fn batch(state: &MockState, id: &str, cancel: bool) -> Response<Body> {
     }
 }
 
-fn sse_data(value: &Value) -> Bytes {
+pub(super) fn sse_data(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
@@ -680,7 +688,7 @@ impl Drop for StreamGuard {
 }
 
 /// A `text/event-stream` response sending `events` one frame each, `plan.interval` apart.
-fn sse(state: &Arc<MockState>, plan: &Plan, events: Vec<Bytes>) -> Response<Body> {
+pub(super) fn sse(state: &Arc<MockState>, plan: &Plan, events: Vec<Bytes>) -> Response<Body> {
     state.streams_started.fetch_add(1, Ordering::SeqCst);
     let guard = StreamGuard {
         state: state.clone(),

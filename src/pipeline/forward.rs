@@ -30,7 +30,8 @@ use crate::pipeline::access::Caller;
 use crate::pipeline::cached::{self, Looked};
 use crate::pipeline::exchange::Exchange;
 use crate::pipeline::relay::{self, Shaping};
-use crate::pipeline::{fallback, read};
+use crate::pipeline::{fallback, plan, read, try_loop};
+use crate::protocol::{ClientProtocol, UpstreamKind, anthropic};
 
 /// Forwards a request under `/v1/` (`path` is the path without the route prefix).
 /// `record` is the request's log record, if the log is on; it is submitted when the
@@ -63,6 +64,9 @@ async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, 
         Looked::Hit(response) => return Ok(response),
         Looked::Pass(fill) => fill,
     };
+    if x.protocol == ClientProtocol::Anthropic && x.path == anthropic::COUNT_TOKENS {
+        return count_tokens(x, &mut inbound).await;
+    }
     let requested = inbound.model.clone();
     // Plan and tries, again for each fallback model the outcome gives way to.
     let (settled, served) = fallback::plan_and_try(x, &mut inbound).await?;
@@ -76,6 +80,30 @@ async fn stages(x: &mut Exchange<'_>, body: Incoming) -> Result<Response<Body>, 
         served_model: served.filter(|_| fell_back),
         strip_usage: inbound.strip_usage,
         fill: cached::fill_for(fill, served),
+        usage_asked: inbound.usage_asked,
+        route: None,
+    };
+    Ok(relay::relay_settled(x, settled, shaping))
+}
+
+/// `POST /v1/messages/count_tokens`: counted by an Anthropic upstream when one serves the
+/// model, else here (no fallback, no cache: nothing is generated).
+async fn count_tokens(
+    x: &mut Exchange<'_>,
+    inbound: &mut read::Inbound,
+) -> Result<Response<Body>, ApiError> {
+    let mut plan = plan::plan(x, inbound).await?;
+    if !plan::keep_kind(x, &mut plan, UpstreamKind::Anthropic) {
+        return plan::count_tokens_here(x, inbound);
+    }
+    let settled = try_loop::send_until_settled(x, inbound, &plan).await?;
+    let shaping = Shaping {
+        client_model: inbound.model.as_deref(),
+        served_model: None,
+        strip_usage: inbound.strip_usage,
+        fill: None,
+        usage_asked: inbound.usage_asked,
+        route: None,
     };
     Ok(relay::relay_settled(x, settled, shaping))
 }

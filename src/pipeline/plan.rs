@@ -2,16 +2,20 @@
 //! its model, narrowed to the home of an object it names, minus those at their own limits;
 //! the session that pins it; what admitting its key reserves.
 
-use http::StatusCode;
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
 
 use crate::clock::unix_now;
 use crate::gateway::Gateway;
+use crate::http::body::{Body, json_response};
 use crate::http::error::ApiError;
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
-use crate::pipeline::read::{Inbound, MAX_MODEL_NAME};
+use crate::pipeline::read::{Inbound, MAX_MODEL_NAME, invalid_json};
+use crate::protocol::{UpstreamKind, translate};
 use crate::pure::limits::Reserve;
 use crate::pure::routing::Choice;
+use crate::pure::usage::count_prompt_tokens;
 
 /// The request header that pins a conversation to one upstream and key.
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -82,6 +86,55 @@ fn drop_limited(gateway: &Gateway, candidates: &mut Vec<usize>, now: i64) -> Res
     );
     error.retry_after = soonest_wait;
     Err(error)
+}
+
+/// Narrows the candidates to the upstreams of one kind; `false` when none is left (the
+/// candidates stay as they were).
+pub fn keep_kind(x: &Exchange<'_>, plan: &mut Plan, kind: UpstreamKind) -> bool {
+    let upstreams = &x.gateway.upstreams;
+    let kept: Vec<usize> = plan
+        .candidates
+        .iter()
+        .copied()
+        .filter(|&i| UpstreamKind::of(&upstreams[i].config) == kind)
+        .collect();
+    if kept.is_empty() {
+        return false;
+    }
+    plan.candidates = kept;
+    plan.first_choice = plan
+        .first_choice
+        .filter(|c| plan.candidates.contains(&c.upstream));
+    true
+}
+
+/// Answers Anthropic's `count_tokens` without an upstream: the prompt counted with the
+/// tokenizer sluice prices with (`{"input_tokens": N}`).
+pub fn count_tokens_here(
+    x: &mut Exchange<'_>,
+    inbound: &Inbound,
+) -> Result<Response<Body>, ApiError> {
+    let body = inbound.buffered.as_deref().unwrap_or_default();
+    let value: Value = serde_json::from_slice(body).map_err(|e| invalid_json(&e))?;
+    let Value::Object(object) = value else {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body is not a JSON object",
+        ));
+    };
+    let pivot = translate::anthropic::request_to_openai(object)
+        .map_err(|e| ApiError::bad_request("untranslatable_field", e.to_string()))?;
+    let model = inbound.model.as_deref().unwrap_or("");
+    let tokens = count_prompt_tokens(model, &Value::Object(pivot));
+    if let (Some(mut record), Some(recorder)) = (x.record.take(), x.gateway.recorder.as_ref()) {
+        record.status = 200;
+        record.latency = Some(record.started.elapsed());
+        recorder.submit(*record);
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "input_tokens": tokens }),
+    ))
 }
 
 /// Decides the session a request belongs to, when sessions are on: its `x-session-id`,

@@ -17,6 +17,7 @@ use crate::http::body::{BodyTimeout, BoxError, TimedBody};
 use crate::http::error::ApiError;
 use crate::http::multipart::{self, FormError};
 use crate::pipeline::exchange::Exchange;
+use crate::protocol::ClientProtocol;
 
 /// The longest model name sluice accepts: real ones (fine-tunes included) are far shorter,
 /// and every name becomes a log field, a search term and a routing key.
@@ -33,6 +34,8 @@ pub struct Inbound {
     pub user: Option<String>,
     /// The usage chunk was asked for on the client's behalf, so it is hidden from it.
     pub strip_usage: bool,
+    /// The client asked for its stream's usage itself.
+    pub usage_asked: bool,
     /// What the log keeps of the body as the client sent it.
     logged: Option<Bytes>,
 }
@@ -71,7 +74,8 @@ pub async fn read_inbound(x: &mut Exchange<'_>, body: Incoming) -> Result<Inboun
     let must_read = has_body
         && match form {
             Some(_) => x.caller.needs_known_model() || gateway.routes_by_model(),
-            None => gateway.must_read_json(x.caller),
+            // A client whose protocol an upstream may not speak is read to be translated.
+            None => gateway.must_read_json(x.caller) || x.protocol != ClientProtocol::OpenAi,
         };
     let inbound = if must_read {
         let bytes = read_body(body, limit).await?;
@@ -117,6 +121,7 @@ fn streamed_inbound(x: &Exchange<'_>, streamed: Option<reqwest::Body>) -> Inboun
         model,
         user: None,
         strip_usage: false,
+        usage_asked: false,
         logged: None,
     }
 }
@@ -134,6 +139,7 @@ fn form_inbound(bytes: Bytes, boundary: Result<&str, FormError>) -> Result<Inbou
         model,
         user: None,
         strip_usage: false,
+        usage_asked: false,
         logged: None,
     })
 }
@@ -173,6 +179,7 @@ fn json_inbound(
         .filter(|_| x.record.is_some())
         .and_then(|facts| x.protocol.with_usage_requested(x.path, &bytes, facts));
     let strip_usage = with_usage.is_some();
+    let usage_asked = facts.as_ref().is_some_and(|f| f.usage_asked);
     Ok(Inbound {
         buffered: Some(with_usage.unwrap_or(bytes)),
         kind: if json {
@@ -184,6 +191,7 @@ fn json_inbound(
         model,
         user,
         strip_usage,
+        usage_asked,
         logged,
     })
 }

@@ -207,6 +207,8 @@ async fn stages(
             served_model: None,
             strip_usage: false,
             fill: None,
+            usage_asked: false,
+            route: None,
         };
         return Ok(relay::relay_settled(x, settled, shaping));
     };
@@ -223,6 +225,8 @@ async fn stages(
             served_model: None,
             strip_usage: false,
             fill: None,
+            usage_asked: false,
+            route: None,
         };
         return Ok(relay::relay_settled(x, settled, shaping));
     }
@@ -350,6 +354,7 @@ impl Tally {
             sum.prompt = sum.prompt.saturating_add(usage.prompt);
             sum.completion = sum.completion.saturating_add(usage.completion);
             sum.total = sum.total.saturating_add(usage.total);
+            sum.cached = sum.cached.saturating_add(usage.cached);
         }
     }
 }
@@ -575,7 +580,8 @@ mod tests {
             Some(TokenUsage {
                 prompt: 15,
                 completion: 3,
-                total: 18
+                total: 18,
+                cached: 0,
             })
         );
     }

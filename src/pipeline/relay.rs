@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::accounting::recorder::RecordSink;
 use crate::accounting::records::Pending;
 use crate::cache::Fill;
+use crate::clock::unix_now;
 use crate::gateway::Gateway;
 use crate::http::body::{Body, BoxError};
 use crate::http::error::ApiError;
@@ -27,7 +28,8 @@ use crate::pipeline::exchange::Exchange;
 use crate::pipeline::read::{content_length, is_json_type};
 use crate::pipeline::send::Failure;
 use crate::pipeline::try_loop::Settled;
-use crate::protocol::{ClientProtocol, UpstreamKind};
+use crate::protocol::translate::{AnswerKind, Translator};
+use crate::protocol::{ClientProtocol, Route, UpstreamKind};
 use crate::pure::routing::Choice;
 use crate::pure::shape::Shaper;
 use crate::upstream::{InFlight, UpstreamRuntime};
@@ -49,6 +51,11 @@ pub struct Shaping<'a> {
     pub strip_usage: bool,
     /// Captures a successful answer for the response cache.
     pub fill: Option<Fill>,
+    /// An OpenAI client asked for its stream's usage chunk itself.
+    pub usage_asked: bool,
+    /// What each side speaks, when the answering upstream's API is not the client's
+    /// (set by [`relay_settled`], which knows the upstream).
+    pub route: Option<Route>,
 }
 
 impl Shaping<'_> {
@@ -63,8 +70,13 @@ impl Shaping<'_> {
 pub fn relay_settled(
     x: &mut Exchange<'_>,
     settled: Settled<'_>,
-    shaping: Shaping<'_>,
+    mut shaping: Shaping<'_>,
 ) -> Response<Body> {
+    let (Settled::Answered { upstream, .. } | Settled::Failed { upstream, .. }) = &settled;
+    shaping.route = UpstreamKind::of(&upstream.config)
+        .route(x.protocol, x.path)
+        .ok()
+        .flatten();
     match settled {
         Settled::Answered {
             response,
@@ -152,6 +164,7 @@ fn answer_failure(
             let shaping = Shaping {
                 strip_usage: false,
                 fill: None,
+                usage_asked: false,
                 ..shaping
             };
             relay(response, upstream, shaping, None, log)
@@ -188,13 +201,45 @@ fn relay(
     let sse = is_event_stream(&headers);
     let kind = UpstreamKind::of(&upstream.config);
     let served = shaping.served();
+    let translator = shaping.route.map(|route| {
+        let answer = if !status.is_success() {
+            AnswerKind::Error {
+                status: status.as_u16(),
+            }
+        } else if sse {
+            AnswerKind::Stream
+        } else {
+            AnswerKind::Json
+        };
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(if answer == AnswerKind::Stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }),
+        );
+        headers.remove(header::CONTENT_ENCODING);
+        Translator::new(
+            route.client,
+            route.upstream,
+            answer,
+            shaping.client_model.unwrap_or(""),
+            shaping.usage_asked,
+            unix_now(),
+        )
+    });
     let rename = shaping
         .client_model
         .filter(|m| kind.puts_model_back(&upstream.config, served.unwrap_or(m), m));
     // Read only when a name is to be put back (reading it costs a copy).
     let json = rename.is_some() && !sse && is_json(&headers);
-    let shaper = kind.shaper(sse, json, rename, shaping.strip_usage);
-    if shaper.is_some() {
+    let shaper = if translator.is_some() {
+        None
+    } else {
+        kind.shaper(sse, json, rename, shaping.strip_usage)
+    };
+    if shaper.is_some() || translator.is_some() {
         // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -213,7 +258,9 @@ fn relay(
     }
     // A body relayed unchanged with a declared length is complete when that many bytes
     // are handed over; hyper may drop it then without asking for its end.
-    let remaining = shaper.is_none().then(|| content_length(&headers)).flatten();
+    let remaining = (shaper.is_none() && translator.is_none())
+        .then(|| content_length(&headers))
+        .flatten();
     let fill = shaping
         .fill
         .filter(|_| status == StatusCode::OK)
@@ -239,6 +286,7 @@ fn relay(
         upstream: upstream.config.name.clone(),
         done: false,
         shaper,
+        translator,
         _in_flight: in_flight,
         record,
         sink: log.sink,
@@ -296,6 +344,8 @@ struct RelayBody {
     /// Bytes still to relay of a body with a declared length, when relayed unchanged.
     remaining: Option<u64>,
     shaper: Option<Shaper>,
+    /// Turns the upstream's answer into the client's protocol, when they differ.
+    translator: Option<Translator>,
     /// Keeps the upstream's in-flight count up until the body ends or the client leaves.
     _in_flight: Option<InFlight>,
     /// The log record, submitted when the body ends or is dropped.
@@ -331,7 +381,7 @@ impl RelayBody {
     }
 
     /// Copies relayed bytes for the cache; an answer too big to cache is let go.
-    fn capture(&mut self, data: &[u8]) {
+    fn fill_with(&mut self, data: &[u8]) {
         if let Some(fill) = self.fill.as_mut() {
             if !fill.push(data) {
                 self.fill = None;
@@ -360,6 +410,22 @@ impl RelayBody {
     fn relay_frame(&mut self, frame: Frame<Bytes>) -> Option<Result<Frame<Bytes>, BoxError>> {
         let wake = Self::next_wake(self.idle, self.deadline);
         self.timer.as_mut().reset(wake);
+        if let Some(translator) = self.translator.as_mut() {
+            let data = frame.into_data().ok()?;
+            return match translator.push(&data) {
+                Ok(out) if out.is_empty() => None,
+                Ok(out) => {
+                    self.record_client(&out);
+                    self.fill_with(&out);
+                    Some(Ok(Frame::data(out)))
+                }
+                Err(too_large) => {
+                    let message = format!("upstream `{}`: {too_large}", self.upstream);
+                    tracing::warn!(upstream = %self.upstream, "{message}");
+                    Some(self.last_frame(ApiError::bad_gateway(message)))
+                }
+            };
+        }
         if let (Some(record), Some(data), Some(sink)) =
             (self.record.as_mut(), frame.data_ref(), self.sink.as_ref())
         {
@@ -367,7 +433,7 @@ impl RelayBody {
         }
         if self.shaper.is_none() {
             if let Some(data) = frame.data_ref() {
-                self.capture(data);
+                self.fill_with(data);
             }
         }
         let Some(shaper) = self.shaper.as_mut() else {
@@ -386,7 +452,7 @@ impl RelayBody {
             Ok(data) => match shaper.push(data) {
                 Ok(out) if out.is_empty() => None,
                 Ok(out) => {
-                    self.capture(&out);
+                    self.fill_with(&out);
                     Some(Ok(Frame::data(out)))
                 }
                 Err(too_large) => {
@@ -396,6 +462,14 @@ impl RelayBody {
                 }
             },
             Err(frame) => Some(Ok(frame)),
+        }
+    }
+
+    /// Keeps what the client got for the log (a translated answer is logged as the
+    /// client saw it, so its usage is read in the client's protocol).
+    fn record_client(&mut self, data: &Bytes) {
+        if let (Some(record), Some(sink)) = (self.record.as_mut(), self.sink.as_ref()) {
+            record.response_body.push(data, sink.body_limit());
         }
     }
 
@@ -475,9 +549,16 @@ impl HttpBody for RelayBody {
                 Poll::Ready(None) => {
                     this.done = true;
                     this._in_flight = None;
+                    let rest = match this.translator.as_mut() {
+                        Some(translator) => {
+                            let rest = translator.finish();
+                            this.record_client(&rest);
+                            rest
+                        }
+                        None => this.shaper.as_mut().map(Shaper::finish).unwrap_or_default(),
+                    };
                     this.finish(None);
-                    let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
-                    this.capture(&rest);
+                    this.fill_with(&rest);
                     this.complete_fill();
                     return if rest.is_empty() {
                         Poll::Ready(None)
@@ -491,11 +572,12 @@ impl HttpBody for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.shaper.is_none() && self.inner.is_end_stream())
+        self.done
+            || (self.shaper.is_none() && self.translator.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.sse || self.shaper.is_some() {
+        if self.sse || self.shaper.is_some() || self.translator.is_some() {
             SizeHint::default()
         } else {
             self.inner.size_hint()

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::LengthLimitError;
 use tokio::time::Instant;
@@ -17,11 +18,13 @@ use crate::http::error::{ApiError, Fault};
 use crate::pipeline::access::Caller;
 use crate::pipeline::exchange::Exchange;
 use crate::pipeline::read::{BodyKind, Inbound, invalid_json};
-use crate::protocol::UpstreamKind;
+use crate::protocol::translate;
+use crate::protocol::{UpstreamKind, anthropic};
 use crate::pure::routing::Choice;
 use crate::upstream::UpstreamRuntime;
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthropic-version");
 
 /// How one try ended.
 pub enum Outcome {
@@ -63,6 +66,13 @@ pub async fn outgoing(
     choice: Choice,
 ) -> Result<Outgoing, ApiError> {
     let token_generation = set_credential(x, upstream, choice, &mut headers).await?;
+    let kind = UpstreamKind::of(&upstream.config);
+    if kind == UpstreamKind::Anthropic && !headers.contains_key(ANTHROPIC_VERSION) {
+        headers.insert(
+            ANTHROPIC_VERSION,
+            HeaderValue::from_static(anthropic::DEFAULT_VERSION),
+        );
+    }
     for (name, value) in &upstream.config.headers {
         headers.insert(name.clone(), value.clone());
     }
@@ -74,20 +84,57 @@ pub async fn outgoing(
     if let Some(trace) = x.record.as_ref().and_then(|r| r.trace.as_ref()) {
         headers.insert(TRACEPARENT, trace.traceparent());
     }
-    let kind = UpstreamKind::of(&upstream.config);
+    let route = kind.route(x.protocol, x.path)?;
+    let translated = match (route, &inbound.buffered) {
+        (Some(route), Some(bytes)) if inbound.kind == BodyKind::Json => {
+            let model = inbound
+                .model
+                .as_deref()
+                .map_or("", |m| upstream.config.upstream_model(m));
+            if route.upstream == translate::Wire::Gemini && !translate::gemini::valid_model(model) {
+                return Err(ApiError::bad_request(
+                    "invalid_model",
+                    "a Gemini model name has only letters, digits, `-`, `_` and `.`",
+                ));
+            }
+            let (body, stream) = translate::request(route.client, route.upstream, bytes, model)
+                .map_err(|e| ApiError::bad_request("untranslatable_field", e.to_string()))?;
+            // The answer is read to be translated: it must come plain.
+            headers.remove(header::ACCEPT_ENCODING);
+            Some((body, model.to_string(), stream))
+        }
+        (Some(_), _) => {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "this request is translated for its upstream and needs a JSON body",
+            ));
+        }
+        (None, _) => None,
+    };
     let (path, query) = kind.target(
         &x.parts.method,
         x.path,
         x.parts.uri.query(),
         inbound.model.as_deref(),
         &upstream.config,
+        translated.as_ref().map(|(_, m, s)| (m.as_str(), *s)),
     )?;
     let url = upstream.url(&path, query.as_deref());
     let mut request = upstream
         .client
         .request(x.parts.method.clone(), url)
         .headers(headers);
-    if let Some(bytes) = inbound
+    if let Some((body, _, _)) = translated {
+        let body = Bytes::from(body);
+        // Field aliases still apply, to the body the upstream reads.
+        let rewritten = if upstream.config.field_aliases.is_empty() {
+            None
+        } else {
+            kind.request_body(&body, None, &upstream.config)
+                .map_err(|e| invalid_json(&e))?
+        };
+        request = request.body(rewritten.unwrap_or(body));
+    } else if let Some(bytes) = inbound
         .buffered
         .as_ref()
         .filter(|_| inbound.kind != BodyKind::Json)
@@ -117,7 +164,16 @@ async fn set_credential(
 ) -> Result<Option<u64>, ApiError> {
     match x.caller {
         Caller::Passthrough(value) => {
-            headers.insert(header::AUTHORIZATION, value.clone());
+            // The caller's own key, in the header the upstream's API reads it from.
+            let value = match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+                Some(key) if upstream.key_header != header::AUTHORIZATION => {
+                    let mut bare = HeaderValue::from_str(key).unwrap_or_else(|_| value.clone());
+                    bare.set_sensitive(true);
+                    bare
+                }
+                _ => value.clone(),
+            };
+            headers.insert(upstream.key_header.clone(), value);
         }
         Caller::Gateway(_) | Caller::Open => {
             if let Some(cache) = &upstream.token {

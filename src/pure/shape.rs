@@ -37,7 +37,7 @@ pub struct ModelRename {
 impl ModelRename {
     fn apply(&self, value: &mut Value) -> bool {
         let mut changed = false;
-        for pointer in ["/model", "/response/model"] {
+        for pointer in ["/model", "/response/model", "/message/model"] {
             if let Some(slot) = value.pointer_mut(pointer) {
                 if slot.is_string() && slot.as_str() != Some(self.to.as_str()) {
                     *slot = Value::String(self.to.clone());
@@ -198,7 +198,7 @@ impl Shaper {
 
 /// The end of the first SSE event in `bytes` (just after its blank line: `\n\n`,
 /// `\r\n\r\n` or `\n\r\n`), found in one pass.
-fn first_event_end(bytes: &[u8]) -> Option<usize> {
+pub fn first_event_end(bytes: &[u8]) -> Option<usize> {
     let mut from = 0;
     while let Some(offset) = bytes[from..].iter().position(|&b| b == b'\n') {
         let at = from + offset;

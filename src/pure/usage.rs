@@ -15,6 +15,8 @@ pub struct TokenUsage {
     pub prompt: u64,
     pub completion: u64,
     pub total: u64,
+    /// Prompt tokens read from the provider's cache (part of `prompt`), priced apart.
+    pub cached: u64,
 }
 
 /// Where a usage figure came from.
@@ -51,19 +53,30 @@ fn number(value: Option<&Value>) -> Option<u64> {
     value.and_then(Value::as_u64).map(|n| n.min(MAX_TOKENS))
 }
 
-/// Reads an OpenAI `usage` object (chat, completions, embeddings or Responses shape).
+/// Reads an OpenAI `usage` object (chat, completions, embeddings or Responses shape), or
+/// Anthropic's, whose `input_tokens` leaves out the cached input it counts apart.
 pub fn parse_usage(usage: &Value) -> Option<TokenUsage> {
-    let prompt =
-        number(usage.get("prompt_tokens")).or_else(|| number(usage.get("input_tokens")))?;
+    let cached = number(usage.get("cache_read_input_tokens"))
+        .unwrap_or(0)
+        .saturating_add(number(usage.get("cache_creation_input_tokens")).unwrap_or(0));
+    let prompt = number(usage.get("prompt_tokens"))
+        .or_else(|| number(usage.get("input_tokens")).map(|n| n.saturating_add(cached)))?;
     let completion = number(usage.get("completion_tokens"))
         .or_else(|| number(usage.get("output_tokens")))
         .unwrap_or(0);
     let total =
         number(usage.get("total_tokens")).unwrap_or_else(|| prompt.saturating_add(completion));
+    // OpenAI's cached prompt tokens, or Anthropic's cache reads.
+    let cached = number(usage.pointer("/prompt_tokens_details/cached_tokens"))
+        .or_else(|| number(usage.pointer("/input_tokens_details/cached_tokens")))
+        .or_else(|| number(usage.get("cache_read_input_tokens")))
+        .unwrap_or(0)
+        .min(prompt);
     Some(TokenUsage {
         prompt,
         completion,
         total,
+        cached,
     })
 }
 
@@ -90,8 +103,92 @@ pub fn read_json_reply(body: &[u8]) -> Reply {
         }
     } else if let Some(output) = value.get("output").and_then(Value::as_array) {
         reply.text = Some(responses_output_text(output));
+    } else if let Some(content) = value.get("content").and_then(Value::as_array) {
+        // An Anthropic message.
+        let mut text = String::new();
+        for block in content {
+            match block.get("type").and_then(Value::as_str) {
+                Some("text") => {
+                    text.push_str(block.get("text").and_then(Value::as_str).unwrap_or(""))
+                }
+                Some("tool_use") => reply.tool_calls.push(json!({
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": block.get("name"),
+                        "arguments": block.get("input").map(Value::to_string).unwrap_or_default(),
+                    },
+                })),
+                _ => {}
+            }
+        }
+        reply.text = Some(text);
     }
     reply
+}
+
+/// Reads one event of an Anthropic stream into the reply under way: usage from
+/// `message_start` and `message_delta`, text and tool uses from the content blocks.
+fn anthropic_event(
+    event: &Value,
+    kind: &str,
+    anthropic_usage: &mut serde_json::Map<String, Value>,
+    content: &mut String,
+    saw_content: &mut bool,
+    blocks: &mut Vec<Option<usize>>,
+    calls: &mut Vec<ToolCallParts>,
+) {
+    let index = usize::try_from(number(event.get("index")).unwrap_or(0))
+        .unwrap_or(0)
+        .min(128);
+    let usage = match kind {
+        "message_start" => event.pointer("/message/usage"),
+        "message_delta" => event.get("usage"),
+        _ => None,
+    };
+    for (key, value) in usage.and_then(Value::as_object).into_iter().flatten() {
+        if value.is_u64() {
+            anthropic_usage.insert(key.clone(), value.clone());
+        }
+    }
+    match kind {
+        "content_block_start" => {
+            let block = event.get("content_block").unwrap_or(&Value::Null);
+            if block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                if blocks.len() <= index {
+                    blocks.resize(index + 1, None);
+                }
+                blocks[index] = Some(calls.len());
+                calls.push(ToolCallParts {
+                    id: block.get("id").and_then(Value::as_str).unwrap_or("").into(),
+                    name: block
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .into(),
+                    arguments: String::new(),
+                });
+            }
+        }
+        "content_block_delta" => {
+            let delta = event.get("delta").unwrap_or(&Value::Null);
+            if let Some(text) = delta.get("text").and_then(Value::as_str) {
+                content.push_str(text);
+                *saw_content = true;
+            }
+            if let Some(partial) = delta.get("partial_json").and_then(Value::as_str) {
+                if let Some(call) = blocks
+                    .get(index)
+                    .copied()
+                    .flatten()
+                    .and_then(|c| calls.get_mut(c))
+                {
+                    call.arguments.push_str(partial);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 fn responses_output_text(output: &[Value]) -> String {
@@ -118,6 +215,8 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
     let mut content = String::new();
     let mut saw_content = false;
     let mut calls: Vec<ToolCallParts> = Vec::new();
+    let mut anthropic_usage = serde_json::Map::new();
+    let mut anthropic_blocks: Vec<Option<usize>> = Vec::new();
     for line in text.lines() {
         let Some(data) = line.strip_prefix("data:").map(str::trim) else {
             continue;
@@ -132,6 +231,23 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
             reply.usage = Some(usage);
         }
         match event.get("type").and_then(Value::as_str) {
+            Some(
+                kind @ ("message_start"
+                | "message_delta"
+                | "content_block_start"
+                | "content_block_delta"),
+            ) => {
+                anthropic_event(
+                    &event,
+                    kind,
+                    &mut anthropic_usage,
+                    &mut content,
+                    &mut saw_content,
+                    &mut anthropic_blocks,
+                    &mut calls,
+                );
+                continue;
+            }
             Some("response.output_text.delta") => {
                 if let Some(delta) = event.get("delta").and_then(Value::as_str) {
                     content.push_str(delta);
@@ -187,6 +303,9 @@ pub fn read_stream_reply(body: &[u8]) -> Reply {
                 }
             }
         }
+    }
+    if !anthropic_usage.is_empty() {
+        reply.usage = parse_usage(&Value::Object(anthropic_usage));
     }
     if saw_content {
         reply.text = Some(content);
@@ -287,12 +406,18 @@ pub fn estimate(model: &str, request: Option<&Value>, reply: &Reply) -> TokenUsa
         prompt,
         completion,
         total: prompt + completion,
+        cached: 0,
     }
 }
 
 /// Cost in USD of `usage` at `price` (USD per million tokens).
 pub fn cost(price: Price, usage: TokenUsage) -> f64 {
-    (usage.prompt as f64 * price.input + usage.completion as f64 * price.output) / 1_000_000.0
+    let cached = usage.cached.min(usage.prompt);
+    let fresh = usage.prompt - cached;
+    (fresh as f64 * price.input
+        + cached as f64 * price.cached_input.unwrap_or(price.input)
+        + usage.completion as f64 * price.output)
+        / 1_000_000.0
 }
 
 /// A cost as sluice prints or answers it: to the nano-dollar, so float sums show as what
@@ -338,7 +463,8 @@ mod tests {
             TokenUsage {
                 prompt: 5,
                 completion: 7,
-                total: 12
+                total: 12,
+                cached: 0
             }
         );
         let responses =
@@ -349,7 +475,8 @@ mod tests {
             TokenUsage {
                 prompt: 3,
                 completion: 4,
-                total: 7
+                total: 7,
+                cached: 0
             }
         );
         let embeddings = parse_usage(&json!({"prompt_tokens": 9, "total_tokens": 9})).unwrap();
@@ -358,7 +485,8 @@ mod tests {
             TokenUsage {
                 prompt: 9,
                 completion: 0,
-                total: 9
+                total: 9,
+                cached: 0
             }
         );
     }
@@ -395,17 +523,76 @@ mod tests {
             prompt: 1_000_000,
             completion: 500_000,
             total: 1_500_000,
+            cached: 0,
         };
         assert!(
             (cost(
                 Price {
                     input: 2.5,
-                    output: 10.0
+                    output: 10.0,
+                    cached_input: None,
                 },
                 usage
             ) - 7.5)
                 .abs()
                 < 1e-9
         );
+    }
+
+    #[test]
+    fn anthropic_answers_are_read_with_their_cached_input() {
+        let body = br#"{"type":"message","content":[{"type":"text","text":"Hi"},{"type":"tool_use","id":"t1","name":"f","input":{"a":1}}],"usage":{"input_tokens":10,"output_tokens":5,"cache_read_input_tokens":4,"cache_creation_input_tokens":2}}"#;
+        let reply = read_json_reply(body);
+        assert_eq!(
+            reply.usage,
+            Some(TokenUsage {
+                prompt: 16,
+                completion: 5,
+                total: 21,
+                cached: 4
+            })
+        );
+        assert_eq!(reply.text.as_deref(), Some("Hi"));
+        assert_eq!(reply.tool_calls[0]["function"]["arguments"], "{\"a\":1}");
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\"output_tokens\":1,\"cache_read_input_tokens\":3}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"1}\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":9}}\n\n",
+        );
+        let reply = read_stream_reply(stream.as_bytes());
+        assert_eq!(
+            reply.usage,
+            Some(TokenUsage {
+                prompt: 10,
+                completion: 9,
+                total: 19,
+                cached: 3
+            })
+        );
+        assert_eq!(reply.text.as_deref(), Some("Hello"));
+        assert_eq!(reply.tool_calls[0]["function"]["arguments"], "{\"a\":1}");
+    }
+
+    #[test]
+    fn cached_prompt_tokens_have_a_price_of_their_own() {
+        let usage = parse_usage(&json!({"prompt_tokens": 1_000_000, "completion_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 400_000}}))
+        .unwrap();
+        assert_eq!(usage.cached, 400_000);
+        let price = Price {
+            input: 3.0,
+            output: 15.0,
+            cached_input: Some(0.3),
+        };
+        assert!((cost(price, usage) - (0.6 * 3.0 + 0.4 * 0.3)).abs() < 1e-9);
+        let unpriced = Price {
+            cached_input: None,
+            ..price
+        };
+        assert!((cost(unpriced, usage) - 3.0).abs() < 1e-9);
     }
 }

@@ -1,0 +1,665 @@
+//! Golden tests: the providers' documented wire examples (Anthropic's streamed tool use
+//! and plain message, OpenAI's tool request and streamed tool call, Gemini's function
+//! call and text stream) translated and compared field by field; and properties: any
+//! cutting of a stream translates alike, and OpenAI → Anthropic → OpenAI keeps every
+//! translatable field of a request.
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+use super::*;
+
+/// Anthropic's documented stream of a tool use (text first, then `get_weather` with its
+/// input in pieces).
+const ANTHROPIC_TOOL_STREAM: &str = r#"event: message_start
+data: {"type":"message_start","message":{"id":"msg_014p7gG3wDgGV9EUtLvnow3U","type":"message","role":"assistant","model":"claude-opus-4-1-20250805","stop_sequence":null,"usage":{"input_tokens":472,"output_tokens":2},"content":[],"stop_reason":null}}
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Okay"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":", let's check the weather for San Francisco, CA:"}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0}
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"location\":"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":" \"San Francisc"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"o, CA\", \"unit\": \"fah"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"renheit\"}"}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1}
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":89}}
+
+event: message_stop
+data: {"type":"message_stop"}
+
+"#;
+
+/// OpenAI's documented streamed tool call: the name first, the arguments in pieces.
+const OPENAI_TOOL_STREAM: &str = r#"data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_DdmO9pD3xa9XTPNJ32zg2hcA","type":"function","function":{"name":"get_weather","arguments":""}}]},"finish_reason":null}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\""}}]},"finish_reason":null}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"location"}}]},"finish_reason":null}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\":\""}}]},"finish_reason":null}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"Paris, France"}}]},"finish_reason":null}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"}"}}]},"finish_reason":null}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}
+
+data: {"id":"chatcmpl-9","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":80,"completion_tokens":17,"total_tokens":97,"prompt_tokens_details":{"cached_tokens":64}}}
+
+data: [DONE]
+
+"#;
+
+/// Gemini's documented streamed text (one part per chunk, usage and finish on the last).
+const GEMINI_TEXT_STREAM: &str = r#"data: {"candidates": [{"content": {"parts": [{"text": "The"}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 9,"totalTokenCount": 9},"modelVersion": "gemini-2.0-flash"}
+
+data: {"candidates": [{"content": {"parts": [{"text": " quick brown fox"}],"role": "model"},"index": 0}],"modelVersion": "gemini-2.0-flash"}
+
+data: {"candidates": [{"content": {"parts": [{"text": " jumps."}],"role": "model"},"finishReason": "STOP","index": 0}],"usageMetadata": {"promptTokenCount": 9,"candidatesTokenCount": 6,"totalTokenCount": 15,"cachedContentTokenCount": 4},"modelVersion": "gemini-2.0-flash"}
+
+"#;
+
+fn translate_stream(client: Wire, upstream: Wire, input: &str, cuts: &[usize]) -> String {
+    let mut translator = Translator::new(client, upstream, AnswerKind::Stream, "alias", false, 7);
+    let mut out = BytesMut::new();
+    let bytes = input.as_bytes();
+    let mut from = 0;
+    for &cut in cuts {
+        let cut = cut.min(bytes.len()).max(from);
+        out.extend_from_slice(&translator.push(&bytes[from..cut]).unwrap());
+        from = cut;
+    }
+    out.extend_from_slice(&translator.push(&bytes[from..]).unwrap());
+    out.extend_from_slice(&translator.finish());
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+fn data_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|event| {
+            let name = event
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or("")
+                .to_string();
+            let data = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap();
+            let value = serde_json::from_str(data).unwrap_or(Value::String(data.into()));
+            (name, value)
+        })
+        .collect()
+}
+
+/// An OpenAI stream put back together as a client would: content, each call's name and
+/// arguments, the finish reason, the usage.
+fn assemble_openai(text: &str) -> Value {
+    let mut content = String::new();
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    let mut finish = Value::Null;
+    let mut usage = Value::Null;
+    for (_, chunk) in data_events(text) {
+        if chunk == "[DONE]" {
+            continue;
+        }
+        assert_eq!(chunk["model"], "alias");
+        if chunk["usage"].is_object() {
+            usage = chunk["usage"].clone();
+        }
+        let choice = &chunk["choices"][0];
+        content.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        for call in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = call["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, Default::default());
+            }
+            if let Some(id) = call["id"].as_str() {
+                calls[i].0 = id.into();
+            }
+            if let Some(name) = call["function"]["name"].as_str() {
+                calls[i].1 = name.into();
+            }
+            calls[i].2 += call["function"]["arguments"].as_str().unwrap_or("");
+        }
+        if !choice["finish_reason"].is_null() {
+            finish = choice["finish_reason"].clone();
+        }
+    }
+    json!({"content": content, "calls": calls, "finish": finish, "usage": usage})
+}
+
+/// An Anthropic stream put back together as its SDK does.
+fn assemble_anthropic(text: &str) -> Value {
+    let mut blocks: Vec<Value> = Vec::new();
+    let mut message = Value::Null;
+    for (name, event) in data_events(text) {
+        assert_eq!(event["type"], name.as_str());
+        match name.as_str() {
+            "message_start" => message = event["message"].clone(),
+            "content_block_start" => {
+                assert_eq!(event["index"], blocks.len());
+                let mut block = event["content_block"].clone();
+                if block["type"] == "tool_use" {
+                    block["partial"] = json!("");
+                }
+                blocks.push(block);
+            }
+            "content_block_delta" => {
+                let block = &mut blocks[event["index"].as_u64().unwrap() as usize];
+                let delta = &event["delta"];
+                match delta["type"].as_str().unwrap() {
+                    "text_delta" => {
+                        block["text"] = json!(format!(
+                            "{}{}",
+                            block["text"].as_str().unwrap(),
+                            delta["text"].as_str().unwrap()
+                        ));
+                    }
+                    "input_json_delta" => {
+                        block["partial"] = json!(format!(
+                            "{}{}",
+                            block["partial"].as_str().unwrap(),
+                            delta["partial_json"].as_str().unwrap()
+                        ));
+                    }
+                    other => panic!("{other}"),
+                }
+            }
+            "message_delta" => {
+                message["stop_reason"] = event["delta"]["stop_reason"].clone();
+                message["usage"] = event["usage"].clone();
+            }
+            _ => {}
+        }
+    }
+    for block in &mut blocks {
+        if let Some(partial) = block.get("partial").and_then(Value::as_str) {
+            block["input"] = serde_json::from_str(partial).unwrap();
+            block.as_object_mut().unwrap().remove("partial");
+        }
+    }
+    message["content"] = Value::Array(blocks);
+    message
+}
+
+#[test]
+fn anthropics_documented_tool_stream_reaches_an_openai_client() {
+    let text = translate_stream(
+        Wire::OpenAiChat,
+        Wire::AnthropicMessages,
+        ANTHROPIC_TOOL_STREAM,
+        &[],
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let reply = assemble_openai(&text);
+    assert_eq!(
+        reply["content"],
+        "Okay, let's check the weather for San Francisco, CA:"
+    );
+    assert_eq!(reply["calls"][0][0], "toolu_01T1x1fJ34qAmk2tNTrN7Up6");
+    assert_eq!(reply["calls"][0][1], "get_weather");
+    let arguments: Value = serde_json::from_str(reply["calls"][0][2].as_str().unwrap()).unwrap();
+    assert_eq!(
+        arguments,
+        json!({"location": "San Francisco, CA", "unit": "fahrenheit"})
+    );
+    assert_eq!(reply["finish"], "tool_calls");
+    assert_eq!(reply["usage"]["prompt_tokens"], 472);
+    assert_eq!(reply["usage"]["completion_tokens"], 89);
+}
+
+#[test]
+fn anthropics_documented_tool_stream_reaches_an_anthropic_client_through_the_pivot() {
+    // Anthropic → pivot → Anthropic keeps what the SDK assembles.
+    let text = translate_stream(
+        Wire::AnthropicMessages,
+        Wire::AnthropicMessages,
+        ANTHROPIC_TOOL_STREAM,
+        &[],
+    );
+    let message = assemble_anthropic(&text);
+    assert_eq!(message["model"], "alias");
+    assert_eq!(
+        message["content"][0]["text"],
+        "Okay, let's check the weather for San Francisco, CA:"
+    );
+    assert_eq!(message["content"][1]["name"], "get_weather");
+    assert_eq!(message["content"][1]["input"]["unit"], "fahrenheit");
+    assert_eq!(message["stop_reason"], "tool_use");
+    assert_eq!(message["usage"]["output_tokens"], 89);
+    assert_eq!(message["usage"]["input_tokens"], 472);
+}
+
+#[test]
+fn openais_documented_tool_stream_reaches_an_anthropic_client() {
+    let text = translate_stream(
+        Wire::AnthropicMessages,
+        Wire::OpenAiChat,
+        OPENAI_TOOL_STREAM,
+        &[],
+    );
+    let message = assemble_anthropic(&text);
+    assert_eq!(message["content"].as_array().unwrap().len(), 1);
+    let block = &message["content"][0];
+    assert_eq!(block["type"], "tool_use");
+    assert_eq!(block["id"], "call_DdmO9pD3xa9XTPNJ32zg2hcA");
+    assert_eq!(block["input"], json!({"location": "Paris, France"}));
+    assert_eq!(message["stop_reason"], "tool_use");
+    // Cached input is Anthropic's cache read; `input_tokens` leaves it out.
+    assert_eq!(message["usage"]["input_tokens"], 16);
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 64);
+    assert_eq!(message["usage"]["output_tokens"], 17);
+}
+
+#[test]
+fn geminis_documented_text_stream_reaches_both_clients() {
+    let text = translate_stream(Wire::OpenAiChat, Wire::Gemini, GEMINI_TEXT_STREAM, &[]);
+    let reply = assemble_openai(&text);
+    assert_eq!(reply["content"], "The quick brown fox jumps.");
+    assert_eq!(reply["finish"], "stop");
+    assert_eq!(reply["usage"]["total_tokens"], 15);
+    assert_eq!(reply["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+    let message = assemble_anthropic(&translate_stream(
+        Wire::AnthropicMessages,
+        Wire::Gemini,
+        GEMINI_TEXT_STREAM,
+        &[],
+    ));
+    assert_eq!(message["content"][0]["text"], "The quick brown fox jumps.");
+    assert_eq!(message["stop_reason"], "end_turn");
+    assert_eq!(message["usage"]["output_tokens"], 6);
+}
+
+#[test]
+fn anthropics_documented_message_reaches_an_openai_client() {
+    let message = br#"{"content":[{"text":"Hi! My name is Claude.","type":"text"}],"id":"msg_013Zva2CMHLNnXjNJJKqJ2EF","model":"claude-sonnet-4-5","role":"assistant","stop_reason":"end_turn","stop_sequence":null,"type":"message","usage":{"input_tokens":2095,"output_tokens":503,"cache_read_input_tokens":100,"cache_creation_input_tokens":5}}"#;
+    let out: Value = serde_json::from_slice(&response(
+        Wire::OpenAiChat,
+        Wire::AnthropicMessages,
+        message,
+        "alias",
+        9,
+    ))
+    .unwrap();
+    assert_eq!(out["object"], "chat.completion");
+    assert_eq!(out["id"], "msg_013Zva2CMHLNnXjNJJKqJ2EF");
+    assert_eq!(out["model"], "alias");
+    assert_eq!(out["created"], 9);
+    assert_eq!(
+        out["choices"][0]["message"]["content"],
+        "Hi! My name is Claude."
+    );
+    assert_eq!(out["choices"][0]["finish_reason"], "stop");
+    assert_eq!(out["usage"]["prompt_tokens"], 2095 + 100 + 5);
+    assert_eq!(out["usage"]["completion_tokens"], 503);
+    assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 100);
+}
+
+#[test]
+fn geminis_documented_function_call_is_tool_calls() {
+    let answer = br#"{"candidates":[{"content":{"parts":[{"text":"Let me find theaters."},{"functionCall":{"name":"find_theaters","args":{"location":"Mountain View, CA","movie":"Barbie"}}}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":12,"totalTokenCount":21},"modelVersion":"gemini-2.0-flash"}"#;
+    let out: Value = serde_json::from_slice(&response(
+        Wire::OpenAiChat,
+        Wire::Gemini,
+        answer,
+        "alias",
+        1,
+    ))
+    .unwrap();
+    let choice = &out["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], "Let me find theaters.");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "find_theaters"
+    );
+    let args: Value = serde_json::from_str(
+        choice["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        args,
+        json!({"location": "Mountain View, CA", "movie": "Barbie"})
+    );
+    assert_eq!(out["usage"]["total_tokens"], 21);
+    let out: Value = serde_json::from_slice(&response(
+        Wire::AnthropicMessages,
+        Wire::Gemini,
+        answer,
+        "alias",
+        1,
+    ))
+    .unwrap();
+    assert_eq!(out["stop_reason"], "tool_use");
+    assert_eq!(out["content"][0]["text"], "Let me find theaters.");
+    assert_eq!(out["content"][1]["input"]["movie"], "Barbie");
+}
+
+#[test]
+fn openais_documented_tool_request_reaches_anthropic_and_gemini() {
+    let documented = br#"{"model":"gpt-4o","messages":[{"role":"developer","content":"You are helpful."},{"role":"user","content":"What's the weather like in Boston today?"}],"tools":[{"type":"function","function":{"name":"get_current_weather","description":"Get the current weather in a given location","parameters":{"type":"object","properties":{"location":{"type":"string","description":"The city and state, e.g. San Francisco, CA"},"unit":{"type":"string","enum":["celsius","fahrenheit"]}},"required":["location"]}}}],"tool_choice":"auto","max_completion_tokens":300,"top_p":0.9}"#;
+    let (body, stream) = request(
+        Wire::OpenAiChat,
+        Wire::AnthropicMessages,
+        documented,
+        "claude-x",
+    )
+    .unwrap();
+    assert!(!stream);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["model"], "claude-x");
+    assert_eq!(
+        body["system"],
+        json!([{"type": "text", "text": "You are helpful."}])
+    );
+    assert_eq!(
+        body["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "What's the weather like in Boston today?"}]}])
+    );
+    assert_eq!(body["tools"][0]["name"], "get_current_weather");
+    assert_eq!(
+        body["tools"][0]["input_schema"]["required"],
+        json!(["location"])
+    );
+    assert_eq!(body["tool_choice"], json!({"type": "auto"}));
+    assert_eq!(body["max_tokens"], 300);
+    assert_eq!(body["top_p"], 0.9);
+    let (body, _) = request(Wire::OpenAiChat, Wire::Gemini, documented, "gemini-x").unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body["systemInstruction"],
+        json!({"parts": [{"text": "You are helpful."}]})
+    );
+    assert_eq!(body["contents"][0]["role"], "user");
+    assert_eq!(
+        body["tools"][0]["functionDeclarations"][0]["parametersJsonSchema"]["properties"]["unit"]["enum"],
+        json!(["celsius", "fahrenheit"])
+    );
+    assert_eq!(body["toolConfig"]["functionCallingConfig"]["mode"], "AUTO");
+    assert_eq!(
+        body["generationConfig"],
+        json!({"maxOutputTokens": 300, "topP": 0.9})
+    );
+    assert!(body.get("model").is_none());
+}
+
+#[test]
+fn fields_without_an_equivalent_are_named() {
+    let refused = |client, upstream, body: &str| {
+        request(client, upstream, body.as_bytes(), "m")
+            .unwrap_err()
+            .field
+    };
+    let chat = |extra: &str| {
+        format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#)
+    };
+    assert_eq!(
+        refused(
+            Wire::OpenAiChat,
+            Wire::AnthropicMessages,
+            &chat(r#","logprobs":true"#)
+        ),
+        "logprobs"
+    );
+    assert_eq!(
+        refused(
+            Wire::OpenAiChat,
+            Wire::AnthropicMessages,
+            &chat(r#","n":2"#)
+        ),
+        "n"
+    );
+    assert_eq!(
+        refused(
+            Wire::OpenAiChat,
+            Wire::Gemini,
+            &chat(r#","parallel_tool_calls":false"#)
+        ),
+        "parallel_tool_calls"
+    );
+    assert_eq!(
+        refused(
+            Wire::OpenAiChat,
+            Wire::AnthropicMessages,
+            r#"{"messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{}}]}]}"#
+        ),
+        "messages[0].content[0].type"
+    );
+    assert_eq!(
+        refused(
+            Wire::AnthropicMessages,
+            Wire::OpenAiChat,
+            r#"{"model":"m","max_tokens":1,"messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#
+        ),
+        "tools[0].type"
+    );
+    assert_eq!(
+        refused(
+            Wire::AnthropicMessages,
+            Wire::Gemini,
+            r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}"#
+        ),
+        "messages[0].content[0].type"
+    );
+}
+
+proptest! {
+    #[test]
+    fn any_cutting_of_a_stream_translates_alike(cuts in proptest::collection::vec(0usize..3000, 0..12)) {
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        for (client, upstream, input) in [
+            (Wire::OpenAiChat, Wire::AnthropicMessages, ANTHROPIC_TOOL_STREAM),
+            (Wire::AnthropicMessages, Wire::OpenAiChat, OPENAI_TOOL_STREAM),
+            (Wire::AnthropicMessages, Wire::Gemini, GEMINI_TEXT_STREAM),
+        ] {
+            prop_assert_eq!(
+                translate_stream(client, upstream, input, &cuts),
+                translate_stream(client, upstream, input, &[])
+            );
+        }
+    }
+
+    #[test]
+    fn whatever_an_upstream_sends_the_client_gets_whole_events(
+        events in proptest::collection::vec(hostile_event(), 0..12),
+        cuts in proptest::collection::vec(0usize..2000, 0..8),
+    ) {
+        let input: String = events.concat();
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        for (client, upstream) in [
+            (Wire::OpenAiChat, Wire::AnthropicMessages),
+            (Wire::OpenAiChat, Wire::Gemini),
+            (Wire::AnthropicMessages, Wire::OpenAiChat),
+            (Wire::AnthropicMessages, Wire::Gemini),
+        ] {
+            let text = translate_stream(client, upstream, &input, &cuts);
+            prop_assert!(text.is_empty() || text.ends_with("\n\n"));
+            for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+                let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+                prop_assert!(data.is_some_and(|d| d == "[DONE]" || serde_json::from_str::<Value>(d).is_ok()), "{}", event);
+            }
+        }
+    }
+
+    #[test]
+    fn openai_to_anthropic_and_back_keeps_every_translatable_field(request in openai_request()) {
+        let Value::Object(object) = request.clone() else { unreachable!() };
+        let anthropic = anthropic::request_from_openai(object, "m").unwrap();
+        let Value::Object(anthropic) = anthropic else { unreachable!() };
+        let back = anthropic::request_to_openai(anthropic).unwrap();
+        prop_assert_eq!(Value::Object(back), request);
+    }
+}
+
+/// An SSE event an upstream might send, well-formed or not.
+fn hostile_event() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just(r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":1}}}"#.to_string()),
+        Just(r#"{"type":"content_block_start","index":3,"content_block":{"type":"tool_use","id":"t","name":"f"}}"#.to_string()),
+        Just(r#"{"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{\"a"}}"#.to_string()),
+        Just(r#"{"type":"content_block_delta","index":99999999999,"delta":{"type":"text_delta","text":"x"}}"#.to_string()),
+        Just(r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":"bad"}"#.to_string()),
+        Just(r#"{"type":"message_stop"}"#.to_string()),
+        Just(r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#.to_string()),
+        Just(r#"{"choices":[{"index":0,"delta":{"content":"hi","tool_calls":[{"index":70000,"id":"c","function":{"name":"f","arguments":"{"}}]},"finish_reason":null}]}"#.to_string()),
+        Just(r#"{"choices":[{"delta":{"reasoning_content":"hm"},"finish_reason":"length"}],"usage":{"prompt_tokens":-1}}"#.to_string()),
+        Just(r#"{"candidates":[{"content":{"parts":[{"text":"a","thought":true},{"functionCall":{"name":7}}]},"finishReason":"SAFETY"}]}"#.to_string()),
+        Just(r#"{"error":{"code":503,"message":"down"}}"#.to_string()),
+        Just("[DONE]".to_string()),
+        "[ -~]{0,40}",
+    ];
+    (
+        piece,
+        prop_oneof![Just("data: "), Just("data:"), Just("event: x\ndata: ")],
+        prop_oneof![Just("\n\n"), Just("\r\n\r\n"), Just("\n")],
+    )
+        .prop_map(|(data, prefix, end)| format!("{prefix}{data}{end}"))
+}
+
+fn text() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9 ,.!?]{1,20}"
+}
+
+/// A tool call and the result that answers it.
+fn tool_turn() -> impl Strategy<Value = Vec<Value>> {
+    (
+        proptest::option::of(text()),
+        proptest::collection::vec((text(), text()), 1..3),
+    )
+        .prop_map(|(said, calls)| {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, arg))| {
+                    json!({"id": format!("call_{i}"), "type": "function",
+                    "function": {"name": name, "arguments": json!({"a": arg, "n": i}).to_string()}})
+                })
+                .collect();
+            let mut turn = vec![json!({"role": "assistant", "content": said, "tool_calls": calls})];
+            for (i, call) in calls.iter().enumerate() {
+                turn.push(json!({"role": "tool", "tool_call_id": format!("call_{i}"),
+                "content": call["function"]["name"]}));
+            }
+            turn
+        })
+}
+
+fn user_turn() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        text().prop_map(|t| json!({"role": "user", "content": t})),
+        (
+            text(),
+            prop_oneof![
+                Just("https://example.com/a.png".to_string()),
+                Just("data:image/jpeg;base64,/9j/4AAQ".to_string()),
+            ]
+        )
+            .prop_map(|(t, url)| json!({"role": "user", "content": [
+                {"type": "text", "text": t}, {"type": "image_url", "image_url": {"url": url}}]})),
+    ]
+}
+
+fn openai_request() -> impl Strategy<Value = Value> {
+    let turns = proptest::collection::vec(
+        (
+            user_turn(),
+            prop_oneof![
+                text().prop_map(|t| vec![json!({"role": "assistant", "content": t})]),
+                tool_turn(),
+            ],
+        ),
+        1..4,
+    );
+    (
+        proptest::option::of(text()),
+        turns,
+        1u64..100_000,
+        proptest::option::of(0.0f64..2.0),
+        proptest::option::of(0.0f64..1.0),
+        proptest::option::of(proptest::collection::vec(text(), 1..3)),
+        proptest::option::of(any::<bool>()),
+        proptest::option::of(text()),
+        proptest::option::of(proptest::collection::vec(text(), 1..3)),
+        proptest::option::of(0usize..4),
+    )
+        .prop_map(|(system, turns, max_tokens, temperature, top_p, stop, stream, user, tools, choice)| {
+            let mut messages = Vec::new();
+            if let Some(system) = system {
+                messages.push(json!({"role": "system", "content": system}));
+            }
+            let last = turns.len() - 1;
+            for (i, (user, reply)) in turns.into_iter().enumerate() {
+                messages.push(user);
+                // Turns alternate (Anthropic joins two user messages in a row, as the
+                // model reads them anyway); the last one is the user's.
+                if i < last {
+                    messages.extend(reply);
+                }
+            }
+            let mut request = Map::new();
+            request.insert("model".into(), json!("m"));
+            request.insert("messages".into(), Value::Array(messages));
+            request.insert("max_tokens".into(), json!(max_tokens));
+            let mut put = |key: &str, value: Option<Value>| {
+                if let Some(value) = value {
+                    request.insert(key.into(), value);
+                }
+            };
+            put("temperature", temperature.map(|t| json!(t)));
+            put("top_p", top_p.map(|t| json!(t)));
+            put("stop", stop.map(|s| json!(s)));
+            put("stream", stream.map(Value::Bool));
+            put("user", user.map(Value::String));
+            if let Some(tools) = &tools {
+                put("tools", Some(Value::Array(tools.iter().map(|name| json!({"type": "function",
+                    "function": {"name": name, "description": "d", "parameters": {"type": "object"}}})).collect())));
+                put("tool_choice", choice.map(|c| match c {
+                    0 => json!("auto"),
+                    1 => json!("none"),
+                    2 => json!("required"),
+                    _ => json!({"type": "function", "function": {"name": tools[0]}}),
+                }));
+            }
+            Value::Object(request)
+        })
+}
