@@ -245,11 +245,10 @@ impl Encoder {
         }
     }
 
+    /// The stream ended: whatever closes it in the client's protocol (a no-op after
+    /// an end or an error).
     fn finish(&mut self, out: &mut BytesMut) {
-        match self {
-            Self::OpenAi(encoder) => encoder.piece(Piece::Done, out),
-            Self::Anthropic(encoder) => encoder.piece(Piece::Done, out),
-        }
+        self.piece(Piece::Done, out);
     }
 }
 
