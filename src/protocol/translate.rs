@@ -67,6 +67,13 @@ pub fn request(
     let Value::Object(object) = value else {
         return Err(untranslatable("body", "not a JSON object"));
     };
+    // Anthropic's thinking budget, kept exact for Gemini (the pivot has only an effort).
+    let budget = object
+        .get("thinking")
+        .filter(|t| t.get("type").and_then(Value::as_str) == Some("enabled"))
+        .and_then(|t| t.get("budget_tokens"))
+        .and_then(Value::as_u64)
+        .filter(|_| client == Wire::AnthropicMessages);
     let pivot = match client {
         Wire::OpenAiChat => object,
         Wire::AnthropicMessages => anthropic::request_to_openai(object)?,
@@ -83,7 +90,14 @@ pub fn request(
             Value::Object(pivot)
         }
         Wire::AnthropicMessages => anthropic::request_from_openai(pivot, model)?,
-        Wire::Gemini => gemini::request_from_openai(pivot)?,
+        Wire::Gemini => {
+            let mut out = gemini::request_from_openai(pivot)?;
+            if let Some(budget) = budget {
+                out["generationConfig"]["thinkingConfig"] =
+                    json!({"thinkingBudget": budget, "includeThoughts": true});
+            }
+            out
+        }
     };
     // Serialising a `Value` cannot fail.
     Ok((serde_json::to_vec(&out).unwrap_or_default(), stream))
@@ -245,11 +259,10 @@ impl Encoder {
         }
     }
 
+    /// The stream ended: whatever closes it in the client's protocol (a no-op after
+    /// an end or an error).
     fn finish(&mut self, out: &mut BytesMut) {
-        match self {
-            Self::OpenAi(encoder) => encoder.piece(Piece::Done, out),
-            Self::Anthropic(encoder) => encoder.piece(Piece::Done, out),
-        }
+        self.piece(Piece::Done, out);
     }
 }
 

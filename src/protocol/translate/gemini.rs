@@ -3,8 +3,8 @@
 //!
 //! Gemini sends a function call whole in one part and may end with `STOP` while calling
 //! functions; such an answer finishes with `tool_calls`, and text written before the calls
-//! stays the message's content. Gemini gives function calls no ids (or ids of its own):
-//! calls get `call_{n}` ids, and a tool result finds its function's name by the id of the
+//! stays the message's content. Gemini gives function calls no ids: calls get
+//! `call_{responseId}_{n}`, and a tool result finds its function's name by the id of the
 //! call it answers, earlier in the conversation.
 
 use std::collections::HashMap;
@@ -342,6 +342,16 @@ fn tools_from_openai(tools: &Value) -> Result<Value, Untranslatable> {
 
 // === answers ===
 
+/// An id for a function call, which Gemini does not give: unique across the conversation
+/// when the answer has an id (clients such as Claude Code key tool calls by id), else by
+/// its place in the answer.
+fn call_id(response: Option<&str>, index: usize) -> String {
+    match response {
+        Some(response) => format!("call_{response}_{index}"),
+        None => format!("call_{index}"),
+    }
+}
+
 fn finish_reason(reason: Option<&str>, called: bool) -> &'static str {
     match reason {
         Some("MAX_TOKENS") => "length",
@@ -414,7 +424,7 @@ pub fn response_to_openai(value: &Value, created: i64) -> Value {
                     Part::Thought(t) => thought.push_str(t),
                     Part::Call { name, args } => {
                         calls.push(json!({
-                            "id": format!("call_{calls_made}"),
+                            "id": call_id(value.get("responseId").and_then(Value::as_str), calls_made),
                             "type": "function",
                             "function": {"name": name, "arguments": args},
                         }));
@@ -551,7 +561,7 @@ impl StreamDecoder {
                     self.calls += 1;
                     json!({"tool_calls": [{
                         "index": index,
-                        "id": format!("call_{index}"),
+                        "id": call_id(Some(&self.id).filter(|id| id.as_str() != "gemini").map(String::as_str), index),
                         "type": "function",
                         "function": {"name": name, "arguments": args},
                     }]})

@@ -422,6 +422,55 @@ fn openais_documented_tool_request_reaches_anthropic_and_gemini() {
 }
 
 #[test]
+fn thinking_crosses_with_its_budget_where_the_target_has_one() {
+    let anthropic = br#"{"model":"m","max_tokens":9000,"thinking":{"type":"enabled","budget_tokens":5000},"messages":[{"role":"user","content":"think"}]}"#;
+    let (body, _) = request(Wire::AnthropicMessages, Wire::Gemini, anthropic, "g").unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body["generationConfig"]["thinkingConfig"],
+        json!({"thinkingBudget": 5000, "includeThoughts": true})
+    );
+    assert_eq!(body["generationConfig"]["maxOutputTokens"], 9000);
+    let (body, _) = request(Wire::AnthropicMessages, Wire::OpenAiChat, anthropic, "o").unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["reasoning_effort"], "medium");
+    let openai = br#"{"model":"m","reasoning_effort":"high","messages":[{"role":"user","content":"think"}]}"#;
+    let (body, _) = request(Wire::OpenAiChat, Wire::AnthropicMessages, openai, "c").unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body["thinking"],
+        json!({"type": "enabled", "budget_tokens": 16384})
+    );
+    assert!(body["max_tokens"].as_u64().unwrap() > 16384);
+    // Thinking in answers: Anthropic's blocks are OpenAI's reasoning_content, and back.
+    let message = br#"{"id":"m","content":[{"type":"thinking","thinking":"hmm","signature":"s"},{"type":"text","text":"42"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":2}}"#;
+    let out: Value = serde_json::from_slice(&response(
+        Wire::OpenAiChat,
+        Wire::AnthropicMessages,
+        message,
+        "a",
+        0,
+    ))
+    .unwrap();
+    assert_eq!(out["choices"][0]["message"]["reasoning_content"], "hmm");
+    assert_eq!(out["choices"][0]["message"]["content"], "42");
+    let gemini = br#"{"candidates":[{"content":{"parts":[{"text":"hmm","thought":true},{"text":"42"}]},"finishReason":"STOP"}]}"#;
+    let out: Value = serde_json::from_slice(&response(
+        Wire::AnthropicMessages,
+        Wire::Gemini,
+        gemini,
+        "a",
+        0,
+    ))
+    .unwrap();
+    assert_eq!(
+        out["content"][0],
+        json!({"type": "thinking", "thinking": "hmm", "signature": ""})
+    );
+    assert_eq!(out["content"][1]["text"], "42");
+}
+
+#[test]
 fn fields_without_an_equivalent_are_named() {
     let refused = |client, upstream, body: &str| {
         request(client, upstream, body.as_bytes(), "m")
