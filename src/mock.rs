@@ -7,8 +7,8 @@
 //! reached it so tests can assert on the path, headers, key and body an upstream saw.
 
 mod azure;
-mod realtime;
 mod native;
+mod realtime;
 mod responses;
 
 pub use azure::deployment_model;

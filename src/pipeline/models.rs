@@ -77,7 +77,10 @@ pub async fn list(
 /// An upstream's own model list; on failure, nothing (the other upstreams still answer).
 async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
     let kind = crate::protocol::UpstreamKind::of(&upstream.config);
-    if matches!(kind, crate::protocol::UpstreamKind::Anthropic | crate::protocol::UpstreamKind::Gemini) {
+    if matches!(
+        kind,
+        crate::protocol::UpstreamKind::Anthropic | crate::protocol::UpstreamKind::Gemini
+    ) {
         // Other APIs list models in shapes of their own: their configured names stand.
         return Vec::new();
     }
