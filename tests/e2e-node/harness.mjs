@@ -43,6 +43,24 @@ export const UPSTREAM_KINDS = [
     keys: [${UPSTREAM_KEY}]
     deployments: {${MODEL}: gpt-4o}`,
   },
+  {
+    name: 'anthropic',
+    mock: ['--protocol', 'anthropic'],
+    upstream: (address) => `
+  - name: anthropic
+    kind: anthropic
+    base_url: http://${address}
+    keys: [${UPSTREAM_KEY}]`,
+  },
+  {
+    name: 'gemini',
+    mock: ['--protocol', 'gemini'],
+    upstream: (address) => `
+  - name: gemini
+    kind: gemini
+    base_url: http://${address}
+    keys: [${UPSTREAM_KEY}]`,
+  },
 ];
 
 /** A child process whose address is read from its `listening on http://…` line. */

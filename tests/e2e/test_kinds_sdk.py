@@ -31,6 +31,22 @@ UPSTREAM_KINDS = {
     keys: [{UPSTREAM_KEY}]
     deployments: {{{MODEL}: gpt-4o}}""",
     },
+    "anthropic": {
+        "mock": ["--protocol", "anthropic"],
+        "upstream": lambda address: f"""
+  - name: anthropic
+    kind: anthropic
+    base_url: http://{address}
+    keys: [{UPSTREAM_KEY}]""",
+    },
+    "gemini": {
+        "mock": ["--protocol", "gemini"],
+        "upstream": lambda address: f"""
+  - name: gemini
+    kind: gemini
+    base_url: http://{address}
+    keys: [{UPSTREAM_KEY}]""",
+    },
 }
 
 
