@@ -362,7 +362,7 @@ async fn check_names_what_an_azure_upstream_lacks() {
         "{text}"
     );
     assert!(
-        text.contains("upstreams[2].kind: must be one of openai, azure"),
+        text.contains("upstreams[2].kind: must be one of openai, anthropic, gemini, azure"),
         "{text}"
     );
 }
