@@ -470,7 +470,11 @@ struct BacklogState {
     since: Option<Instant>,
     /// Rows handed over so far, in all, and flushes waiting for a count to be written.
     handed: u64,
-    flushes: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
+    /// Batches taken by the writer so far: a flush is done only by a batch taken after it,
+    /// which holds the counters of every record accounted before it (a shed record adds
+    /// counters but no row, so rows alone cannot tell).
+    taken: u64,
+    flushes: Vec<(u64, u64, tokio::sync::oneshot::Sender<()>)>,
     /// No batch before this (after a store that took nothing), unless flushed or stopping.
     not_before: Option<Instant>,
     stopping: bool,
@@ -523,8 +527,8 @@ impl Accountant {
                 Ok(Message::Record(pending)) => self.account(*pending),
                 Ok(Message::Flush(done)) => {
                     let mut state = lock(&self.backlog);
-                    let handed = state.handed;
-                    state.flushes.push((handed, done));
+                    let (handed, taken) = (state.handed, state.taken);
+                    state.flushes.push((handed, taken, done));
                     state.since.get_or_insert_with(Instant::now);
                     self.backlog.ready.notify_one();
                 }
@@ -1007,6 +1011,8 @@ struct Batch {
     /// The backlog's `handed` count this batch completes: flushes up to it are done once
     /// it is written (or given up).
     through: u64,
+    /// Its number among the batches taken: it completes only flushes made before it.
+    taken: u64,
 }
 
 /// The writer's view of a store it cannot reach: the next back-off, and since when.
@@ -1048,10 +1054,10 @@ impl Writer {
             since: None,
         };
         while let Some(batch) = self.take() {
-            let through = batch.through;
+            let (through, taken) = (batch.through, batch.taken);
             match self.write(batch) {
                 Ok(()) => {
-                    self.flushed(through);
+                    self.flushed(through, taken);
                     self.store_back(&mut outage);
                 }
                 Err(reason) => {
@@ -1108,7 +1114,7 @@ impl Writer {
         loop {
             if state.is_empty() {
                 // Everything handed so far was written or given up.
-                for (_, done) in state.flushes.drain(..) {
+                for (_, _, done) in state.flushes.drain(..) {
                     let _ = done.send(());
                 }
                 state.since = None;
@@ -1145,23 +1151,28 @@ impl Writer {
             let counters = std::mem::take(&mut state.counters);
             let through = state.handed - state.rows.len() as u64;
             state.since = (!state.rows.is_empty()).then(Instant::now);
+            state.taken += 1;
             return Some(Batch {
                 rows,
                 sizes,
                 counters,
                 through,
+                taken: state.taken,
             });
         }
     }
 
-    /// Completes the flushes waiting for rows up to `through`.
-    fn flushed(&self, through: u64) {
+    /// Completes the flushes waiting for rows up to `through` that were made before the
+    /// written batch (number `taken`) was taken.
+    fn flushed(&self, through: u64, taken: u64) {
         let mut state = lock(&self.backlog);
-        let (done, waiting): (Vec<_>, Vec<_>) =
-            state.flushes.drain(..).partition(|(at, _)| *at <= through);
+        let (done, waiting): (Vec<_>, Vec<_>) = state
+            .flushes
+            .drain(..)
+            .partition(|(at, after, _)| *at <= through && *after < taken);
         state.flushes = waiting;
         drop(state);
-        for (_, done) in done {
+        for (_, _, done) in done {
             let _ = done.send(());
         }
     }
@@ -1310,7 +1321,7 @@ impl Writer {
         let bytes = state.rows.iter().map(|(_, size)| size).sum();
         state.rows.clear();
         state.counters.clear();
-        for (_, done) in state.flushes.drain(..) {
+        for (_, _, done) in state.flushes.drain(..) {
             let _ = done.send(());
         }
         drop(state);
