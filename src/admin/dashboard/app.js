@@ -570,6 +570,7 @@ async function renderDetail(id, params) {
       row("Total", fmt.ms(r.latency_ms)),
       row("Tokens", r.total_tokens === null ? "—" : `${fmt.int(r.prompt_tokens)} prompt + ${fmt.int(r.completion_tokens)} completion = ${fmt.int(r.total_tokens)} (${r.usage_source})`),
       row("Cost", fmt.usd(r.cost)),
+      r.cache ? [h("div", {}, "Cache"), h("div", { id: "cache" }, r.cache === "hit" ? `hit, saved ${fmt.usd(r.saved_cost)}` : r.cache)] : null,
       row("Streamed", r.stream ? "yes" : "no"),
       r.retry_after !== undefined && r.retry_after !== null ? row("Retry-After", `${r.retry_after} s`) : null,
       r.error ? row("Error", highlighted(r.error, term), "bad") : null),
