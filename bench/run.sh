@@ -310,9 +310,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
 
 # Authentication alone: a config key against a runtime key with 10,000 runtime keys loaded.
 auth_line=$(taskset -c "$core_gw" "$client" auth --keys 10000)
+# Translation alone: an Anthropic client's request to OpenAI Chat and the answer back.
+translate_line=$(taskset -c "$core_gw" "$client" translate)
 {
   echo
   echo "Authentication in process, ns per request (config key / runtime key among 10,000 / unknown key): $auth_line"
+  echo
+  echo "Translation in process, ns (Anthropic request to OpenAI / plain answer back / 18-event stream back): $translate_line"
 } | tee -a "$out/latest.md"
 
 # Peers users would pick instead, installed from their own registries into bench/peers/

@@ -67,6 +67,12 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         rounds: usize,
     },
+    /// Translation alone, in process: an Anthropic client's request to OpenAI Chat and
+    /// the OpenAI answer back (plain, and a 16-chunk stream), per request.
+    Translate {
+        #[arg(long, default_value_t = 200_000)]
+        rounds: usize,
+    },
     /// Concurrent SSE streams, each on its own connection, checked frame by frame.
     Streams {
         #[arg(long)]
@@ -97,9 +103,12 @@ fn main() -> anyhow::Result<()> {
     if let Command::Auth { keys, rounds } = &cli.command {
         return auth_bench(*keys, *rounds);
     }
+    if let Command::Translate { rounds } = &cli.command {
+        return translate_bench(*rounds);
+    }
     runtime.block_on(async {
         match cli.command {
-            Command::Log { .. } | Command::Auth { .. } => Ok(()),
+            Command::Log { .. } | Command::Auth { .. } | Command::Translate { .. } => Ok(()),
             Command::Latency {
                 url,
                 requests,
@@ -223,6 +232,64 @@ fn auth_bench(count: usize, rounds: usize) -> anyhow::Result<()> {
     let unknown_ns = time(&unknown).min(time(&unknown));
     println!(
         "keys={count} config_ns={config_ns:.0} runtime_ns={runtime_ns:.0} unknown_ns={unknown_ns:.0}"
+    );
+    Ok(())
+}
+
+/// What translation itself costs, without the HTTP around it: the request an Anthropic
+/// client sends turned into OpenAI Chat, and the upstream's answer turned back, plain and
+/// streamed (16 content chunks and the usage chunk, cut at event boundaries as they come).
+fn translate_bench(rounds: usize) -> anyhow::Result<()> {
+    use sluice::protocol::translate::{self, AnswerKind, Translator, Wire};
+
+    let request = br#"{"model":"gpt-4o-mini","max_tokens":256,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}"#;
+    let answer = br#"{"id":"chatcmpl-mock-1","object":"chat.completion","created":1764547200,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"word0 word1 word2 word3 word4 word5 word6 word7"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
+    let mut events: Vec<Vec<u8>> = (0..16)
+        .map(|i| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-mock-1\",\"object\":\"chat.completion.chunk\",\"created\":1764547200,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{i} \"}},\"finish_reason\":null}}]}}\n\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    events.push(b"data: {\"id\":\"chatcmpl-mock-1\",\"object\":\"chat.completion.chunk\",\"created\":1764547200,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".to_vec());
+    events.push(b"data: {\"id\":\"chatcmpl-mock-1\",\"object\":\"chat.completion.chunk\",\"created\":1764547200,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":16,\"total_tokens\":28}}\n\ndata: [DONE]\n\n".to_vec());
+    let (client, upstream) = (Wire::AnthropicMessages, Wire::OpenAiChat);
+    if translate::request(client, upstream, request, "gpt-4o-mini").is_err() {
+        bail!("the benchmark's request does not translate");
+    }
+    let time = |work: &dyn Fn()| {
+        for _ in 0..rounds / 10 {
+            work();
+        }
+        let start = Instant::now();
+        for _ in 0..rounds {
+            work();
+        }
+        start.elapsed().as_nanos() as f64 / rounds as f64
+    };
+    let request_ns = time(&|| {
+        let out = translate::request(client, upstream, std::hint::black_box(request), "gpt-4o-mini");
+        std::hint::black_box(out.is_ok());
+    });
+    let answer_ns = time(&|| {
+        let mut translator =
+            Translator::new(client, upstream, AnswerKind::Json, "gpt-4o-mini", false, 0);
+        let head = translator.push(std::hint::black_box(answer)).map(|b| b.len());
+        std::hint::black_box((head.ok(), translator.finish().len()));
+    });
+    let stream_ns = time(&|| {
+        let mut translator =
+            Translator::new(client, upstream, AnswerKind::Stream, "gpt-4o-mini", false, 0);
+        let mut sent = 0;
+        for event in &events {
+            sent += translator.push(std::hint::black_box(event)).map_or(0, |b| b.len());
+        }
+        std::hint::black_box(sent + translator.finish().len());
+    });
+    println!(
+        "request_ns={request_ns:.0} answer_ns={answer_ns:.0} stream_ns={stream_ns:.0} plain_total_ns={:.0}",
+        request_ns + answer_ns
     );
     Ok(())
 }
@@ -385,9 +452,12 @@ struct StreamReport {
     failed: bool,
 }
 
-/// Content chunk numbers (`"content":"word17 "`) in a piece of SSE text.
+/// Content chunk numbers in a piece of SSE text: OpenAI's `"content":"word17 "`, or
+/// Anthropic's `"text":"word17 "` (a translated stream; one stream holds only one kind).
 fn chunk_numbers(text: &str) -> impl Iterator<Item = usize> + '_ {
-    text.match_indices("\"content\":\"word")
+    ["\"content\":\"word", "\"text\":\"word"]
+        .into_iter()
+        .flat_map(move |needle| text.match_indices(needle))
         .filter_map(|(at, needle)| {
             let digits: String = text[at + needle.len()..]
                 .chars()
@@ -741,6 +811,8 @@ mod tests {
     fn chunk_numbers_are_found_in_sse_text() {
         let text = "data: {\"delta\":{\"content\":\"word0 \"}}\n\ndata: {\"delta\":{\"content\":\"word12 \"}}\n\n";
         assert_eq!(chunk_numbers(text).collect::<Vec<_>>(), [0, 12]);
+        let anthropic = "event: content_block_delta\ndata: {\"delta\":{\"type\":\"text_delta\",\"text\":\"word3 \"}}\n\n";
+        assert_eq!(chunk_numbers(anthropic).collect::<Vec<_>>(), [3]);
     }
 
     #[test]
