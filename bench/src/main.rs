@@ -269,21 +269,36 @@ fn translate_bench(rounds: usize) -> anyhow::Result<()> {
         start.elapsed().as_nanos() as f64 / rounds as f64
     };
     let request_ns = time(&|| {
-        let out = translate::request(client, upstream, std::hint::black_box(request), "gpt-4o-mini");
+        let out = translate::request(
+            client,
+            upstream,
+            std::hint::black_box(request),
+            "gpt-4o-mini",
+        );
         std::hint::black_box(out.is_ok());
     });
     let answer_ns = time(&|| {
         let mut translator =
             Translator::new(client, upstream, AnswerKind::Json, "gpt-4o-mini", false, 0);
-        let head = translator.push(std::hint::black_box(answer)).map(|b| b.len());
+        let head = translator
+            .push(std::hint::black_box(answer))
+            .map(|b| b.len());
         std::hint::black_box((head.ok(), translator.finish().len()));
     });
     let stream_ns = time(&|| {
-        let mut translator =
-            Translator::new(client, upstream, AnswerKind::Stream, "gpt-4o-mini", false, 0);
+        let mut translator = Translator::new(
+            client,
+            upstream,
+            AnswerKind::Stream,
+            "gpt-4o-mini",
+            false,
+            0,
+        );
         let mut sent = 0;
         for event in &events {
-            sent += translator.push(std::hint::black_box(event)).map_or(0, |b| b.len());
+            sent += translator
+                .push(std::hint::black_box(event))
+                .map_or(0, |b| b.len());
         }
         std::hint::black_box(sent + translator.finish().len());
     });

@@ -1953,7 +1953,11 @@ mod tests {
     #[test]
     fn an_upstream_speaks_one_of_four_apis() {
         let yaml = |kind: &str| {
-            let version = if kind == "azure" { ", api_version: v1" } else { "" };
+            let version = if kind == "azure" {
+                ", api_version: v1"
+            } else {
+                ""
+            };
             format!(
                 "upstreams: [{{name: a, kind: {kind}{version}, base_url: 'http://127.0.0.1:9/'}}]\npricing: {{m: {{input: 1, output: 2, cached_input: 0.1}}}}"
             )
