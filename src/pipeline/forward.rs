@@ -5,9 +5,9 @@
 //!    `access`), which hands over a [`Caller`];
 //! 2. [`read`]: what must be read of the body, the model, whether
 //!    the caller may use it; then [`cached`]: a response cache hit answers here;
-//! 3. [`plan`](super::plan): the candidates, an object's home, upstream limits,
+//! 3. [`plan`]: the candidates, an object's home, upstream limits,
 //!    the session;
-//! 4. admit and send ([`try_loop`](super::try_loop) over
+//! 4. admit and send ([`try_loop`] over
 //!    [`send`](super::send)): the caller's key and each upstream under their
 //!    limits, tries until one answers or none is left; 3 and 4 again for each
 //!    fallback model the outcome gives way to ([`fallback`]);
