@@ -270,3 +270,84 @@ async fn each_upstream_counts_its_own_tries_and_a_fallback_at_its_limit_reports_
     assert_eq!(big.requests().len(), 2);
     assert_eq!(small.requests().len(), 1);
 }
+
+/// A GPT request falling back to Claude: the OpenAI client gets an OpenAI-shaped answer,
+/// translated from the Anthropic upstream's, plain and streamed, and the log names both
+/// models.
+#[tokio::test]
+async fn a_gpt_request_falls_back_to_claude_across_protocols() {
+    use sluice::mock::{MockOptions, MockProtocol};
+
+    let big = named_mock("big", Some(Fault::ServerError)).await;
+    let claude = mock_with(MockOptions {
+        name: "claude".into(),
+        protocol: MockProtocol::Anthropic,
+        keys: vec!["sk-ant-000001".into()],
+        chunks: 4,
+        ..MockOptions::default()
+    })
+    .await;
+    let config = format!(
+        "access:
+  keys:
+    - {{name: alice, key: fk-alice-0001}}
+upstreams:
+  - {{name: big, base_url: '{}', keys: [sk-big-000001], models: [gpt-4o]}}
+  - {{name: claude, kind: anthropic, base_url: '{}', keys: [sk-ant-000001], models: [claude-sonnet]}}
+routing:
+  retries: 0
+  fallbacks: {{gpt-4o: [claude-sonnet]}}
+admin: {{key: {ADMIN}}}
+",
+        big.url(),
+        claude.url(),
+    );
+    let gw = gateway(&config).await;
+
+    let response = chat(&gw, hello(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), "claude");
+    assert_eq!(response.headers()["x-sluice-model"], "claude-sonnet");
+    let body = json(response).await;
+    assert_eq!(body["object"], "chat.completion", "{body}");
+    assert_eq!(body["model"], "claude-sonnet");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|text| !text.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["usage"]["total_tokens"].as_u64().unwrap_or(0) > 0,
+        "{body}"
+    );
+    let sent = claude.requests();
+    let last = sent.last().expect("claude was asked");
+    assert_eq!(
+        last.path, "/v1/messages",
+        "the Anthropic upstream got its own API"
+    );
+
+    let response = chat(&gw, hello(true)).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("stream");
+    assert!(text.contains("chat.completion.chunk"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(
+        !text.contains("content_block_delta"),
+        "Anthropic's events never reach an OpenAI client"
+    );
+
+    flush(&gw).await;
+    let rows = admin_json(&gw, "/api/requests", ADMIN).await;
+    let row = &rows["data"][0];
+    let id = row["id"].as_str().expect("id");
+    let detail = admin_json(&gw, &format!("/api/requests/{id}"), ADMIN).await;
+    let models: Vec<&str> = detail["attempts"]
+        .as_array()
+        .expect("tries")
+        .iter()
+        .filter_map(|a| a["model"].as_str())
+        .collect();
+    assert_eq!(models, ["gpt-4o", "claude-sonnet"], "{detail}");
+}
