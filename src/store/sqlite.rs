@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value as SqlValue};
+use rusqlite::{
+    Connection, OptionalExtension, ToSql, params, params_from_iter, types::Value as SqlValue,
+};
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -268,6 +270,26 @@ fn migrate(connection: &Connection) -> anyhow::Result<()> {
         transaction.commit()?;
     }
     Ok(())
+}
+
+/// A rollup row's sums as query parameters, in [`super::ROLLUP_SUMS`]' order (one list for
+/// the hourly and the per-user rollups, as `postgres::sums` is there).
+fn rollup_sums(row: &super::RollupRow) -> [SqlValue; 12] {
+    let count = |n: u64| SqlValue::Integer(to_i64(n));
+    [
+        count(row.requests),
+        count(row.succeeded),
+        SqlValue::Real(row.latency_sum),
+        count(row.prompt_tokens),
+        count(row.completion_tokens),
+        count(row.total_tokens),
+        SqlValue::Real(row.cost),
+        count(row.refused),
+        count(row.upstream_errors),
+        count(row.cache_hits),
+        count(row.cache_lookups),
+        SqlValue::Real(row.saved_cost),
+    ]
 }
 
 fn to_i64(n: u64) -> i64 {
@@ -690,24 +712,10 @@ impl Store for SqliteStore {
                 "?",
             ))?;
             for ((hour, model, upstream, key), row) in &rollup.hourly {
-                hourly.execute(params![
-                    hour,
-                    model,
-                    upstream,
-                    key,
-                    to_i64(row.requests),
-                    to_i64(row.succeeded),
-                    row.latency_sum,
-                    to_i64(row.prompt_tokens),
-                    to_i64(row.completion_tokens),
-                    to_i64(row.total_tokens),
-                    row.cost,
-                    to_i64(row.refused),
-                    to_i64(row.upstream_errors),
-                    to_i64(row.cache_hits),
-                    to_i64(row.cache_lookups),
-                    row.saved_cost,
-                ])?;
+                let sums = rollup_sums(row);
+                let mut values: Vec<&dyn ToSql> = vec![hour, model, upstream, key];
+                values.extend(sums.iter().map(|v| v as &dyn ToSql));
+                hourly.execute(values.as_slice())?;
             }
             let mut users = transaction.prepare_cached(&super::rollup_upsert_sql(
                 "rollup_users",
@@ -715,22 +723,10 @@ impl Store for SqliteStore {
                 "?",
             ))?;
             for ((hour, user), row) in &rollup.users {
-                users.execute(params![
-                    hour,
-                    user,
-                    to_i64(row.requests),
-                    to_i64(row.succeeded),
-                    row.latency_sum,
-                    to_i64(row.prompt_tokens),
-                    to_i64(row.completion_tokens),
-                    to_i64(row.total_tokens),
-                    row.cost,
-                    to_i64(row.refused),
-                    to_i64(row.upstream_errors),
-                    to_i64(row.cache_hits),
-                    to_i64(row.cache_lookups),
-                    row.saved_cost,
-                ])?;
+                let sums = rollup_sums(row);
+                let mut values: Vec<&dyn ToSql> = vec![hour, user];
+                values.extend(sums.iter().map(|v| v as &dyn ToSql));
+                users.execute(values.as_slice())?;
             }
             for (table, histogram) in [
                 ("rollup_latency", &rollup.latency),
