@@ -415,7 +415,7 @@ impl RelayBody {
             return match translator.push(&data) {
                 Ok(out) if out.is_empty() => None,
                 Ok(out) => {
-                    self.record_client(&out);
+                    self.record_body(&out);
                     self.fill_with(&out);
                     Some(Ok(Frame::data(out)))
                 }
@@ -426,10 +426,8 @@ impl RelayBody {
                 }
             };
         }
-        if let (Some(record), Some(data), Some(sink)) =
-            (self.record.as_mut(), frame.data_ref(), self.sink.as_ref())
-        {
-            record.response_body.push(data, sink.body_limit());
+        if let Some(data) = frame.data_ref() {
+            self.record_body(data);
         }
         if self.shaper.is_none() {
             if let Some(data) = frame.data_ref() {
@@ -465,9 +463,10 @@ impl RelayBody {
         }
     }
 
-    /// Keeps what the client got for the log (a translated answer is logged as the
-    /// client saw it, so its usage is read in the client's protocol).
-    fn record_client(&mut self, data: &Bytes) {
+    /// Keeps relayed bytes for the log: the upstream's as they came (the log reshapes its
+    /// copy itself), or a translated answer as the client saw it, so its usage is read in
+    /// the client's protocol.
+    fn record_body(&mut self, data: &Bytes) {
         if let (Some(record), Some(sink)) = (self.record.as_mut(), self.sink.as_ref()) {
             record.response_body.push(data, sink.body_limit());
         }
@@ -552,7 +551,7 @@ impl HttpBody for RelayBody {
                     let rest = match this.translator.as_mut() {
                         Some(translator) => {
                             let rest = translator.finish();
-                            this.record_client(&rest);
+                            this.record_body(&rest);
                             rest
                         }
                         None => this.shaper.as_mut().map(Shaper::finish).unwrap_or_default(),
