@@ -15,6 +15,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+mod logwrite;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -73,6 +75,16 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         rounds: usize,
     },
+    /// The request log's writer alone: rows per second into a store (`sqlite`, `postgres`
+    /// or a storage URL), in batches as the writer takes them.
+    Logwrite {
+        #[arg(long, default_value = "sqlite")]
+        store: String,
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 512)]
+        batch: usize,
+    },
     /// Concurrent SSE streams, each on its own connection, checked frame by frame.
     Streams {
         #[arg(long)]
@@ -103,12 +115,18 @@ fn main() -> anyhow::Result<()> {
     if let Command::Auth { keys, rounds } = &cli.command {
         return auth_bench(*keys, *rounds);
     }
+    if let Command::Logwrite { store, rows, batch } = &cli.command {
+        return logwrite::run(store, *rows, *batch);
+    }
     if let Command::Translate { rounds } = &cli.command {
         return translate_bench(*rounds);
     }
     runtime.block_on(async {
         match cli.command {
-            Command::Log { .. } | Command::Auth { .. } | Command::Translate { .. } => Ok(()),
+            Command::Log { .. }
+            | Command::Auth { .. }
+            | Command::Translate { .. }
+            | Command::Logwrite { .. } => Ok(()),
             Command::Latency {
                 url,
                 requests,
