@@ -931,86 +931,145 @@ fn read_sums(row: &Row, at: usize) -> super::RollupRow {
     }
 }
 
+/// The batch's rows in one statement: each column sent as an array and the rows made by
+/// `UNNEST`, so a batch costs one parse, one plan and one round trip, not one of each per
+/// row. A row already there (a retried batch) is skipped, as one by one.
+async fn insert_rows(client: &Client, records: &[LogRecord]) -> anyhow::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let text = |get: fn(&LogRecord) -> &str| -> Vec<&str> { records.iter().map(get).collect() };
+    let maybe = |get: fn(&LogRecord) -> Option<&str>| -> Vec<Option<&str>> {
+        records.iter().map(get).collect()
+    };
+    let count = |get: fn(&LogRecord) -> Option<u64>| -> Vec<Option<i64>> {
+        records.iter().map(|r| get(r).map(to_i64)).collect()
+    };
+    let search: Vec<String> = records.iter().map(super::search_text).collect();
+    let ids = text(|r| &r.id);
+    let ts: Vec<i64> = records.iter().map(|r| r.ts).collect();
+    let client_ips = text(|r| &r.client_ip);
+    let key_names = text(|r| &r.key_name);
+    let methods = text(|r| &r.method);
+    let paths = text(|r| &r.path);
+    let models = maybe(|r| r.model.as_deref());
+    let upstream_models = maybe(|r| r.upstream_model.as_deref());
+    let upstreams = maybe(|r| r.upstream.as_deref());
+    let upstream_keys = maybe(|r| r.upstream_key.as_deref());
+    let statuses: Vec<i32> = records.iter().map(|r| i32::from(r.status)).collect();
+    let latencies: Vec<f64> = records.iter().map(|r| r.latency_ms).collect();
+    let ttfbs: Vec<Option<f64>> = records.iter().map(|r| r.ttfb_ms).collect();
+    let prompts = count(|r| r.prompt_tokens);
+    let completions = count(|r| r.completion_tokens);
+    let totals = count(|r| r.total_tokens);
+    let costs: Vec<Option<f64>> = records.iter().map(|r| r.cost).collect();
+    let usage_sources = maybe(|r| r.usage_source.as_deref());
+    let streams: Vec<i32> = records.iter().map(|r| i32::from(r.stream)).collect();
+    let errors = maybe(|r| r.error.as_deref());
+    let tries: Vec<i32> = records
+        .iter()
+        .map(|r| i32::try_from(r.tries).unwrap_or(i32::MAX))
+        .collect();
+    let attempts = text(|r| &r.attempts);
+    let request_headers = text(|r| &r.request_headers);
+    let response_headers = text(|r| &r.response_headers);
+    let request_bodies = maybe(|r| r.request_body.as_deref());
+    let response_bodies = maybe(|r| r.response_body.as_deref());
+    let reply_texts = maybe(|r| r.reply_text.as_deref());
+    let tool_calls = maybe(|r| r.reply_tool_calls.as_deref());
+    let searches: Vec<&str> = search.iter().map(String::as_str).collect();
+    let upstream_bodies = maybe(|r| r.upstream_response_body.as_deref());
+    let users = maybe(|r| r.user.as_deref());
+    let caches = maybe(|r| r.cache.as_deref());
+    let saved: Vec<Option<f64>> = records.iter().map(|r| r.saved_cost).collect();
+    client
+        .execute(
+            "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
+             upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
+             stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
+             reply_tool_calls, search_text, upstream_response_body, end_user, cache, saved_cost) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::text[], $8::text[], $9::text[], $10::text[], $11::int4[], $12::float8[], $13::float8[], \
+             $14::bigint[], $15::bigint[], $16::bigint[], $17::float8[], $18::text[], $19::int4[], $20::text[], \
+             $21::int4[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], \
+             $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::float8[]) \
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &ids,
+                &ts,
+                &client_ips,
+                &key_names,
+                &methods,
+                &paths,
+                &models,
+                &upstream_models,
+                &upstreams,
+                &upstream_keys,
+                &statuses,
+                &latencies,
+                &ttfbs,
+                &prompts,
+                &completions,
+                &totals,
+                &costs,
+                &usage_sources,
+                &streams,
+                &errors,
+                &tries,
+                &attempts,
+                &request_headers,
+                &response_headers,
+                &request_bodies,
+                &response_bodies,
+                &reply_texts,
+                &tool_calls,
+                &searches,
+                &upstream_bodies,
+                &users,
+                &caches,
+                &saved,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 async fn write_batch(
     client: &Client,
     records: &[LogRecord],
     counters: &[CounterDelta],
 ) -> anyhow::Result<()> {
-    let insert = client
-        .prepare(
-            "INSERT INTO requests (id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
-             upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
-             stream, error, tries, attempts, request_headers, response_headers, request_body, response_body, reply_text, \
-             reply_tool_calls, search_text, upstream_response_body, end_user, cache, saved_cost) VALUES ($1, $2, $3, $4, \
-             $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, \
-             $28, $29, $30, $31, $32, $33) ON CONFLICT (id) DO NOTHING",
+    let histogram_sql = |table: &str| {
+        format!(
+            "INSERT INTO {table} (hour_ms, bucket, count) VALUES ($1, $2, $3) \
+             ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = {table}.count + excluded.count"
         )
+    };
+    let hourly_sql =
+        super::rollup_upsert_sql("rollup_hourly", "hour_ms, model, upstream, key_name", "$");
+    let users_sql = super::rollup_upsert_sql("rollup_users", "hour_ms, end_user", "$");
+    let (latency_sql, ttfb_sql) = (
+        histogram_sql("rollup_latency"),
+        histogram_sql("rollup_ttfb"),
+    );
+    // The rows and every statement's preparation go out together: tokio-postgres pipelines
+    // them over the connection, so they cost about one round trip.
+    let counters_sql = "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (scope, period, win) DO UPDATE SET requests = usage_counters.requests + excluded.requests, \
+         tokens = usage_counters.tokens + excluded.tokens, cost = usage_counters.cost + excluded.cost";
+    let prepared = futures_util::future::try_join5(
+        client.prepare(&hourly_sql),
+        client.prepare(&users_sql),
+        client.prepare(&latency_sql),
+        client.prepare(&ttfb_sql),
+        client.prepare(counters_sql),
+    );
+    let ((), (hourly, users, latency, ttfb, upsert)) =
+        futures_util::future::try_join(insert_rows(client, records), async {
+            Ok::<_, anyhow::Error>(prepared.await?)
+        })
         .await?;
-    // Every insert of the batch is sent before the first answer is awaited: tokio-postgres
-    // pipelines them over the connection, so a batch costs about one round trip.
-    let inserts = records.iter().map(|r| {
-        let insert = &insert;
-        async move {
-            let status = i32::from(r.status);
-            let stream = i32::from(r.stream);
-            let tries = i32::try_from(r.tries).unwrap_or(i32::MAX);
-            let search = super::search_text(r);
-            let (prompt, completion, total) = (
-                r.prompt_tokens.map(to_i64),
-                r.completion_tokens.map(to_i64),
-                r.total_tokens.map(to_i64),
-            );
-            client
-                .execute(
-                    insert,
-                    &[
-                        &r.id,
-                        &r.ts,
-                        &r.client_ip,
-                        &r.key_name,
-                        &r.method,
-                        &r.path,
-                        &r.model,
-                        &r.upstream_model,
-                        &r.upstream,
-                        &r.upstream_key,
-                        &status,
-                        &r.latency_ms,
-                        &r.ttfb_ms,
-                        &prompt,
-                        &completion,
-                        &total,
-                        &r.cost,
-                        &r.usage_source,
-                        &stream,
-                        &r.error,
-                        &tries,
-                        &r.attempts,
-                        &r.request_headers,
-                        &r.response_headers,
-                        &r.request_body,
-                        &r.response_body,
-                        &r.reply_text,
-                        &r.reply_tool_calls,
-                        &search,
-                        &r.upstream_response_body,
-                        &r.user,
-                        &r.cache,
-                        &r.saved_cost,
-                    ],
-                )
-                .await
-        }
-    });
-    futures_util::future::try_join_all(inserts).await?;
     let rollup = super::Rollup::of(records);
-    let hourly = client
-        .prepare(&super::rollup_upsert_sql(
-            "rollup_hourly",
-            "hour_ms, model, upstream, key_name",
-            "$",
-        ))
-        .await?;
     let hourly_rows = rollup
         .hourly
         .iter()
@@ -1023,14 +1082,6 @@ async fn write_batch(
                 client.execute(hourly, &values).await
             }
         });
-    futures_util::future::try_join_all(hourly_rows).await?;
-    let users = client
-        .prepare(&super::rollup_upsert_sql(
-            "rollup_users",
-            "hour_ms, end_user",
-            "$",
-        ))
-        .await?;
     let user_rows = rollup.users.iter().map(|((hour, user), row)| {
         let users = &users;
         async move {
@@ -1040,54 +1091,48 @@ async fn write_batch(
             client.execute(users, &values).await
         }
     });
-    futures_util::future::try_join_all(user_rows).await?;
-    for (table, histogram) in [
-        ("rollup_latency", &rollup.latency),
-        ("rollup_ttfb", &rollup.ttfb),
-    ] {
-        let upsert = client
-            .prepare(&format!(
-                "INSERT INTO {table} (hour_ms, bucket, count) VALUES ($1, $2, $3) \
-                 ON CONFLICT (hour_ms, bucket) DO UPDATE SET count = {table}.count + excluded.count"
-            ))
-            .await?;
-        let rows = histogram.iter().map(|((hour, bucket), count)| {
-            let upsert = &upsert;
-            async move {
-                client
-                    .execute(upsert, &[hour, bucket, &to_i64(*count)])
-                    .await
-            }
+    let histogram_rows = [(&latency, &rollup.latency), (&ttfb, &rollup.ttfb)]
+        .into_iter()
+        .flat_map(|(upsert, histogram)| {
+            histogram
+                .iter()
+                .map(move |((hour, bucket), count)| async move {
+                    client
+                        .execute(upsert, &[hour, bucket, &to_i64(*count)])
+                        .await
+                })
         });
-        futures_util::future::try_join_all(rows).await?;
-    }
-    let upsert = client
-        .prepare(
-            "INSERT INTO usage_counters (scope, period, win, requests, tokens, cost) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (scope, period, win) DO UPDATE SET requests = usage_counters.requests + excluded.requests, \
-             tokens = usage_counters.tokens + excluded.tokens, cost = usage_counters.cost + excluded.cost",
-        )
-        .await?;
-    // In one order for every instance, so concurrent writers cannot deadlock.
+    // In one order for every instance, so concurrent writers cannot deadlock (pipelined
+    // statements run in the order they are sent).
     let mut counters: Vec<&CounterDelta> = counters.iter().collect();
     counters.sort_by(|a, b| {
         (&a.scope, a.period.name(), a.window).cmp(&(&b.scope, b.period.name(), b.window))
     });
-    for c in counters {
-        let (requests, tokens) = (to_i64(c.usage.requests), to_i64(c.usage.tokens));
-        client
-            .execute(
-                &upsert,
-                &[
-                    &c.scope,
-                    &c.period.name(),
-                    &c.window,
-                    &requests,
-                    &tokens,
-                    &c.usage.cost,
-                ],
-            )
-            .await?;
-    }
+    let counter_rows = counters.into_iter().map(|c| {
+        let upsert = &upsert;
+        async move {
+            let (requests, tokens) = (to_i64(c.usage.requests), to_i64(c.usage.tokens));
+            client
+                .execute(
+                    upsert,
+                    &[
+                        &c.scope,
+                        &c.period.name(),
+                        &c.window,
+                        &requests,
+                        &tokens,
+                        &c.usage.cost,
+                    ],
+                )
+                .await
+        }
+    });
+    futures_util::future::try_join4(
+        futures_util::future::try_join_all(hourly_rows),
+        futures_util::future::try_join_all(user_rows),
+        futures_util::future::try_join_all(histogram_rows),
+        futures_util::future::try_join_all(counter_rows),
+    )
+    .await?;
     Ok(())
 }
