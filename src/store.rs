@@ -213,6 +213,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn search_text_is_every_searched_field_lowercased_one_per_line() {
+        let mut record = LogRecord {
+            id: "Req-1".into(),
+            path: "/v1/Chat".into(),
+            model: Some("GPT-4o".into()),
+            key_name: "Alice".into(),
+            request_body: Some("Hello WORLD".into()),
+            reply_text: Some("Bye".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            search_text(&record),
+            "req-1\n/v1/chat\ngpt-4o\n\nalice\n\n\n\nhello world\n\nbye"
+        );
+        // Beyond ASCII, Unicode's lowercase (one character may change its length).
+        record.request_body = Some("GRÜSSE İstanbul ☃".into());
+        assert!(search_text(&record).contains("grüsse i\u{307}stanbul ☃"));
+        // A body counts up to 64 KiB, cut at a character boundary.
+        record.response_body = Some(format!("{}é", "x".repeat(64 * 1024 - 1)));
+        let text = search_text(&record);
+        assert!(text.contains(&format!("\n{}\n", "x".repeat(64 * 1024 - 1))));
+        assert!(!text.contains('é'));
+    }
+
+    #[test]
     fn stats_cover_whole_hours_of_the_range_and_rank_busiest_first() {
         let now: i64 = 1_795_636_800_000 + 30 * 60_000; // 20:30 UTC
         let row = |hours_ago: i64, model: &str, requests: u64| HourRow {
@@ -1211,32 +1236,45 @@ pub fn rollup_upsert_sql(table: &str, keys: &str, mark: &str) -> String {
     )
 }
 
-/// What text search looks through for one record.
+/// What text search looks through for one record: its names and bodies, one per line,
+/// lowercased. Built into one string (the log writer makes one per row): ASCII text, the
+/// usual case, is lowercased in place.
 pub fn search_text(r: &LogRecord) -> String {
     const BODY_LIMIT: usize = 64 * 1024;
-    let clip = |text: &Option<String>| -> String {
+    fn clip(text: &Option<String>) -> &str {
         let text = text.as_deref().unwrap_or("");
         let mut end = text.len().min(BODY_LIMIT);
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        text[..end].to_string()
-    };
-    [
-        r.id.clone(),
-        r.path.clone(),
-        r.model.clone().unwrap_or_default(),
-        r.upstream_model.clone().unwrap_or_default(),
-        r.key_name.clone(),
-        r.upstream.clone().unwrap_or_default(),
-        r.user.clone().unwrap_or_default(),
-        r.error.clone().unwrap_or_default(),
+        &text[..end]
+    }
+    let parts = [
+        r.id.as_str(),
+        r.path.as_str(),
+        r.model.as_deref().unwrap_or(""),
+        r.upstream_model.as_deref().unwrap_or(""),
+        r.key_name.as_str(),
+        r.upstream.as_deref().unwrap_or(""),
+        r.user.as_deref().unwrap_or(""),
+        r.error.as_deref().unwrap_or(""),
         clip(&r.request_body),
         clip(&r.response_body),
         clip(&r.reply_text),
-    ]
-    .join("\n")
-    .to_lowercase()
+    ];
+    let mut text = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (n, part) in parts.into_iter().enumerate() {
+        if n > 0 {
+            text.push('\n');
+        }
+        text.push_str(part);
+    }
+    if text.is_ascii() {
+        text.make_ascii_lowercase();
+        text
+    } else {
+        text.to_lowercase()
+    }
 }
 
 /// A search as a `LIKE` pattern (escape `\`) matching it as a substring of the lowercased
