@@ -537,3 +537,135 @@ async fn metrics_and_rollups_name_only_configured_models() {
     assert!(metrics.contains("model=\"made-up-1\""), "{metrics}");
     assert!(!metrics.contains("made-up-2"), "{metrics}");
 }
+
+/// A record with every optional field filled or empty by turns, text in several scripts.
+fn varied_record(i: usize, now_ms: i64) -> sluice::store::LogRecord {
+    let some = |text: String| (i % 3 != 0).then_some(text);
+    sluice::store::LogRecord {
+        id: format!("chatcmpl-roundtrip-{i:05}"),
+        ts: now_ms - i as i64,
+        client_ip: format!("10.1.{}.{}", i % 200, i % 7),
+        key_name: format!("key-{}", i % 4),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: some("gpt-4o".into()),
+        user: (i % 5 == 0).then(|| format!("user-{i}")),
+        upstream_model: some("gpt-4o-2024-08-06".into()),
+        upstream: some("main".into()),
+        upstream_key: some("sk-…0001".into()),
+        status: if i % 11 == 0 { 502 } else { 200 },
+        latency_ms: 0.125 + i as f64,
+        ttfb_ms: some(String::new()).map(|_| 0.5 + i as f64),
+        prompt_tokens: (i % 4 != 0).then_some(i as u64),
+        completion_tokens: (i % 4 != 0).then_some(2 * i as u64),
+        total_tokens: (i % 4 != 0).then_some(3 * i as u64),
+        cost: (i % 4 != 0).then_some(i as f64 / 1000.0),
+        usage_source: some("upstream".into()),
+        stream: i % 2 == 0,
+        error: (i % 11 == 0).then(|| format!("upstream said no to {i}")),
+        tries: 1 + (i % 3) as u32,
+        attempts: json!([{"upstream": "main", "status": 200, "ms": 1.5}]).to_string(),
+        request_headers: json!({"content-type": "application/json"}).to_string(),
+        response_headers: json!({"x-n": i.to_string()}).to_string(),
+        request_body: some(format!(
+            r#"{{"messages":[{{"content":"Grüße, Ünïcode ☃ question {i}"}}]}}"#
+        )),
+        response_body: some(format!(r#"{{"answer":"Lighthouse-{i}-Keeper says hi"}}"#)),
+        upstream_response_body: (i % 6 == 1).then(|| format!("raw answer {i}")),
+        reply_text: some(format!("Lighthouse-{i}-Keeper says hi")),
+        reply_tool_calls: (i % 7 == 0).then(|| json!([{"id": format!("call_{i}")}]).to_string()),
+        cache: (i % 8 == 0).then(|| "miss".to_string()),
+        saved_cost: None,
+        model_label: None,
+    }
+}
+
+#[tokio::test]
+async fn a_batch_written_in_one_statement_reads_back_field_for_field_and_is_found() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("log.db").display());
+    let postgres = fresh_postgres_database().await;
+    let now_ms = sluice::clock::unix_now_ms();
+    let records: Vec<_> = (0..600).map(|i| varied_record(i, now_ms)).collect();
+    for url in [sqlite, postgres] {
+        let gw = gateway(&config(&mock, &format!("storage: {{url: '{url}'}}\n"))).await;
+        let store = gw.gateway.recorder.as_ref().unwrap().store.clone();
+        store.write(&records, &[]).unwrap();
+        // A retried batch (its first try's outcome unknown) adds nothing.
+        store.write(&records[..10], &[]).unwrap();
+        let listing = json(admin_get(&gw.url(""), "/api/requests?per_page=1").await).await;
+        assert_eq!(listing["total"], 600, "{url}: {listing}");
+        for r in records.iter().step_by(7) {
+            let got = json(admin_get(&gw.url(""), &format!("/api/requests/{}", r.id)).await).await;
+            let expected = serde_json::to_value(r).unwrap();
+            for field in [
+                "id",
+                "ts",
+                "client_ip",
+                "key_name",
+                "method",
+                "path",
+                "model",
+                "user",
+                "upstream_model",
+                "upstream",
+                "upstream_key",
+                "status",
+                "latency_ms",
+                "ttfb_ms",
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "cost",
+                "usage_source",
+                "stream",
+                "error",
+                "tries",
+                "request_body",
+                "response_body",
+                "upstream_response_body",
+                "reply_text",
+                "cache",
+            ] {
+                assert_eq!(got[field], expected[field], "{url}: {field} of {}", r.id);
+            }
+            let headers: Value = serde_json::from_str(&r.response_headers).unwrap();
+            assert_eq!(
+                got["response_headers"], headers,
+                "{url}: headers of {}",
+                r.id
+            );
+        }
+        // Search finds a row by its answer's words, whatever their case, and by its
+        // request's non-ASCII text.
+        for (search, expected) in [
+            ("lighthouse-301-keeper", Some("chatcmpl-roundtrip-00301")),
+            ("ÜNÏCODE ☃ QUESTION 302", Some("chatcmpl-roundtrip-00302")),
+            ("lighthouse-300-keeper", None),
+        ] {
+            let path = format!("/api/requests?search={}", urlencode(search));
+            let found = json(admin_get(&gw.url(""), &path).await).await;
+            let ids: Vec<&str> = found["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| row["id"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                ids,
+                expected.into_iter().collect::<Vec<_>>(),
+                "{url}: {search}"
+            );
+        }
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
