@@ -129,12 +129,15 @@ measure() {
 
   echo "== $name: throughput at saturation (wrk, 64 connections, ${wrk_secs}s)"
   local before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  local written0; written0=$(log_figure "$base" written)
   local wrk_out; wrk_out=$(BENCH_BODY="$body" BENCH_KEY="$key" load wrk -t1 -c64 -d"${wrk_secs}s" -s bench/post.lua "$url")
   local rps; rps=$(awk '/Requests\/sec/ {print $2}' <<<"$wrk_out")
   local total; total=$(awk '/requests in/ {print $1}' <<<"$wrk_out")
   local non2xx; non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$wrk_out"); non2xx=${non2xx:-0}
   R[$name.rps]=${rps%.*}
   echo "   ${rps} req/s, ${total} requests, non-2xx: ${non2xx}"
+  local written1; written1=$(log_figure "$base" written)
+  [ -n "$written0" ] && R[$name.log_rps]=$(( (written1 - written0) / wrk_secs ))
   if [ -n "$pid" ]; then
     # The log writer may still be busy with the burst: its work counts too.
     for _ in $(seq 1 600); do
@@ -145,6 +148,7 @@ measure() {
     local after; after=$(cpu_ticks "$pid")
     R[$name.cpu]=$(awk -v t=$((after - before)) -v hz="$ticks_per_sec" -v n="$total" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
     echo "   CPU per request: ${R[$name.cpu]} µs"
+    [ -n "$written0" ] && log_kept "$name" "$base" burst
   fi
 
   echo "== $name: highest rate with p99 under 1 ms"
@@ -156,6 +160,34 @@ measure() {
     if awk -v p="$p99" -v a="$achieved" -v r="$rate" 'BEGIN {exit !(p < 1000 && a >= 0.95 * r)}'; then best=$rate; else break; fi
   done
   R[$name.rate]=$best
+}
+
+# The request log's figures from /v1/status (empty without a log).
+log_figure() { curl -s "$1/v1/status" | sed -n "s/.*\"log\":{[^}]*\"$2\":\([0-9]*\).*/\1/p"; }
+# log_kept NAME BASE STEP: R[NAME.STEP_kept] = "written / answered (lost)", once drained;
+# every answered request is written, shed (storage.overflow) or dropped (refused).
+log_kept() {
+  local written dropped shed
+  written=$(log_figure "$2" written); dropped=$(log_figure "$2" dropped); shed=$(log_figure "$2" shed)
+  R[$1.$3_kept]="$written / $((written + dropped + shed)) ($((dropped + shed)) lost)"
+  echo "   request log after the $3: written / answered (lost): ${R[$1.$3_kept]}"
+}
+# log_half NAME BASE KEY: an open-loop run at half the measured saturation rate; the log
+# must lose nothing of it.
+log_half() {
+  local name=$1 base=$2 key=$3 secs=$((wrk_secs * 2))
+  local rate=$(( ${R[$name.rps]} / 2 )) lost0 written0
+  lost0=$(( $(log_figure "$base" dropped) + $(log_figure "$base" shed) )); written0=$(log_figure "$base" written)
+  echo "== $name: the request log at half of saturation ($rate req/s, ${secs}s)"
+  local line; line=$(load "$client" rate --url "$base$api_path" --rate "$rate" --seconds "$secs" --connections 32 --body "$body" ${key:+--key "$key"})
+  echo "   $line"
+  for _ in $(seq 1 600); do
+    [ "$(log_figure "$base" queued)" = 0 ] && break
+    sleep 0.1
+  done
+  local lost; lost=$(( $(log_figure "$base" dropped) + $(log_figure "$base" shed) - lost0 ))
+  R[$name.half]="$rate req/s: $(( $(log_figure "$base" written) - written0 )) written, $lost lost"
+  echo "   ${R[$name.half]}"
 }
 
 # ttft NAME BASE KEY: TTFT and chunk gaps on 64-chunk streams, 20 ms apart.
@@ -236,6 +268,7 @@ for config in bare full; do
   sleep 0.5
   R[$config.idle]=$(( $(rss_kib "$pid") / 1024 ))
   measure "$config" http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+  [ "$config" = full ] && log_half full http://127.0.0.1:18000 fk-bench-key-0001
   if [ "$config" = bare ] && [ "$anthropic" = 1 ]; then
     as_anthropic measure anthropic http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
   fi
@@ -283,6 +316,9 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
   echo "| throughput at saturation, req/s (× direct) | ${R[direct.rps]} (1.00) | ${R[bare.rps]} ($(ratio "${R[bare.rps]}" "${R[direct.rps]}")) | ${R[full.rps]} ($(ratio "${R[full.rps]}" "${R[direct.rps]}")) |"
   echo "| highest rate with p99 < 1 ms, req/s (× direct) | ${R[direct.rate]} (1.00) | ${R[bare.rate]} ($(ratio "${R[bare.rate]}" "${R[direct.rate]}")) | ${R[full.rate]} ($(ratio "${R[full.rate]}" "${R[direct.rate]}")) |"
   echo "| sluice CPU per request (µs) | — | ${R[bare.cpu]} | ${R[full.cpu]} |"
+  echo "| request log: writer rows/s during the saturation burst | — | — | ${R[full.log_rps]:-—} |"
+  echo "| request log: records written / requests answered (lost), burst drained | — | — | ${R[full.burst_kept]:-—} |"
+  echo "| request log at half of saturation: rows written, lost | — | — | ${R[full.half]:-—} |"
   echo "| TTFT p50 / p99 (µs) | ${R[direct.ttft50]} / ${R[direct.ttft99]} | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[full.ttft50]} / ${R[full.ttft99]} |"
   echo "| **added** TTFT p50 / p99 (µs) | — | $(sub "${R[bare.ttft50]}" "${R[direct.ttft50]}") / $(sub "${R[bare.ttft99]}" "${R[direct.ttft99]}") | $(sub "${R[full.ttft50]}" "${R[direct.ttft50]}") / $(sub "${R[full.ttft99]}" "${R[direct.ttft99]}") |"
   echo "| mean chunk gap (µs; 20,000 sent) | ${R[direct.gap]} | ${R[bare.gap]} | ${R[full.gap]} |"
