@@ -249,9 +249,10 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE rollup_users ADD COLUMN cache_lookups BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE rollup_users ADD COLUMN saved_cost DOUBLE PRECISION NOT NULL DEFAULT 0;",
     // 6: the search index without positions (`detail = none`) and merging segments eight
-    // at a time: a third of the writing per row. Substring search (`LIKE`) matches rows
+    // at a time: less than half the work per row. Substring search (`LIKE`) matches rows
     // holding every trigram of the phrase and checks each one's text, so it finds the same
-    // rows. Rebuilt once from the stored text (about a minute per million rows).
+    // rows. Rebuilt once from the stored text (by the index's write rate, about a minute
+    // per million rows).
     "CREATE VIRTUAL TABLE requests_search_6 USING fts5(id UNINDEXED, text, tokenize = 'trigram', detail = none);
      INSERT INTO requests_search_6 (rowid, id, text) SELECT rowid, id, text FROM requests_search;
      DROP TABLE requests_search;
