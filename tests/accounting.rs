@@ -622,6 +622,12 @@ async fn retention_keeps_the_newest_rows() {
         .list(&Default::default())
         .unwrap();
     assert_eq!(page.total, Some(3));
+    // The removed rows' search text went with them.
+    let search_rows: i64 = rusqlite::Connection::open(dir.path().join("log.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM requests_search", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(search_rows, 3);
 }
 
 #[tokio::test]

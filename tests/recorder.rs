@@ -669,3 +669,56 @@ fn urlencode(text: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_log_from_before_migration_6_keeps_its_search_with_the_lighter_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let url = format!("sqlite://{}", path.display());
+    let now_ms = sluice::clock::unix_now_ms();
+    // More rows than a search looks through first: an old row is found through the index.
+    let records: Vec<_> = (0..5_100).map(|i| varied_record(i, now_ms)).collect();
+    sluice::store::open(&url)
+        .unwrap()
+        .write(&records, &[])
+        .unwrap();
+    // As a sluice before migration 6 left it: the index with positions, version 5.
+    let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch(
+        "CREATE VIRTUAL TABLE search_5 USING fts5(id UNINDEXED, text, tokenize = 'trigram');
+         INSERT INTO search_5 (rowid, id, text) SELECT rowid, id, text FROM requests_search;
+         DROP TABLE requests_search;
+         ALTER TABLE search_5 RENAME TO requests_search;
+         PRAGMA user_version = 5;",
+    )
+    .unwrap();
+    drop(old);
+    let store = sluice::store::open(&url).unwrap();
+    let schema: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'requests_search'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(schema.contains("detail = none"), "{schema}");
+    for (search, id) in [
+        ("LIGHTHOUSE-31-keeper", "chatcmpl-roundtrip-00031"),
+        ("lighthouse-5098-KEEPER", "chatcmpl-roundtrip-05098"),
+        ("ünïcode ☃ question 5096", "chatcmpl-roundtrip-05096"),
+    ] {
+        let found = store
+            .list(&sluice::store::ListQuery {
+                search: Some(search.into()),
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<&str> = found
+            .data
+            .iter()
+            .map(|row| row["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [id], "{search}");
+    }
+}
