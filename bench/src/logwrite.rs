@@ -114,7 +114,7 @@ fn record(now_ms: i64) -> LogRecord {
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
-    response_headers.insert("content-length", http::HeaderValue::from_static("318"));
+    response_headers.insert("content-length", http::HeaderValue::from_static("363"));
     response_headers.insert(
         "date",
         http::HeaderValue::from_static("Tue, 01 Dec 2026 01:00:00 GMT"),
