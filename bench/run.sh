@@ -41,9 +41,12 @@ if ! command -v wrk >/dev/null; then
   apt_get="apt-get"; [ "$(id -u)" = 0 ] || apt_get="sudo apt-get"
   $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq wrk >/dev/null
 fi
-echo "== building (release)"
-cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
-# BENCH_SLUICE: another sluice binary to measure (an A/B against a build kept aside).
+# BENCH_SLUICE: another sluice binary to measure (an A/B against a build kept aside); the
+# release build is then left as it is.
+if [ -z "${BENCH_SLUICE:-}" ]; then
+  echo "== building (release)"
+  cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
+fi
 sluice=${BENCH_SLUICE:-$root/target/release/sluice}
 client=$root/target/release/sluice-bench
 out=$root/target/bench
