@@ -10,6 +10,8 @@
 #                           # 1 minute; its own table in target/bench/cache.md)
 #   bench/run.sh --anthropic  # also an Anthropic client (/v1/messages) through the bare
 #                           # config to the OpenAI mock: what translation adds
+#   bench/run.sh --held     # only the held streams (memory per stream), bare and full:
+#                           # 1k, 5k and 10k steps (--quick: 1k); target/bench/held.md
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -21,12 +23,14 @@ quick=0
 peers=0
 cache=0
 anthropic=0
+held_only=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
     --peers) peers=1 ;;
     --cache) cache=1 ;;
     --anthropic) anthropic=1 ;;
+    --held) held_only=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -37,9 +41,13 @@ if ! command -v wrk >/dev/null; then
   apt_get="apt-get"; [ "$(id -u)" = 0 ] || apt_get="sudo apt-get"
   $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq wrk >/dev/null
 fi
-echo "== building (release)"
-cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
-sluice=$root/target/release/sluice
+# BENCH_SLUICE: another sluice binary to measure (an A/B against a build kept aside); the
+# release build is then left as it is.
+if [ -z "${BENCH_SLUICE:-}" ]; then
+  echo "== building (release)"
+  cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
+fi
+sluice=${BENCH_SLUICE:-$root/target/release/sluice}
 client=$root/target/release/sluice-bench
 out=$root/target/bench
 mkdir -p "$out"
@@ -199,9 +207,11 @@ ttft() {
   R[$name.ttft50]=$(kv "$line" ttft_p50_us); R[$name.ttft99]=$(kv "$line" ttft_p99_us); R[$name.gap]=$(kv "$line" gap_mean_us)
 }
 
-# held NAME PID COUNT: COUNT concurrent 16-chunk streams (1 s apart) through sluice.
+# held NAME PID COUNT IDLE_KIB: COUNT concurrent 16-chunk streams (1 s apart) through
+# sluice; the peak RSS, the memory per stream ((peak - idle) / count) and the RSS 2 s
+# after the last stream closed.
 held() {
-  local name=$1 pid=$2 count=$3
+  local name=$1 pid=$2 count=$3 idle=$4
   echo "== $name: $count concurrent streams"
   local peak=0
   ( while kill -0 "$pid" 2>/dev/null; do rss_kib "$pid"; sleep 0.2; done ) > "$work/rss.$count" & local sampler=$!
@@ -209,10 +219,52 @@ held() {
   local line; line=$(load "$client" streams --url "http://127.0.0.1:18000/v1/chat/completions" --count "$count" --chunks 16 --ramp "$ramp" --body "$stream_body" --key fk-bench-key-0001 || true)
   kill "$sampler" 2>/dev/null || true
   peak=$(sort -n "$work/rss.$count" | tail -1)
-  echo "   $line peak_rss_kib=$peak"
+  sleep 2
+  local after; after=$(rss_kib "$pid")
+  local per; per=$(awk -v p="$peak" -v i="$idle" -v n="$count" 'BEGIN {printf "%.1f", (p - i) / n}')
+  echo "   $line idle_rss_kib=$idle peak_rss_kib=$peak per_stream_kib=$per after_2s_rss_kib=$after"
   R[$name.streams$count]="$(kv "$line" lost_frames)/$(kv "$line" reordered_frames)/$(kv "$line" failed)"
   R[$name.peak$count]=$((peak / 1024))
+  R[$name.per$count]=$per
+  R[$name.after$count]=$(awk -v a="$after" 'BEGIN {printf "%.1f", a / 1024}')
+  R[$name.idlek]=$(awk -v a="$idle" 'BEGIN {printf "%.1f", a / 1024}')
 }
+
+# held_steps CONFIG: a gateway on the held mock, through each step of streams.
+held_steps() {
+  local config=$1
+  sed "s/19000/19002/g; s/full.db/full-held.db/" "$work/$config.yaml" > "$work/$config-held.yaml"
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-held.yaml" >"$work/$config-held.log" 2>&1 & local pid=$!
+  pids+=("$pid")
+  wait_port 18000
+  sleep 0.5
+  local idle; idle=$(rss_kib "$pid")
+  local steps="1000 5000 10000"; [ "$quick" = 1 ] && steps="1000"
+  for count in $steps; do
+    held "$config" "$pid" "$count" "$idle"
+    if [ "$count" = 1000 ]; then R[$config.after]=$(( $(rss_kib "$pid") / 1024 )); fi
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+if [ "$held_only" = 1 ]; then
+  held_steps bare
+  held_steps full
+  {
+    echo "sluice held streams — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1); 16 chunks 1 s apart."
+    echo
+    echo "| figure | bare | full |"
+    echo "|---|---|---|"
+    echo "| RSS idle (MiB) | ${R[bare.idlek]} | ${R[full.idlek]} |"
+    for count in 1000 5000 10000; do
+      [ -n "${R[bare.per$count]:-}" ] || continue
+      echo "| $count streams: lost / reordered frames / failed streams | ${R[bare.streams$count]} | ${R[full.streams$count]} |"
+      echo "| $count streams: RSS peak (MiB), per stream (KiB) | ${R[bare.peak$count]}, ${R[bare.per$count]} | ${R[full.peak$count]}, ${R[full.per$count]} |"
+      echo "| $count streams: RSS 2 s after they closed (MiB) | ${R[bare.after$count]} | ${R[full.after$count]} |"
+    done
+  } | tee "$out/held.md"
+  exit 0
+fi
 
 # The response cache: the same gateway answering a deterministic request from its cache
 # (a hit) and a request it passes through (not cacheable: no temperature 0, no seed).
@@ -261,7 +313,6 @@ ttft direct http://127.0.0.1:19001 ""
 for config in bare full; do
   # The TTFT runs need the 64-chunk mock: same config, other upstream port.
   sed "s/19000/19001/g; s/full.db/full-ttft.db/" "$work/$config.yaml" > "$work/$config-ttft.yaml"
-  sed "s/19000/19002/g; s/full.db/full-held.db/" "$work/$config.yaml" > "$work/$config-held.yaml"
 
   taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config.yaml" >"$work/$config.log" 2>&1 & pid=$!
   wait_port 18000
@@ -291,14 +342,7 @@ for config in bare full; do
   fi
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config-held.yaml" >"$work/$config-held.log" 2>&1 & pid=$!
-  wait_port 18000
-  steps="1000 5000 10000"; [ "$quick" = 1 ] && steps="1000"
-  for count in $steps; do
-    held "$config" "$pid" "$count"
-    if [ "$count" = 1000 ]; then sleep 2; R[$config.after]=$(( $(rss_kib "$pid") / 1024 )); fi
-  done
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  held_steps "$config"
 done
 
 sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a - b}'; }
@@ -327,10 +371,12 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
     echo "| $count concurrent streams: lost / reordered frames / failed streams | — | ${R[bare.streams$count]} | ${R[full.streams$count]} |"
   done
   echo "| RSS idle / peak with 1k streams / after (MiB) | — | ${R[bare.idle]} / ${R[bare.peak1000]} / ${R[bare.after]} | ${R[full.idle]} / ${R[full.peak1000]} / ${R[full.after]} |"
+  echo "| RSS per held stream at 1k streams, (peak − idle) / count (KiB) | — | ${R[bare.per1000]} | ${R[full.per1000]} |"
   for count in 5000 10000; do
     [ -n "${R[bare.peak$count]:-}" ] || continue
-    echo "| RSS peak with $count streams (MiB) | — | ${R[bare.peak$count]} | ${R[full.peak$count]} |"
+    echo "| RSS peak with $count streams (MiB), per stream (KiB) | — | ${R[bare.peak$count]}, ${R[bare.per$count]} | ${R[full.peak$count]}, ${R[full.per$count]} |"
   done
+  [ -n "${R[bare.after10000]:-}" ] && echo "| RSS 2 s after 10k streams closed (MiB) | — | ${R[bare.after10000]} | ${R[full.after10000]} |"
   if [ "$anthropic" = 1 ]; then
     echo
     echo "Anthropic client (/v1/messages) through bare to the OpenAI mock, translated both ways:"

@@ -340,7 +340,7 @@ impl Gateway {
         (self.recorder.is_some() || self.access.is_some()).then(|| {
             // Headers are kept only for the stored log; the access line never shows them.
             let headers = if self.recorder.is_some() {
-                parts.headers.clone()
+                crate::accounting::records::detached(&parts.headers)
             } else {
                 http::HeaderMap::new()
             };

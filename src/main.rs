@@ -227,6 +227,36 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// Hands memory freed after a burst of streams back to the system: at once (within
+/// [`TRIM_CHECK`]) when many tasks (connections, streams) ended since the last trim, and
+/// every [`TRIM_EVERY`] regardless. glibc keeps freed memory otherwise, so the resident size
+/// would stay at the burst's peak. The trim runs on a blocking thread: on a large heap it
+/// takes milliseconds, which a worker thread must not spend.
+async fn release_memory_after_load() {
+    /// How often the number of live tasks is looked at (an atomic read).
+    const TRIM_CHECK: Duration = Duration::from_millis(500);
+    /// The trim that runs whatever the load did.
+    const TRIM_EVERY: Duration = Duration::from_secs(10);
+    /// Tasks ended since the last trim that make the next check trim.
+    const ENDED_TASKS: usize = 256;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let mut every = tokio::time::interval(TRIM_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_trim = tokio::time::Instant::now();
+    let mut most_tasks = 0;
+    loop {
+        every.tick().await;
+        let tasks = metrics.num_alive_tasks();
+        most_tasks = most_tasks.max(tasks);
+        let load_fell = most_tasks - tasks >= ENDED_TASKS;
+        if load_fell || last_trim.elapsed() >= TRIM_EVERY {
+            drop(tokio::task::spawn_blocking(sluice::sys::release_free_memory).await);
+            last_trim = tokio::time::Instant::now();
+            most_tasks = tasks;
+        }
+    }
+}
+
 async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<()> {
     let config = loaded.config.clone();
     let listen = config.server.listen;
@@ -236,14 +266,7 @@ async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<(
     if let Some(limit) = sluice::sys::raise_open_files_limit() {
         tracing::info!("open files limit: {limit} (two per proxied stream)");
     }
-    // Hands memory freed after a burst of streams back to the system.
-    tokio::spawn(async {
-        let mut every = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            every.tick().await;
-            sluice::sys::release_free_memory();
-        }
-    });
+    tokio::spawn(release_memory_after_load());
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

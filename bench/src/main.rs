@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 mod logwrite;
+mod soak;
 
 #[derive(Parser)]
 struct Cli {
@@ -102,6 +103,28 @@ enum Command {
         #[arg(long)]
         body: String,
     },
+    /// The soak run's mixed load (plain, streams, upstream errors, cut and cancelled
+    /// streams) at a fixed rate, with the gateway's memory and files each minute.
+    Soak {
+        /// The gateway's base URL.
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// The gateway's process id (its memory and open files are read from /proc).
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 5)]
+        warmup_minutes: u64,
+        #[arg(long, default_value_t = 1024)]
+        limit_kib: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -150,6 +173,28 @@ fn main() -> anyhow::Result<()> {
                 key,
                 body,
             } => streams(&url, count, chunks, ramp, key, body).await,
+            Command::Soak {
+                url,
+                key,
+                rate,
+                minutes,
+                connections,
+                pid,
+                warmup_minutes,
+                limit_kib,
+            } => {
+                soak::run(soak::Soak {
+                    url,
+                    key,
+                    rate,
+                    minutes,
+                    connections,
+                    pid,
+                    warmup_minutes,
+                    limit_kib,
+                })
+                .await
+            }
         }
     })
 }

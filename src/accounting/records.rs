@@ -60,6 +60,31 @@ impl Captured {
     }
 }
 
+/// A copy of `headers` whose values share one allocation of their own. hyper's header
+/// values are slices of the connection's read buffer: a record holding them keeps that
+/// 8 KiB buffer alive for the whole exchange (a stream's minutes), and hyper allocates
+/// another for its next read, on both the client's connection and the upstream's.
+pub fn detached(headers: &HeaderMap) -> HeaderMap {
+    let total = headers.iter().map(|(_, value)| value.len()).sum();
+    let mut buffer = BytesMut::with_capacity(total);
+    for (_, value) in headers {
+        buffer.extend_from_slice(value.as_bytes());
+    }
+    let buffer = buffer.freeze();
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, value) in headers {
+        let end = at + value.len();
+        // The bytes are this value's own, so they are valid; the fallback never runs.
+        let mut own =
+            HeaderValue::from_maybe_shared(buffer.slice(at..end)).unwrap_or_else(|_| value.clone());
+        own.set_sensitive(value.is_sensitive());
+        copy.append(name.clone(), own);
+        at = end;
+    }
+    copy
+}
+
 /// A request's record while it is under way.
 #[derive(Debug)]
 pub struct Pending {
@@ -262,4 +287,34 @@ fn parse_traceparent(text: &str) -> Option<(u128, u64)> {
     let trace = u128::from_str_radix(trace, 16).ok()?;
     let span = u64::from_str_radix(span, 16).ok()?;
     (well_formed && trace != 0 && span != 0).then_some((trace, span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detached_headers_are_equal_and_share_nothing_with_the_read_buffer() {
+        // As hyper parses them: every value a slice of the connection's read buffer.
+        let read_buffer = Bytes::from_static(b"Bearer sk-secret-1application/jsonone two");
+        let value = |range: std::ops::Range<usize>| {
+            HeaderValue::from_maybe_shared(read_buffer.slice(range)).expect("a valid header value")
+        };
+        let mut headers = HeaderMap::new();
+        let mut key = value(0..18);
+        key.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, key);
+        headers.insert(http::header::CONTENT_TYPE, value(18..34));
+        headers.append("x-tag", value(34..37));
+        headers.append("x-tag", value(38..41));
+
+        let copy = detached(&headers);
+
+        assert_eq!(copy, headers);
+        assert!(copy[http::header::AUTHORIZATION].is_sensitive());
+        let buffer = read_buffer.as_ptr_range();
+        for (_, value) in &copy {
+            assert!(!buffer.contains(&value.as_bytes().as_ptr()));
+        }
+    }
 }

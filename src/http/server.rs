@@ -129,7 +129,11 @@ pub async fn serve_current(
             if let Some(busy_poll) = &busy_poll {
                 busy_poll.touch();
             }
-            async move { Ok::<_, Infallible>(handle(&gateway, peer, local, role, request).await) }
+            // Boxed: hyper keeps a slot of the future's size for the connection's life, and
+            // `handle`'s future is large; boxed, it is freed once the answer's head is out.
+            Box::pin(async move {
+                Ok::<_, Infallible>(handle(&gateway, peer, local, role, request).await)
+            })
         });
         // With upgrades, so a realtime session's connection can switch to WebSocket.
         let connection = builder

@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 
 use crate::accounting::recorder::RecordSink;
-use crate::accounting::records::Pending;
+use crate::accounting::records::{Pending, detached};
 use crate::cache::Fill;
 use crate::clock::unix_now;
 use crate::gateway::Gateway;
@@ -308,7 +308,7 @@ fn record_head(record: &mut Pending, status: StatusCode, sse: bool, headers: &He
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    record.response_headers = headers.clone();
+    record.response_headers = detached(headers);
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
