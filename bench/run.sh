@@ -74,9 +74,11 @@ wait_port() {
 }
 
 # Mock upstreams on the load core: plain answers, TTFT streams, long-held streams.
-load "$sluice" mock-upstream --listen 127.0.0.1:19000 --workers 1 >/dev/null 2>&1 & pids+=($!)
-load "$sluice" mock-upstream --listen 127.0.0.1:19001 --workers 1 --chunks 64 --interval 20ms >/dev/null 2>&1 & pids+=($!)
-load "$sluice" mock-upstream --listen 127.0.0.1:19002 --workers 1 --chunks 16 --interval 1s >/dev/null 2>&1 & pids+=($!)
+# Started with taskset itself in the background (not through `load`, whose subshell's pid
+# `$!` would be), so `cleanup` stops the mocks and no earlier run's mock holds a port.
+taskset -c "$core_load" "$sluice" mock-upstream --listen 127.0.0.1:19000 --workers 1 >/dev/null 2>&1 & pids+=($!)
+taskset -c "$core_load" "$sluice" mock-upstream --listen 127.0.0.1:19001 --workers 1 --chunks 64 --interval 20ms >/dev/null 2>&1 & pids+=($!)
+taskset -c "$core_load" "$sluice" mock-upstream --listen 127.0.0.1:19002 --workers 1 --chunks 16 --interval 1s >/dev/null 2>&1 & pids+=($!)
 wait_port 19000; wait_port 19001; wait_port 19002
 
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
