@@ -244,7 +244,8 @@ fn relay(
     let translated_length = translator
         .as_ref()
         .filter(|_| !sse)
-        .and_then(|_| content_length(&headers));
+        .and_then(|_| content_length(&headers))
+        .filter(|&length| length > 0);
     if shaper.is_some() || translator.is_some() {
         // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);
