@@ -12,6 +12,9 @@
 #                           # config to the OpenAI mock: what translation adds
 #   bench/run.sh --held     # only the held streams (memory per stream), bare and full:
 #                           # 1k, 5k and 10k steps (--quick: 1k); target/bench/held.md
+#   bench/run.sh --anthropic-only  # only that comparison: bare with an OpenAI client and
+#                           # an Anthropic one, and translation in process (about 2 minutes
+#                           # with --quick; no direct, full, busy-poll or held-stream runs)
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -24,6 +27,7 @@ peers=0
 cache=0
 anthropic=0
 held_only=0
+anthropic_only=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
@@ -31,6 +35,7 @@ for arg in "$@"; do
     --cache) cache=1 ;;
     --anthropic) anthropic=1 ;;
     --held) held_only=1 ;;
+    --anthropic-only) anthropic=1; anthropic_only=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -41,14 +46,14 @@ if ! command -v wrk >/dev/null; then
   apt_get="apt-get"; [ "$(id -u)" = 0 ] || apt_get="sudo apt-get"
   $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq wrk >/dev/null
 fi
-# BENCH_SLUICE: another sluice binary to measure (an A/B against a build kept aside); the
-# release build is then left as it is.
-if [ -z "${BENCH_SLUICE:-}" ]; then
+# Another build for an A/B in one session: SLUICE_BIN=… [SLUICE_BENCH_BIN=…] bench/run.sh …
+# (the release build is then left as it is).
+if [ -z "${SLUICE_BIN:-}" ]; then
   echo "== building (release)"
   cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
 fi
-sluice=${BENCH_SLUICE:-$root/target/release/sluice}
-client=$root/target/release/sluice-bench
+sluice=${SLUICE_BIN:-$root/target/release/sluice}
+client=${SLUICE_BENCH_BIN:-$root/target/release/sluice-bench}
 out=$root/target/bench
 mkdir -p "$out"
 work=$(mktemp -d)
@@ -306,6 +311,39 @@ YAML
     echo "| throughput at saturation, req/s | ${R[cache.pass.rps]} | ${R[cache.hit.rps]} |"
     echo "| RSS after both runs (MiB) | ${R[cache.rss]} | |"
   } | tee "$out/cache.md"
+  exit 0
+fi
+
+# Only the translation comparison: bare with each client, then translation in process.
+if [ "$anthropic_only" = 1 ]; then
+  sed "s/19000/19001/g" "$work/bare.yaml" > "$work/bare-ttft.yaml"
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/bare.yaml" >"$work/bare.log" 2>&1 & pid=$!
+  pids+=("$pid")
+  wait_port 18000
+  sleep 0.5
+  measure bare http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+  as_anthropic measure anthropic http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/bare-ttft.yaml" >"$work/bare-ttft.log" 2>&1 & pid=$!
+  pids+=("$pid")
+  wait_port 18000
+  ttft bare http://127.0.0.1:18000 fk-bench-key-0001
+  as_anthropic ttft anthropic http://127.0.0.1:18000 fk-bench-key-0001
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a - b}'; }
+  translate_line=$(taskset -c "$core_gw" "$client" translate)
+  {
+    echo "sluice translation benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1), bare config."
+    echo
+    echo "| figure | OpenAI client | Anthropic client (translated) | difference |"
+    echo "|---|---|---|---|"
+    echo "| latency at c=1, p50 / p99 (µs) | ${R[bare.p50]} / ${R[bare.p99]} | ${R[anthropic.p50]} / ${R[anthropic.p99]} | $(sub "${R[anthropic.p50]}" "${R[bare.p50]}") / $(sub "${R[anthropic.p99]}" "${R[bare.p99]}") |"
+    echo "| sluice CPU per request (µs) | ${R[bare.cpu]} | ${R[anthropic.cpu]} | $(sub "${R[anthropic.cpu]}" "${R[bare.cpu]}") |"
+    echo "| req/s at saturation | ${R[bare.rps]} | ${R[anthropic.rps]} | |"
+    echo "| TTFT p50 / p99 (µs), 64-chunk streams | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[anthropic.ttft50]} / ${R[anthropic.ttft99]} | $(sub "${R[anthropic.ttft50]}" "${R[bare.ttft50]}") / $(sub "${R[anthropic.ttft99]}" "${R[bare.ttft99]}") |"
+    echo
+    echo "Translation in process, ns (Anthropic request to OpenAI / plain answer back / 18-event stream back): $translate_line"
+  } | tee "$out/anthropic.md"
   exit 0
 fi
 

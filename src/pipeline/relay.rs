@@ -239,6 +239,13 @@ fn relay(
     } else {
         kind.shaper(sse, json, rename, shaping.strip_usage)
     };
+    // A translated whole answer is complete once its declared bytes are in: it is
+    // translated and handed over then, without waiting for the end of the upstream body.
+    let translated_length = translator
+        .as_ref()
+        .filter(|_| !sse)
+        .and_then(|_| content_length(&headers))
+        .filter(|&length| length > 0);
     if shaper.is_some() || translator.is_some() {
         // The body changes length when it is reshaped.
         headers.remove(header::CONTENT_LENGTH);
@@ -260,7 +267,8 @@ fn relay(
     // are handed over; hyper may drop it then without asking for its end.
     let remaining = (shaper.is_none() && translator.is_none())
         .then(|| content_length(&headers))
-        .flatten();
+        .flatten()
+        .or(translated_length);
     let fill = shaping
         .fill
         .filter(|_| status == StatusCode::OK)
@@ -341,7 +349,8 @@ struct RelayBody {
     sse: bool,
     upstream: String,
     done: bool,
-    /// Bytes still to relay of a body with a declared length, when relayed unchanged.
+    /// Bytes still to relay of a body with a declared length, when relayed unchanged
+    /// (or still to read of a whole answer being translated).
     remaining: Option<u64>,
     shaper: Option<Shaper>,
     /// Turns the upstream's answer into the client's protocol, when they differ.
@@ -412,7 +421,15 @@ impl RelayBody {
         self.timer.as_mut().reset(wake);
         if let Some(translator) = self.translator.as_mut() {
             let data = frame.into_data().ok()?;
+            let whole = self.remaining.as_mut().is_some_and(|remaining| {
+                *remaining = remaining.saturating_sub(data.len() as u64);
+                *remaining == 0
+            });
             return match translator.push(&data) {
+                Ok(_) if whole => {
+                    let rest = self.end_translated();
+                    Some(Ok(Frame::data(rest)))
+                }
                 Ok(out) if out.is_empty() => None,
                 Ok(out) => {
                     self.record_body(&out);
@@ -461,6 +478,23 @@ impl RelayBody {
             },
             Err(frame) => Some(Ok(frame)),
         }
+    }
+
+    /// The upstream's answer is all in: the rest of the translated one, the record
+    /// submitted and the cache filled.
+    fn end_translated(&mut self) -> Bytes {
+        self.done = true;
+        self._in_flight = None;
+        let rest = self
+            .translator
+            .as_mut()
+            .map(Translator::finish)
+            .unwrap_or_default();
+        self.record_body(&rest);
+        self.finish(None);
+        self.fill_with(&rest);
+        self.complete_fill();
+        rest
     }
 
     /// Keeps relayed bytes for the log: the upstream's as they came (the log reshapes its
@@ -546,19 +580,17 @@ impl HttpBody for RelayBody {
                     return this.fail(ApiError::bad_gateway(message));
                 }
                 Poll::Ready(None) => {
-                    this.done = true;
-                    this._in_flight = None;
-                    let rest = match this.translator.as_mut() {
-                        Some(translator) => {
-                            let rest = translator.finish();
-                            this.record_body(&rest);
-                            rest
-                        }
-                        None => this.shaper.as_mut().map(Shaper::finish).unwrap_or_default(),
+                    let rest = if this.translator.is_some() {
+                        this.end_translated()
+                    } else {
+                        this.done = true;
+                        this._in_flight = None;
+                        let rest = this.shaper.as_mut().map(Shaper::finish).unwrap_or_default();
+                        this.finish(None);
+                        this.fill_with(&rest);
+                        this.complete_fill();
+                        rest
                     };
-                    this.finish(None);
-                    this.fill_with(&rest);
-                    this.complete_fill();
                     return if rest.is_empty() {
                         Poll::Ready(None)
                     } else {

@@ -16,7 +16,11 @@ pub mod gemini;
 #[cfg(test)]
 mod golden;
 
+use std::borrow::Cow;
+use std::marker::PhantomData;
+
 use bytes::{Bytes, BytesMut};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
 
 use crate::pure::shape::{MAX_EVENT, first_event_end};
@@ -57,6 +61,21 @@ pub(crate) fn untranslatable(field: impl Into<String>, why: impl Into<String>) -
 /// A request body translated from `client` to `upstream` for the upstream's `model`.
 /// Also returns whether the client asked for a stream.
 pub fn request(
+    client: Wire,
+    upstream: Wire,
+    body: &[u8],
+    model: &str,
+) -> Result<(Vec<u8>, bool), Untranslatable> {
+    if (client, upstream) == (Wire::AnthropicMessages, Wire::OpenAiChat) {
+        if let Some(out) = anthropic::request_to_openai_bytes(body, model) {
+            return Ok(out);
+        }
+    }
+    request_by_value(client, upstream, body, model)
+}
+
+/// [`request`] through `Value`s: every pair of APIs, every field, every refusal.
+fn request_by_value(
     client: Wire,
     upstream: Wire,
     body: &[u8],
@@ -157,6 +176,22 @@ pub fn error_body(client: Wire, status: u16, body: &[u8]) -> Vec<u8> {
 /// A non-streamed answer translated from `upstream` to `client`, with the client's model
 /// name. An answer that cannot be read is relayed as it came.
 pub fn response(client: Wire, upstream: Wire, body: &[u8], model: &str, created: i64) -> Vec<u8> {
+    if (client, upstream) == (Wire::AnthropicMessages, Wire::OpenAiChat) {
+        if let Some(out) = anthropic::answer_from_openai_bytes(body, model) {
+            return out;
+        }
+    }
+    response_by_value(client, upstream, body, model, created)
+}
+
+/// [`response`] through `Value`s: every pair of APIs, any shape of answer.
+fn response_by_value(
+    client: Wire,
+    upstream: Wire,
+    body: &[u8],
+    model: &str,
+    created: i64,
+) -> Vec<u8> {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return body.to_vec();
     };
@@ -369,6 +404,31 @@ struct Stream {
     pieces: Vec<Piece>,
 }
 
+impl Stream {
+    /// Translates one whole SSE event. An OpenAI upstream's common chunk goes straight to
+    /// an Anthropic client's events; anything else through pivot pieces.
+    fn event(&mut self, event: &[u8], out: &mut BytesMut) {
+        let data = event_data(event);
+        if data.is_empty() {
+            return;
+        }
+        if let (Decoder::OpenAi, Encoder::Anthropic(encoder)) = (&self.decoder, &mut self.encoder) {
+            if encoder.openai_chunk(&data, out) {
+                return;
+            }
+        }
+        self.decoder.event(&data, &mut self.pieces);
+        self.encode(out);
+    }
+
+    /// Writes the pieces decoded so far.
+    fn encode(&mut self, out: &mut BytesMut) {
+        for piece in self.pieces.drain(..) {
+            self.encoder.piece(piece, out);
+        }
+    }
+}
+
 /// An answer (or error) too large to translate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooLarge;
@@ -453,23 +513,15 @@ impl Translator {
             }
             return Ok(Bytes::new());
         };
-        let Stream {
-            decoder,
-            encoder,
-            pieces,
-        } = stream.as_mut();
         let mut out = BytesMut::new();
         let mut from = 0;
         while let Some(end) = first_event_end(&self.buffer[from..]) {
-            decode_event(&self.buffer[from..from + end], decoder, pieces);
+            stream.event(&self.buffer[from..from + end], &mut out);
             from += end;
         }
         let _ = self.buffer.split_to(from);
         if self.buffer.len() > MAX_EVENT {
             return Err(TooLarge);
-        }
-        for piece in pieces.drain(..) {
-            encoder.piece(piece, &mut out);
         }
         Ok(out.freeze())
     }
@@ -479,20 +531,13 @@ impl Translator {
         let rest = self.buffer.split().freeze();
         match &mut self.mode {
             Mode::Stream(stream) => {
-                let Stream {
-                    decoder,
-                    encoder,
-                    pieces,
-                } = stream.as_mut();
                 let mut out = BytesMut::new();
                 if !rest.is_empty() {
-                    decode_event(&rest, decoder, pieces);
+                    stream.event(&rest, &mut out);
                 }
-                decoder.finish(pieces);
-                for piece in pieces.drain(..) {
-                    encoder.piece(piece, &mut out);
-                }
-                encoder.finish(&mut out);
+                stream.decoder.finish(&mut stream.pieces);
+                stream.encode(&mut out);
+                stream.encoder.finish(&mut out);
                 out.freeze()
             }
             Mode::Answer => Bytes::from(response(
@@ -507,22 +552,65 @@ impl Translator {
     }
 }
 
-/// Reads one SSE event's `data` (lines joined) and hands it to the decoder.
-fn decode_event(event: &[u8], decoder: &mut Decoder, pieces: &mut Vec<Piece>) {
-    let text = String::from_utf8_lossy(event);
-    let mut data = String::new();
-    for line in text.lines() {
-        if let Some(value) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
+/// One SSE event's `data`, its lines joined and trimmed: borrowed from the event when it
+/// has one `data:` line (the usual case), so no copy is made.
+fn event_data(event: &[u8]) -> Cow<'_, str> {
+    match String::from_utf8_lossy(event) {
+        Cow::Borrowed(text) => {
+            let mut lines = data_lines(text);
+            match (lines.next(), lines.next()) {
+                (None, _) => Cow::Borrowed(""),
+                (Some(line), None) => Cow::Borrowed(line.trim()),
+                _ => Cow::Owned(joined_data(text)),
             }
-            data.push_str(value.strip_prefix(' ').unwrap_or(value));
         }
+        Cow::Owned(text) => Cow::Owned(joined_data(&text)),
     }
-    let data = data.trim();
-    if !data.is_empty() {
-        decoder.event(data, pieces);
+}
+
+/// The values of an event's `data:` lines.
+fn data_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|value| value.strip_prefix(' ').unwrap_or(value))
+}
+
+fn joined_data(text: &str) -> String {
+    let mut data = String::new();
+    for value in data_lines(text) {
+        if !data.is_empty() {
+            data.push('\n');
+        }
+        data.push_str(value);
     }
+    data.trim().to_string()
+}
+
+/// A JSON object read as `T`. serde's derive also reads a struct from a list (field by
+/// position), which the `Value` paths never do: typed fast paths read objects through this,
+/// so anything else falls back to the `Value` path and keeps its meaning.
+pub(crate) struct Obj<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Only<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Only<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_map(Only(PhantomData)).map(Obj)
+    }
+}
+
+/// Whether a field is there at all, `null` included (`Option` reads `null` as absent,
+/// where `Value::get` finds it). For `#[serde(default, deserialize_with = "present")]`.
+pub(crate) fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(deserializer).map(|_| true)
 }
 
 /// Moves a field out of a request object.

@@ -6,11 +6,16 @@
 //! OpenAI equivalent and are left out (they change cost, never the answer); everything
 //! else without one is refused by name.
 
-use bytes::BytesMut;
+use std::borrow::Cow;
+
+use bytes::{BufMut, BytesMut};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Piece, Untranslatable, chunk, content_text, data_url, refuse_rest, take, untranslatable,
+    Obj, Piece, Untranslatable, chunk, content_text, data_url, present, refuse_rest, take,
+    untranslatable,
 };
 
 const TARGET: &str = "Anthropic's Messages API";
@@ -306,6 +311,190 @@ fn tool_choice_from_openai(choice: &Value) -> Result<Value, Untranslatable> {
         },
         _ => Err(untranslatable("tool_choice", "unknown choice")),
     }
+}
+
+/// An Anthropic Messages request's bytes as an OpenAI Chat request's for `model`, in one
+/// typed, borrowing pass, for the common request: a system text, messages of text, and
+/// the sampling fields. Also returns whether it streams (then asking for the usage chunk,
+/// as [`super::request`] does). `None` for anything else (tools, thinking, images,
+/// metadata, an unknown field, another type or shape): the `Value` path decides then,
+/// translating or refusing by name, so both always agree.
+pub fn request_to_openai_bytes(body: &[u8], model: &str) -> Option<(Vec<u8>, bool)> {
+    let Obj(request) = serde_json::from_slice::<Obj<MessagesRequest>>(body).ok()?;
+    request.model?;
+    let mut messages = Vec::with_capacity(request.messages.len() + 1);
+    if let Some(system) = request.system {
+        messages.push(ChatMessage {
+            role: "system",
+            content: ChatContent::Text(system),
+        });
+    }
+    for Obj(message) in request.messages {
+        let role = match &*message.role {
+            "user" => "user",
+            "assistant" => "assistant",
+            _ => return None,
+        };
+        let content = match message.content {
+            InContent::Text(text) => ChatContent::Text(text),
+            InContent::Blocks(blocks) => {
+                if blocks.is_empty() || blocks.iter().any(|b| b.0.kind != "text") {
+                    return None;
+                }
+                if blocks.len() == 1 || role == "assistant" {
+                    let text: String = blocks.iter().map(|b| &*b.0.text).collect();
+                    ChatContent::Text(Cow::Owned(text))
+                } else {
+                    ChatContent::Parts(
+                        blocks
+                            .into_iter()
+                            .map(|Obj(b)| TextPart {
+                                kind: "text",
+                                text: b.text,
+                            })
+                            .collect(),
+                    )
+                }
+            }
+        };
+        messages.push(ChatMessage { role, content });
+    }
+    let stream = request.stream.as_ref().and_then(Value::as_bool) == Some(true);
+    let out = ChatRequest {
+        model,
+        messages,
+        max_tokens: request.max_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        stream: request.stream,
+        stop: request.stop_sequences,
+        stream_options: stream.then_some(StreamOptions {
+            include_usage: true,
+        }),
+    };
+    Some((serde_json::to_vec(&out).ok()?, stream))
+}
+
+/// What [`request_to_openai_bytes`] takes of a Messages request: any other field sends it
+/// to the `Value` path. `null` reads as absent, as `take` has it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessagesRequest<'a> {
+    #[serde(default)]
+    model: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    system: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    messages: Vec<Obj<InMessage<'a>>>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    temperature: Option<Value>,
+    #[serde(default)]
+    top_p: Option<Value>,
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    stop_sequences: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct InMessage<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow)]
+    content: InContent<'a>,
+}
+
+/// A message's content: a string, or a list of blocks (only text ones are kept typed).
+enum InContent<'a> {
+    Text(Cow<'a, str>),
+    Blocks(Vec<Obj<TextBlock<'a>>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for InContent<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Either<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Either<'a> {
+            type Value = InContent<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of blocks")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(InContent::Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(InContent::Text(Cow::Owned(text.to_string())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut blocks = Vec::new();
+                while let Some(block) = seq.next_element()? {
+                    blocks.push(block);
+                }
+                Ok(InContent::Blocks(blocks))
+            }
+        }
+        deserializer.deserialize_any(Either(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+}
+
+/// The OpenAI request [`request_to_openai`] and [`super::request`] write, field for field
+/// in the same order, so both paths give the same bytes.
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<ChatMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    role: &'static str,
+    content: ChatContent<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChatContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<TextPart<'a>>),
+}
+
+#[derive(Serialize)]
+struct TextPart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: Cow<'a, str>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 /// An Anthropic Messages request as an OpenAI Chat request (the model stays the
@@ -688,6 +877,165 @@ pub fn response_from_openai(value: &Value) -> Value {
     })
 }
 
+/// An OpenAI chat completion's bytes as an Anthropic message's, in one typed, borrowing
+/// pass: the common answer (text, thinking, tool calls) without building a `Value` tree.
+/// `None` when the answer has any shape [`response_from_openai`] reads more leniently
+/// (a field of another type, a list where an object goes, a repeated key): that path
+/// decides then, so both always agree.
+pub fn answer_from_openai_bytes(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let Obj(answer) = serde_json::from_slice::<Obj<ChatAnswer>>(body).ok()?;
+    let choice = answer
+        .choices
+        .as_ref()
+        .and_then(|c| c.first())
+        .map(|c| &c.0);
+    let message = choice.and_then(|c| c.message.as_ref()).map(|m| &m.0);
+    let mut content = Vec::new();
+    if let Some(message) = message {
+        if let Some(thinking) = &message.reasoning_content {
+            content.push(AnswerBlock::Thinking {
+                thinking,
+                signature: "",
+            });
+        }
+        if let Some(text) = message.content.as_deref().filter(|t| !t.is_empty()) {
+            content.push(AnswerBlock::Text { text });
+        }
+        for Obj(call) in message.tool_calls.iter().flatten() {
+            let function = call.function.as_ref().map(|f| &f.0);
+            let arguments = function.and_then(|f| f.arguments.as_deref());
+            content.push(AnswerBlock::ToolUse {
+                id: &call.id,
+                name: function.map_or(&None, |f| &f.name),
+                input: serde_json::from_str::<Value>(arguments.unwrap_or("{}"))
+                    .unwrap_or_else(|_| json!({})),
+            });
+        }
+    }
+    let usage = answer.usage.map(|u| u.0).unwrap_or_default();
+    let cached = usage
+        .prompt_tokens_details
+        .and_then(|d| d.0.cached_tokens)
+        .unwrap_or(0);
+    let out = AnthropicAnswer {
+        id: &answer.id,
+        kind: "message",
+        role: "assistant",
+        model,
+        content,
+        stop_reason: stop_from_finish(choice.and_then(|c| c.finish_reason.as_deref())),
+        stop_sequence: None,
+        usage: AnthropicUsage {
+            input_tokens: usage.prompt_tokens.unwrap_or(0).saturating_sub(cached),
+            output_tokens: usage.completion_tokens.unwrap_or(0),
+            cache_read_input_tokens: cached,
+            cache_creation_input_tokens: 0,
+        },
+    };
+    serde_json::to_vec(&out).ok()
+}
+
+/// What [`answer_from_openai_bytes`] reads of an OpenAI chat completion.
+#[derive(Deserialize)]
+struct ChatAnswer<'a> {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<Obj<AnswerChoice<'a>>>>,
+    #[serde(default)]
+    usage: Option<Obj<ChatUsage>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerChoice<'a> {
+    #[serde(borrow, default)]
+    message: Option<Obj<AnswerMessage<'a>>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<Obj<AnswerCall<'a>>>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerCall<'a> {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(borrow, default)]
+    function: Option<Obj<AnswerFunction<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerFunction<'a> {
+    #[serde(default)]
+    name: Option<Value>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<Obj<TokenDetails>>,
+}
+
+#[derive(Deserialize)]
+struct TokenDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+/// An Anthropic message as [`response_from_openai`] writes it, field for field in the
+/// same order, so both paths give the same bytes.
+#[derive(Serialize)]
+struct AnthropicAnswer<'a> {
+    id: &'a Option<Value>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<AnswerBlock<'a>>,
+    stop_reason: &'static str,
+    stop_sequence: Option<()>,
+    usage: AnthropicUsage,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum AnswerBlock<'a> {
+    Thinking {
+        thinking: &'a str,
+        signature: &'static str,
+    },
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a Option<Value>,
+        name: &'a Option<Value>,
+        input: Value,
+    },
+}
+
+#[derive(Serialize)]
+struct AnthropicUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read_input_tokens: u64,
+    cache_creation_input_tokens: u64,
+}
+
 /// Anthropic's error type for a status.
 pub fn error_type(status: u16) -> &'static str {
     match status {
@@ -1007,6 +1355,47 @@ impl StreamEncoder {
         index
     }
 
+    /// An OpenAI chunk's `data` written straight as Anthropic's events, for the common
+    /// chunk once the message has started: text or thinking, maybe a finish reason, no
+    /// tool calls, usage or error. Returns false, having written nothing, for any other
+    /// (or any other shape): the `Value` path reads it then.
+    pub fn openai_chunk(&mut self, data: &str, out: &mut BytesMut) -> bool {
+        if !self.started || self.done {
+            return false;
+        }
+        let Ok(Obj(chunk)) = serde_json::from_str::<Obj<ChatChunk>>(data) else {
+            return false;
+        };
+        let Some(Obj(choice)) = chunk.choices.into_iter().next() else {
+            return false;
+        };
+        let delta = choice.delta.map(|d| d.0);
+        if chunk.error
+            || chunk.usage.is_some()
+            || delta.as_ref().is_some_and(|d| d.tool_calls.is_some())
+        {
+            return false;
+        }
+        if let Some(delta) = delta {
+            if let Some(thinking) = delta.reasoning_content.filter(|t| !t.is_empty()) {
+                let index = self.open(
+                    Open::Thinking,
+                    json!({"type": "thinking", "thinking": "", "signature": ""}),
+                    out,
+                );
+                write_delta(out, index, "thinking_delta", "thinking", &thinking);
+            }
+            if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                let index = self.open(Open::Text, json!({"type": "text", "text": ""}), out);
+                write_delta(out, index, "text_delta", "text", &text);
+            }
+        }
+        if let Some(finish) = choice.finish_reason {
+            self.finish = Some(finish.into_owned());
+        }
+        true
+    }
+
     fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
         self.start(chunk.get("id"), out);
         if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
@@ -1095,6 +1484,52 @@ impl StreamEncoder {
             self.finish = Some(finish.to_string());
         }
     }
+}
+
+/// What [`StreamEncoder::openai_chunk`] reads of an OpenAI chunk: `error` counts even when
+/// `null` (the decoder reports any), `usage` unless `null`.
+#[derive(Deserialize)]
+struct ChatChunk<'a> {
+    #[serde(default, deserialize_with = "present")]
+    error: bool,
+    #[serde(default)]
+    usage: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    choices: Vec<Obj<ChunkChoice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Obj<ChunkDelta<'a>>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+}
+
+/// A `content_block_delta` event, the bytes `write_event` gives its `json!`, without it.
+fn write_delta(out: &mut BytesMut, index: usize, kind: &str, key: &str, text: &str) {
+    out.extend_from_slice(
+        b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":",
+    );
+    out.extend_from_slice(index.to_string().as_bytes());
+    out.extend_from_slice(b",\"delta\":{\"type\":\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    // Writing a string into memory cannot fail.
+    let _ = serde_json::to_writer((&mut *out).writer(), text);
+    out.extend_from_slice(b"}}\n\n");
 }
 
 fn write_event(out: &mut BytesMut, name: &str, value: &Value) {

@@ -712,3 +712,387 @@ fn openai_request() -> impl Strategy<Value = Value> {
             Value::Object(request)
         })
 }
+
+// === the typed paths agree with the `Value` paths ===
+
+/// The `Value` path of an OpenAI answer to an Anthropic client, which the typed path
+/// must match byte for byte whenever it takes an answer.
+fn answer_by_value(body: &[u8]) -> Vec<u8> {
+    response_by_value(Wire::AnthropicMessages, Wire::OpenAiChat, body, "alias", 0)
+}
+
+/// The pieces path of an OpenAI stream to an Anthropic client (no typed chunks).
+fn stream_by_pieces(input: &str) -> String {
+    let mut decoder = Decoder::OpenAi;
+    let mut encoder = Encoder::Anthropic(anthropic::StreamEncoder::new("alias"));
+    let mut pieces = Vec::new();
+    let mut out = BytesMut::new();
+    for event in input.split_inclusive("\n\n") {
+        let data = event_data(event.as_bytes());
+        if !data.is_empty() {
+            decoder.event(&data, &mut pieces);
+        }
+        for piece in pieces.drain(..) {
+            encoder.piece(piece, &mut out);
+        }
+    }
+    encoder.finish(&mut out);
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+/// The benchmark's answer and a documented tool-call answer take the typed path.
+#[test]
+fn common_answers_take_the_typed_path_and_agree() {
+    let plain = br#"{"id":"chatcmpl-mock-1","object":"chat.completion","created":1764547200,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"word0 word1"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
+    let tools = br#"{"id":"chatcmpl-abc","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":null,"reasoning_content":"hm","tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"location\": \"Paris\"}"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":82,"completion_tokens":17,"total_tokens":99,"prompt_tokens_details":{"cached_tokens":64}}}"#;
+    for body in [&plain[..], tools] {
+        let typed = anthropic::answer_from_openai_bytes(body, "alias").expect("typed path");
+        assert_eq!(
+            String::from_utf8(typed).unwrap(),
+            String::from_utf8(answer_by_value(body)).unwrap()
+        );
+    }
+    let out: Value = serde_json::from_slice(&response(
+        Wire::AnthropicMessages,
+        Wire::OpenAiChat,
+        tools,
+        "alias",
+        0,
+    ))
+    .unwrap();
+    assert_eq!(out["content"][1]["input"]["location"], "Paris");
+    assert_eq!(out["stop_reason"], "tool_use");
+    assert_eq!(out["usage"]["input_tokens"], 18);
+}
+
+/// A text chunk after the first is written straight, and as the pieces path writes it.
+#[test]
+fn text_chunks_take_the_typed_path() {
+    let mut encoder = anthropic::StreamEncoder::new("alias");
+    let chunk = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"a \"b\"\n"},"finish_reason":null}],"usage":null}"#;
+    let mut out = BytesMut::new();
+    assert!(
+        !encoder.openai_chunk(chunk, &mut out),
+        "the first chunk starts the message"
+    );
+    let input = format!("data: {chunk}\n\ndata: {chunk}\n\ndata: [DONE]\n\n");
+    let text = translate_stream(Wire::AnthropicMessages, Wire::OpenAiChat, &input, &[]);
+    assert_eq!(text, stream_by_pieces(&input));
+    assert!(text.contains(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a \"b\"\n"}}"#));
+}
+
+/// A field's value: absent (`None`), `null`, or one of `values`.
+fn field(values: Vec<Value>) -> impl Strategy<Value = Option<Value>> + Clone {
+    let mut all = vec![None, Some(Value::Null)];
+    all.extend(values.into_iter().map(Some));
+    proptest::sample::select(all)
+}
+
+fn object(fields: Vec<(&str, Option<Value>)>) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.to_string(), value?)))
+            .collect(),
+    )
+}
+
+/// Text fields, well-typed or not.
+fn text_field() -> impl Strategy<Value = Option<Value>> + Clone {
+    field(vec![
+        json!(""),
+        json!("hi \"there\"\n\u{e9}"),
+        json!(5),
+        json!([{"type": "text", "text": "a"}]),
+    ])
+}
+
+fn usage_field() -> impl Strategy<Value = Option<Value>> + Clone {
+    let tokens = || field(vec![json!(12), json!(-1), json!(1.5), json!("5")]);
+    (
+        tokens(),
+        tokens(),
+        field(vec![
+            json!({"cached_tokens": 4}),
+            json!({"cached_tokens": "x"}),
+            json!(3),
+        ]),
+    )
+        .prop_map(|(prompt, completion, details)| {
+            Some(object(vec![
+                ("prompt_tokens", prompt),
+                ("completion_tokens", completion),
+                ("prompt_tokens_details", details),
+            ]))
+        })
+}
+
+fn finish_field() -> impl Strategy<Value = Option<Value>> + Clone {
+    field(vec![
+        json!("stop"),
+        json!("length"),
+        json!("tool_calls"),
+        json!(3),
+    ])
+}
+
+/// An OpenAI answer, usual or odd in any field.
+fn openai_answer() -> impl Strategy<Value = String> {
+    let call = (
+        field(vec![json!("call_1"), json!(5)]),
+        field(vec![json!("f"), json!(5)]),
+        field(vec![
+            json!("{\"a\": [1, 2]}"),
+            json!("not json"),
+            json!(""),
+            json!(5),
+        ]),
+        any::<bool>(),
+    )
+        .prop_map(|(id, name, arguments, listed)| {
+            let function = object(vec![("name", name), ("arguments", arguments)]);
+            let function = if listed { json!([function]) } else { function };
+            object(vec![
+                ("id", id),
+                ("type", Some(json!("function"))),
+                ("function", Some(function)),
+            ])
+        });
+    let calls = prop_oneof![
+        Just(None),
+        Just(Some(Value::Null)),
+        proptest::collection::vec(call, 1..3).prop_map(|c| Some(Value::Array(c))),
+        Just(Some(json!("x"))),
+    ];
+    let message = (text_field(), text_field(), calls).prop_map(|(content, reasoning, calls)| {
+        object(vec![
+            ("role", Some(json!("assistant"))),
+            ("content", content),
+            ("reasoning_content", reasoning),
+            ("tool_calls", calls),
+        ])
+    });
+    let choice = (
+        prop_oneof![4 => message.prop_map(Some), 1 => Just(Some(json!("x"))), 1 => Just(None)],
+        finish_field(),
+    )
+        .prop_map(|(message, finish)| {
+            object(vec![
+                ("index", Some(json!(0))),
+                ("message", message),
+                ("finish_reason", finish),
+            ])
+        });
+    let choices = prop_oneof![
+        4 => choice.clone().prop_map(|c| Some(json!([c]))),
+        1 => choice.prop_map(|c| Some(json!({"0": c}))),
+        1 => Just(Some(json!([]))),
+        1 => Just(None),
+    ];
+    (
+        field(vec![json!("chatcmpl-1"), json!(5)]),
+        choices,
+        prop_oneof![3 => usage_field(), 1 => field(vec![json!([1])])],
+        0..8u8,
+    )
+        .prop_map(|(id, choices, usage, shape)| {
+            let answer = object(vec![
+                ("id", id),
+                ("object", Some(json!("chat.completion"))),
+                ("choices", choices),
+                ("usage", usage),
+            ]);
+            match shape {
+                0 => json!([answer]).to_string(),
+                1 => answer
+                    .to_string()
+                    .replacen('{', r#"{"id":"a","id":"b","#, 1),
+                _ => answer.to_string(),
+            }
+        })
+}
+
+/// An OpenAI stream chunk, usual or odd in any field.
+fn openai_chunk() -> impl Strategy<Value = String> {
+    let delta = (
+        text_field(),
+        text_field(),
+        field(vec![
+            json!([{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{"}}]),
+        ]),
+    )
+        .prop_map(|(content, reasoning, calls)| {
+            object(vec![
+                ("content", content),
+                ("reasoning_content", reasoning),
+                ("tool_calls", calls),
+            ])
+        });
+    let choice = (
+        prop_oneof![4 => delta.prop_map(Some), 1 => Just(Some(json!("x"))), 1 => Just(None)],
+        finish_field(),
+    )
+        .prop_map(|(delta, finish)| {
+            object(vec![
+                ("index", Some(json!(0))),
+                ("delta", delta),
+                ("finish_reason", finish),
+            ])
+        });
+    let choices = prop_oneof![
+        6 => choice.clone().prop_map(|c| Some(json!([c]))),
+        1 => (choice.clone(), choice.clone()).prop_map(|(a, b)| Some(json!([a, b]))),
+        1 => choice.prop_map(|c| Some(json!({"0": c}))),
+        1 => Just(Some(json!([5]))),
+        1 => Just(None),
+    ];
+    (
+        choices,
+        prop_oneof![3 => Just(None), 1 => field(vec![json!({"prompt_tokens": 3}), json!(7)])],
+        prop_oneof![6 => Just(None), 1 => field(vec![json!({"message": "m"})])],
+        0..8u8,
+    )
+        .prop_map(|(choices, usage, error, shape)| {
+            let chunk = object(vec![
+                ("id", Some(json!("c1"))),
+                ("object", Some(json!("chat.completion.chunk"))),
+                ("choices", choices),
+                ("usage", usage),
+                ("error", error),
+            ]);
+            match shape {
+                0 => format!("data: [{chunk}]\n\n"),
+                1 => "data: [DONE]\n\n".to_string(),
+                _ => format!("data: {chunk}\n\n"),
+            }
+        })
+}
+
+proptest! {
+    #[test]
+    fn the_typed_answer_path_writes_what_the_value_path_writes(body in openai_answer()) {
+        if let Some(typed) = anthropic::answer_from_openai_bytes(body.as_bytes(), "alias") {
+            prop_assert_eq!(
+                String::from_utf8(typed).unwrap(),
+                String::from_utf8(answer_by_value(body.as_bytes())).unwrap()
+            );
+        }
+        prop_assert_eq!(
+            response(Wire::AnthropicMessages, Wire::OpenAiChat, body.as_bytes(), "alias", 0),
+            answer_by_value(body.as_bytes())
+        );
+    }
+
+    #[test]
+    fn the_typed_chunk_path_writes_what_the_pieces_path_writes(
+        events in proptest::collection::vec(openai_chunk(), 1..10),
+    ) {
+        let input: String = events.concat();
+        prop_assert_eq!(
+            translate_stream(Wire::AnthropicMessages, Wire::OpenAiChat, &input, &[]),
+            stream_by_pieces(&input)
+        );
+    }
+}
+
+/// An Anthropic request, usual or odd in any field.
+fn anthropic_request() -> impl Strategy<Value = String> {
+    let block = (
+        prop_oneof![4 => Just(json!("text")), 1 => Just(json!("image")), 1 => Just(json!(5))],
+        text_field(),
+        any::<bool>(),
+    )
+        .prop_map(|(kind, text, cached)| {
+            let mut block = object(vec![("type", Some(kind)), ("text", text)]);
+            if cached {
+                block["cache_control"] = json!({"type": "ephemeral"});
+            }
+            block
+        });
+    let content = prop_oneof![
+        4 => text_field(),
+        2 => proptest::collection::vec(block, 0..3).prop_map(|b| Some(Value::Array(b))),
+    ];
+    let message = (
+        field(vec![
+            json!("user"),
+            json!("assistant"),
+            json!("system"),
+            json!(1),
+        ]),
+        content,
+    )
+        .prop_map(|(role, content)| object(vec![("role", role), ("content", content)]));
+    let messages = prop_oneof![
+        6 => proptest::collection::vec(message, 0..4).prop_map(|m| Some(Value::Array(m))),
+        1 => Just(None),
+        1 => Just(Some(json!("x"))),
+    ];
+    (
+        field(vec![json!("claude-x"), json!(5)]),
+        text_field(),
+        messages,
+        field(vec![json!(256), json!("x")]),
+        field(vec![json!(0.5)]),
+        field(vec![json!(true), json!(false), json!("yes")]),
+        field(vec![json!(["END"]), json!("END")]),
+        prop_oneof![
+            6 => Just(None),
+            1 => Just(Some(("metadata", json!({"user_id": "u1"})))),
+            1 => Just(Some(("tools", Value::Null))),
+            1 => Just(Some(("thinking", json!({"type": "enabled", "budget_tokens": 2048})))),
+            1 => Just(Some(("top_k", json!(3)))),
+        ],
+    )
+        .prop_map(
+            |(model, system, messages, max, temperature, stream, stop, extra)| {
+                let mut request = object(vec![
+                    ("model", model),
+                    ("system", system),
+                    ("messages", messages),
+                    ("max_tokens", max),
+                    ("temperature", temperature),
+                    ("stream", stream),
+                    ("stop_sequences", stop),
+                ]);
+                if let Some((key, value)) = extra {
+                    request[key] = value;
+                }
+                request.to_string()
+            },
+        )
+}
+
+#[test]
+fn the_benchmarks_request_takes_the_typed_path() {
+    let body = br#"{"model":"claude-x","max_tokens":256,"stream":true,"system":"Be brief.","messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":[{"type":"text","text":"Hello"}]},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b","cache_control":{"type":"ephemeral"}}]}]}"#;
+    let typed = anthropic::request_to_openai_bytes(body, "gpt-4o-mini").expect("typed path");
+    let by_value = request_by_value(
+        Wire::AnthropicMessages,
+        Wire::OpenAiChat,
+        body,
+        "gpt-4o-mini",
+    )
+    .unwrap();
+    assert_eq!(typed.1, by_value.1);
+    assert_eq!(
+        String::from_utf8(typed.0).unwrap(),
+        String::from_utf8(by_value.0).unwrap()
+    );
+}
+
+proptest! {
+    #[test]
+    fn the_typed_request_path_writes_what_the_value_path_writes(body in anthropic_request()) {
+        let by_value = request_by_value(Wire::AnthropicMessages, Wire::OpenAiChat, body.as_bytes(), "m");
+        if let Some(typed) = anthropic::request_to_openai_bytes(body.as_bytes(), "m") {
+            let (bytes, stream) = by_value.clone().unwrap();
+            prop_assert_eq!(String::from_utf8(typed.0).unwrap(), String::from_utf8(bytes).unwrap());
+            prop_assert_eq!(typed.1, stream);
+        }
+        prop_assert_eq!(
+            request(Wire::AnthropicMessages, Wire::OpenAiChat, body.as_bytes(), "m"),
+            by_value
+        );
+    }
+}
