@@ -426,9 +426,15 @@ impl RelayBody {
                 *remaining == 0
             });
             return match translator.push(&data) {
-                Ok(_) if whole => {
+                Ok(out) if whole => {
+                    self.record_body(&out);
                     let rest = self.end_translated();
-                    Some(Ok(Frame::data(rest)))
+                    let whole = if out.is_empty() {
+                        rest
+                    } else {
+                        [out, rest].concat().into()
+                    };
+                    Some(Ok(Frame::data(whole)))
                 }
                 Ok(out) if out.is_empty() => None,
                 Ok(out) => {
