@@ -195,6 +195,17 @@ fn load_for_serve(options: &LoadOptions) -> anyhow::Result<config::Loaded> {
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
+    // Worker threads (the only ones that park; blocking threads do not) take short time
+    // slices before they first wait for work, so a request waking one preempts whatever
+    // background thread holds its core (see `sys::request_short_slices`).
+    builder.on_thread_park(|| {
+        thread_local!(static SHORT_SLICES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+        SHORT_SLICES.with(|asked| {
+            if !asked.replace(true) {
+                sluice::sys::request_short_slices(sluice::sys::REQUEST_SLICE);
+            }
+        });
+    });
     if let Some(workers) = workers.filter(|w| *w > 0) {
         builder.worker_threads(workers);
     }
@@ -236,12 +247,15 @@ async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<(
     if let Some(limit) = sluice::sys::raise_open_files_limit() {
         tracing::info!("open files limit: {limit} (two per proxied stream)");
     }
-    // Hands memory freed after a burst of streams back to the system.
+    // Hands memory freed after a burst of streams back to the system; under steady load
+    // the free heap stays small and is left alone (`sys::worth_trimming`).
     tokio::spawn(async {
         let mut every = tokio::time::interval(Duration::from_secs(10));
         loop {
             every.tick().await;
-            sluice::sys::release_free_memory();
+            if sluice::sys::release_free_memory() {
+                tracing::debug!("free heap handed back to the system");
+            }
         }
     });
     let listener = TcpListener::bind(listen)
