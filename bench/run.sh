@@ -15,6 +15,9 @@
 #   bench/run.sh --anthropic-only  # only that comparison: bare with an OpenAI client and
 #                           # an Anthropic one, and translation in process (about 2 minutes
 #                           # with --quick; no direct, full, busy-poll or held-stream runs)
+#   bench/run.sh --tail     # only the tail figures (about 3 minutes): latency at c=1 and
+#                           # the open-loop rate sweep, direct, bare and full; its own
+#                           # table in target/bench/tail.md
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -28,6 +31,7 @@ cache=0
 anthropic=0
 held_only=0
 anthropic_only=0
+tail=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
@@ -36,6 +40,7 @@ for arg in "$@"; do
     --anthropic) anthropic=1 ;;
     --held) held_only=1 ;;
     --anthropic-only) anthropic=1; anthropic_only=1 ;;
+    --tail) tail=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -142,6 +147,13 @@ measure() {
   R[$name.p50]=$(kv "$line" p50_us); R[$name.p99]=$(kv "$line" p99_us)
   echo "   $line"
 
+  [ "$tail" = 1 ] || saturation "$name" "$url" "$key" "$base" "$pid"
+  sweep "$name" "$url" "$key"
+}
+
+# saturation NAME URL KEY BASE PID(or empty): wrk at 64 connections, and CPU per request.
+saturation() {
+  local name=$1 url=$2 key=$3 base=$4 pid=$5
   echo "== $name: throughput at saturation (wrk, 64 connections, ${wrk_secs}s)"
   local before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
   local written0; written0=$(log_figure "$base" written)
@@ -165,11 +177,20 @@ measure() {
     echo "   CPU per request: ${R[$name.cpu]} µs"
     [ -n "$written0" ] && log_kept "$name" "$base" burst
   fi
+}
 
+# The open-loop sweep, lowest rate first; each step sends at least 1,000 requests, so its
+# p99 is not one unlucky request.
+rates="250 500 1000 2000 4000 6000 8000 10000 12000 15000 20000 25000 30000 40000"
+lowest_rate=${rates%% *}
+# sweep NAME URL KEY: fills R[NAME.rate], the highest rate whose p99 stays under 1 ms.
+sweep() {
+  local name=$1 url=$2 key=$3 line
   echo "== $name: highest rate with p99 under 1 ms"
   local best=0
-  for rate in 1000 2000 4000 6000 8000 10000 12000 15000 20000 25000 30000 40000; do
-    line=$(load "$client" rate --url "$url" --rate "$rate" --seconds "$rate_secs" --connections 32 --body "$body" ${key:+--key "$key"})
+  for rate in $rates; do
+    local secs; secs=$(awk -v s="$rate_secs" -v r="$rate" 'BEGIN {m = 1000 / r; print (s > m ? s : m)}')
+    line=$(load "$client" rate --url "$url" --rate "$rate" --seconds "$secs" --connections 32 --body "$body" ${key:+--key "$key"})
     local p99 achieved; p99=$(kv "$line" p99_us); achieved=$(kv "$line" achieved_rps)
     echo "   $line"
     if awk -v p="$p99" -v a="$achieved" -v r="$rate" 'BEGIN {exit !(p < 1000 && a >= 0.95 * r)}'; then best=$rate; else break; fi
@@ -346,8 +367,40 @@ if [ "$anthropic_only" = 1 ]; then
   } | tee "$out/anthropic.md"
   exit 0
 fi
+sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a - b}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
+# The tail rows: the sweep's result with its ratios, and the added p99 at c=1 of full
+# against bare's (issue 18's targets).
+tail_rows() {
+  local added_bare added_full
+  added_bare=$(sub "${R[bare.p99]}" "${R[direct.p99]}"); added_full=$(sub "${R[full.p99]}" "${R[direct.p99]}")
+  echo "| highest rate with p99 < 1 ms, req/s (lowest rate tried: $lowest_rate) | ${R[direct.rate]} | ${R[bare.rate]} | ${R[full.rate]} |"
+  echo "| … its ratios: bare / direct, full / bare | — | $(ratio "${R[bare.rate]}" "${R[direct.rate]}") | $(ratio "${R[full.rate]}" "${R[bare.rate]}") |"
+  echo "| added p99 at c=1, full / bare | — | — | $(ratio "$added_full" "$added_bare") |"
+}
 
 measure direct http://127.0.0.1:19000 "" ""
+
+# Only the tail figures: latency at c=1 and the rate sweep of each configuration.
+if [ "$tail" = 1 ]; then
+  for config in bare full; do
+    taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/$config.yaml" >"$work/$config.log" 2>&1 & pid=$!
+    pids+=("$pid")
+    wait_port 18000
+    measure "$config" http://127.0.0.1:18000 fk-bench-key-0001 "$pid"
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+  {
+    echo "sluice tail latency — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1, server.busy_poll: $busy_poll), mock and client on core $core_load."
+    echo
+    echo "| figure | direct | bare | full |"
+    echo "|---|---|---|---|"
+    echo "| latency at c=1, p50 / p99 (µs) | ${R[direct.p50]} / ${R[direct.p99]} | ${R[bare.p50]} / ${R[bare.p99]} | ${R[full.p50]} / ${R[full.p99]} |"
+    echo "| **added** at c=1, p50 / p99 (µs) | — | $(sub "${R[bare.p50]}" "${R[direct.p50]}") / $(sub "${R[bare.p99]}" "${R[direct.p99]}") | $(sub "${R[full.p50]}" "${R[direct.p50]}") / $(sub "${R[full.p99]}" "${R[direct.p99]}") |"
+    tail_rows
+  } | tee "$out/tail.md"
+  exit 0
+fi
 ttft direct http://127.0.0.1:19001 ""
 
 for config in bare full; do
@@ -385,8 +438,6 @@ for config in bare full; do
   held_steps "$config"
 done
 
-sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a - b}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
 {
   echo "sluice benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))"
   echo "sluice pinned to core $core_gw (--workers 1, server.busy_poll: $busy_poll); mock upstream and load generators on core $core_load."
@@ -398,7 +449,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
   echo "| **added** at c=1, p50 / p99 (µs) | — | $(sub "${R[bare.p50]}" "${R[direct.p50]}") / $(sub "${R[bare.p99]}" "${R[direct.p99]}") | $(sub "${R[full.p50]}" "${R[direct.p50]}") / $(sub "${R[full.p99]}" "${R[direct.p99]}") |"
   echo "| added at c=1 with busy_poll $poll_window, p50 / p99 (µs) | — | $(sub "${R[bare.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[bare.nopoll99]}" "${R[direct.p99]}") | $(sub "${R[full.nopoll50]}" "${R[direct.p50]}") / $(sub "${R[full.nopoll99]}" "${R[direct.p99]}") |"
   echo "| throughput at saturation, req/s (× direct) | ${R[direct.rps]} (1.00) | ${R[bare.rps]} ($(ratio "${R[bare.rps]}" "${R[direct.rps]}")) | ${R[full.rps]} ($(ratio "${R[full.rps]}" "${R[direct.rps]}")) |"
-  echo "| highest rate with p99 < 1 ms, req/s (× direct) | ${R[direct.rate]} (1.00) | ${R[bare.rate]} ($(ratio "${R[bare.rate]}" "${R[direct.rate]}")) | ${R[full.rate]} ($(ratio "${R[full.rate]}" "${R[direct.rate]}")) |"
+  tail_rows
   echo "| sluice CPU per request (µs) | — | ${R[bare.cpu]} | ${R[full.cpu]} |"
   echo "| request log: writer rows/s during the saturation burst | — | — | ${R[full.log_rps]:-—} |"
   echo "| request log: records written / requests answered (lost), burst drained | — | — | ${R[full.burst_kept]:-—} |"

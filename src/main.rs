@@ -195,6 +195,17 @@ fn load_for_serve(options: &LoadOptions) -> anyhow::Result<config::Loaded> {
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
+    // Worker threads (the only ones that park; blocking threads do not) take short time
+    // slices before they first wait for work, so a request waking one preempts whatever
+    // background thread holds its core (see `sys::request_short_slices`).
+    builder.on_thread_park(|| {
+        thread_local!(static SHORT_SLICES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+        SHORT_SLICES.with(|asked| {
+            if !asked.replace(true) {
+                sluice::sys::request_short_slices(sluice::sys::REQUEST_SLICE);
+            }
+        });
+    });
     if let Some(workers) = workers.filter(|w| *w > 0) {
         builder.worker_threads(workers);
     }
@@ -250,7 +261,14 @@ async fn release_memory_after_load() {
         most_tasks = most_tasks.max(tasks);
         let load_fell = most_tasks - tasks >= ENDED_TASKS;
         if load_fell || last_trim.elapsed() >= TRIM_EVERY {
-            drop(tokio::task::spawn_blocking(sluice::sys::release_free_memory).await);
+            // After a burst ended, whatever is free goes back; the periodic check leaves a
+            // small free heap alone (`sys::worth_trimming`), since steady traffic reuses it.
+            let trim = if load_fell {
+                sluice::sys::trim_heap
+            } else {
+                sluice::sys::release_free_memory
+            };
+            drop(tokio::task::spawn_blocking(trim).await);
             last_trim = tokio::time::Instant::now();
             most_tasks = tasks;
         }

@@ -53,6 +53,10 @@ enum Command {
         key: Option<String>,
         #[arg(long)]
         body: String,
+        /// Also writes one line per request, `intended_us,late_us,latency_us` (times from
+        /// the run's start), to this file: to see whether slow requests come together.
+        #[arg(long)]
+        dump: Option<String>,
     },
     /// Fills a request log with synthetic rows, then times the dashboard's queries.
     Log {
@@ -164,7 +168,8 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 key,
                 body,
-            } => rate_run(&url, rate, seconds, connections, key, body).await,
+                dump,
+            } => rate_run(&url, rate, seconds, connections, key, body, dump).await,
             Command::Streams {
                 url,
                 count,
@@ -466,6 +471,15 @@ async fn latency(
     Ok(())
 }
 
+/// One request of a rate run: when it was meant to go (from the run's start), how late the
+/// client sent it, and how long the answer took from the send.
+#[derive(Clone, Copy)]
+struct Sent {
+    intended_ns: u64,
+    late_ns: u64,
+    latency_ns: u64,
+}
+
 async fn rate_run(
     url: &str,
     rate: u64,
@@ -473,12 +487,14 @@ async fn rate_run(
     connections: usize,
     key: Option<String>,
     body: String,
+    dump: Option<String>,
 ) -> anyhow::Result<()> {
     let target = Target::new(url, key, body)?;
     let total = (rate as f64 * seconds) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = Instant::now() + Duration::from_millis(50);
     let errors = Arc::new(AtomicU64::new(0));
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     let mut tasks = Vec::new();
     for worker in 0..connections as u64 {
         let target = target.clone();
@@ -497,24 +513,48 @@ async fn rate_run(
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                samples.push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                samples.push(Sent {
+                    intended_ns: nanos(scheduled - start),
+                    late_ns: nanos(sent.saturating_duration_since(scheduled)),
+                    latency_ns: nanos(sent.elapsed()),
+                });
                 i += connections as u64;
             }
             anyhow::Ok(samples)
         }));
     }
-    let mut samples = Vec::new();
+    let mut sent = Vec::new();
     for task in tasks {
-        samples.extend(task.await??);
+        sent.extend(task.await??);
     }
     let elapsed = start.elapsed().as_secs_f64();
+    if let Some(path) = dump {
+        sent.sort_unstable_by_key(|s| s.intended_ns);
+        let lines: String = sent
+            .iter()
+            .map(|s| {
+                format!(
+                    "{},{},{}\n",
+                    s.intended_ns / 1000,
+                    s.late_ns / 1000,
+                    s.latency_ns / 1000
+                )
+            })
+            .collect();
+        std::fs::write(&path, lines).with_context(|| format!("cannot write {path}"))?;
+    }
+    let mut samples: Vec<u64> = sent.iter().map(|s| s.latency_ns).collect();
     samples.sort_unstable();
+    let mut late: Vec<u64> = sent.iter().map(|s| s.late_ns).collect();
+    late.sort_unstable();
+    let slow = samples.iter().filter(|&&ns| ns > 1_000_000).count();
     println!(
-        "target_rps={rate} achieved_rps={:.0} p50_us={:.1} p99_us={:.1} errors={}",
+        "target_rps={rate} achieved_rps={:.0} p50_us={:.1} p99_us={:.1} errors={} late_p99_us={:.1} over_1ms={slow}",
         samples.len() as f64 / elapsed,
         percentile(&samples, 50.0),
         percentile(&samples, 99.0),
-        errors.load(Ordering::Relaxed)
+        errors.load(Ordering::Relaxed),
+        percentile(&late, 99.0),
     );
     Ok(())
 }
