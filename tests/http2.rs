@@ -240,6 +240,11 @@ async fn many_streams_to_a_tls_upstream_negotiate_h2_and_share_one_connection() 
     let gw = gateway(&config_for(&base, "auto")).await;
     let url = gw.url("/v1/chat/completions");
     let client = client();
+    // HTTP/2 is known only once ALPN has chosen it: a cold burst may race several
+    // handshakes. After one request the connection is known to be HTTP/2 and shared.
+    let warm = chat(&client, &url, false).await;
+    assert_eq!(warm.status(), 200);
+    assert_eq!(json(warm).await["object"], "chat.completion");
     let requests = (0..100).map(|_| {
         let (client, url) = (client.clone(), url.clone());
         async move { events(chat(&client, &url, true).await).await }

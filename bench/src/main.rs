@@ -15,6 +15,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+mod h2;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -72,6 +74,28 @@ enum Command {
     Translate {
         #[arg(long, default_value_t = 200_000)]
         rounds: usize,
+    },
+    /// The listener over HTTP/1.1 or HTTP/2 (h2c, or ALPN with TLS): latency at c=1 and
+    /// req/s at a fixed concurrency, one client for every protocol (bench/src/h2.rs).
+    Http {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        #[arg(long, default_value_t = 300)]
+        warmup: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        body: String,
+        /// 1 or 2.
+        #[arg(long, default_value_t = 2)]
+        http: u8,
+        /// A PEM CA to trust for an https:// URL.
+        #[arg(long)]
+        ca: Option<String>,
     },
     /// Concurrent SSE streams, each on its own connection, checked frame by frame.
     Streams {
@@ -132,6 +156,28 @@ fn main() -> anyhow::Result<()> {
                 key,
                 body,
             } => streams(&url, count, chunks, ramp, key, body).await,
+            Command::Http {
+                url,
+                requests,
+                warmup,
+                concurrency,
+                key,
+                body,
+                http,
+                ca,
+            } => {
+                h2::run(h2::Options {
+                    url,
+                    requests,
+                    warmup,
+                    concurrency,
+                    key,
+                    body,
+                    http,
+                    ca,
+                })
+                .await
+            }
         }
     })
 }
