@@ -18,6 +18,9 @@
 #   bench/run.sh --tail     # only the tail figures (about 3 minutes): latency at c=1 and
 #                           # the open-loop rate sweep, direct, bare and full; its own
 #                           # table in target/bench/tail.md
+#   bench/run.sh --http2    # only HTTP/2: held streams to an upstream over HTTP/1.1 and
+#                           # h2c, and the listener over HTTP/1.1, h2c, TLS and h2 (about
+#                           # 3 minutes; its own table in target/bench/http2.md)
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -32,6 +35,7 @@ anthropic=0
 held_only=0
 anthropic_only=0
 tail=0
+http2=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
@@ -41,6 +45,7 @@ for arg in "$@"; do
     --held) held_only=1 ;;
     --anthropic-only) anthropic=1; anthropic_only=1 ;;
     --tail) tail=1 ;;
+    --http2) http2=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -378,6 +383,85 @@ tail_rows() {
   echo "| … its ratios: bare / direct, full / bare | — | $(ratio "${R[bare.rate]}" "${R[direct.rate]}") | $(ratio "${R[full.rate]}" "${R[bare.rate]}") |"
   echo "| added p99 at c=1, full / bare | — | — | $(ratio "$added_full" "$added_bare") |"
 }
+# HTTP/2: (a) streams held through sluice to an upstream spoken to over HTTP/1.1 and over
+# h2c (upstream connections, open files, RSS, lost frames); (b) the listener over HTTP/1.1
+# and h2c, then with TLS over HTTP/1.1 and h2 (latency at c=1, req/s at 32 concurrent).
+if [ "$http2" = 1 ]; then
+  mock_stat() { curl -s http://127.0.0.1:19002/_mock/stats | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+  steps="1000 5000"; [ "$quick" = 1 ] && steps="1000"
+  for mode in off h2c; do
+    cat > "$work/h2-$mode.yaml" <<YAML
+server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0}
+access: {keys: [{name: bench, key: fk-bench-key-0001}]}
+upstreams:
+  - {name: held, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-1], http2: '$mode'}
+storage: {url: none}
+log: {access: false}
+YAML
+    taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/h2-$mode.yaml" >"$work/h2-$mode.log" 2>&1 & pid=$!
+    pids+=("$pid")
+    wait_port 18000
+    for count in $steps; do
+      echo "== upstream http2: $mode, $count concurrent streams"
+      before=$(mock_stat connections)
+      ( while kill -0 "$pid" 2>/dev/null; do
+          echo "$(rss_kib "$pid") $(ls "/proc/$pid/fd" | wc -l) $(mock_stat connections_open)"; sleep 0.3
+        done ) > "$work/h2-sample.$mode.$count" & sampler=$!
+      ramp=$(awk -v n="$count" 'BEGIN {printf "%.1f", n / 1000 + 1}')
+      line=$(load "$client" streams --url http://127.0.0.1:18000/v1/chat/completions --count "$count" --chunks 16 --ramp "$ramp" --body "$stream_body" --key fk-bench-key-0001 || true)
+      kill "$sampler" 2>/dev/null || true
+      after=$(mock_stat connections)
+      R[h2.$mode.$count.rss]=$(( $(sort -n -k1 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f1) / 1024 ))
+      R[h2.$mode.$count.fds]=$(sort -n -k2 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f2)
+      R[h2.$mode.$count.open]=$(sort -n -k3 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f3)
+      R[h2.$mode.$count.conns]=$((after - before))
+      R[h2.$mode.$count.frames]="$(kv "$line" lost_frames)/$(kv "$line" reordered_frames)/$(kv "$line" failed)"
+      echo "   $line upstream_connections=${R[h2.$mode.$count.conns]} peak_open_upstream=${R[h2.$mode.$count.open]} peak_fds=${R[h2.$mode.$count.fds]} peak_rss_mib=${R[h2.$mode.$count.rss]}"
+      sleep 2
+    done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+
+  fixtures=$root/tests/fixtures/tls
+  sed "s#max_connections_per_ip: 0}#max_connections_per_ip: 0, tls: {cert: '$fixtures/a.pem', key: '$fixtures/a.key'}}#" "$work/bare.yaml" > "$work/bare-tls.yaml"
+  for listener in plain tls; do
+    config=$work/bare.yaml; base=http://127.0.0.1:18000
+    [ "$listener" = tls ] && { config=$work/bare-tls.yaml; base=https://localhost:18000; }
+    taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$config" >"$work/h2-$listener.log" 2>&1 & pid=$!
+    pids+=("$pid")
+    wait_port 18000
+    for version in 1 2; do
+      echo "== listener $listener, HTTP/$version"
+      line=$(load "$client" http --url "$base/v1/chat/completions" --http "$version" --ca "$fixtures/ca.pem" --requests "$latency_n" --body "$body" --key fk-bench-key-0001)
+      echo "   $line"
+      R[h2.$listener.$version]="$(kv "$line" p50_us) / $(kv "$line" p99_us) | $(kv "$line" rps) | $(kv "$line" errors)"
+    done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+  {
+    echo "sluice HTTP/2 — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1, log off), mocks and load on core $core_load."
+    echo
+    echo "Held streams (16 chunks 1 s apart; clients on HTTP/1.1, one connection each) through sluice to the mock, by upstream \`http2\`:"
+    echo
+    echo "| streams | upstream http2 | upstream connections opened / peak open | sluice open files (peak) | sluice RSS peak (MiB) | lost / reordered frames / failed streams |"
+    echo "|---|---|---|---|---|---|"
+    for count in $steps; do
+      for mode in off h2c; do
+        echo "| $count | $mode | ${R[h2.$mode.$count.conns]} / ${R[h2.$mode.$count.open]} | ${R[h2.$mode.$count.fds]} | ${R[h2.$mode.$count.rss]} | ${R[h2.$mode.$count.frames]} |"
+      done
+    done
+    echo
+    echo "Listener (non-streamed chat completion; req/s: 32 concurrent requests, on 32 HTTP/1.1 connections or 1 HTTP/2 connection):"
+    echo
+    echo "| listener | protocol | latency at c=1, p50 / p99 (µs) | req/s | errors |"
+    echo "|---|---|---|---|---|"
+    echo "| plain | HTTP/1.1 | ${R[h2.plain.1]} |"
+    echo "| plain | h2c | ${R[h2.plain.2]} |"
+    echo "| TLS | HTTP/1.1 | ${R[h2.tls.1]} |"
+    echo "| TLS | h2 (ALPN) | ${R[h2.tls.2]} |"
+  } | tee "$out/http2.md"
+  exit 0
+fi
 
 measure direct http://127.0.0.1:19000 "" ""
 

@@ -475,6 +475,21 @@ pub struct Server {
     /// Open connections one client address may hold (the TCP peer; trusted proxies are
     /// exempt). Zero = no cap.
     pub max_connections_per_ip: usize,
+    /// Streams one HTTP/2 connection may have open at once: with the per-address
+    /// connection cap, what bounds one address's requests in flight.
+    pub http2_max_streams: u32,
+    /// TLS termination (`server.tls`); `None` serves plain HTTP (and h2c).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files of the listeners' certificate: re-read when they change, so a renewed
+/// certificate applies without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -589,6 +604,36 @@ pub struct Upstream {
     pub weight: u32,
     pub token: Option<TokenSource>,
     pub limits: Limits,
+    /// Which HTTP version sluice speaks to it (`http2:`).
+    pub http2: Http2Mode,
+    /// PEM certificates trusted for its TLS besides the public roots (`tls_ca:`), for an
+    /// upstream behind a private CA; read when the config loads.
+    pub tls_ca: Option<Vec<u8>>,
+}
+
+/// How sluice speaks HTTP/2 to an upstream: many streams then share one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http2Mode {
+    /// HTTP/2 when a TLS upstream offers it by ALPN; HTTP/1.1 on plain `http://`.
+    #[default]
+    Auto,
+    /// HTTP/2 with prior knowledge on plain `http://` (h2c), for upstreams known to speak it.
+    H2c,
+    /// HTTP/1.1 only.
+    Off,
+}
+
+impl Http2Mode {
+    pub const NAMES: [&'static str; 3] = ["auto", "h2c", "off"];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "auto" => Some(Self::Auto),
+            "h2c" => Some(Self::H2c),
+            "off" => Some(Self::Off),
+            _ => None,
+        }
+    }
 }
 
 impl Upstream {

@@ -8,3 +8,4 @@ pub mod error;
 pub mod headers;
 pub mod multipart;
 pub mod server;
+pub mod tls;

@@ -294,7 +294,17 @@ async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<(
     );
     let prefix = &gateway.config.server.route_prefix;
     let local = listener.local_addr()?;
-    tracing::info!(config = %source, "sluice {} listening on http://{local}{prefix}/v1", env!("CARGO_PKG_VERSION"));
+    // One certificate for both listeners, reloaded by one watcher.
+    let tls = match &gateway.config.server.tls {
+        Some(files) => {
+            let tls = sluice::http::tls::Tls::new(files)?;
+            tokio::spawn(tls.clone().watch());
+            Some(tls)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(config = %source, "sluice {} listening on {scheme}://{local}{prefix}/v1 (HTTP/1.1 and HTTP/2)", env!("CARGO_PKG_VERSION"));
     for upstream in &gateway.upstreams {
         tracing::info!(
             upstream = %upstream.config.name,
@@ -317,15 +327,16 @@ async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<(
             .await
             .with_context(|| format!("cannot listen on {admin_listen} (admin.listen)"))?;
         let admin_local = admin_listener.local_addr()?;
-        tracing::info!("dashboard and admin API listening on http://{admin_local}");
+        tracing::info!("dashboard and admin API listening on {scheme}://{admin_local}");
         banner(&gateway, &loaded, local, Some(admin_local));
-        let (current, stopped) = (current.clone(), stopped.clone());
+        let (current, stopped, tls) = (current.clone(), stopped.clone(), tls.clone());
         tokio::spawn(async move {
             let role = sluice::http::server::Role::Admin;
-            if let Err(error) = sluice::http::server::serve_current(
+            if let Err(error) = sluice::http::server::serve_secured(
                 admin_listener,
                 current,
                 role,
+                tls,
                 until_stopped(stopped),
             )
             .await
@@ -339,10 +350,11 @@ async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<(
     }
     tokio::spawn(watch_config(options, loaded.path.clone(), current.clone()));
     let role = sluice::http::server::Role::Gateway;
-    let served = sluice::http::server::serve_current(
+    let served = sluice::http::server::serve_secured(
         listener,
         current.clone(),
         role,
+        tls,
         until_stopped(stopped),
     )
     .await;
@@ -417,13 +429,15 @@ fn reload(options: &LoadOptions, current: &Current, reason: &str) {
     let running = current.load();
     let (old, new) = (&running.config, &loaded.config);
     if old.server.listen != new.server.listen
+        || old.server.tls != new.server.tls
+        || old.server.http2_max_streams != new.server.http2_max_streams
         || old.admin.listen != new.admin.listen
         || old.storage.url != new.storage.url
         || old.log != new.log
         || old.alerts != new.alerts
     {
         tracing::warn!(
-            "listen addresses, storage.url, log and alerts change only on restart; the rest of the new config applies"
+            "listen addresses, server.tls's files, server.http2_max_streams, storage.url, log and alerts change only on restart (the certificate itself reloads when its files change); the rest of the new config applies"
         );
     }
     match Gateway::with_shared(loaded.config, running.shared()) {
@@ -448,13 +462,18 @@ fn banner(
     let config = &gateway.config;
     let admin_key = config.admin.key.is_some();
     let dashboard_at = admin_local.unwrap_or(local);
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let dashboard = if admin_key {
-        format!("http://{dashboard_at}/ (log in with the admin key)")
+        format!("{scheme}://{dashboard_at}/ (log in with the admin key)")
     } else if dashboard_at.ip().is_loopback() {
-        format!("http://{dashboard_at}/ (no admin key: open to this machine only)")
+        format!("{scheme}://{dashboard_at}/ (no admin key: open to this machine only)")
     } else {
         format!(
-            "off: set admin.key_env (or admin.key) to open it at http://{dashboard_at}/, \
+            "off: set admin.key_env (or admin.key) to open it at {scheme}://{dashboard_at}/, \
              or listen on loopback"
         )
     };

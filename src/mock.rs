@@ -5,6 +5,8 @@
 //! (500, 429 with `Retry-After`, a slow first byte, a dropped connection, a stalled or cut
 //! stream) either for every request or per request via `x-mock-*` headers. It records what
 //! reached it so tests can assert on the path, headers, key and body an upstream saw.
+//! It speaks HTTP/1.1 and HTTP/2 (h2c, or h2 by ALPN when started with TLS) on one port,
+//! and counts the connections it accepted, so tests see how streams share them.
 
 mod azure;
 mod native;
@@ -25,13 +27,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::http::body::{Body, full, json_response};
+use crate::http::tls::Tls;
 
 /// A fault the mock injects instead of (or into) a normal answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +200,9 @@ pub struct MockState {
     /// Realtime sessions opened, and ended (by either side).
     pub realtime_opened: AtomicUsize,
     pub realtime_closed: AtomicUsize,
+    /// Connections accepted (TLS handshakes included), and those still open.
+    pub connections: AtomicUsize,
+    pub connections_open: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +254,15 @@ impl MockServer {
         Ok(Self { addr, state })
     }
 
+    /// Starts a mock speaking TLS (ALPN `h2, http/1.1`) on an ephemeral loopback port.
+    pub async fn start_tls(options: MockOptions, tls: Tls) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = MockState::new(options);
+        tokio::spawn(run_tls(listener, state.clone(), Some(tls)));
+        Ok(Self { addr, state })
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -279,6 +294,18 @@ impl MockServer {
 
 /// Serves the mock on `listener` forever.
 pub async fn run(listener: TcpListener, state: Arc<MockState>) {
+    run_tls(listener, state, None).await;
+}
+
+/// Serves the mock on `listener` forever, over TLS when `tls` is given.
+pub async fn run_tls(listener: TcpListener, state: Arc<MockState>, tls: Option<Tls>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Many streams per connection: a benchmark holds thousands on one.
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_connection_window_size(16 << 20);
+    let builder = Arc::new(builder);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -286,15 +313,34 @@ pub async fn run(listener: TcpListener, state: Arc<MockState>) {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            state.connections.fetch_add(1, Ordering::SeqCst);
+            state.connections_open.fetch_add(1, Ordering::SeqCst);
+            let counted = state.clone();
             let service = service_fn(move |request| handle(state.clone(), request));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            match tls {
+                None => {
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            }
+            counted.connections_open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
+
+/// Streams one HTTP/2 connection to the mock may carry at once.
+const MAX_STREAMS: u32 = 100_000;
 
 /// Returned as a service error so hyper drops the connection (the `drop` fault).
 #[derive(Debug)]
@@ -568,6 +614,8 @@ fn control(state: &MockState, method: &Method, path: &str) -> Response<Body> {
                 "streams_cancelled": state.streams_cancelled.load(Ordering::SeqCst),
                 "realtime_opened": state.realtime_opened.load(Ordering::SeqCst),
                 "realtime_closed": state.realtime_closed.load(Ordering::SeqCst),
+                "connections": state.connections.load(Ordering::SeqCst),
+                "connections_open": state.connections_open.load(Ordering::SeqCst),
             }),
         ),
         _ => error(

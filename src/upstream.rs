@@ -1,7 +1,9 @@
 //! One upstream at run time: its HTTP client (connection pool, connect timeout, outbound
 //! proxy), its credentials (a key pool used in turn, or a token endpoint) and the health
 //! figures routing reads (requests in flight, time to first byte, cooldowns), handed to the
-//! router as plain numbers through [`Health`].
+//! router as plain numbers through [`Health`]. Over HTTP/2 (`http2:`) every stream to an
+//! upstream shares one connection; a WebSocket handshake, which needs a connection of its
+//! own, goes through a second, HTTP/1.1-only client.
 
 pub mod token;
 
@@ -13,7 +15,7 @@ use anyhow::Context;
 use http::{HeaderName, HeaderValue};
 
 use crate::clock::now_ms;
-use crate::config::Upstream;
+use crate::config::{Http2Mode, Upstream};
 use crate::protocol::UpstreamKind;
 use crate::pure::routing::Health;
 use crate::upstream::token::TokenCache;
@@ -22,6 +24,9 @@ use crate::upstream::token::TokenCache;
 pub struct UpstreamRuntime {
     pub config: Upstream,
     pub client: reqwest::Client,
+    /// HTTP/1.1 only, for WebSocket handshakes, when `client` may speak HTTP/2: an upgrade
+    /// takes over its connection, which an HTTP/2 stream cannot.
+    http1_client: Option<reqwest::Client>,
     next_key: AtomicUsize,
     /// `Bearer <key>` for each key (the key alone for Azure's `api-key`), built once so
     /// the hot path only clones a handle.
@@ -65,7 +70,21 @@ impl Drop for InFlight {
 impl UpstreamRuntime {
     pub fn new(config: Upstream) -> anyhow::Result<Self> {
         let name = config.name.clone();
-        let client = build_client(&config).with_context(|| format!("upstream {name}"))?;
+        let client =
+            build_client(&config, config.http2).with_context(|| format!("upstream {name}"))?;
+        let may_speak_h2 = match config.http2 {
+            Http2Mode::Off => false,
+            Http2Mode::H2c => true,
+            Http2Mode::Auto => config.base_url.starts_with("https://"),
+        };
+        let http1_client = if may_speak_h2 {
+            Some(
+                build_client(&config, Http2Mode::Off)
+                    .with_context(|| format!("upstream {name}"))?,
+            )
+        } else {
+            None
+        };
         let (key_header, bearer) = UpstreamKind::of(&config).key_header();
         let auth_headers = config
             .keys
@@ -95,6 +114,7 @@ impl UpstreamRuntime {
             key_cooldown_until: config.keys.iter().map(|_| AtomicU64::new(0)).collect(),
             config,
             client,
+            http1_client,
             next_key: AtomicUsize::new(0),
             auth_headers,
             key_header,
@@ -109,6 +129,12 @@ impl UpstreamRuntime {
 
     pub fn key_count(&self) -> usize {
         self.auth_headers.len()
+    }
+
+    /// The client for a request that asks to switch protocols (a WebSocket handshake):
+    /// always HTTP/1.1.
+    pub fn upgrade_client(&self) -> &reqwest::Client {
+        self.http1_client.as_ref().unwrap_or(&self.client)
     }
 
     /// The `Authorization` value of key `index`.
@@ -267,7 +293,19 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
-fn build_client(config: &Upstream) -> anyhow::Result<reqwest::Client> {
+/// How often an idle or busy HTTP/2 connection to an upstream is pinged, and how long a
+/// ping may go unanswered before the connection is dropped as dead (its streams fail and
+/// are retried like any connection error, instead of waiting for their timeouts).
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Flow-control windows: a stream may have 1 MiB in flight (an upload or a long answer
+/// is not throttled by round trips), the connection 16 MiB across its streams; what is
+/// buffered is bounded by these, whatever the upstream sends.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+/// Larger frames than the 16 KiB default mean fewer frame headers for big bodies.
+const H2_MAX_FRAME: u32 = 64 << 10;
+
+fn build_client(config: &Upstream, http2: Http2Mode) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(config.timeouts.connect)
         .tcp_nodelay(true)
@@ -276,6 +314,26 @@ fn build_client(config: &Upstream) -> anyhow::Result<reqwest::Client> {
         // A gateway relays redirects to the client instead of following them.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
+    builder = match http2 {
+        Http2Mode::Off => builder.http1_only(),
+        Http2Mode::H2c => builder.http2_prior_knowledge(),
+        // Offered by ALPN on https; plain http stays HTTP/1.1.
+        Http2Mode::Auto => builder,
+    };
+    if http2 != Http2Mode::Off {
+        builder = builder
+            .http2_keep_alive_interval(H2_KEEP_ALIVE)
+            .http2_keep_alive_timeout(H2_KEEP_ALIVE)
+            .http2_keep_alive_while_idle(true)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_max_frame_size(H2_MAX_FRAME);
+    }
+    if let Some(pem) = &config.tls_ca {
+        for certificate in reqwest::Certificate::from_pem_bundle(pem).context("bad tls_ca")? {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
     builder = match &config.proxy {
         Some(url) => builder.proxy(reqwest::Proxy::all(url.as_str()).context("bad proxy URL")?),
         // Only the configured proxy is used, never one picked up from the environment.
@@ -306,6 +364,8 @@ mod tests {
             weight: 1,
             token: None,
             limits: Default::default(),
+            http2: Default::default(),
+            tls_ca: None,
         }
     }
 

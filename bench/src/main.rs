@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 mod logwrite;
 mod soak;
+mod h2;
 
 #[derive(Parser)]
 struct Cli {
@@ -89,6 +90,27 @@ enum Command {
         rows: usize,
         #[arg(long, default_value_t = 512)]
         batch: usize,
+    /// The listener over HTTP/1.1 or HTTP/2 (h2c, or ALPN with TLS): latency at c=1 and
+    /// req/s at a fixed concurrency, one client for every protocol (bench/src/h2.rs).
+    Http {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        #[arg(long, default_value_t = 300)]
+        warmup: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        body: String,
+        /// 1 or 2.
+        #[arg(long, default_value_t = 2)]
+        http: u8,
+        /// A PEM CA to trust for an https:// URL.
+        #[arg(long)]
+        ca: Option<String>,
     },
     /// Concurrent SSE streams, each on its own connection, checked frame by frame.
     Streams {
@@ -197,6 +219,28 @@ fn main() -> anyhow::Result<()> {
                     pid,
                     warmup_minutes,
                     limit_kib,
+                })
+                .await
+            }
+            Command::Http {
+                url,
+                requests,
+                warmup,
+                concurrency,
+                key,
+                body,
+                http,
+                ca,
+            } => {
+                h2::run(h2::Options {
+                    url,
+                    requests,
+                    warmup,
+                    concurrency,
+                    key,
+                    body,
+                    http,
+                    ca,
                 })
                 .await
             }

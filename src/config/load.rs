@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::raw::RawCache;
 use super::raw::{
     RawAccess, RawAdmin, RawBudget, RawGatewayKey, RawPrice, RawRouting, RawServer, RawStorage,
-    RawTimeouts, RawToken, RawUpstream, Scalar,
+    RawTimeouts, RawTls, RawToken, RawUpstream, Scalar,
 };
 use super::raw::{RawAlerts, RawLog, RawSharedState, RawTraces};
 use super::{
@@ -23,7 +23,7 @@ use super::{
 };
 use super::{Admin, ApiKind, Budget, BudgetPeriod, Limits, Price, SharedState, Storage, Traces};
 use super::{Alerts, Log, LogFormat, Webhook, WebhookFormat};
-use super::{Cache, CacheScope, FallbackModelName};
+use super::{Cache, CacheScope, FallbackModelName, Http2Mode, TlsFiles};
 
 /// A snapshot of environment variables. Tests build one from a map instead of touching the
 /// process environment.
@@ -582,6 +582,9 @@ const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Enough for one busy service holding thousands of streams, far below the open-files limit
 /// sluice raises at start: one address cannot take every descriptor.
 const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 4096;
+/// hyper's own default is 200; a little more lets one client behind a load balancer keep
+/// many streams on few connections.
+const DEFAULT_HTTP2_MAX_STREAMS: u32 = 256;
 
 fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
     let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
@@ -648,6 +651,18 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
         problems,
     )
     .unwrap_or(DEFAULT_BODY_TIMEOUT);
+    let http2_max_streams = match raw.http2_max_streams {
+        None => DEFAULT_HTTP2_MAX_STREAMS,
+        Some(n) if (1..=10_000).contains(&n) => n,
+        Some(n) => {
+            problems.push(Problem::new(
+                "server.http2_max_streams",
+                format!("{n} is not between 1 and 10000"),
+            ));
+            DEFAULT_HTTP2_MAX_STREAMS
+        }
+    };
+    let tls = raw.tls.as_ref().and_then(|tls| resolve_tls(tls, problems));
     Server {
         listen,
         route_prefix,
@@ -660,7 +675,57 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
         max_connections_per_ip: raw
             .max_connections_per_ip
             .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+        http2_max_streams,
+        tls,
     }
+}
+
+/// `server.tls`: both files must be there and hold PEM of the right kind; whether the key
+/// matches the certificate is checked when the listener loads them (`http::tls`).
+fn resolve_tls(raw: &RawTls, problems: &mut Vec<Problem>) -> Option<TlsFiles> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let before = problems.len();
+    let mut read = |text: &str, field: &str| -> Option<Vec<u8>> {
+        let path = format!("server.tls.{field}");
+        if text.trim().is_empty() {
+            problems.push(Problem::new(path, "must name a PEM file"));
+            return None;
+        }
+        std::fs::read(text.trim())
+            .map_err(|error| {
+                problems.push(Problem::new(path, format!("cannot read {text}: {error}")))
+            })
+            .ok()
+    };
+    let (cert, key) = (read(&raw.cert, "cert"), read(&raw.key, "key"));
+    if let Some(cert) = cert {
+        let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&cert).collect();
+        if !chain.is_ok_and(|chain| !chain.is_empty()) {
+            problems.push(Problem::new(
+                "server.tls.cert",
+                format!(
+                    "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                    raw.cert
+                ),
+            ));
+        }
+    }
+    if let Some(key) = key {
+        if PrivateKeyDer::from_pem_slice(&key).is_err() {
+            problems.push(Problem::new(
+                "server.tls.key",
+                format!(
+                    "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                    raw.key
+                ),
+            ));
+        }
+    }
+    (problems.len() == before).then(|| TlsFiles {
+        cert: PathBuf::from(raw.cert.trim()),
+        key: PathBuf::from(raw.key.trim()),
+    })
 }
 
 fn nets(list: &[String], path: &str, problems: &mut Vec<Problem>) -> Vec<ipnet::IpNet> {
@@ -867,6 +932,39 @@ fn resolve_upstream(
         }
     }
 
+    let http2 = match raw.http2.as_deref().map(str::trim) {
+        None => Http2Mode::Auto,
+        Some(text) => Http2Mode::parse(text).unwrap_or_else(|| {
+            problems.push(Problem::new(
+                format!("{path}.http2"),
+                format!("{text:?} is not one of {}", Http2Mode::NAMES.join(", ")),
+            ));
+            Http2Mode::Auto
+        }),
+    };
+    if http2 == Http2Mode::H2c && !base_url.starts_with("http://") {
+        problems.push(Problem::new(
+            format!("{path}.http2"),
+            "h2c is HTTP/2 on plain http:// only; an https:// upstream speaks HTTP/2 by ALPN with auto",
+        ));
+    }
+    if http2 == Http2Mode::H2c
+        && raw
+            .proxy
+            .as_deref()
+            .is_some_and(|proxy| proxy.starts_with("http://") || proxy.starts_with("https://"))
+    {
+        problems.push(Problem::new(
+            format!("{path}.http2"),
+            "h2c cannot pass an HTTP proxy, which forwards plain http as HTTP/1.1; use a socks5 proxy, or auto",
+        ));
+    }
+
+    let tls_ca = raw
+        .tls_ca
+        .as_deref()
+        .and_then(|file| read_ca(file, &format!("{path}.tls_ca"), problems));
+
     let timeouts = resolve_timeouts(&raw.timeouts, &format!("{path}.timeouts"), problems);
     let limits = Limits {
         rpm: limit(raw.rpm, &format!("{path}.rpm"), problems),
@@ -925,7 +1023,28 @@ fn resolve_upstream(
         weight: raw.weight.unwrap_or(1),
         token,
         limits,
+        http2,
+        tls_ca,
     })
+}
+
+/// The PEM bundle of an upstream's `tls_ca`, if it holds at least one certificate.
+fn read_ca(file: &str, path: &str, problems: &mut Vec<Problem>) -> Option<Vec<u8>> {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(file.trim())
+        .map_err(|error| problems.push(Problem::new(path, format!("cannot read {file}: {error}"))))
+        .ok()?;
+    let certificates: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    if certificates.is_ok_and(|list| !list.is_empty()) {
+        Some(pem)
+    } else {
+        problems.push(Problem::new(
+            path,
+            format!("{file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+        ));
+        None
+    }
 }
 
 fn resolve_log(raw: &RawLog, problems: &mut Vec<Problem>) -> Log {
@@ -1934,6 +2053,59 @@ mod tests {
         for (problem, prefix) in found.iter().zip(expected) {
             assert!(problem.starts_with(prefix), "{problem:?} is not {prefix:?}");
         }
+    }
+
+    #[test]
+    fn http2_and_tls_options_are_checked() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+        let config = check(
+            &format!(
+                "server: {{tls: {{cert: '{fixtures}/a.pem', key: '{fixtures}/a.key'}}, http2_max_streams: 64}}
+upstreams:
+  - {{name: a, base_url: 'http://127.0.0.1:9', http2: h2c}}
+  - {{name: b, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/ca.pem'}}
+  - {{name: c, base_url: 'https://127.0.0.1:9', http2: 'off'}}"
+            ),
+            &[],
+        )
+        .unwrap();
+        let tls = config.server.tls.as_ref().unwrap();
+        assert!(tls.cert.ends_with("a.pem") && tls.key.ends_with("a.key"));
+        assert_eq!(config.server.http2_max_streams, 64);
+        let modes: Vec<Http2Mode> = config.upstreams.iter().map(|u| u.http2).collect();
+        assert_eq!(modes, [Http2Mode::H2c, Http2Mode::Auto, Http2Mode::Off]);
+        assert!(config.upstreams[1].tls_ca.is_some());
+
+        let found = problems(&format!(
+            "server: {{tls: {{cert: '{fixtures}/a.key', key: '{fixtures}/missing.key'}}, http2_max_streams: 0}}
+upstreams:
+  - {{name: a, base_url: 'https://127.0.0.1:9', http2: h2c}}
+  - {{name: b, base_url: 'http://127.0.0.1:9', http2: h3}}
+  - {{name: c, base_url: 'http://127.0.0.1:9', http2: h2c, proxy: 'http://127.0.0.1:3128'}}
+  - {{name: d, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/a.key'}}"
+        ));
+        let expected = [
+            "server.http2_max_streams: 0 is not between 1 and 10000",
+            "server.tls.cert: ",
+            "server.tls.key: cannot read ",
+            "upstreams[0].http2: h2c is HTTP/2 on plain http:// only",
+            "upstreams[1].http2: \"h3\" is not one of auto, h2c, off",
+            "upstreams[2].http2: h2c cannot pass an HTTP proxy",
+            "upstreams[3].tls_ca: ",
+        ];
+        for prefix in expected {
+            assert!(
+                found.iter().any(|problem| problem.starts_with(prefix)),
+                "no {prefix:?} in {found:?}"
+            );
+        }
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("server.tls.cert: ")
+                    && p.contains("holds no PEM certificate")),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -35,6 +35,16 @@ pub struct RawServer {
     pub body_idle_timeout: Option<Scalar>,
     pub body_timeout: Option<Scalar>,
     pub max_connections_per_ip: Option<usize>,
+    pub http2_max_streams: Option<u32>,
+    pub tls: Option<RawTls>,
+}
+
+/// `server.tls`: PEM files of the certificate chain and its key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +144,10 @@ pub struct RawUpstream {
     #[serde(default)]
     pub paths: BTreeMap<String, String>,
     pub weight: Option<u32>,
+    /// `auto` (ALPN on https), `h2c` (prior knowledge on http) or `off`.
+    pub http2: Option<String>,
+    /// A PEM file of CA certificates trusted for this upstream besides the public roots.
+    pub tls_ca: Option<String>,
     pub token: Option<RawToken>,
     pub rpm: Option<i64>,
     pub rpd: Option<i64>,

@@ -1,19 +1,24 @@
-//! The listener: accepts connections, serves HTTP/1.1 on each, and dispatches a request to
-//! health, models or the proxy. Shutdown stops accepting and lets open exchanges finish.
+//! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 on each (told apart by
+//! the client's first bytes: h2c by prior knowledge, or h2 by ALPN under `server.tls`), and
+//! dispatches a request to health, models or the proxy. Shutdown stops accepting and lets
+//! open exchanges finish. Every connection gets the same guards whatever it speaks: the
+//! per-address cap, a deadline for its first request, drain on shutdown; HTTP/2 adds a cap on
+//! its streams and hyper's limits on header lists and reset floods.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -23,6 +28,7 @@ use crate::admin;
 use crate::gateway::{Current, Gateway};
 use crate::http::body::{Body, json_response};
 use crate::http::error::ApiError;
+use crate::http::tls::Tls;
 use crate::pipeline::access::{Caller, client_ip};
 use crate::pipeline::{forward, models, realtime};
 use crate::protocol::ClientProtocol;
@@ -30,6 +36,26 @@ use crate::pure::limits::Reserve;
 
 /// How long open exchanges may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// An HTTP/1.1 request head must arrive within this; so must a connection's first request,
+/// whatever it speaks (an HTTP/2 client that connects and sends nothing is closed).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// HTTP/2 header lists (decoded) past this are refused: HPACK lets a few bytes on the wire
+/// stand for much more in memory.
+const H2_MAX_HEADER_LIST: u32 = 64 << 10;
+/// Streams a client may open and reset before sluice answers them, and streams sluice may
+/// reset for a client's errors, before the connection is closed: the rapid-reset attack
+/// (CVE-2023-44487) and its cousins cost the attacker the connection.
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_ERROR_RESETS: usize = 256;
+/// Pings on an HTTP/2 connection, and how long one may go unanswered before the
+/// connection is dropped: a client that vanished does not hold its streams.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Flow-control windows: what a client may send ahead of sluice reading it, per stream
+/// and per connection. Bounded, so a client cannot make sluice buffer without end.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,11 +87,37 @@ pub async fn serve_as(
 }
 
 /// Serves whatever gateway `current` holds at each request, so a reload takes effect on
-/// the next request without touching open ones.
+/// the next request without touching open ones. With `server.tls`, over TLS, its
+/// certificate reloaded when its files change (see [`Tls::watch`]).
 pub async fn serve_current(
     listener: TcpListener,
     current: Arc<Current>,
     role: Role,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let tls = current
+        .load()
+        .config
+        .server
+        .tls
+        .as_ref()
+        .map(Tls::new)
+        .transpose()?;
+    let watcher = tls.clone().map(|tls| tokio::spawn(tls.watch()));
+    let served = serve_secured(listener, current, role, tls, shutdown).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    served
+}
+
+/// [`serve_current`] with the TLS side given (`None`: plain HTTP), so listeners can share
+/// one certificate and its watcher.
+pub async fn serve_secured(
+    listener: TcpListener,
+    current: Arc<Current>,
+    role: Role,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?.ip();
@@ -83,10 +135,7 @@ pub async fn serve_current(
         _ => None,
     };
     let per_ip = ConnectionsPerIp::default();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    let builder = Arc::new(edge_builder(&current.load().config.server));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -102,7 +151,8 @@ pub async fn serve_current(
             () = &mut shutdown => break,
         };
         let Ok(slot) = per_ip.admit(&current.load().config.server, peer.ip()) else {
-            tokio::spawn(refuse_connection(stream, peer));
+            // Over TLS a plain-text answer would be noise: the connection is just closed.
+            tokio::spawn(refuse_connection(stream, peer, tls.is_none()));
             continue;
         };
         if let Err(error) = stream.set_nodelay(true) {
@@ -116,7 +166,11 @@ pub async fn serve_current(
         let slot = slot.map(Arc::new);
         let held = slot.clone();
         let session_drain = drain.subscribe();
+        let first_request = Arc::new(AtomicBool::new(false));
+        let asked = first_request.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
+            asked.store(true, Ordering::Relaxed);
+            // Only HTTP/1.1 can switch protocols: HTTP/2 refuses the header.
             if request.headers().contains_key(http::header::UPGRADE) {
                 request.extensions_mut().insert(realtime::HeldConnection {
                     slot: held
@@ -135,24 +189,23 @@ pub async fn serve_current(
                 Ok::<_, Infallible>(handle(&gateway, peer, local, role, request).await)
             })
         });
-        // With upgrades, so a realtime session's connection can switch to WebSocket.
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let mut draining = drain.subscribe();
+        let draining = drain.subscribe();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = async { drop(draining.wait_for(|draining| *draining).await) } => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let connection = Connection {
+                builder: &builder,
+                draining,
+                first_request,
+                peer,
             };
-            if let Err(error) = ended {
-                tracing::debug!(%peer, "connection ended with an error: {error}");
+            match tls {
+                None => connection.serve(stream, service).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => connection.serve(stream, service).await,
+                    Err(error) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
+                },
             }
-            drop(draining);
             drop(slot);
         });
     }
@@ -168,6 +221,84 @@ pub async fn serve_current(
         () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
     }
     Ok(())
+}
+
+/// hyper's connection builder for the edge: HTTP/1.1 (with upgrades) and HTTP/2 on one
+/// port, with the guards above.
+fn edge_builder(server: &crate::config::Server) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(server.http2_max_streams)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(H2_KEEP_ALIVE)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
+    builder
+}
+
+/// One accepted connection being served, TLS or not.
+struct Connection<'b> {
+    builder: &'b auto::Builder<TokioExecutor>,
+    /// Turns true when shutdown begins; held until the connection ends.
+    draining: tokio::sync::watch::Receiver<bool>,
+    /// Set by the service when a request arrives.
+    first_request: Arc<AtomicBool>,
+    peer: SocketAddr,
+}
+
+impl Connection<'_> {
+    /// Serves the connection until it ends: closed when no request came within
+    /// [`HEADER_READ_TIMEOUT`], drained (HTTP/2: `GOAWAY`) when shutdown begins.
+    async fn serve<IO, S>(self, io: IO, service: S)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Connection {
+            builder,
+            mut draining,
+            first_request,
+            peer,
+        } = self;
+        // With upgrades, so a realtime session's connection can switch to WebSocket.
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let silent = async {
+            tokio::time::sleep(HEADER_READ_TIMEOUT).await;
+            if first_request.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            () = async { drop(draining.wait_for(|draining| *draining).await) } => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            () = silent => {
+                tracing::debug!(%peer, "no request within {HEADER_READ_TIMEOUT:?}; closing");
+                Ok(())
+            }
+        };
+        if let Err(error) = ended {
+            tracing::debug!(%peer, "connection ended with an error: {error}");
+        }
+    }
 }
 
 /// Open connections per client address, so one address cannot take every file descriptor.
@@ -222,12 +353,16 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Answers a connection over its address's cap with a 429 and closes it.
-async fn refuse_connection(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+/// Answers a connection over its address's cap with a 429 and closes it (closes it alone
+/// when `answer` is false: over TLS).
+async fn refuse_connection(mut stream: tokio::net::TcpStream, peer: SocketAddr, answer: bool) {
     use tokio::io::AsyncWriteExt;
     static WARN: crate::clock::Throttle = crate::clock::Throttle::new(Duration::from_secs(10));
     if WARN.ready() {
         tracing::warn!(client = %peer.ip(), "too many open connections from one address; refusing more (server.max_connections_per_ip)");
+    }
+    if !answer {
+        return;
     }
     let body = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,

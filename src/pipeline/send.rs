@@ -120,10 +120,13 @@ pub async fn outgoing(
         translated.as_ref().map(|(_, m, s)| (m.as_str(), *s)),
     )?;
     let url = upstream.url(&path, query.as_deref());
-    let mut request = upstream
-        .client
-        .request(x.parts.method.clone(), url)
-        .headers(headers);
+    // A handshake needs a connection of its own: HTTP/1.1, whatever the upstream's `http2`.
+    let client = if x.websocket {
+        upstream.upgrade_client()
+    } else {
+        &upstream.client
+    };
+    let mut request = client.request(x.parts.method.clone(), url).headers(headers);
     if let Some((body, _, _)) = translated {
         let body = Bytes::from(body);
         // Field aliases still apply, to the body the upstream reads.

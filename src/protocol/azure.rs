@@ -151,6 +151,8 @@ mod tests {
             weight: 1,
             token: None,
             limits: Default::default(),
+            http2: Default::default(),
+            tls_ca: None,
         }
     }
 

@@ -799,6 +799,8 @@ mod tests {
                 rpd: Some(1),
                 ..Limits::default()
             },
+            http2: Default::default(),
+            tls_ca: None,
         };
         assert_eq!(limiter.check_upstream(&upstream, T), None);
         assert!(limiter.take_upstream(&upstream, T));

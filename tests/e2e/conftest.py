@@ -31,8 +31,9 @@ class Process:
         self.log = []
         for line in self.proc.stdout:
             self.log.append(line)
-            if "listening on http://" in line:
-                self.address = line.split("listening on http://", 1)[1].split("/")[0].split()[0]
+            # `https://` when the gateway terminates TLS (server.tls).
+            if "listening on http://" in line or "listening on https://" in line:
+                self.address = line.split("listening on http", 1)[1].split("://", 1)[1].split("/")[0].split()[0]
                 break
         if self.address is None:
             raise RuntimeError("process did not start:\n" + "".join(self.log))
