@@ -90,6 +90,7 @@ enum Command {
         rows: usize,
         #[arg(long, default_value_t = 512)]
         batch: usize,
+    },
     /// The listener over HTTP/1.1 or HTTP/2 (h2c, or ALPN with TLS): latency at c=1 and
     /// req/s at a fixed concurrency, one client for every protocol (bench/src/h2.rs).
     Http {
