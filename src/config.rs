@@ -615,11 +615,13 @@ pub struct Upstream {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http2Mode {
     /// HTTP/2 when a TLS upstream offers it by ALPN; HTTP/1.1 on plain `http://`.
-    #[default]
     Auto,
     /// HTTP/2 with prior knowledge on plain `http://` (h2c), for upstreams known to speak it.
     H2c,
-    /// HTTP/1.1 only.
+    /// HTTP/1.1 only, the default: hyper's HTTP/2 pool keeps one connection per host and
+    /// queues requests past the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (often 100–250),
+    /// which would stall a gateway's thousands of long streams to one provider.
+    #[default]
     Off,
 }
 

@@ -933,13 +933,13 @@ fn resolve_upstream(
     }
 
     let http2 = match raw.http2.as_deref().map(str::trim) {
-        None => Http2Mode::Auto,
+        None => Http2Mode::Off,
         Some(text) => Http2Mode::parse(text).unwrap_or_else(|| {
             problems.push(Problem::new(
                 format!("{path}.http2"),
                 format!("{text:?} is not one of {}", Http2Mode::NAMES.join(", ")),
             ));
-            Http2Mode::Auto
+            Http2Mode::Off
         }),
     };
     if http2 == Http2Mode::H2c && !base_url.starts_with("http://") {
@@ -2063,7 +2063,8 @@ mod tests {
                 "server: {{tls: {{cert: '{fixtures}/a.pem', key: '{fixtures}/a.key'}}, http2_max_streams: 64}}
 upstreams:
   - {{name: a, base_url: 'http://127.0.0.1:9', http2: h2c}}
-  - {{name: b, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/ca.pem'}}
+  - {{name: b, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/ca.pem', http2: auto}}
+  - {{name: d, base_url: 'https://127.0.0.1:9'}}
   - {{name: c, base_url: 'https://127.0.0.1:9', http2: 'off'}}"
             ),
             &[],
@@ -2073,7 +2074,10 @@ upstreams:
         assert!(tls.cert.ends_with("a.pem") && tls.key.ends_with("a.key"));
         assert_eq!(config.server.http2_max_streams, 64);
         let modes: Vec<Http2Mode> = config.upstreams.iter().map(|u| u.http2).collect();
-        assert_eq!(modes, [Http2Mode::H2c, Http2Mode::Auto, Http2Mode::Off]);
+        assert_eq!(
+            modes,
+            [Http2Mode::H2c, Http2Mode::Auto, Http2Mode::Off, Http2Mode::Off]
+        );
         assert!(config.upstreams[1].tls_ca.is_some());
 
         let found = problems(&format!(
