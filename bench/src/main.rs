@@ -15,9 +15,9 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+mod h2;
 mod logwrite;
 mod soak;
-mod h2;
 
 #[derive(Parser)]
 struct Cli {

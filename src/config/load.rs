@@ -2076,7 +2076,12 @@ upstreams:
         let modes: Vec<Http2Mode> = config.upstreams.iter().map(|u| u.http2).collect();
         assert_eq!(
             modes,
-            [Http2Mode::H2c, Http2Mode::Auto, Http2Mode::Off, Http2Mode::Off]
+            [
+                Http2Mode::H2c,
+                Http2Mode::Auto,
+                Http2Mode::Off,
+                Http2Mode::Off
+            ]
         );
         assert!(config.upstreams[1].tls_ca.is_some());
 
