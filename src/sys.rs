@@ -1,36 +1,21 @@
 //! The few operating-system calls std does not offer. The only `unsafe` in sluice.
 
 /// Sets the calling thread's nice value (0 normal, 19 lowest), so background work such as
-/// the log writer yields to request handling. Best effort: `false` if refused (lowering it
-/// again needs `CAP_SYS_NICE` or `RLIMIT_NICE`), or on other systems.
+/// the log writer yields a little to request handling without being starved by it. Best
+/// effort: on other systems, or if refused, nothing changes.
 #[allow(unsafe_code)]
-pub fn set_thread_nice(nice: i32) -> bool {
+pub fn set_thread_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its integer arguments. On Linux, PRIO_PROCESS with
         // who = 0 applies to the calling thread alone.
         let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
         if result != 0 {
-            tracing::debug!("cannot set a thread's nice value to {nice}");
+            tracing::debug!("cannot set the log writer's priority");
         }
-        result == 0
     }
     #[cfg(not(target_os = "linux"))]
-    {
-        let _ = nice;
-        false
-    }
-}
-
-/// Whether a thread may lower its nice value from `from` back to `to` (a thread of this
-/// process tries it, then ends).
-pub fn can_lower_nice(from: i32, to: i32) -> bool {
-    std::thread::Builder::new()
-        .name("sluice-nice-probe".into())
-        .spawn(move || set_thread_nice(from) && set_thread_nice(to))
-        .ok()
-        .and_then(|probe| probe.join().ok())
-        .unwrap_or(false)
+    let _ = nice;
 }
 
 /// The time slice request-handling threads ask for (see [`request_short_slices`]): the

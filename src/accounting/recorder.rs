@@ -3,8 +3,7 @@
 //! A request builds a [`Pending`] record as it goes (cheap: clones of headers and copied
 //! body chunks, no parsing) and hands it to [`Recorder::submit`], which never blocks.
 //!
-//! Two stages, each on a thread of its own (the accountant at normal priority, the writer
-//! yielding to requests until its backlog grows, see `WRITER_NICE_IDLE`):
+//! Two stages, each on a thread of its own at normal priority:
 //! - the *accountant* takes every record, whatever the load: it works out usage, cost and
 //!   reassembled streams, settles tokens into the limiter (and Redis), feeds metrics and
 //!   traces, and merges the record's counter deltas into the backlog;
@@ -65,18 +64,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// With `overflow: backpressure`, how long a request waits for room in the log before it
 /// is refused (503 `log_backlog`).
 const ROOM_WAIT: Duration = Duration::from_secs(30);
-/// The writer's nice value while it keeps up: a request that wakes up on the gateway's
-/// core takes the core from it at once (at nice 0 a batch ran out its time slice first,
-/// the tail of every request that arrived meanwhile), yet it still gets a tenth of a
-/// busy core.
-const WRITER_NICE_IDLE: i32 = 10;
-/// The writer's nice value once its backlog passes [`CATCH_UP_FROM`] of `storage.queue`:
-/// an equal share of the core, so a long burst is written rather than shed.
-const WRITER_NICE_CATCH_UP: i32 = 0;
-/// Backlog (fraction of `storage.queue`) past which the writer catches up at
-/// [`WRITER_NICE_CATCH_UP`], and under which it yields again.
-const CATCH_UP_FROM: f64 = 0.2;
-const CATCH_UP_UNTIL: f64 = 0.05;
+/// The writer's nice value: it yields a little to request handling, but is never starved.
+const WRITER_NICE: i32 = 0;
 
 /// Paths whose answers carry token usage: a fact of the client's protocol.
 pub fn counts_tokens(path: &str) -> bool {
@@ -1057,13 +1046,7 @@ impl Writer {
     /// The writer's loop: take a batch, write it (or wait out an outage), and apply
     /// retention every [`RETENTION_EVERY`]; ends once stopping with nothing left.
     fn run(self) {
-        // Where the writer could not take its share back (no `CAP_SYS_NICE` or
-        // `RLIMIT_NICE`), it keeps an equal share throughout.
-        let mut catching_up = !crate::sys::can_lower_nice(WRITER_NICE_IDLE, WRITER_NICE_CATCH_UP);
-        if !catching_up {
-            crate::sys::set_thread_nice(WRITER_NICE_IDLE);
-        }
-        let adaptive = !catching_up;
+        crate::sys::set_thread_nice(WRITER_NICE);
         self.retain();
         let mut last_retention = Instant::now();
         let mut outage = Outage {
@@ -1071,9 +1054,6 @@ impl Writer {
             since: None,
         };
         while let Some(batch) = self.take() {
-            if adaptive {
-                self.pace(&mut catching_up);
-            }
             let (through, taken) = (batch.through, batch.taken);
             match self.write(batch) {
                 Ok(()) => {
@@ -1091,26 +1071,6 @@ impl Writer {
                 last_retention = Instant::now();
                 self.retain();
             }
-        }
-    }
-
-    /// Yields the core to requests while the backlog is short; takes an equal share of it
-    /// while the backlog is long (with hysteresis, so the priority changes once per burst).
-    fn pace(&self, catching_up: &mut bool) {
-        let queued = self.stats.queued.load(Ordering::Relaxed) as f64;
-        let capacity = self.capacity as f64;
-        let next = if *catching_up {
-            queued > capacity * CATCH_UP_UNTIL
-        } else {
-            queued > capacity * CATCH_UP_FROM
-        };
-        if next != *catching_up {
-            *catching_up = next;
-            crate::sys::set_thread_nice(if next {
-                WRITER_NICE_CATCH_UP
-            } else {
-                WRITER_NICE_IDLE
-            });
         }
     }
 
