@@ -180,7 +180,7 @@ saturation() {
     local after; after=$(cpu_ticks "$pid")
     R[$name.cpu]=$(awk -v t=$((after - before)) -v hz="$ticks_per_sec" -v n="$total" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
     echo "   CPU per request: ${R[$name.cpu]} µs"
-    [ -n "$written0" ] && log_kept "$name" "$base" burst
+    if [ -n "$written0" ]; then log_kept "$name" "$base" burst; fi
   fi
 }
 

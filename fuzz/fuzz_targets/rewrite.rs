@@ -39,6 +39,8 @@ fn upstream(model_map: HashMap<String, String>, field_aliases: Vec<(String, Stri
         weight: 1,
         token: None,
         limits: Limits::default(),
+        http2: Default::default(),
+        tls_ca: None,
     }
 }
 
