@@ -423,7 +423,7 @@ YAML
   done
 
   fixtures=$root/tests/fixtures/tls
-  sed "s#max_connections_per_ip: 0}#max_connections_per_ip: 0, tls: {cert: '$fixtures/a.pem', key: '$fixtures/a.key'}}#" "$work/bare.yaml" > "$work/bare-tls.yaml"
+  sed "s#^server: {\(.*\)}\$#server: {\1, tls: {cert: '$fixtures/a.pem', key: '$fixtures/a.key'}}#" "$work/bare.yaml" > "$work/bare-tls.yaml"
   for listener in plain tls; do
     config=$work/bare.yaml; base=http://127.0.0.1:18000
     [ "$listener" = tls ] && { config=$work/bare-tls.yaml; base=https://localhost:18000; }
