@@ -9,17 +9,26 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-/// How a run speaks to the listener.
+/// How a run speaks to the listener, as its command line gives it.
+#[derive(clap::Args)]
 pub struct Options {
+    #[arg(long)]
     pub url: String,
+    #[arg(long, default_value_t = 3000)]
     pub requests: usize,
+    #[arg(long, default_value_t = 300)]
     pub warmup: usize,
+    #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    #[arg(long)]
     pub key: Option<String>,
+    #[arg(long)]
     pub body: String,
     /// `1` (HTTP/1.1) or `2` (h2c on http://, ALPN h2 on https://).
+    #[arg(long, default_value_t = 2)]
     pub http: u8,
     /// A PEM CA to trust for an https:// URL.
+    #[arg(long)]
     pub ca: Option<String>,
 }
 

@@ -93,26 +93,7 @@ enum Command {
     },
     /// The listener over HTTP/1.1 or HTTP/2 (h2c, or ALPN with TLS): latency at c=1 and
     /// req/s at a fixed concurrency, one client for every protocol (bench/src/h2.rs).
-    Http {
-        #[arg(long)]
-        url: String,
-        #[arg(long, default_value_t = 3000)]
-        requests: usize,
-        #[arg(long, default_value_t = 300)]
-        warmup: usize,
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long)]
-        body: String,
-        /// 1 or 2.
-        #[arg(long, default_value_t = 2)]
-        http: u8,
-        /// A PEM CA to trust for an https:// URL.
-        #[arg(long)]
-        ca: Option<String>,
-    },
+    Http(h2::Options),
     /// Concurrent SSE streams, each on its own connection, checked frame by frame.
     Streams {
         #[arg(long)]
@@ -132,26 +113,7 @@ enum Command {
     },
     /// The soak run's mixed load (plain, streams, upstream errors, cut and cancelled
     /// streams) at a fixed rate, with the gateway's memory and files each minute.
-    Soak {
-        /// The gateway's base URL.
-        #[arg(long)]
-        url: String,
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long, default_value_t = 200)]
-        rate: u64,
-        #[arg(long, default_value_t = 30)]
-        minutes: u64,
-        #[arg(long, default_value_t = 32)]
-        connections: usize,
-        /// The gateway's process id (its memory and open files are read from /proc).
-        #[arg(long)]
-        pid: u32,
-        #[arg(long, default_value_t = 5)]
-        warmup_minutes: u64,
-        #[arg(long, default_value_t = 1024)]
-        limit_kib: u64,
-    },
+    Soak(soak::Soak),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -201,50 +163,8 @@ fn main() -> anyhow::Result<()> {
                 key,
                 body,
             } => streams(&url, count, chunks, ramp, key, body).await,
-            Command::Soak {
-                url,
-                key,
-                rate,
-                minutes,
-                connections,
-                pid,
-                warmup_minutes,
-                limit_kib,
-            } => {
-                soak::run(soak::Soak {
-                    url,
-                    key,
-                    rate,
-                    minutes,
-                    connections,
-                    pid,
-                    warmup_minutes,
-                    limit_kib,
-                })
-                .await
-            }
-            Command::Http {
-                url,
-                requests,
-                warmup,
-                concurrency,
-                key,
-                body,
-                http,
-                ca,
-            } => {
-                h2::run(h2::Options {
-                    url,
-                    requests,
-                    warmup,
-                    concurrency,
-                    key,
-                    body,
-                    http,
-                    ca,
-                })
-                .await
-            }
+            Command::Soak(soak) => soak::run(soak).await,
+            Command::Http(options) => h2::run(options).await,
         }
     })
 }

@@ -58,18 +58,28 @@ struct Counts {
     unexpected: AtomicU64,
 }
 
-/// Options of one soak run.
+/// Options of one soak run, as its command line gives them.
+#[derive(clap::Args)]
 pub struct Soak {
+    /// The gateway's base URL.
+    #[arg(long)]
     pub url: String,
+    #[arg(long)]
     pub key: Option<String>,
+    #[arg(long, default_value_t = 200)]
     pub rate: u64,
+    #[arg(long, default_value_t = 30)]
     pub minutes: u64,
+    #[arg(long, default_value_t = 32)]
     pub connections: usize,
-    /// The gateway's process, whose memory and files are sampled.
+    /// The gateway's process id (its memory and open files are read from /proc).
+    #[arg(long)]
     pub pid: u32,
     /// Growth is measured from the end of this minute (the warm-up) to the end.
+    #[arg(long, default_value_t = 5)]
     pub warmup_minutes: u64,
-    /// Growth above this fails the run.
+    /// Growth above this (KiB) fails the run.
+    #[arg(long, default_value_t = 1024)]
     pub limit_kib: u64,
 }
 
