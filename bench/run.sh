@@ -340,6 +340,17 @@ YAML
   exit 0
 fi
 
+# anthropic_table: the OpenAI client against the Anthropic client through bare (--anthropic
+# and --anthropic-only print the same rows).
+anthropic_table() {
+  echo "| figure | OpenAI client | Anthropic client (translated) | translation adds |"
+  echo "|---|---|---|---|"
+  echo "| latency at c=1, p50 / p99 (µs) | ${R[bare.p50]} / ${R[bare.p99]} | ${R[anthropic.p50]} / ${R[anthropic.p99]} | $(sub "${R[anthropic.p50]}" "${R[bare.p50]}") / $(sub "${R[anthropic.p99]}" "${R[bare.p99]}") |"
+  echo "| sluice CPU per request (µs) | ${R[bare.cpu]} | ${R[anthropic.cpu]} | $(sub "${R[anthropic.cpu]}" "${R[bare.cpu]}") |"
+  echo "| req/s at saturation | ${R[bare.rps]} | ${R[anthropic.rps]} | — |"
+  echo "| TTFT p50 / p99 (µs), 64-chunk streams | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[anthropic.ttft50]} / ${R[anthropic.ttft99]} | $(sub "${R[anthropic.ttft50]}" "${R[bare.ttft50]}") / $(sub "${R[anthropic.ttft99]}" "${R[bare.ttft99]}") |"
+}
+
 # Only the translation comparison: bare with each client, then translation in process.
 if [ "$anthropic_only" = 1 ]; then
   sed "s/19000/19001/g" "$work/bare.yaml" > "$work/bare-ttft.yaml"
@@ -361,12 +372,7 @@ if [ "$anthropic_only" = 1 ]; then
   {
     echo "sluice translation benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1), bare config."
     echo
-    echo "| figure | OpenAI client | Anthropic client (translated) | difference |"
-    echo "|---|---|---|---|"
-    echo "| latency at c=1, p50 / p99 (µs) | ${R[bare.p50]} / ${R[bare.p99]} | ${R[anthropic.p50]} / ${R[anthropic.p99]} | $(sub "${R[anthropic.p50]}" "${R[bare.p50]}") / $(sub "${R[anthropic.p99]}" "${R[bare.p99]}") |"
-    echo "| sluice CPU per request (µs) | ${R[bare.cpu]} | ${R[anthropic.cpu]} | $(sub "${R[anthropic.cpu]}" "${R[bare.cpu]}") |"
-    echo "| req/s at saturation | ${R[bare.rps]} | ${R[anthropic.rps]} | |"
-    echo "| TTFT p50 / p99 (µs), 64-chunk streams | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[anthropic.ttft50]} / ${R[anthropic.ttft99]} | $(sub "${R[anthropic.ttft50]}" "${R[bare.ttft50]}") / $(sub "${R[anthropic.ttft99]}" "${R[bare.ttft99]}") |"
+    anthropic_table
     echo
     echo "Translation in process, ns (Anthropic request to OpenAI / plain answer back / 18-event stream back): $translate_line"
   } | tee "$out/anthropic.md"
@@ -556,12 +562,7 @@ done
     echo
     echo "Anthropic client (/v1/messages) through bare to the OpenAI mock, translated both ways:"
     echo
-    echo "| figure | bare (OpenAI client) | bare (Anthropic client) | translation adds |"
-    echo "|---|---|---|---|"
-    echo "| latency at c=1, p50 / p99 (µs) | ${R[bare.p50]} / ${R[bare.p99]} | ${R[anthropic.p50]} / ${R[anthropic.p99]} | $(sub "${R[anthropic.p50]}" "${R[bare.p50]}") / $(sub "${R[anthropic.p99]}" "${R[bare.p99]}") |"
-    echo "| sluice CPU per request (µs) | ${R[bare.cpu]} | ${R[anthropic.cpu]} | $(sub "${R[anthropic.cpu]}" "${R[bare.cpu]}") |"
-    echo "| throughput at saturation, req/s | ${R[bare.rps]} | ${R[anthropic.rps]} | — |"
-    echo "| TTFT p50 / p99 (µs) | ${R[bare.ttft50]} / ${R[bare.ttft99]} | ${R[anthropic.ttft50]} / ${R[anthropic.ttft99]} | $(sub "${R[anthropic.ttft50]}" "${R[bare.ttft50]}") / $(sub "${R[anthropic.ttft99]}" "${R[bare.ttft99]}") |"
+    anthropic_table
   fi
 } | tee "$out/latest.md"
 
