@@ -191,8 +191,15 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn memory_freed_in_small_pieces_shows_as_free_heap() {
+        // The free heap is the whole process's, and other tests allocate and free beside
+        // this one: a round they disturbed is tried again, up to three times.
+        let grew = (0..3).map(|_| freed_heap_growth()).max().unwrap_or(0);
+        assert!(grew >= 16 << 20, "only {grew} bytes more free heap");
+    }
+
+    fn freed_heap_growth() -> usize {
         // Run on a thread of its own so the allocations stay in one arena.
-        let grew = std::thread::spawn(|| {
+        std::thread::spawn(|| {
             let before = free_heap_bytes().unwrap_or(0);
             // Every other piece stays, so the freed ones cannot merge back into the top
             // of the heap (which glibc hands back by itself).
@@ -204,8 +211,7 @@ mod tests {
             after.saturating_sub(before)
         })
         .join()
-        .unwrap_or(0);
-        assert!(grew >= 16 << 20, "only {grew} bytes more free heap");
+        .unwrap_or(0)
     }
 
     #[test]
