@@ -1,12 +1,14 @@
 -- Fills a sluice PostgreSQL request log with :rows synthetic requests spread over the last
 -- 30 days (the shape `sluice-bench log` writes through the store), and the hourly rollups
 -- the dashboard's statistics read. Server-side, so ten million rows take minutes rather
--- than the hour the row-by-row writer would. Replaces whatever the log held.
+-- than the hour the row-by-row writer would. Replaces whatever the log held. Every row's
+-- search text goes straight into `requests` and the trigram index (the search indexer's
+-- backlog is left empty).
 --   psql URL -v rows=10000000 -f bench/fill_postgres.sql      (bench/log_postgres.sh runs it)
 \set ON_ERROR_STOP on
 SET maintenance_work_mem = '1GB';
 SET synchronous_commit = off;
-TRUNCATE requests, rollup_hourly, rollup_latency;
+TRUNCATE requests, search_backlog, rollup_hourly, rollup_latency;
 -- Maintaining the trigram index row by row is the slow part; it is rebuilt at the end.
 DROP INDEX IF EXISTS requests_search_trgm;
 

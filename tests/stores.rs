@@ -221,6 +221,88 @@ async fn sqlite_and_postgres_answer_alike() {
     }
 }
 
+/// The PostgreSQL writer leaves new rows' search text in a backlog that an indexer moves
+/// into the trigram index later: a row just written is found before the indexer ran, and
+/// the same rows after, by either path of a search (the newest rows, or the index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_row_is_found_by_search_before_and_after_the_indexer_moves_it() {
+    use sluice::store::postgres::PostgresStore;
+    let url = common::fresh_postgres_database().await;
+    let now_ms = sluice::clock::unix_now_ms();
+    let records: Vec<LogRecord> = (0..ROWS).map(|i| record(i, now_ms)).collect();
+    let searches = [
+        query(|q| q.search = Some("lighthouses".into())),
+        query(|q| q.search = Some("Question 59".into())),
+        query(|q| q.search = Some("ZEPPELIN-harbour".into())),
+        query(|q| {
+            q.search = Some("zeppelin-harbour".into());
+            q.model = Some("gpt-4o-mini".into());
+        }),
+        query(|q| q.search = Some("Question 123 ".into())),
+        query(|q| q.search = Some("req_00005999".into())),
+        query(|q| q.search = Some("50%_off".into())),
+    ];
+    let (before, backlog, moved, after, left) = tokio::task::spawn_blocking(move || {
+        let store = PostgresStore::open_without_indexer(&url).unwrap();
+        for batch in records.chunks(1000) {
+            store.write(batch, &[]).unwrap();
+        }
+        let answer = |store: &PostgresStore| -> Vec<Vec<String>> {
+            searches
+                .iter()
+                .map(|q| ids(&serde_json::to_value(store.list(q).unwrap()).unwrap()))
+                .collect()
+        };
+        let before = answer(&store);
+        let backlog = store.backlog().unwrap();
+        let moved = store.index_backlog().unwrap();
+        let after = answer(&store);
+        (before, backlog, moved, after, store.backlog().unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        backlog, ROWS as u64,
+        "no row was indexed before the indexer ran"
+    );
+    assert_eq!(moved, ROWS as u64);
+    assert_eq!(left, 0, "the indexer emptied the backlog");
+    assert_eq!(before, after, "the same rows before and after indexing");
+    assert_eq!(
+        before[2],
+        ["req_00000002", "req_00000001", "req_00000000"],
+        "the oldest rows' rare phrase"
+    );
+    assert_eq!(before[3], ["req_00000001"], "with another filter");
+    assert_eq!(before[5], ["req_00005999"], "the newest row");
+    assert_eq!(before[0].len(), 50, "a page of a common term");
+    assert!(before[6].is_empty());
+}
+
+/// Without being asked, the PostgreSQL store's indexer empties the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_search_indexer_catches_up_by_itself() {
+    use sluice::store::postgres::PostgresStore;
+    let url = common::fresh_postgres_database().await;
+    let now_ms = sluice::clock::unix_now_ms();
+    let left = tokio::task::spawn_blocking(move || {
+        let store = PostgresStore::open(&url).unwrap();
+        let records: Vec<LogRecord> = (0..3_000).map(|i| record(i, now_ms)).collect();
+        store.write(&records, &[]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let left = store.backlog().unwrap();
+            if left == 0 || std::time::Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "rows still waiting for the indexer after 20 s");
+}
+
 /// Runs `ask` on both stores (off the runtime: the stores are synchronous).
 async fn both<T: Send + 'static>(
     sqlite: &Arc<dyn Store>,
