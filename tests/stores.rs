@@ -303,6 +303,78 @@ async fn the_postgres_search_indexer_catches_up_by_itself() {
     assert_eq!(left, 0, "rows still waiting for the indexer after 20 s");
 }
 
+/// When PostgreSQL drops every connection (a restart, say), the search indexer comes back
+/// by itself, as the writer does, and indexes what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_search_indexer_heals_after_its_connection_is_cut() {
+    use sluice::store::postgres::PostgresStore;
+    use std::time::{Duration, Instant};
+    let url = common::fresh_postgres_database().await;
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let now_ms = sluice::clock::unix_now_ms();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || PostgresStore::open(&url).unwrap())
+            .await
+            .unwrap(),
+    );
+    // Retries while the store reconnects; `None` after 20 s.
+    async fn until<T: Send + 'static>(
+        store: &Arc<PostgresStore>,
+        ask: impl Fn(&PostgresStore) -> anyhow::Result<Option<T>> + Send + Sync + 'static,
+    ) -> Option<T> {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(done)) = ask(&store) {
+                    return Some(done);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        })
+        .await
+        .unwrap()
+    }
+    let written = |from: usize| {
+        move |store: &PostgresStore| {
+            let records: Vec<LogRecord> = (from..from + 1_000).map(|i| record(i, now_ms)).collect();
+            store.write(&records, &[]).map(Some)
+        }
+    };
+    let indexed = |store: &PostgresStore| Ok(store.backlog()?.eq(&0).then_some(()));
+    assert!(until(&store, written(0)).await.is_some());
+    assert!(until(&store, indexed).await.is_some(), "indexed at first");
+
+    let cut: i64 = admin
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 2, "the writer's and the indexer's connections");
+    assert!(
+        until(&store, written(1_000)).await.is_some(),
+        "the writer came back"
+    );
+    assert!(
+        until(&store, indexed).await.is_some(),
+        "the indexer came back and indexed the rows written since"
+    );
+    let unindexed: i64 = admin
+        .query_one("SELECT COUNT(*) FROM requests WHERE search_text = ''", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unindexed, 0);
+}
+
 /// Runs `ask` on both stores (off the runtime: the stores are synchronous).
 async fn both<T: Send + 'static>(
     sqlite: &Arc<dyn Store>,
