@@ -202,11 +202,22 @@ fn filters(query: &ListQuery) -> (String, Vec<Param>) {
 /// `requests` once the indexer has moved it there (found through the trigram index), or
 /// its text still waiting in `search_backlog` (scanned; the backlog holds the last moments'
 /// rows). One statement sees one snapshot, so a row the indexer moves meanwhile is seen in
-/// exactly one of the two places: the search stays exact.
+/// exactly one of the two places: the search stays exact. The backlog's matches as an
+/// array let PostgreSQL OR the trigram index's bitmap with the primary key's.
 fn text_matches(placeholder: &str) -> String {
     format!(
         "(search_text LIKE {placeholder} OR id = ANY(ARRAY(\
          SELECT id FROM search_backlog WHERE search_text LIKE {placeholder})))"
+    )
+}
+
+/// [`text_matches`] for rows already at hand (the newest rows a search looks through):
+/// the backlog's matches as a hashed set, as each row is looked up in it (an array is
+/// searched linearly: 5,000 rows against a backlog of 50,000 took 0.23 s, the set 0.06 s).
+fn text_matches_among(placeholder: &str) -> String {
+    format!(
+        "(search_text LIKE {placeholder} OR id IN (\
+         SELECT id FROM search_backlog WHERE search_text LIKE {placeholder}))"
     )
 }
 
@@ -231,7 +242,7 @@ async fn search(
          SELECT (SELECT COUNT(*) FROM recent), ARRAY(SELECT id FROM recent WHERE {} \
          ORDER BY ts DESC, id DESC LIMIT {limit} OFFSET {offset})",
         super::SEARCH_RECENT_ROWS,
-        text_matches(&format!("${}", values.len()))
+        text_matches_among(&format!("${}", values.len()))
     );
     let row = client.query_one(&recent, &params(&values)).await?;
     let (scanned, ids): (i64, Vec<String>) = (row.get(0), row.get(1));
