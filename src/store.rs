@@ -1240,16 +1240,7 @@ pub fn rollup_upsert_sql(table: &str, keys: &str, mark: &str) -> String {
 /// lowercased. Built into one string (the log writer makes one per row): ASCII text, the
 /// usual case, is lowercased in place.
 pub fn search_text(r: &LogRecord) -> String {
-    const BODY_LIMIT: usize = 64 * 1024;
-    fn clip(text: &Option<String>) -> &str {
-        let text = text.as_deref().unwrap_or("");
-        let mut end = text.len().min(BODY_LIMIT);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        &text[..end]
-    }
-    let parts = [
+    search_text_of([
         r.id.as_str(),
         r.path.as_str(),
         r.model.as_deref().unwrap_or(""),
@@ -1258,16 +1249,46 @@ pub fn search_text(r: &LogRecord) -> String {
         r.upstream.as_deref().unwrap_or(""),
         r.user.as_deref().unwrap_or(""),
         r.error.as_deref().unwrap_or(""),
-        clip(&r.request_body),
-        clip(&r.response_body),
-        clip(&r.reply_text),
-    ];
-    let mut text = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        r.request_body.as_deref().unwrap_or(""),
+        r.response_body.as_deref().unwrap_or(""),
+        r.reply_text.as_deref().unwrap_or(""),
+    ])
+}
+
+/// The fields [`search_text_of`] takes, in its order, as the SQL log's columns: a store
+/// that builds the text from stored rows (SQLite's search indexer and its scan of the rows
+/// not yet indexed) builds exactly what [`search_text`] builds from the record.
+pub const SEARCH_TEXT_COLUMNS: [&str; 11] = [
+    "id",
+    "path",
+    "model",
+    "upstream_model",
+    "key_name",
+    "upstream",
+    "end_user",
+    "error",
+    "request_body",
+    "response_body",
+    "reply_text",
+];
+
+/// [`search_text`] from the fields named in [`SEARCH_TEXT_COLUMNS`] (absent ones empty);
+/// the last three (the bodies and the reply) are clipped to 64 KiB.
+pub fn search_text_of(parts: [&str; 11]) -> String {
+    const BODY_LIMIT: usize = 64 * 1024;
+    fn clip(text: &str) -> &str {
+        let mut end = text.len().min(BODY_LIMIT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
+    }
+    let mut text = String::with_capacity(parts.iter().map(|p| p.len().min(BODY_LIMIT) + 1).sum());
     for (n, part) in parts.into_iter().enumerate() {
         if n > 0 {
             text.push('\n');
         }
-        text.push_str(part);
+        text.push_str(if n >= 8 { clip(part) } else { part });
     }
     if text.is_ascii() {
         text.make_ascii_lowercase();

@@ -682,27 +682,39 @@ async fn a_log_from_before_migration_6_keeps_its_search_with_the_lighter_index()
         .unwrap()
         .write(&records, &[])
         .unwrap();
-    // As a sluice before migration 6 left it: the index with positions, version 5.
+    // As a sluice before migration 6 left it: the index with positions, in the log's
+    // file, version 5.
     let old = rusqlite::Connection::open(&path).unwrap();
     old.execute_batch(
-        "CREATE VIRTUAL TABLE search_5 USING fts5(id UNINDEXED, text, tokenize = 'trigram');
-         INSERT INTO search_5 (rowid, id, text) SELECT rowid, id, text FROM requests_search;
-         DROP TABLE requests_search;
-         ALTER TABLE search_5 RENAME TO requests_search;
+        "CREATE VIRTUAL TABLE requests_search USING fts5(id UNINDEXED, text, tokenize = 'trigram');
+         DROP TABLE search_epoch;
          PRAGMA user_version = 5;",
     )
     .unwrap();
-    drop(old);
-    let store = sluice::store::open(&url).unwrap();
-    let schema: String = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row(
-            "SELECT sql FROM sqlite_master WHERE name = 'requests_search'",
-            [],
-            |row| row.get(0),
+    for record in &records {
+        old.execute(
+            "INSERT INTO requests_search (rowid, id, text) SELECT rowid, id, ?2 FROM requests WHERE id = ?1",
+            rusqlite::params![record.id, sluice::store::search_text(record)],
         )
         .unwrap();
-    assert!(schema.contains("detail = none"), "{schema}");
+    }
+    drop(old);
+    let store = sluice::store::sqlite::SqliteStore::open(path.to_str().unwrap()).unwrap();
+    // Moved into the index's own file, lighter, whole: nothing left to index.
+    let schema = |file: &str| -> Option<String> {
+        rusqlite::Connection::open(file)
+            .unwrap()
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'requests_search'",
+                [],
+                |row| row.get(0),
+            )
+            .ok()
+    };
+    assert_eq!(schema(path.to_str().unwrap()), None);
+    let moved = schema(&sluice::store::sqlite::search_path(path.to_str().unwrap())).unwrap();
+    assert!(moved.contains("detail = none"), "{moved}");
+    assert_eq!(store.search_backlog().unwrap(), 0);
     for (search, id) in [
         ("LIGHTHOUSE-31-keeper", "chatcmpl-roundtrip-00031"),
         ("lighthouse-5098-KEEPER", "chatcmpl-roundtrip-05098"),

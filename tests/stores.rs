@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use sluice::store::{ListQuery, LogRecord, Store};
@@ -466,13 +467,13 @@ async fn a_sqlite_log_from_an_earlier_version_is_migrated_at_start() {
         .unwrap()
         .write(&records, &[])
         .unwrap();
-    // As the version before migration 1 wrote it: search rows numbered on their own, in
-    // their original case.
+    // As the version before migration 1 wrote it: the index in the log's own file, search
+    // rows numbered on their own, in their original case.
     let connection = rusqlite::Connection::open(&path).unwrap();
     connection
         .execute_batch(
             "UPDATE requests SET request_body = request_body || ' MixedCase-Marker' WHERE id = 'req_00000001';
-             DELETE FROM requests_search;
+             CREATE VIRTUAL TABLE requests_search USING fts5(id UNINDEXED, text, tokenize = 'trigram');
              INSERT INTO requests_search (rowid, id, text)
                  SELECT 100 + rowid, id, id || request_body FROM requests ORDER BY rowid DESC;
              PRAGMA user_version = 0;",
@@ -493,4 +494,143 @@ async fn a_sqlite_log_from_an_earlier_version_is_migrated_at_start() {
             .collect::<Vec<_>>(),
         ["req_00000001"]
     );
+}
+
+/// How long the search indexer (at the lowest priority, on a machine other tests keep busy)
+/// is given to catch up.
+const INDEXER_PATIENCE: Duration = Duration::from_secs(60);
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < INDEXER_PATIENCE,
+            "{what}: not within {INDEXER_PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn search_ids(store: &dyn Store, search: &str) -> Vec<String> {
+    let page = store
+        .list(&query(|q| q.search = Some(search.into())))
+        .unwrap();
+    page.data
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn index_rows(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(sluice::store::sqlite::search_path(path.to_str().unwrap()))
+        .unwrap()
+        .query_row("SELECT count(*) FROM requests_search", [], |row| row.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_sqlite_row_is_found_the_moment_it_is_written_and_the_writer_never_waits_for_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let store = sluice::store::sqlite::SqliteStore::open(path.to_str().unwrap()).unwrap();
+    let now_ms = sluice::clock::unix_now_ms();
+    // More rows than a search looks through among the newest: the rare phrase (in rows 0
+    // to 2) is searched for through the index and the rows after it.
+    let records: Vec<LogRecord> = (0..ROWS).map(|i| record(i, now_ms)).collect();
+    for batch in records.chunks(1000) {
+        store.write(batch, &[]).unwrap();
+    }
+    wait_until("the indexer catches up", || {
+        store.search_backlog().unwrap() == 0
+    });
+    assert_eq!(index_rows(&path), ROWS as i64);
+
+    // The index's file locked, as an indexer preempted mid-transaction would hold it.
+    let blocker =
+        rusqlite::Connection::open(sluice::store::sqlite::search_path(path.to_str().unwrap()))
+            .unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    let mut newer = record(ROWS, now_ms);
+    newer.id = "req_late".into();
+    newer.ts = now_ms - 2 * HOUR_MS;
+    newer.request_body = Some(r#"{"messages":[{"content":"Zeppelin-Harbour again"}]}"#.into());
+    store.write(&[newer], &[]).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the write waited {:?} for the index's lock",
+        started.elapsed()
+    );
+    assert_eq!(store.search_backlog().unwrap(), 1);
+    // Found though not indexed, beside the indexed ones, in the same order as ever.
+    let expected = ["req_late", "req_00000002", "req_00000001", "req_00000000"];
+    assert_eq!(search_ids(&store, "zeppelin-HARBOUR"), expected);
+    // A `%` or `_` in the phrase is itself, not a wildcard.
+    assert!(search_ids(&store, "zeppelin_harbour").is_empty());
+
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    wait_until("the new row is indexed", || {
+        store.search_backlog().unwrap() == 0
+    });
+    assert_eq!(search_ids(&store, "zeppelin-HARBOUR"), expected);
+
+    // Retention: the index's rows of removed requests go too.
+    let removed = store.retain(now_ms - 47 * HOUR_MS, u64::MAX).unwrap();
+    assert!(removed > 0);
+    assert!(search_ids(&store, "zeppelin-harbour") == ["req_late"]);
+    let kept = store.list(&query(|_| {})).unwrap().total.unwrap() as i64;
+    wait_until("the removed rows leave the index", || {
+        index_rows(&path) == kept
+    });
+    assert_eq!(search_ids(&store, "zeppelin-harbour"), ["req_late"]);
+}
+
+#[test]
+fn a_sqlite_index_that_outlived_its_rows_is_built_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let search_file = sluice::store::sqlite::search_path(path.to_str().unwrap());
+    let store = sluice::store::sqlite::SqliteStore::open(path.to_str().unwrap()).unwrap();
+    let now_ms = sluice::clock::unix_now_ms();
+    let old: Vec<LogRecord> = (0..ROWS)
+        .map(|i| record(i, now_ms - 10 * HOUR_MS))
+        .collect();
+    store.write(&old, &[]).unwrap();
+    wait_until("the indexer catches up", || {
+        store.search_backlog().unwrap() == 0
+    });
+    // Every row removed: SQLite hands the same rowids out again, to other rows (more than a
+    // search looks through among the newest, so the index is asked).
+    assert_eq!(store.retain(now_ms, u64::MAX).unwrap(), ROWS as u64);
+    let new: Vec<LogRecord> = (0..ROWS)
+        .map(|i| {
+            let mut r = record(i, now_ms);
+            r.id = format!("new_{i:08}");
+            r.request_body = Some(format!("Question {i} about beacons"));
+            r
+        })
+        .collect();
+    store.write(&new, &[]).unwrap();
+    for _ in 0..2 {
+        assert!(search_ids(&store, "zeppelin-harbour").is_empty());
+        assert_eq!(search_ids(&store, "question 1 about"), ["new_00000001"]);
+        wait_until("the index is rebuilt", || {
+            store.search_backlog().unwrap() == 0 && index_rows(&path) == ROWS as i64
+        });
+    }
+
+    // Its file lost: rebuilt at the next start, the log searchable meanwhile.
+    drop(store);
+    std::thread::sleep(Duration::from_millis(300));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{search_file}{suffix}"));
+    }
+    let store = sluice::store::sqlite::SqliteStore::open(path.to_str().unwrap()).unwrap();
+    assert_eq!(search_ids(&store, "question 1 about"), ["new_00000001"]);
+    wait_until("the index is rebuilt", || {
+        store.search_backlog().unwrap() == 0
+    });
+    assert_eq!(search_ids(&store, "question 1 about"), ["new_00000001"]);
+    assert_eq!(index_rows(&path), ROWS as i64);
 }

@@ -6,6 +6,13 @@
 //! body, the mock's answer, masked headers, one try), built before the clock starts, and
 //! written in batches of the writer's size, each batch one `Store::write` (one
 //! transaction with its rollups and counter deltas), as the log writer does.
+//!
+//! SQLite: the search index is written by its own thread behind the writer (see
+//! `store/sqlite.rs`); the run also waits for it to catch up and reports its rate
+//! (`indexed_rows_per_s`, rows over the time from the first write until nothing is left
+//! to index) and what it had left when the writes ended (`index_backlog_at_end`).
+//! `open_seconds` is opening the store, which migrates a log an earlier sluice wrote
+//! (`--store sqlite:///path --rows 0` times just that).
 
 use std::time::Instant;
 
@@ -56,7 +63,21 @@ pub fn run(store: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
 }
 
 fn write_rows(url: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
-    let store = sluice::store::open(url)?;
+    let opening = Instant::now();
+    let sqlite = match url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        Some(path) => Some(std::sync::Arc::new(
+            sluice::store::sqlite::SqliteStore::open(path)?,
+        )),
+        None => None,
+    };
+    let store: std::sync::Arc<dyn sluice::store::Store> = match &sqlite {
+        Some(sqlite) => sqlite.clone(),
+        None => sluice::store::open(url)?,
+    };
+    let open_seconds = opening.elapsed().as_secs_f64();
     let now_ms = sluice::clock::unix_now_ms();
     let template = record(now_ms);
     let batches: Vec<Vec<LogRecord>> = (0..rows)
@@ -85,9 +106,23 @@ fn write_rows(url: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
         slowest = slowest.max(batch_started.elapsed().as_secs_f64());
     }
     let seconds = started.elapsed().as_secs_f64();
+    let index = match &sqlite {
+        Some(sqlite) => {
+            let backlog = sqlite.search_backlog()?;
+            while sqlite.search_backlog()? > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let indexed = started.elapsed().as_secs_f64();
+            format!(
+                " index_backlog_at_end={backlog} index_seconds={indexed:.2} indexed_rows_per_s={:.0}",
+                rows as f64 / indexed
+            )
+        }
+        None => String::new(),
+    };
     let written = store.list(&Default::default())?.total.unwrap_or(0);
     println!(
-        "store={} rows={rows} batch={batch} seconds={seconds:.2} rows_per_s={:.0} ms_per_batch={:.2} slowest_batch_ms={:.1} listed={written}",
+        "store={} open_seconds={open_seconds:.2} rows={rows} batch={batch} seconds={seconds:.2} rows_per_s={:.0} ms_per_batch={:.2} slowest_batch_ms={:.1} listed={written}{index}",
         url.split("://").next().unwrap_or("?"),
         rows as f64 / seconds,
         seconds * 1000.0 / batches.len().max(1) as f64,

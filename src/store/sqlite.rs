@@ -1,5 +1,27 @@
 //! The embedded SQLite store: one file, WAL mode so the admin API reads while the writer
-//! writes, a connection for each.
+//! writes, a connection for each; and beside it the search index, in a file of its own.
+//!
+//! **The search index lags behind the log, off the write path.** The FTS5 trigram index
+//! was ~80% of the log writer's time, and the writer also carries the usage counters
+//! (they must be on disk within ~100 ms, `tests/crash.rs`) at normal priority, sharing the
+//! gateway's core. So the writer writes rows, rollups and counters only, and an indexer
+//! thread at the lowest priority (nice 19) indexes the rows written since its watermark, a
+//! few hundred per transaction.
+//!
+//! The index lives in `<log>.search`, not in the log's file, so the indexer never takes
+//! the log's write lock. SQLite has one write lock per database file; an indexer holding
+//! it while preempted at nice 19 would make the writer, and with it the counters, wait
+//! behind it (priority inversion). Here the indexer only *reads* the log (a WAL read never
+//! blocks the writer, nor the writer it) and writes a file nothing else writes; the writer
+//! never touches the index file (retention leaves the index's rows to the indexer).
+//!
+//! Search stays exact: rows past the watermark are scanned with the same `LIKE` over the
+//! same text ([`super::search_text_of`], as the SQL function `sluice_search_text`), so a
+//! row is searchable the moment it is written. The index is derived and rebuildable: its
+//! state names the log it was built from (`search_epoch`, random per log, bumped when
+//! retention takes the newest rows so that rowids could be handed out again); a missing,
+//! foreign or outdated index is dropped and rebuilt from watermark 0, and until then
+//! searches scan.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rusqlite::{
-    Connection, OptionalExtension, ToSql, params, params_from_iter, types::Value as SqlValue,
+    Connection, OptionalExtension, ToSql, TransactionBehavior, params, params_from_iter,
+    types::Value as SqlValue,
 };
 use serde_json::{Map, Value, json};
 
@@ -54,7 +77,6 @@ CREATE INDEX IF NOT EXISTS requests_model_ts ON requests (model, ts);
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts);
 CREATE INDEX IF NOT EXISTS requests_upstream_ts ON requests (upstream, ts);
 CREATE INDEX IF NOT EXISTS requests_status_ts ON requests (status, ts);
-CREATE VIRTUAL TABLE IF NOT EXISTS requests_search USING fts5(id UNINDEXED, text, tokenize = 'trigram', detail = none);
 CREATE TABLE IF NOT EXISTS rollup_hourly (
     hour_ms BIGINT NOT NULL,
     model TEXT NOT NULL,
@@ -93,17 +115,45 @@ CREATE TABLE IF NOT EXISTS object_routes (
 CREATE INDEX IF NOT EXISTS object_routes_expires ON object_routes (expires_ms);
 ";
 
+/// The search index as a log before migration 8 held it in its own file (migrations 1 and 6
+/// rewrite it; 8 moves it out).
+const LEGACY_SEARCH_TABLE: &str = "CREATE VIRTUAL TABLE IF NOT EXISTS requests_search USING fts5(id UNINDEXED, text, tokenize = 'trigram', detail = none);";
+
+/// The search index's file (`<log>.search`): the index, and how far into which log it
+/// reaches. Without positions (`detail = none`): a `LIKE` matches the rows holding every
+/// trigram of the phrase and SQLite checks each one's text.
+const SEARCH_SCHEMA: &str = "
+CREATE VIRTUAL TABLE IF NOT EXISTS requests_search USING fts5(id UNINDEXED, text, tokenize = 'trigram', detail = none);
+CREATE TABLE IF NOT EXISTS search_state (epoch INTEGER NOT NULL, indexed_through INTEGER NOT NULL);
+INSERT INTO search_state SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM search_state);
+";
+
+/// Merging segments eight at a time: the index's writes cost less, its reads a little more.
+const SEARCH_AUTOMERGE: &str =
+    "INSERT INTO requests_search (requests_search, rank) VALUES ('automerge', 8);";
+
+/// Rows the indexer takes per transaction: ~50 ms of its work, so a search or the log's
+/// checkpoint never waits long for it.
+const INDEX_BATCH: usize = 256;
+
+/// How often an idle indexer looks for new rows.
+const INDEX_POLL: Duration = Duration::from_millis(100);
+
+/// The indexer's nice value: the lowest. It takes only CPU time nothing else wants.
+const INDEXER_NICE: i32 = 19;
+
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, end_user, cache, saved_cost";
 
 pub struct SqliteStore {
     writer: Mutex<Connection>,
+    /// Also has the search index attached (as `search`).
     reader: Mutex<Connection>,
     /// Object routes, on a connection of their own: a lookup never waits behind a log
     /// batch or an admin query.
     objects: Mutex<Connection>,
-    /// Tells the checkpointer thread to stop.
+    /// Tells the checkpointer and indexer threads to stop.
     stop: Arc<AtomicBool>,
 }
 
@@ -153,7 +203,258 @@ fn connect(path: &str) -> anyhow::Result<Connection> {
     Ok(connection)
 }
 
+/// Where the search index of the log at `log` lives: beside it, `<log>.search`.
+pub fn search_path(log: &str) -> String {
+    format!("{log}.search")
+}
+
+/// Opens (creating if need be) the search index's file. The index is derived data: a file
+/// that cannot be opened as one is removed and started afresh (the indexer rebuilds it).
+fn open_search(path: &str) -> anyhow::Result<Connection> {
+    let open = || -> anyhow::Result<Connection> {
+        let connection = connect(path)?;
+        // Enough for the index's merges; the log's connections keep the large cache.
+        connection.pragma_update(None, "cache_size", -16_384)?;
+        connection.execute_batch(SEARCH_SCHEMA)?;
+        connection.execute_batch(SEARCH_AUTOMERGE)?;
+        Ok(connection)
+    };
+    open().or_else(|error| {
+        tracing::warn!("starting the search index {path} afresh: {error:#}");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{path}{suffix}"));
+        }
+        open()
+    })
+}
+
+/// Copies the search index a log before migration 8 kept in its own file into the index's
+/// file, before migration 8 drops it there. FTS5 keeps an index in five plain tables;
+/// copied as they are, the index is the same without tokenizing any text again (seconds
+/// per million rows, where rebuilding takes minutes). It was written with each row, so it
+/// reaches the newest.
+fn move_search_index(connection: &Connection, search: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    connection.execute("ATTACH DATABASE ?1 AS search", [search])?;
+    let copy = || -> anyhow::Result<i64> {
+        let transaction = connection.unchecked_transaction()?;
+        for part in ["data", "idx", "content", "docsize", "config"] {
+            transaction.execute_batch(&format!(
+                "DELETE FROM search.requests_search_{part};
+                 INSERT INTO search.requests_search_{part} SELECT * FROM main.requests_search_{part};"
+            ))?;
+        }
+        transaction.execute(
+            "UPDATE search.search_state SET epoch = (SELECT epoch FROM main.search_epoch), \
+             indexed_through = (SELECT coalesce(max(rowid), 0) FROM main.requests)",
+            [],
+        )?;
+        let rows = transaction.query_row(
+            "SELECT count(*) FROM search.requests_search_docsize",
+            [],
+            |row| row.get(0),
+        )?;
+        transaction.commit()?;
+        Ok(rows)
+    };
+    let copied = copy();
+    connection.execute("DETACH DATABASE search", [])?;
+    let rows = copied.context("cannot move the search index")?;
+    tracing::info!(
+        "moved the search index ({rows} rows) into {search} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A stored text field as [`super::search_text_of`] takes it: NULL (or a number) is empty.
+fn text_of(value: rusqlite::types::ValueRef<'_>) -> std::borrow::Cow<'_, str> {
+    match value {
+        rusqlite::types::ValueRef::Text(text) => String::from_utf8_lossy(text),
+        _ => std::borrow::Cow::Borrowed(""),
+    }
+}
+
+/// `sluice_search_text(<SEARCH_TEXT_COLUMNS>)`: a stored row's search text, exactly as the
+/// index holds it, for the rows a search scans (those not yet indexed, the newest).
+fn add_search_text_function(connection: &Connection) -> anyhow::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    connection.create_scalar_function(
+        "sluice_search_text",
+        super::SEARCH_TEXT_COLUMNS.len() as i32,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |context| {
+            let fields: Vec<_> = (0..super::SEARCH_TEXT_COLUMNS.len())
+                .map(|i| text_of(context.get_raw(i)))
+                .collect();
+            Ok(super::search_text_of(std::array::from_fn(|i| {
+                fields[i].as_ref()
+            })))
+        },
+    )?;
+    Ok(())
+}
+
+/// The SQL computing a row's search text from `table`'s columns.
+fn search_text_sql(table: &str) -> String {
+    let columns: Vec<String> = super::SEARCH_TEXT_COLUMNS
+        .iter()
+        .map(|c| format!("{table}.{c}"))
+        .collect();
+    format!("sluice_search_text({})", columns.join(", "))
+}
+
+/// How far the attached search index reaches into this log: every row up to this rowid is
+/// indexed. `None` when the index is another log's or outdated (a search then scans).
+fn indexed_through(connection: &Connection) -> anyhow::Result<Option<i64>> {
+    Ok(connection
+        .query_row(
+            "SELECT s.indexed_through FROM search.search_state AS s \
+             JOIN main.search_epoch AS e ON s.epoch = e.epoch",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+/// Starts the search indexer (see the module's doc), on connections of its own.
+fn index_in_background(log: &str, search: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let log = connect(log)?;
+    // It reads a few hundred rows at a time.
+    log.pragma_update(None, "cache_size", -2_048)?;
+    let search = open_search(search)?;
+    std::thread::Builder::new()
+        .name("sluice-search".into())
+        .spawn(move || {
+            crate::sys::set_thread_nice(INDEXER_NICE);
+            let mut failing = false;
+            while !stop.load(Ordering::Relaxed) {
+                match index_round(&log, &search) {
+                    Ok(true) => {
+                        failing = false;
+                        continue;
+                    }
+                    Ok(false) => failing = false,
+                    Err(error) => {
+                        // Searches stay exact meanwhile (they scan what is not indexed).
+                        if !failing {
+                            tracing::warn!("the search index cannot keep up: {error:#}");
+                        }
+                        failing = true;
+                    }
+                }
+                std::thread::sleep(INDEX_POLL);
+            }
+        })?;
+    Ok(())
+}
+
+/// One round of the indexer: the next rows past its watermark indexed, or (for an index of
+/// another log, or after rowids were handed out again) the index started afresh, or the
+/// index rows of requests retention removed deleted; each in one short transaction on the
+/// index's file. Whether more is waiting.
+fn index_round(log: &Connection, search: &Connection) -> anyhow::Result<bool> {
+    let (epoch, through): (i64, i64) = search.query_row(
+        "SELECT epoch, indexed_through FROM search_state",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    // One snapshot of the log: its identity, its oldest row and the rows to index agree.
+    // Read, then let go before any indexing: a reader holds back the log's checkpoints.
+    let read = log.unchecked_transaction()?;
+    let log_epoch: i64 = read.query_row("SELECT epoch FROM search_epoch", [], |row| row.get(0))?;
+    let rebuild = log_epoch != epoch;
+    let from = if rebuild { 0 } else { through };
+    let oldest: Option<i64> =
+        read.query_row("SELECT min(rowid) FROM requests", [], |row| row.get(0))?;
+    let rows: Vec<(i64, Vec<String>)> = {
+        let mut select = read.prepare_cached(&format!(
+            "SELECT rowid, {} FROM requests WHERE rowid > ?1 ORDER BY rowid LIMIT {INDEX_BATCH}",
+            super::SEARCH_TEXT_COLUMNS.join(", ")
+        ))?;
+        select
+            .query_map([from], |row| {
+                let mut fields = Vec::with_capacity(super::SEARCH_TEXT_COLUMNS.len());
+                for i in 0..super::SEARCH_TEXT_COLUMNS.len() {
+                    fields.push(text_of(row.get_ref(i + 1)?).into_owned());
+                }
+                Ok((row.get(0)?, fields))
+            })?
+            .collect::<Result<_, _>>()?
+    };
+    read.commit()?;
+    // Index rows below the log's oldest row: their requests are gone for good (a rowid
+    // below the smallest is never handed out again). Until removed they match nothing, as a
+    // search joins the index with the log.
+    let stale = match oldest {
+        Some(oldest) if !rebuild => search.query_row(
+            "SELECT EXISTS (SELECT 1 FROM requests_search WHERE rowid < ?1)",
+            [oldest],
+            |row| row.get::<_, bool>(0),
+        )?,
+        _ => false,
+    };
+    if !rebuild && !stale && rows.is_empty() {
+        return Ok(false);
+    }
+    // Immediate: the state is read again under the write lock, so an indexer of another
+    // process sharing this log (two gateways on one file) never indexes a row twice.
+    let write = rusqlite::Transaction::new_unchecked(search, TransactionBehavior::Immediate)?;
+    let now: (i64, i64) = write.query_row(
+        "SELECT epoch, indexed_through FROM search_state",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    if now != (epoch, through) {
+        return Ok(true);
+    }
+    if rebuild {
+        tracing::info!("building the search index afresh");
+        write.execute_batch("DROP TABLE requests_search;")?;
+        write.execute_batch(SEARCH_SCHEMA)?;
+        write.execute_batch(SEARCH_AUTOMERGE)?;
+    } else if let (Some(oldest), true) = (oldest, stale) {
+        write.execute(
+            &format!(
+                "DELETE FROM requests_search WHERE rowid IN \
+                 (SELECT rowid FROM requests_search WHERE rowid < ?1 ORDER BY rowid LIMIT {INDEX_BATCH})"
+            ),
+            [oldest],
+        )?;
+    }
+    {
+        let mut insert = write
+            .prepare_cached("INSERT INTO requests_search (rowid, id, text) VALUES (?1, ?2, ?3)")?;
+        for (rowid, fields) in &rows {
+            let text = super::search_text_of(std::array::from_fn(|i| fields[i].as_str()));
+            insert.execute(params![rowid, fields[0], text])?;
+        }
+    }
+    let through = rows.last().map_or(from, |(rowid, _)| *rowid);
+    write.execute(
+        "UPDATE search_state SET epoch = ?1, indexed_through = ?2",
+        params![log_epoch, through],
+    )?;
+    write.commit()?;
+    Ok(rebuild || stale || rows.len() == INDEX_BATCH)
+}
+
 impl SqliteStore {
+    /// Rows written but not yet in the search index (searches scan them): what the indexer
+    /// has still to do. For tests and `sluice-bench logwrite`.
+    pub fn search_backlog(&self) -> anyhow::Result<u64> {
+        let connection = self.reader()?;
+        let read = connection.unchecked_transaction()?;
+        let through = indexed_through(&read)?.unwrap_or(0);
+        let rows: i64 = read.query_row(
+            "SELECT count(*) FROM requests WHERE rowid > ?1",
+            [through],
+            |row| row.get(0),
+        )?;
+        read.commit()?;
+        Ok(u64::try_from(rows).unwrap_or(0))
+    }
+
     pub fn open(path: &str) -> anyhow::Result<Self> {
         if let Some(parent) = Path::new(path)
             .parent()
@@ -162,16 +463,24 @@ impl SqliteStore {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
+        let search = search_path(path);
+        // Before the log's migrations: migration 8 moves an existing index into this file.
+        drop(open_search(&search)?);
         let writer = connect(path)?;
         writer
             .execute_batch(SCHEMA)
             .context("cannot create the schema")?;
-        migrate(&writer).context("cannot migrate the log")?;
+        migrate(&writer, &search).context("cannot migrate the log")?;
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
+        reader
+            .execute("ATTACH DATABASE ?1 AS search", [&search])
+            .with_context(|| format!("cannot attach the search index {search}"))?;
+        add_search_text_function(&reader)?;
         let objects = connect(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         checkpoint_in_background(path, stop.clone())?;
+        index_in_background(path, &search, stop.clone())?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
@@ -258,13 +567,31 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE requests_search;
      ALTER TABLE requests_search_6 RENAME TO requests_search;
      INSERT INTO requests_search (requests_search, rank) VALUES ('automerge', 8);",
+    // 7: the log's identity for its search index (random, so an index built from another
+    // log is never taken for this one's; bumped when rowids could be handed out again).
+    "CREATE TABLE IF NOT EXISTS search_epoch (epoch INTEGER NOT NULL);
+     INSERT INTO search_epoch SELECT (random() & 4503599627370495) + 1
+         WHERE NOT EXISTS (SELECT 1 FROM search_epoch);",
+    // 8: the search index leaves the log's file (copied into `<log>.search` just before,
+    // see `move_search_index`).
+    "DROP TABLE IF EXISTS requests_search;",
 ];
 
-fn migrate(connection: &Connection) -> anyhow::Result<()> {
+/// The migration that drops the log's own search index, once `move_search_index` copied it.
+const MOVE_SEARCH_MIGRATION: usize = 8;
+
+fn migrate(connection: &Connection, search: &str) -> anyhow::Result<()> {
     let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
     let done = usize::try_from(version).unwrap_or(0);
+    if done < MOVE_SEARCH_MIGRATION {
+        // Migrations 1 and 6 rewrite the index where it was; a new log starts with it empty.
+        connection.execute_batch(LEGACY_SEARCH_TABLE)?;
+    }
     for (number, migration) in MIGRATIONS.iter().enumerate().skip(done) {
         tracing::info!("applying log migration {}", number + 1);
+        if number + 1 == MOVE_SEARCH_MIGRATION {
+            move_search_index(connection, search)?;
+        }
         let transaction = connection.unchecked_transaction()?;
         // Statement by statement: SQLite has no `ADD COLUMN IF NOT EXISTS`, so a column
         // already there (a log whose version was set back) is not added twice.
@@ -316,26 +643,30 @@ fn search_recent(
     limit: u64,
     offset: u64,
 ) -> anyhow::Result<Option<Vec<Value>>> {
-    let (clause, mut values) = filters(&ListQuery {
-        search: None,
-        ..query.clone()
-    });
+    let (clause, mut values) = filters(
+        &ListQuery {
+            search: None,
+            ..query.clone()
+        },
+        None,
+    );
     let recent = format!(
         "SELECT rowid AS rid, id, ts FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {}",
         super::SEARCH_RECENT_ROWS
     );
     let filter_values = values.clone();
     values.push(SqlValue::Text(pattern.to_string()));
+    // The text from the row itself, not the index: the newest rows may not be indexed yet.
     let sql = format!(
-        "SELECT {} FROM ({recent}) AS recent JOIN requests_search ON requests_search.rowid = recent.rid \
-         JOIN requests ON requests.rowid = recent.rid \
-         WHERE requests_search.text LIKE ? ESCAPE '\\' \
+        "SELECT {} FROM ({recent}) AS recent JOIN requests ON requests.rowid = recent.rid \
+         WHERE {} LIKE ? ESCAPE '\\' \
          ORDER BY recent.ts DESC, recent.id DESC LIMIT {limit} OFFSET {offset}",
         SUMMARY_COLUMNS
             .split(',')
             .map(|c| format!("requests.{}", c.trim()))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        search_text_sql("requests")
     );
     let data = query_values(connection, &sql, &values)?;
     if data.len() as u64 >= limit {
@@ -350,8 +681,10 @@ fn search_recent(
     Ok((scanned < super::SEARCH_RECENT_ROWS).then_some(data))
 }
 
-/// Builds the WHERE clause of a list query.
-fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
+/// Builds the WHERE clause of a list query; a search of three characters or more asks the
+/// search index for the rows up to `indexed_through` (see [`indexed_through`]) and scans
+/// those after it, or scans all when `None`.
+fn filters(query: &ListQuery, indexed_through: Option<i64>) -> (String, Vec<SqlValue>) {
     let mut clauses: Vec<String> = Vec::new();
     let mut values: Vec<SqlValue> = Vec::new();
     let mut exact = |column: &str, value: &Option<String>, clauses: &mut Vec<String>| {
@@ -388,11 +721,29 @@ fn filters(query: &ListQuery) -> (String, Vec<SqlValue>) {
     if let Some(pattern) = super::like_pattern(query.search.as_deref()) {
         let search = query.search.as_deref().unwrap_or_default().trim();
         if search.chars().count() >= 3 {
-            // The trigram index answers substring searches without scanning the log.
-            clauses.push(
-                "id IN (SELECT id FROM requests_search WHERE text LIKE ? ESCAPE '\\')".into(),
-            );
-            values.push(SqlValue::Text(pattern));
+            let text = search_text_sql("requests");
+            match indexed_through {
+                // The trigram index answers substring searches without scanning the log.
+                // SQLite hands FTS5 only a two-argument LIKE (with `ESCAPE` the index was
+                // never used: every search read the whole index), so the index gets the
+                // phrase unescaped (`%` and `_` in it match more, never less) and the
+                // escaped pattern checks its candidates.
+                Some(through) => {
+                    clauses.push(format!(
+                        "rowid IN (SELECT rowid FROM search.requests_search \
+                         WHERE text LIKE ? AND text LIKE ? ESCAPE '\\' \
+                         UNION ALL SELECT rowid FROM requests WHERE rowid > ? AND {text} LIKE ? ESCAPE '\\')"
+                    ));
+                    values.push(SqlValue::Text(format!("%{}%", search.to_lowercase())));
+                    values.push(SqlValue::Text(pattern.clone()));
+                    values.push(SqlValue::Integer(through));
+                    values.push(SqlValue::Text(pattern));
+                }
+                None => {
+                    clauses.push(format!("{text} LIKE ? ESCAPE '\\'"));
+                    values.push(SqlValue::Text(pattern));
+                }
+            }
         } else {
             let columns = [
                 "path",
@@ -670,12 +1021,9 @@ impl Store for SqliteStore {
                  ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, \
                  ?29, ?30, ?31, ?32)",
             )?;
-            // The search row takes its request's rowid (see `search`).
-            let mut search = transaction.prepare_cached(
-                "INSERT INTO requests_search (rowid, id, text) VALUES (?1, ?2, ?3)",
-            )?;
+            // Not the search index: the indexer thread adds these rows (module doc).
             for r in records {
-                let inserted = insert.execute(params![
+                insert.execute(params![
                     r.id,
                     r.ts,
                     r.client_ip,
@@ -709,11 +1057,6 @@ impl Store for SqliteStore {
                     r.cache,
                     r.saved_cost,
                 ])?;
-                // Not a second time for a record already written (a retried batch).
-                if inserted > 0 {
-                    let rowid = transaction.last_insert_rowid();
-                    search.execute(params![rowid, r.id, super::search_text(r)])?;
-                }
             }
             let rollup = super::Rollup::of(records);
             let mut hourly = transaction.prepare_cached(&super::rollup_upsert_sql(
@@ -771,20 +1114,21 @@ impl Store for SqliteStore {
     }
 
     fn retain(&self, before_ms: i64, max_rows: u64) -> anyhow::Result<u64> {
-        let connection = self
+        let mut connection = self
             .writer
             .lock()
             // A panic under the lock rolled its transaction back; the connection is sound.
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // By rowid (a search row shares its request's): the search table has no index on
-        // `id`, so matching by it read the whole table at every round of retention.
-        connection.execute(
-            "DELETE FROM requests_search WHERE rowid IN (SELECT rowid FROM requests WHERE ts < ?1)",
-            params![before_ms],
-        )?;
+        // The search index's rows go later, by the indexer (it never waits on this file's
+        // write lock, nor this on its).
+        let transaction = connection.transaction()?;
+        let newest = |t: &Connection| -> rusqlite::Result<Option<i64>> {
+            t.query_row("SELECT max(rowid) FROM requests", [], |row| row.get(0))
+        };
+        let newest_before = newest(&transaction)?;
         let mut removed =
-            connection.execute("DELETE FROM requests WHERE ts < ?1", params![before_ms])? as u64;
-        let cutoff: Option<i64> = connection
+            transaction.execute("DELETE FROM requests WHERE ts < ?1", params![before_ms])? as u64;
+        let cutoff: Option<i64> = transaction
             .query_row(
                 "SELECT ts FROM requests ORDER BY ts DESC LIMIT 1 OFFSET ?1",
                 params![to_i64(max_rows)],
@@ -792,18 +1136,20 @@ impl Store for SqliteStore {
             )
             .optional()?;
         if let Some(cutoff) = cutoff {
-            connection.execute(
-                "DELETE FROM requests_search WHERE rowid IN (SELECT rowid FROM requests WHERE ts <= ?1)",
-                params![cutoff],
-            )?;
             removed +=
-                connection.execute("DELETE FROM requests WHERE ts <= ?1", params![cutoff])? as u64;
+                transaction.execute("DELETE FROM requests WHERE ts <= ?1", params![cutoff])? as u64;
+        }
+        // The newest row gone: SQLite may hand its rowid (and those below) out again, which
+        // the search index would take for rows it holds. A new epoch makes it start afresh.
+        if removed > 0 && newest(&transaction)? < newest_before {
+            transaction.execute("UPDATE search_epoch SET epoch = epoch + 1", [])?;
         }
         // Counter windows that can no longer be current.
-        connection.execute(
+        transaction.execute(
             "DELETE FROM usage_counters WHERE period = 'minute' AND win < ?1",
             params![before_ms / 60_000],
         )?;
+        transaction.commit()?;
         Ok(removed)
     }
 
@@ -834,6 +1180,10 @@ impl Store for SqliteStore {
 
     fn list(&self, query: &ListQuery) -> anyhow::Result<Page> {
         let connection = self.reader()?;
+        // One snapshot of the log and one of the index for the whole answer: the watermark
+        // read first holds for the queries after it.
+        let read = connection.unchecked_transaction()?;
+        let connection: &Connection = &read;
         let (page, per_page, offset) = query.window();
         let searching = query
             .search
@@ -844,10 +1194,13 @@ impl Store for SqliteStore {
         let total: i64 = if searching || query.skip_count {
             0
         } else {
-            let (count_clause, count_values) = filters(&ListQuery {
-                before: None,
-                ..query.clone()
-            });
+            let (count_clause, count_values) = filters(
+                &ListQuery {
+                    before: None,
+                    ..query.clone()
+                },
+                None,
+            );
             connection.query_row(
                 &super::capped_count_sql(&count_clause),
                 params_from_iter(count_values.iter()),
@@ -855,23 +1208,24 @@ impl Store for SqliteStore {
             )?
         };
         let recent = match super::like_pattern(query.search.as_deref()) {
-            Some(pattern) => search_recent(&connection, query, &pattern, per_page + 1, offset)?,
+            Some(pattern) => search_recent(connection, query, &pattern, per_page + 1, offset)?,
             None => None,
         };
         let data: Vec<Value> = match recent {
             Some(data) => data,
             None => {
-                let (clause, values) = filters(query);
+                let (clause, values) = filters(query, indexed_through(connection)?);
                 let sql = format!(
                     "SELECT {SUMMARY_COLUMNS} FROM requests {clause} ORDER BY ts DESC, id DESC LIMIT {} OFFSET {offset}",
                     per_page + 1
                 );
-                query_values(&connection, &sql, &values)?
+                query_values(connection, &sql, &values)?
             }
         }
         .into_iter()
         .map(present)
         .collect();
+        read.commit()?;
         let page = if searching {
             Page::from_search_rows(data, query)
         } else {
