@@ -18,6 +18,27 @@ pub fn set_thread_nice(nice: i32) {
     let _ = nice;
 }
 
+/// Puts the calling thread in the idle scheduling class (`SCHED_IDLE`): it runs only when
+/// nothing else on its core wants to, and a waking request thread always preempts it at
+/// once, whatever slice it is in. For work that may wait indefinitely without harm (the
+/// search indexer: searches scan what it has not reached). Falls back to nice 19 where the
+/// class is refused. Returns whether the class was taken.
+#[allow(unsafe_code)]
+pub fn set_thread_idle() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; pid 0 is the
+        // calling thread.
+        let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) };
+        if result == 0 {
+            return true;
+        }
+    }
+    set_thread_nice(19);
+    false
+}
+
 /// The time slice request-handling threads ask for (see [`request_short_slices`]): the
 /// shortest Linux accepts is 0.1 ms; a request costs sluice 30–40 µs of CPU, so a few fit.
 pub const REQUEST_SLICE: std::time::Duration = std::time::Duration::from_micros(200);
@@ -176,6 +197,22 @@ mod tests {
             .trim()
             .parse()
             .ok()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_idle_thread_is_in_the_idle_class() {
+        // On a thread of its own: the class stays with the thread that took it.
+        let policy = std::thread::spawn(|| {
+            let taken = set_thread_idle();
+            // SAFETY: sched_getscheduler only reads its pid argument (0: this thread).
+            #[allow(unsafe_code)]
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            (taken, policy)
+        })
+        .join();
+        // Any thread may enter the idle class, privileged or not.
+        assert_eq!(policy.ok(), Some((true, libc::SCHED_IDLE)));
     }
 
     #[test]

@@ -5,12 +5,12 @@
 //! was ~80% of the log writer's time, and the writer also carries the usage counters
 //! (they must be on disk within ~100 ms, `tests/crash.rs`) at normal priority, sharing the
 //! gateway's core. So the writer writes rows, rollups and counters only, and an indexer
-//! thread at the lowest priority (nice 19) indexes the rows written since its watermark, a
+//! thread in the idle scheduling class (`SCHED_IDLE`; nice 19 where refused) indexes the rows written since its watermark, a
 //! few hundred per transaction.
 //!
 //! The index lives in `<log>.search`, not in the log's file, so the indexer never takes
 //! the log's write lock. SQLite has one write lock per database file; an indexer holding
-//! it while preempted at nice 19 would make the writer, and with it the counters, wait
+//! it while preempted in the idle class would make the writer, and with it the counters, wait
 //! behind it (priority inversion). Here the indexer only *reads* the log (a WAL read never
 //! blocks the writer, nor the writer it) and writes a file nothing else writes; the writer
 //! never touches the index file (retention leaves the index's rows to the indexer).
@@ -138,9 +138,6 @@ const INDEX_BATCH: usize = 256;
 
 /// How often an idle indexer looks for new rows.
 const INDEX_POLL: Duration = Duration::from_millis(100);
-
-/// The indexer's nice value: the lowest. It takes only CPU time nothing else wants.
-const INDEXER_NICE: i32 = 19;
 
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
@@ -326,7 +323,8 @@ fn index_in_background(log: &str, search: &str, stop: Arc<AtomicBool>) -> anyhow
     std::thread::Builder::new()
         .name("sluice-search".into())
         .spawn(move || {
-            crate::sys::set_thread_nice(INDEXER_NICE);
+            // Idle class: it takes only CPU time nothing else wants.
+            crate::sys::set_thread_idle();
             let mut failing = false;
             while !stop.load(Ordering::Relaxed) {
                 match index_round(&log, &search) {
