@@ -239,7 +239,8 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 }
 
 /// Hands memory freed after a burst of streams back to the system: at once (within
-/// [`TRIM_CHECK`]) when many tasks (connections, streams) ended since the last trim, and
+/// [`TRIM_CHECK`]) when many tasks (connections, streams) ended since the last trim, then
+/// at each check for a few seconds while fewer keep ending (a burst's last streams), and
 /// every [`TRIM_EVERY`] regardless. glibc keeps freed memory otherwise, so the resident size
 /// would stay at the burst's peak. The trim runs on a blocking thread: on a large heap it
 /// takes milliseconds, which a worker thread must not spend.
@@ -250,26 +251,37 @@ async fn release_memory_after_load() {
     const TRIM_EVERY: Duration = Duration::from_secs(10);
     /// Tasks ended since the last trim that make the next check trim.
     const ENDED_TASKS: usize = 256;
+    /// After a burst's trim, any task ended within this makes the next check trim too:
+    /// the streams of a burst end over seconds, the last ones fewer than [`ENDED_TASKS`].
+    const BURST_TAIL: Duration = Duration::from_secs(5);
     let metrics = tokio::runtime::Handle::current().metrics();
     let mut every = tokio::time::interval(TRIM_CHECK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_trim = tokio::time::Instant::now();
+    let mut last_burst: Option<tokio::time::Instant> = None;
     let mut most_tasks = 0;
+    let mut last_tasks = 0;
     loop {
         every.tick().await;
         let tasks = metrics.num_alive_tasks();
         most_tasks = most_tasks.max(tasks);
         let load_fell = most_tasks - tasks >= ENDED_TASKS;
-        if load_fell || last_trim.elapsed() >= TRIM_EVERY {
+        let burst_tail =
+            tasks < last_tasks && last_burst.is_some_and(|at| at.elapsed() < BURST_TAIL);
+        last_tasks = tasks;
+        if load_fell || burst_tail || last_trim.elapsed() >= TRIM_EVERY {
             // After a burst ended, whatever is free goes back; the periodic check leaves a
             // small free heap alone (`sys::worth_trimming`), since steady traffic reuses it.
-            let trim = if load_fell {
+            let trim = if load_fell || burst_tail {
                 sluice::sys::trim_heap
             } else {
                 sluice::sys::release_free_memory
             };
             drop(tokio::task::spawn_blocking(trim).await);
             last_trim = tokio::time::Instant::now();
+            if load_fell {
+                last_burst = Some(last_trim);
+            }
             most_tasks = tasks;
         }
     }

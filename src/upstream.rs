@@ -310,7 +310,7 @@ fn build_client(config: &Upstream, http2: Http2Mode) -> anyhow::Result<reqwest::
         .connect_timeout(config.timeouts.connect)
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(config.idle_connections)
         // A gateway relays redirects to the client instead of following them.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
@@ -366,6 +366,7 @@ mod tests {
             limits: Default::default(),
             http2: Default::default(),
             tls_ca: None,
+            idle_connections: 32,
         }
     }
 
