@@ -2061,7 +2061,7 @@ mod tests {
     }
 
     #[test]
-    fn idle_connections_default_to_a_small_pool() {
+    fn idle_connections_are_read_with_a_default() {
         let config = check(
             "upstreams:
   - {name: a, base_url: 'http://127.0.0.1:9'}

@@ -153,7 +153,7 @@ mod tests {
             limits: Default::default(),
             http2: Default::default(),
             tls_ca: None,
-            idle_connections: 32,
+            idle_connections: 1024,
         }
     }
 
