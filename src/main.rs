@@ -241,10 +241,11 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 /// Hands memory freed after a burst of streams back to the system: at once (within
 /// [`TRIM_CHECK`]) when many tasks (connections, streams) ended since the last trim, then
 /// at each check for a few seconds while fewer keep ending (a burst's last streams), and
-/// every [`TRIM_EVERY`] regardless. When a burst is mostly over (live tasks down to a
-/// quarter of the most seen), the upstreams' idle connections are closed too
-/// (`shed_idle_connections`): the pool would keep up to 1,024 of them per upstream for
-/// 90 s, each with hyper's buffers. glibc keeps freed memory otherwise, so the resident size
+/// every [`TRIM_EVERY`] regardless. When a burst is mostly over (exchanges in flight to
+/// the upstreams down to a quarter of the most seen), the upstreams' idle connections are
+/// closed too (`shed_idle_connections`): the pool would keep up to 1,024 of them per
+/// upstream for 90 s, each with hyper's buffers. Live tasks cannot tell that: the pool's
+/// connections are tasks too. glibc keeps freed memory otherwise, so the resident size
 /// would stay at the burst's peak. The trim runs on a blocking thread: on a large heap it
 /// takes milliseconds, which a worker thread must not spend.
 async fn release_memory_after_load(current: Arc<Current>) {
@@ -266,7 +267,7 @@ async fn release_memory_after_load(current: Arc<Current>) {
     let mut last_trim = tokio::time::Instant::now();
     let mut last_burst: Option<tokio::time::Instant> = None;
     let mut last_shed: Option<tokio::time::Instant> = None;
-    // The most live tasks since the pools were last renewed.
+    // The most exchanges in flight to the upstreams since the pools were last renewed.
     let mut peak = 0;
     let mut most_tasks = 0;
     let mut last_tasks = 0;
@@ -274,21 +275,30 @@ async fn release_memory_after_load(current: Arc<Current>) {
         every.tick().await;
         let tasks = metrics.num_alive_tasks();
         most_tasks = most_tasks.max(tasks);
-        peak = peak.max(tasks);
+        let in_flight: usize = current
+            .load()
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                upstream
+                    .in_flight
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        peak = peak.max(in_flight);
         let load_fell = most_tasks - tasks >= ENDED_TASKS;
         let burst_tail =
             tasks < last_tasks && last_burst.is_some_and(|at| at.elapsed() < BURST_TAIL);
         last_tasks = tasks;
-        if load_fell || burst_tail || last_trim.elapsed() >= TRIM_EVERY {
+        let burst_over = peak - in_flight >= ENDED_TASKS
+            && in_flight <= peak / 4
+            && last_shed.is_none_or(|at| at.elapsed() >= SHED_EVERY);
+        if burst_over || load_fell || burst_tail || last_trim.elapsed() >= TRIM_EVERY {
             // After a burst ended, whatever is free goes back; the periodic check leaves a
             // small free heap alone (`sys::worth_trimming`), since steady traffic reuses it.
-            let burst_over = (load_fell || burst_tail)
-                && peak - tasks >= ENDED_TASKS
-                && tasks <= peak / 4
-                && last_shed.is_none_or(|at| at.elapsed() >= SHED_EVERY);
             if burst_over {
                 last_shed = Some(tokio::time::Instant::now());
-                peak = tasks;
+                peak = in_flight;
                 let gateway = current.load();
                 // A fresh client is built on a blocking thread (its TLS roots take a while).
                 drop(
@@ -300,14 +310,16 @@ async fn release_memory_after_load(current: Arc<Current>) {
                     .await,
                 );
             }
-            let trim = if load_fell || burst_tail {
+            let trim = if burst_over || load_fell || burst_tail {
                 sluice::sys::trim_heap
             } else {
                 sluice::sys::release_free_memory
             };
             drop(tokio::task::spawn_blocking(trim).await);
             last_trim = tokio::time::Instant::now();
-            if load_fell {
+            // The connections closed, and the streams still ending, free more in the
+            // next seconds: those checks trim too.
+            if burst_over || load_fell {
                 last_burst = Some(last_trim);
             }
             most_tasks = tasks;
