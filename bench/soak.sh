@@ -11,6 +11,7 @@
 #   bench/soak.sh                 # 30 minutes at 200 req/s
 #   bench/soak.sh --minutes 3     # a short check (growth from minute 2)
 #   bench/soak.sh --rate 100      # another rate
+#   SLUICE_BIN=/tmp/sluice-before bench/soak.sh --minutes 12   # another build
 #
 # Everything listens on 127.0.0.1 (ports 18000 and 19000, as bench/run.sh: run it under
 # the CPU lock). sluice is pinned to core 0 with one worker, the mock and the client to
@@ -34,10 +35,14 @@ warmup=5
 [ "$minutes" -gt "$warmup" ] || warmup=$((minutes - 1))
 
 ulimit -n "$(ulimit -Hn)"
-echo "== building (release)"
-cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
-sluice=$root/target/release/sluice
-client=$root/target/release/sluice-bench
+# Another build for an A/B: SLUICE_BIN=… [SLUICE_BENCH_BIN=…] bench/soak.sh … (the release
+# build is then left as it is).
+if [ -z "${SLUICE_BIN:-}" ]; then
+  echo "== building (release)"
+  cargo build --release --quiet -p sluice --bin sluice && cargo build --release --quiet -p sluice-bench
+fi
+sluice=${SLUICE_BIN:-$root/target/release/sluice}
+client=${SLUICE_BENCH_BIN:-$root/target/release/sluice-bench}
 out=$root/target/bench
 mkdir -p "$out"
 work=$(mktemp -d)

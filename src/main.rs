@@ -239,37 +239,89 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 }
 
 /// Hands memory freed after a burst of streams back to the system: at once (within
-/// [`TRIM_CHECK`]) when many tasks (connections, streams) ended since the last trim, and
-/// every [`TRIM_EVERY`] regardless. glibc keeps freed memory otherwise, so the resident size
+/// [`TRIM_CHECK`]) when many tasks (connections, streams) ended since the last trim, then
+/// at each check for a few seconds while fewer keep ending (a burst's last streams), and
+/// every [`TRIM_EVERY`] regardless. When a burst is mostly over (exchanges in flight to
+/// the upstreams down to a quarter of the most seen), the upstreams' idle connections are
+/// closed too (`shed_idle_connections`): the pool would keep up to 1,024 of them per
+/// upstream for 90 s, each with hyper's buffers. Live tasks cannot tell that: the pool's
+/// connections are tasks too. glibc keeps freed memory otherwise, so the resident size
 /// would stay at the burst's peak. The trim runs on a blocking thread: on a large heap it
 /// takes milliseconds, which a worker thread must not spend.
-async fn release_memory_after_load() {
+async fn release_memory_after_load(current: Arc<Current>) {
     /// How often the number of live tasks is looked at (an atomic read).
     const TRIM_CHECK: Duration = Duration::from_millis(500);
     /// The trim that runs whatever the load did.
     const TRIM_EVERY: Duration = Duration::from_secs(10);
     /// Tasks ended since the last trim that make the next check trim.
     const ENDED_TASKS: usize = 256;
+    /// After a burst's trim, any task ended within this makes the next check trim too:
+    /// the streams of a burst end over seconds, the last ones fewer than [`ENDED_TASKS`].
+    const BURST_TAIL: Duration = Duration::from_secs(5);
+    /// Pools are renewed at most this often, so a load that swings does not keep opening
+    /// connections.
+    const SHED_EVERY: Duration = Duration::from_secs(10);
     let metrics = tokio::runtime::Handle::current().metrics();
     let mut every = tokio::time::interval(TRIM_CHECK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_trim = tokio::time::Instant::now();
+    let mut last_burst: Option<tokio::time::Instant> = None;
+    let mut last_shed: Option<tokio::time::Instant> = None;
+    // The most exchanges in flight to the upstreams since the pools were last renewed.
+    let mut peak = 0;
     let mut most_tasks = 0;
+    let mut last_tasks = 0;
     loop {
         every.tick().await;
         let tasks = metrics.num_alive_tasks();
         most_tasks = most_tasks.max(tasks);
+        let in_flight: usize = current
+            .load()
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                upstream
+                    .in_flight
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        peak = peak.max(in_flight);
         let load_fell = most_tasks - tasks >= ENDED_TASKS;
-        if load_fell || last_trim.elapsed() >= TRIM_EVERY {
+        let burst_tail =
+            tasks < last_tasks && last_burst.is_some_and(|at| at.elapsed() < BURST_TAIL);
+        last_tasks = tasks;
+        let burst_over = peak - in_flight >= ENDED_TASKS
+            && in_flight <= peak / 4
+            && last_shed.is_none_or(|at| at.elapsed() >= SHED_EVERY);
+        if burst_over || load_fell || burst_tail || last_trim.elapsed() >= TRIM_EVERY {
             // After a burst ended, whatever is free goes back; the periodic check leaves a
             // small free heap alone (`sys::worth_trimming`), since steady traffic reuses it.
-            let trim = if load_fell {
+            if burst_over {
+                last_shed = Some(tokio::time::Instant::now());
+                peak = in_flight;
+                let gateway = current.load();
+                // A fresh client is built on a blocking thread (its TLS roots take a while).
+                drop(
+                    tokio::task::spawn_blocking(move || {
+                        for upstream in &gateway.upstreams {
+                            upstream.shed_idle_connections();
+                        }
+                    })
+                    .await,
+                );
+            }
+            let trim = if burst_over || load_fell || burst_tail {
                 sluice::sys::trim_heap
             } else {
                 sluice::sys::release_free_memory
             };
             drop(tokio::task::spawn_blocking(trim).await);
             last_trim = tokio::time::Instant::now();
+            // The connections closed, and the streams still ending, free more in the
+            // next seconds: those checks trim too.
+            if burst_over || load_fell {
+                last_burst = Some(last_trim);
+            }
             most_tasks = tasks;
         }
     }
@@ -284,7 +336,7 @@ async fn serve(options: LoadOptions, loaded: config::Loaded) -> anyhow::Result<(
     if let Some(limit) = sluice::sys::raise_open_files_limit() {
         tracing::info!("open files limit: {limit} (two per proxied stream)");
     }
-    tokio::spawn(release_memory_after_load());
+    tokio::spawn(release_memory_after_load(current.clone()));
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

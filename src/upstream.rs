@@ -7,8 +7,8 @@
 
 pub mod token;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,10 +23,12 @@ use crate::upstream::token::TokenCache;
 #[derive(Debug)]
 pub struct UpstreamRuntime {
     pub config: Upstream,
-    pub client: reqwest::Client,
+    /// The client and its pool, replaced whole by [`Self::shed_idle_connections`]; read
+    /// by cloning a handle, never held across an await.
+    client: RwLock<reqwest::Client>,
     /// HTTP/1.1 only, for WebSocket handshakes, when `client` may speak HTTP/2: an upgrade
     /// takes over its connection, which an HTTP/2 stream cannot.
-    http1_client: Option<reqwest::Client>,
+    http1_client: RwLock<Option<reqwest::Client>>,
     next_key: AtomicUsize,
     /// `Bearer <key>` for each key (the key alone for Azure's `api-key`), built once so
     /// the hot path only clones a handle.
@@ -105,16 +107,21 @@ impl UpstreamRuntime {
         let name_header = HeaderValue::from_str(&name).with_context(|| {
             format!("upstream {name}: the name must be usable as a header value")
         })?;
-        let token = config
-            .token
-            .clone()
-            .map(|source| TokenCache::new(source, client.clone()));
+        // A client of its own: the upstream's is replaced after a burst, and a clone here
+        // would keep the old pool, with the burst's idle connections, alive.
+        let token = match config.token.clone() {
+            Some(source) => Some(TokenCache::new(
+                source,
+                build_client(&config, config.http2).with_context(|| format!("upstream {name}"))?,
+            )),
+            None => None,
+        };
         Ok(Self {
             base_has_version: config.base_url.ends_with("/v1"),
             key_cooldown_until: config.keys.iter().map(|_| AtomicU64::new(0)).collect(),
             config,
-            client,
-            http1_client,
+            client: RwLock::new(client),
+            http1_client: RwLock::new(http1_client),
             next_key: AtomicUsize::new(0),
             auth_headers,
             key_header,
@@ -131,10 +138,50 @@ impl UpstreamRuntime {
         self.auth_headers.len()
     }
 
+    /// The client for requests to this upstream (a handle: cheap to clone).
+    pub fn client(&self) -> reqwest::Client {
+        self.client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The client for a request that asks to switch protocols (a WebSocket handshake):
     /// always HTTP/1.1.
-    pub fn upgrade_client(&self) -> &reqwest::Client {
-        self.http1_client.as_ref().unwrap_or(&self.client)
+    pub fn upgrade_client(&self) -> reqwest::Client {
+        let http1 = self
+            .http1_client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        http1.unwrap_or_else(|| self.client())
+    }
+
+    /// Closes the idle connections kept for this upstream, after a burst of streams: a
+    /// fresh client (an empty pool) takes the old one's place. Exchanges under way keep
+    /// their connections, which close when they end, instead of waiting in the pool for
+    /// its idle timeout with tens of KiB each (hyper's buffers). Steady traffic never gets
+    /// here, so it keeps its connections.
+    pub fn shed_idle_connections(&self) {
+        let fresh = build_client(&self.config, self.config.http2);
+        let fresh_http1 = self
+            .http1_client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+            .then(|| build_client(&self.config, Http2Mode::Off));
+        match fresh {
+            Ok(client) => *self.client.write().unwrap_or_else(PoisonError::into_inner) = client,
+            Err(error) => {
+                tracing::debug!(upstream = %self.config.name, "cannot renew the client: {error:#}")
+            }
+        }
+        if let Some(Ok(client)) = fresh_http1 {
+            *self
+                .http1_client
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Some(client);
+        }
     }
 
     /// The `Authorization` value of key `index`.
@@ -310,7 +357,7 @@ fn build_client(config: &Upstream, http2: Http2Mode) -> anyhow::Result<reqwest::
         .connect_timeout(config.timeouts.connect)
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(config.idle_connections)
         // A gateway relays redirects to the client instead of following them.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
@@ -366,6 +413,7 @@ mod tests {
             limits: Default::default(),
             http2: Default::default(),
             tls_ca: None,
+            idle_connections: 1024,
         }
     }
 

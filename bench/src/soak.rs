@@ -138,12 +138,15 @@ pub async fn run(soak: Soak) -> anyhow::Result<()> {
         let queued = log_queue(&status)
             .await
             .map_or_else(|| "-".to_string(), |q| q.to_string());
+        // Heap (anonymous) apart from file pages (the binary, SQLite's shared WAL index).
+        let anon = status_kib(soak.pid, "RssAnon:").unwrap_or(0);
         println!(
-            "minute={minute} requests={} expected={} unexpected={} rss_mib={:.1} open_files={files} log_queue={queued}",
+            "minute={minute} requests={} expected={} unexpected={} rss_mib={:.1} anon_mib={:.1} open_files={files} log_queue={queued}",
             counts.sent.load(Ordering::Relaxed),
             counts.expected.load(Ordering::Relaxed),
             counts.unexpected.load(Ordering::Relaxed),
             rss as f64 / 1024.0,
+            anon as f64 / 1024.0,
         );
         if minute
             == soak
@@ -239,10 +242,15 @@ async fn leave_early(target: &Target) -> anyhow::Result<()> {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A figure of `/proc/PID/status` in KiB (`VmRSS:`, `RssAnon:`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
 }

@@ -23,10 +23,12 @@ use crate::pure::shape::Shaper;
 pub const TAIL: usize = 8 * 1024;
 
 /// A body as captured, up to a limit. Chunks are copied: a slice would keep the whole
-/// network read buffer behind it alive until the writer is done.
+/// network read buffer behind it alive until the writer is done. The copy grows by a
+/// quarter at a time rather than doubling: a held stream keeps its capture for minutes,
+/// and a doubled buffer leaves up to half of it unused meanwhile.
 #[derive(Debug, Default)]
 pub struct Captured {
-    buffer: BytesMut,
+    buffer: Vec<u8>,
     /// Bytes seen in all, kept or not.
     pub seen: usize,
 }
@@ -36,6 +38,11 @@ impl Captured {
         self.seen += chunk.len();
         if self.buffer.len() < limit {
             let take = chunk.len().min(limit - self.buffer.len());
+            let needed = self.buffer.len() + take;
+            if needed > self.buffer.capacity() {
+                let room = (needed + needed / 4).min(limit).max(needed);
+                self.buffer.reserve_exact(room - self.buffer.len());
+            }
             self.buffer.extend_from_slice(&chunk[..take]);
         }
     }
@@ -56,7 +63,7 @@ impl Captured {
     /// Keeps only the last `keep` bytes.
     pub fn keep_tail(&mut self, keep: usize) {
         let start = self.buffer.len().saturating_sub(keep);
-        self.buffer = BytesMut::from(&self.buffer[start..]);
+        self.buffer = self.buffer[start..].to_vec();
     }
 }
 
@@ -292,6 +299,31 @@ fn parse_traceparent(text: &str) -> Option<(u128, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capture_keeps_every_byte_up_to_its_limit_with_little_room_unused() {
+        let chunk = Bytes::from(vec![b'x'; 300]);
+        let mut captured = Captured::default();
+        for _ in 0..16 {
+            captured.push(&chunk, 1 << 20);
+            // A quarter at most unused, where doubling would leave up to half.
+            assert!(captured.buffer.capacity() <= captured.len() * 5 / 4 + 300);
+        }
+        assert_eq!(captured.len(), 16 * 300);
+        assert!(!captured.truncated());
+        assert_eq!(captured.bytes(), Bytes::from(vec![b'x'; 16 * 300]));
+
+        let mut capped = Captured::default();
+        for _ in 0..4 {
+            capped.push(&chunk, 1000);
+        }
+        assert_eq!(capped.len(), 1000);
+        assert!(capped.buffer.capacity() <= 1000, "never past the limit");
+        assert_eq!(capped.seen, 1200);
+        assert!(capped.truncated());
+        capped.keep_tail(10);
+        assert_eq!(capped.bytes(), Bytes::from(vec![b'x'; 10]));
+    }
 
     #[test]
     fn detached_headers_are_equal_and_share_nothing_with_the_read_buffer() {

@@ -1025,6 +1025,11 @@ fn resolve_upstream(
         limits,
         http2,
         tls_ca,
+        idle_connections: raw
+            .idle_connections
+            .map_or(Upstream::IDLE_CONNECTIONS, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
     })
 }
 
@@ -2053,6 +2058,24 @@ mod tests {
         for (problem, prefix) in found.iter().zip(expected) {
             assert!(problem.starts_with(prefix), "{problem:?} is not {prefix:?}");
         }
+    }
+
+    #[test]
+    fn idle_connections_are_read_with_a_default() {
+        let config = check(
+            "upstreams:
+  - {name: a, base_url: 'http://127.0.0.1:9'}
+  - {name: b, base_url: 'http://127.0.0.1:9', idle_connections: 0}
+  - {name: c, base_url: 'http://127.0.0.1:9', idle_connections: 1024}",
+            &[],
+        )
+        .unwrap();
+        let pools: Vec<usize> = config
+            .upstreams
+            .iter()
+            .map(|u| u.idle_connections)
+            .collect();
+        assert_eq!(pools, [Upstream::IDLE_CONNECTIONS, 0, 1024]);
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub struct RawUpstream {
     pub http2: Option<String>,
     /// A PEM file of CA certificates trusted for this upstream besides the public roots.
     pub tls_ca: Option<String>,
+    /// Idle connections kept open for reuse (HTTP/1.1 keep-alive); 0 keeps none.
+    pub idle_connections: Option<u32>,
     pub token: Option<RawToken>,
     pub rpm: Option<i64>,
     pub rpd: Option<i64>,

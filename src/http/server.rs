@@ -1,6 +1,8 @@
 //! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 on each (told apart by
 //! the client's first bytes: h2c by prior knowledge, or h2 by ALPN under `server.tls`), and
-//! dispatches a request to health, models or the proxy. Shutdown stops accepting and lets
+//! dispatches a request to health, models or the proxy. Each connection is served by
+//! hyper's builder for its protocol alone: a connection's task holds only that protocol's
+//! state, so a held HTTP/1.1 stream does not carry room for HTTP/2's. Shutdown stops accepting and lets
 //! open exchanges finish. Every connection gets the same guards whatever it speaks: the
 //! per-address cap, a deadline for its first request, drain on shutdown; HTTP/2 adds a cap on
 //! its streams and hyper's limits on header lists and reset floods.
@@ -14,12 +16,12 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::clock::now_us;
@@ -56,6 +58,9 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// and per connection. Bounded, so a client cannot make sluice buffer without end.
 const H2_STREAM_WINDOW: u32 = 1 << 20;
 const H2_CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// What a client speaking HTTP/2 by prior knowledge (h2c) sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +140,7 @@ pub async fn serve_secured(
         _ => None,
     };
     let per_ip = ConnectionsPerIp::default();
-    let builder = Arc::new(edge_builder(&current.load().config.server));
+    let builders = Arc::new(EdgeBuilders::new(&current.load().config.server));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -189,25 +194,36 @@ pub async fn serve_secured(
                 Ok::<_, Infallible>(handle(&gateway, peer, local, role, request).await)
             })
         });
-        let draining = drain.subscribe();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let connection = Connection {
-                builder: &builder,
-                draining,
-                first_request,
-                peer,
-            };
-            match tls {
-                None => connection.serve(stream, service).await,
-                Some(tls) => match tls.accept(stream).await {
-                    Ok(stream) => connection.serve(stream, service).await,
+        let connection = Connection {
+            builders: builders.clone(),
+            draining: drain.subscribe(),
+            first_request,
+            deadline: tokio::time::Instant::now() + HEADER_READ_TIMEOUT,
+            peer,
+        };
+        match tls.clone() {
+            // The plain connection's future is the task itself; the TLS one (rustls state,
+            // a handshake) is boxed, so a plain connection's task is not sized for it.
+            None => tokio::spawn(async move {
+                connection.serve_plain(stream, service).await;
+                drop(slot);
+            }),
+            Some(tls) => tokio::spawn(Box::pin(async move {
+                match tls.accept(stream).await {
+                    Ok(stream) => {
+                        // ALPN chose the protocol; a client that offered none speaks HTTP/1.1
+                        // (HTTP/2 over TLS needs ALPN, RFC 9113 §3.2).
+                        let wire = match stream.get_ref().1.alpn_protocol() {
+                            Some(b"h2") => Wire::Http2,
+                            _ => Wire::Http1,
+                        };
+                        connection.serve(stream, wire, service).await;
+                    }
                     Err(error) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
-                },
-            }
-            drop(slot);
-        });
+                }
+                drop(slot);
+            })),
+        };
     }
     drop(listener);
     if let Some(follower) = follower {
@@ -223,42 +239,106 @@ pub async fn serve_secured(
     Ok(())
 }
 
-/// hyper's connection builder for the edge: HTTP/1.1 (with upgrades) and HTTP/2 on one
-/// port, with the guards above.
-fn edge_builder(server: &crate::config::Server) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(server.http2_max_streams)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
-        .keep_alive_interval(H2_KEEP_ALIVE)
-        .keep_alive_timeout(H2_KEEP_ALIVE)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW);
-    builder
+/// The two protocols a connection may speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Http1,
+    Http2,
+}
+
+/// hyper's connection builders for the edge, one per protocol, with the guards above.
+struct EdgeBuilders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl EdgeBuilders {
+    fn new(server: &crate::config::Server) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(server.http2_max_streams)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
+            .keep_alive_interval(H2_KEEP_ALIVE)
+            .keep_alive_timeout(H2_KEEP_ALIVE)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
+        Self { http1, http2 }
+    }
+}
+
+/// What a plain connection speaks, by its first bytes, read without taking them: the
+/// HTTP/2 preface, or anything else (HTTP/1.1, whose parser judges it). Waits for as many
+/// bytes as it takes to tell; the caller's first-request deadline bounds the wait.
+async fn sniff(stream: &TcpStream) -> std::io::Result<Wire> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let read = stream.peek(&mut first).await?;
+        if read == 0 || first[..read] != H2_PREFACE[..read] {
+            return Ok(Wire::Http1);
+        }
+        if read == H2_PREFACE.len() {
+            return Ok(Wire::Http2);
+        }
+        // A part of the preface so far: the socket stays readable with those bytes, so
+        // wait instead of peeking in a loop, longer each time (a client that stalls there
+        // costs a few wake-ups a second until its deadline).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
 }
 
 /// One accepted connection being served, TLS or not.
-struct Connection<'b> {
-    builder: &'b auto::Builder<TokioExecutor>,
+struct Connection {
+    builders: Arc<EdgeBuilders>,
     /// Turns true when shutdown begins; held until the connection ends.
     draining: tokio::sync::watch::Receiver<bool>,
     /// Set by the service when a request arrives.
     first_request: Arc<AtomicBool>,
+    /// A request must have come by then ([`HEADER_READ_TIMEOUT`] after the accept).
+    deadline: tokio::time::Instant,
     peer: SocketAddr,
 }
 
-impl Connection<'_> {
-    /// Serves the connection until it ends: closed when no request came within
-    /// [`HEADER_READ_TIMEOUT`], drained (HTTP/2: `GOAWAY`) when shutdown begins.
-    async fn serve<IO, S>(self, io: IO, service: S)
+impl Connection {
+    /// A plain connection: its protocol told by its first bytes, then served.
+    async fn serve_plain<S>(self, stream: TcpStream, service: S)
+    where
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let mut draining = self.draining.clone();
+        let told = tokio::select! {
+            told = sniff(&stream) => told,
+            () = async { drop(draining.wait_for(|draining| *draining).await) } => return,
+            () = tokio::time::sleep_until(self.deadline) => {
+                tracing::debug!(peer = %self.peer, "no request within {HEADER_READ_TIMEOUT:?}; closing");
+                return;
+            }
+        };
+        match told {
+            Ok(wire) => self.serve(stream, wire, service).await,
+            Err(error) => {
+                tracing::debug!(peer = %self.peer, "connection ended with an error: {error}");
+            }
+        }
+    }
+
+    /// Serves the connection in `wire` until it ends. The HTTP/2 side is boxed, so the
+    /// task of an HTTP/1.1 connection (most of them) is not sized for HTTP/2's state.
+    async fn serve<IO, S>(self, io: IO, wire: Wire, service: S)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<
@@ -269,34 +349,57 @@ impl Connection<'_> {
             + 'static,
         S::Future: Send + 'static,
     {
-        let Connection {
-            builder,
-            mut draining,
-            first_request,
-            peer,
-        } = self;
-        // With upgrades, so a realtime session's connection can switch to WebSocket.
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let io = TokioIo::new(io);
+        match wire {
+            Wire::Http1 => {
+                // With upgrades, so a realtime session's connection can switch to WebSocket.
+                let connection = self
+                    .builders
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                self.drive(connection, http1::UpgradeableConnection::graceful_shutdown)
+                    .await;
+            }
+            Wire::Http2 => {
+                Box::pin(async {
+                    let connection = self.builders.http2.serve_connection(io, service);
+                    self.drive(connection, http2::Connection::graceful_shutdown)
+                        .await;
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Polls `connection` to its end: closed when no request came by the deadline
+    /// ([`HEADER_READ_TIMEOUT`] after the accept), drained (HTTP/2: `GOAWAY`) when
+    /// shutdown begins.
+    async fn drive<C>(&self, connection: C, graceful_shutdown: fn(std::pin::Pin<&mut C>))
+    where
+        C: Future<Output = Result<(), hyper::Error>>,
+    {
+        let mut draining = self.draining.clone();
         tokio::pin!(connection);
         let silent = async {
-            tokio::time::sleep(HEADER_READ_TIMEOUT).await;
-            if first_request.load(Ordering::Relaxed) {
+            tokio::time::sleep_until(self.deadline).await;
+            if self.first_request.load(Ordering::Relaxed) {
                 std::future::pending::<()>().await;
             }
         };
         let ended = tokio::select! {
             ended = connection.as_mut() => ended,
             () = async { drop(draining.wait_for(|draining| *draining).await) } => {
-                connection.as_mut().graceful_shutdown();
+                graceful_shutdown(connection.as_mut());
                 connection.await
             }
             () = silent => {
-                tracing::debug!(%peer, "no request within {HEADER_READ_TIMEOUT:?}; closing");
+                tracing::debug!(peer = %self.peer, "no request within {HEADER_READ_TIMEOUT:?}; closing");
                 Ok(())
             }
         };
         if let Err(error) = ended {
-            tracing::debug!(%peer, "connection ended with an error: {error}");
+            tracing::debug!(peer = %self.peer, "connection ended with an error: {error}");
         }
     }
 }
@@ -754,6 +857,47 @@ fn metrics_gauges(gateway: &Gateway) -> crate::observe::metrics::Gauges<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `sniff` makes of a connection whose client writes `parts`, a pause between.
+    async fn sniffed(parts: &[&'static [u8]]) -> Wire {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let parts = parts.to_vec();
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            for part in parts {
+                stream.write_all(part).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Then it leaves.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let wire = sniff(&server).await.unwrap();
+        client.await.unwrap();
+        wire
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_told_apart_even_in_pieces_and_nothing_else_is_h2() {
+        assert_eq!(sniffed(&[H2_PREFACE]).await, Wire::Http2);
+        assert_eq!(
+            sniffed(&[&H2_PREFACE[..5], &H2_PREFACE[5..11], &H2_PREFACE[11..]]).await,
+            Wire::Http2
+        );
+        assert_eq!(
+            sniffed(&[b"GET /health HTTP/1.1\r\n\r\n"]).await,
+            Wire::Http1
+        );
+        assert_eq!(
+            sniffed(&[b"PRI", b" * HTTP/1.1\r\n\r\n"]).await,
+            Wire::Http1
+        );
+        assert_eq!(sniffed(&[b"POST"]).await, Wire::Http1);
+        // A client that connects and leaves: HTTP/1.1's parser sees the end.
+        assert_eq!(sniffed(&[]).await, Wire::Http1);
+    }
 
     #[test]
     fn dot_segments_and_encoded_slashes_are_not_plain() {

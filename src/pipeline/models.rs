@@ -95,7 +95,7 @@ async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
         Ok((path, query)) => upstream.url(&path, query.as_deref()),
         Err(_) => return Vec::new(),
     };
-    let mut request = upstream.client.get(url);
+    let mut request = upstream.client().get(url);
     match caller {
         Caller::Passthrough(value) => {
             request = request.header(header::AUTHORIZATION, value.clone())

@@ -124,7 +124,7 @@ pub async fn outgoing(
     let client = if x.websocket {
         upstream.upgrade_client()
     } else {
-        &upstream.client
+        upstream.client()
     };
     let mut request = client.request(x.parts.method.clone(), url).headers(headers);
     if let Some((body, _, _)) = translated {

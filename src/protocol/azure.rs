@@ -153,6 +153,7 @@ mod tests {
             limits: Default::default(),
             http2: Default::default(),
             tls_ca: None,
+            idle_connections: 1024,
         }
     }
 

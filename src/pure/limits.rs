@@ -801,6 +801,7 @@ mod tests {
             },
             http2: Default::default(),
             tls_ca: None,
+            idle_connections: 1024,
         };
         assert_eq!(limiter.check_upstream(&upstream, T), None);
         assert!(limiter.take_upstream(&upstream, T));

@@ -194,9 +194,11 @@ fn connect(path: &str) -> anyhow::Result<Connection> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
-    // 64 MiB of page cache (negative: KiB): the indexes' hot pages stay in memory rather
-    // than being read back from the file at each batch.
-    connection.pragma_update(None, "cache_size", -65_536)?;
+    // 16 MiB of page cache at most per connection (negative: KiB): the indexes' hot pages
+    // stay in memory rather than being read back from the file at each batch. Each of the
+    // four connections fills its cache as the log grows and keeps it: 64 MiB held 70 MiB of
+    // a soak run's 117 MiB of heap after one minute.
+    connection.pragma_update(None, "cache_size", -16_384)?;
     Ok(connection)
 }
 
