@@ -41,6 +41,7 @@ fn upstream(model_map: HashMap<String, String>, field_aliases: Vec<(String, Stri
         limits: Limits::default(),
         http2: Default::default(),
         tls_ca: None,
+        idle_connections: Upstream::IDLE_CONNECTIONS,
     }
 }
 
