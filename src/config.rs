@@ -647,7 +647,7 @@ impl Upstream {
     /// many as a busy gateway's traffic leaves idle between requests. 32 made wrk's 64
     /// connections open 3,700–6,100 upstream connections in 5 s (bare, one worker): under
     /// saturation, answered connections wait in the pool while the worker is busy. A
-    /// burst's surplus is closed when it ends ([`crate::upstream::UpstreamRuntime::shed_idle_connections`]).
+    /// burst's surplus is closed when it ends (`UpstreamRuntime::shed_idle_connections`, in the upstream module).
     pub const IDLE_CONNECTIONS: usize = 1024;
 
     /// Whether this upstream serves a client-facing model name.
