@@ -411,6 +411,58 @@ const UNDO_MIGRATION_2: &str = "DROP INDEX requests_user_ts;
     DROP TABLE rollup_ttfb;
     DROP TABLE rollup_users;";
 
+/// A log batch PostgreSQL refuses is rolled back, and an admin change made at the same
+/// time on the store's connection stays: each transaction is its caller's alone. (Jobs ran
+/// side by side on the one connection, so a change's statements could land inside a
+/// batch's `BEGIN` … `ROLLBACK` and vanish while the change was answered as done.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_postgres_batch_never_takes_a_change_beside_it_down_with_it() {
+    use sluice::store::{AuditEntry, Managed, ManagedChange};
+    const CHANGES: usize = 150;
+    let url = common::fresh_postgres_database().await;
+    let now_ms = sluice::clock::unix_now_ms();
+    let (managed, audited) = tokio::task::spawn_blocking(move || {
+        let store = sluice::store::open(&url).unwrap();
+        // PostgreSQL text holds no NUL byte: every batch with this row is refused.
+        let mut refused = record(0, now_ms);
+        refused.reply_text = Some("a NUL \0 in the reply".into());
+        let refusing = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..(CHANGES * 2) {
+                    assert!(store.write(std::slice::from_ref(&refused), &[]).is_err());
+                }
+            })
+        };
+        for i in 0..CHANGES {
+            let change = ManagedChange::Insert(Managed {
+                kind: "team".into(),
+                id: format!("team_{i}"),
+                name: format!("team {i}"),
+                body: "{}".into(),
+            });
+            let audit = AuditEntry {
+                ts: now_ms,
+                actor: "admin key".into(),
+                action: "team.create".into(),
+                target: format!("team:team_{i}"),
+                changes: "{}".into(),
+                ..Default::default()
+            };
+            store.change_managed(&change, &audit).unwrap();
+        }
+        refusing.join().unwrap();
+        (
+            store.managed().unwrap().1.len(),
+            store.audit(None, 1_000).unwrap().len(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(managed, CHANGES, "teams the store said it created");
+    assert_eq!(audited, CHANGES, "their audit entries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_log_from_an_earlier_version_is_migrated_at_start() {
     let url = common::fresh_postgres_database().await;

@@ -370,12 +370,24 @@ impl PostgresStore {
                     }
                     tokio::spawn(keep_connected(url, link.clone(), ended));
                     let _ = ready.send(Ok(()));
+                    // One job at a time on the shared connection, in the order they came.
+                    // A transaction here is `BEGIN` … `COMMIT` on that connection: a job
+                    // running beside it would have its statements inside it (a log batch's
+                    // `ROLLBACK` would take an admin change or object routes with it, and
+                    // a read would see rows not yet committed). PostgreSQL runs one
+                    // statement at a time per connection anyway, so this costs only the
+                    // pipelining between jobs.
+                    let turn = Arc::new(tokio::sync::Mutex::new(()));
                     while let Some(job) = queue.recv().await {
                         let client = match link.lock() {
                             Ok(link) => link.client(),
                             Err(poisoned) => poisoned.into_inner().client(),
                         };
-                        tokio::spawn(job(client));
+                        let turn = turn.clone().lock_owned().await;
+                        tokio::spawn(async move {
+                            job(client).await;
+                            drop(turn);
+                        });
                     }
                 });
             })?;
