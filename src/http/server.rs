@@ -295,6 +295,29 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Wire> {
     }
 }
 
+/// The service a connection hands each request to, as both protocols' builders need it.
+trait EdgeService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> EdgeService for S where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// One accepted connection being served, TLS or not.
 struct Connection {
     builders: Arc<EdgeBuilders>,
@@ -309,16 +332,7 @@ struct Connection {
 
 impl Connection {
     /// A plain connection: its protocol told by its first bytes, then served.
-    async fn serve_plain<S>(self, stream: TcpStream, service: S)
-    where
-        S: hyper::service::Service<
-                Request<Incoming>,
-                Response = Response<Body>,
-                Error = Infallible,
-            > + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    async fn serve_plain(self, stream: TcpStream, service: impl EdgeService) {
         let mut draining = self.draining.clone();
         let told = tokio::select! {
             told = sniff(&stream) => told,
@@ -338,16 +352,9 @@ impl Connection {
 
     /// Serves the connection in `wire` until it ends. The HTTP/2 side is boxed, so the
     /// task of an HTTP/1.1 connection (most of them) is not sized for HTTP/2's state.
-    async fn serve<IO, S>(self, io: IO, wire: Wire, service: S)
+    async fn serve<IO>(self, io: IO, wire: Wire, service: impl EdgeService)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<
-                Request<Incoming>,
-                Response = Response<Body>,
-                Error = Infallible,
-            > + Send
-            + 'static,
-        S::Future: Send + 'static,
     {
         let io = TokioIo::new(io);
         match wire {
