@@ -11,7 +11,7 @@ pub fn set_thread_nice(nice: i32) {
         // who = 0 applies to the calling thread alone.
         let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
         if result != 0 {
-            tracing::debug!("cannot set the log writer's priority");
+            tracing::debug!("cannot set a thread's nice value to {nice}");
         }
     }
     #[cfg(not(target_os = "linux"))]
