@@ -316,12 +316,12 @@ fn indexed_through(connection: &Connection) -> anyhow::Result<Option<i64>> {
         .optional()?)
 }
 
-/// Starts the search indexer (see the module's doc), on connections of its own.
-fn index_in_background(log: &str, search: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Starts the search indexer (see the module's doc) on `search`, the index's file
+/// ([`open_search`]), and a connection of its own to the log.
+fn index_in_background(log: &str, search: Connection, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let log = connect(log)?;
     // It reads a few hundred rows at a time.
     log.pragma_update(None, "cache_size", -2_048)?;
-    let search = open_search(search)?;
     std::thread::Builder::new()
         .name("sluice-search".into())
         .spawn(move || {
@@ -465,7 +465,8 @@ impl SqliteStore {
         }
         let search = search_path(path);
         // Before the log's migrations: migration 8 moves an existing index into this file.
-        drop(open_search(&search)?);
+        // The indexer keeps this connection.
+        let index = open_search(&search)?;
         let writer = connect(path)?;
         writer
             .execute_batch(SCHEMA)
@@ -480,7 +481,7 @@ impl SqliteStore {
         let objects = connect(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         checkpoint_in_background(path, stop.clone())?;
-        index_in_background(path, &search, stop.clone())?;
+        index_in_background(path, index, stop.clone())?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
