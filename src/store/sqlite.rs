@@ -163,11 +163,29 @@ impl Drop for SqliteStore {
 /// How often the write-ahead log is copied into the database, off the writer's thread.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// The write-ahead log's size past which a checkpoint waits for the writer instead of
+/// working around it. A `PASSIVE` checkpoint never restarts the WAL from its beginning: the
+/// writer does, at its next transaction, if the checkpoint had copied every frame by then.
+/// A writer that never pauses (a backlog draining, a fill) always adds frames during the
+/// checkpoint, so the WAL grew without bound: 13 GB for a million rows, with every read
+/// going through its index. Past this size a `TRUNCATE` checkpoint holds the writer back
+/// (at most [`TRUNCATE_PATIENCE`] for readers, then the copy of what `PASSIVE` left) and
+/// empties the file; the writer's batches wait in its queue meanwhile.
+const WAL_TRUNCATE_AT: i64 = if cfg!(test) { 256 << 10 } else { 64 << 20 };
+
+/// How long a `TRUNCATE` checkpoint waits for the writer's transaction and for readers
+/// before giving up until the next round (the writer waits at most this long for it).
+const TRUNCATE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Checkpoints the WAL from a connection of its own, so that a commit never waits for a
 /// checkpoint (and its fsync): the writer's connection has automatic checkpoints off.
-/// PASSIVE: it never blocks the writer or readers, and catches up at the next round.
+/// PASSIVE: it never blocks the writer or readers, and catches up at the next round; past
+/// [`WAL_TRUNCATE_AT`], TRUNCATE.
 fn checkpoint_in_background(path: &str, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let connection = connect(path)?;
+    connection.busy_timeout(TRUNCATE_PATIENCE)?;
+    let page_size: i64 = connection.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    let truncate_at_frames = WAL_TRUNCATE_AT / page_size.max(512);
     std::thread::Builder::new()
         .name("sluice-checkpoint".into())
         .spawn(move || {
@@ -178,9 +196,17 @@ fn checkpoint_in_background(path: &str, stop: Arc<AtomicBool>) -> anyhow::Result
                     continue;
                 }
                 last = Instant::now();
-                if let Err(error) =
-                    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                {
+                let frames = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                    row.get::<_, i64>(1)
+                });
+                let outcome = match frames {
+                    Ok(frames) if frames >= truncate_at_frames => {
+                        connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    }
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = outcome {
                     tracing::debug!("WAL checkpoint failed: {error}");
                 }
             }
@@ -194,6 +220,8 @@ fn connect(path: &str) -> anyhow::Result<Connection> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "NORMAL")?;
+    // A WAL grown by a burst goes back to this size when it restarts, not kept at its peak.
+    connection.pragma_update(None, "journal_size_limit", WAL_TRUNCATE_AT)?;
     // 16 MiB of page cache at most per connection (negative: KiB): the indexes' hot pages
     // stay in memory rather than being read back from the file at each batch. Each of the
     // four connections fills its cache as the log grows and keeps it: 64 MiB held 70 MiB of
@@ -1339,5 +1367,71 @@ impl Store for SqliteStore {
     fn ping(&self) -> anyhow::Result<()> {
         self.reader()?.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: usize) -> LogRecord {
+        LogRecord {
+            id: format!("req_{i:09}"),
+            ts: 1_700_000_000_000 + i as i64,
+            client_ip: "10.0.0.1".into(),
+            key_name: "key".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            attempts: "[]".into(),
+            request_headers: "{}".into(),
+            response_headers: "{}".into(),
+            request_body: Some(format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(4096))),
+            ..LogRecord::default()
+        }
+    }
+
+    /// A writer that never pauses (a backlog draining) used to grow the WAL without bound:
+    /// PASSIVE checkpoints never got the chance to restart it.
+    #[test]
+    fn the_wal_is_emptied_under_a_writer_that_never_pauses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let store = Arc::new(SqliteStore::open(path.to_str().unwrap()).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut next = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let batch: Vec<LogRecord> = (next..next + 20).map(record).collect();
+                    store.write(&batch, &[]).unwrap();
+                    next += 20;
+                }
+                next
+            })
+        };
+        let wal = dir.path().join("log.db-wal");
+        let size = || std::fs::metadata(&wal).map_or(0, |m| m.len() as i64);
+        let started = Instant::now();
+        let mut grown = false;
+        let emptied = loop {
+            let now = size();
+            grown |= now >= WAL_TRUNCATE_AT;
+            if grown && now < WAL_TRUNCATE_AT / 2 {
+                break true;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        assert!(
+            emptied,
+            "the WAL grew to {} bytes and was never emptied ({written} rows written)",
+            size()
+        );
     }
 }
