@@ -5,7 +5,8 @@
 #   bench/heap.sh target/release/sluice bare 1000 /tmp/heap-bare
 #   heaptrack_print -f /tmp/heap-bare.zst --flamegraph-cost-type peak -F stacks.txt
 #
-# Run it under the CPU lock (ports 18000 and 19002). SLUICE_BENCH_BIN: the load client.
+# Run it under the CPU lock (ports 18000 and 19002). SLUICE_BENCH_BIN: the load client;
+# H2=h2c: sluice speaks h2c to the mock (what an HTTP/2 upstream leaves per stream).
 set -u
 bin=$1; config=$2; count=$3; out=$4
 bench=${SLUICE_BENCH_BIN:-$(dirname "$0")/../target/release/sluice-bench}
@@ -14,7 +15,7 @@ cat > $work/bare.yaml <<YAML
 server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: 0}
 access: {keys: [{name: bench, key: fk-bench-key-0001}]}
 upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-1]}
+  - {name: plain, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-1]${H2:+, http2: $H2}}
 storage: {url: none}
 log: {access: false}
 YAML
@@ -23,7 +24,7 @@ server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: 0}
 access:
   keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
 upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
+  - {name: plain, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-1], models: [gpt-4o-mini], rpm: 100000000${H2:+, http2: $H2}}
   - {name: other, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-2], models: [gpt-4o], rpm: 100000000}
 storage: {url: 'sqlite://$work/full.db', log_bodies: true}
 pricing: {gpt-4o-mini: {input: 0.15, output: 0.6}}

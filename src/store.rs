@@ -532,6 +532,10 @@ pub trait Store: Send + Sync {
     fn values(&self) -> anyhow::Result<Value>;
     /// Whether the store answers.
     fn ping(&self) -> anyhow::Result<()>;
+    /// The log went quiet after a burst of writes: memory the writer's caches filled (pages
+    /// of the log read back to update its indexes) goes back to the allocator. Without it a
+    /// burst of streams leaves tens of MiB held until the process ends.
+    fn release_caches(&self) {}
     /// Remembers (or, with `upstream` empty, forgets) which upstream created objects.
     fn write_objects(&self, routes: &[ObjectRoute]) -> anyhow::Result<()> {
         let _ = routes;

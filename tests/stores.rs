@@ -686,3 +686,38 @@ fn a_sqlite_index_that_outlived_its_rows_is_built_afresh() {
     assert_eq!(search_ids(&store, "question 1 about"), ["new_00000001"]);
     assert_eq!(index_rows(&path), ROWS as i64);
 }
+
+#[test]
+fn a_sqlite_log_that_let_its_caches_go_after_a_burst_keeps_writing_and_finding_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let store = sluice::store::sqlite::SqliteStore::open(path.to_str().unwrap()).unwrap();
+    let now_ms = sluice::clock::unix_now_ms();
+    // A burst: enough rows that the indexer, once caught up, lets its caches go too.
+    let burst: Vec<LogRecord> = (0..ROWS).map(|i| record(i, now_ms)).collect();
+    for batch in burst.chunks(1000) {
+        store.write(batch, &[]).unwrap();
+    }
+    wait_until("the indexer catches up", || {
+        store.search_backlog().unwrap() == 0
+    });
+    store.release_caches();
+
+    let mut later = record(ROWS, now_ms);
+    later.id = "req_after_release".into();
+    later.request_body = Some(r#"{"messages":[{"content":"Quokka-Lighthouse"}]}"#.into());
+    store.write(&[later], &[]).unwrap();
+    assert_eq!(
+        search_ids(&store, "quokka-lighthouse"),
+        ["req_after_release"]
+    );
+    wait_until("the new row is indexed", || {
+        store.search_backlog().unwrap() == 0
+    });
+    assert_eq!(index_rows(&path), ROWS as i64 + 1);
+    assert_eq!(search_ids(&store, "zeppelin-harbour").len(), 3);
+    assert_eq!(
+        store.list(&query(|_| {})).unwrap().total.unwrap(),
+        ROWS as u64 + 1
+    );
+}

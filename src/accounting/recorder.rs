@@ -58,6 +58,11 @@ const INITIAL_ROW_COST: f64 = 200e-6;
 /// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// After a burst of at least [`RELEASE_AFTER_ROWS`] rows, the log quiet for this long lets
+/// its store's caches go (`Store::release_caches`) and the freed heap back to the system:
+/// the burst is over, and its pages would otherwise stay in memory for good.
+const QUIET_RELEASE: Duration = Duration::from_millis(500);
+const RELEASE_AFTER_ROWS: usize = 1_000;
 /// Back-off between tries while the store cannot be reached.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -264,6 +269,7 @@ impl Recorder {
         };
         let writer = Writer {
             store: store.clone(),
+            limiter: accountant.limiter.clone(),
             stats: stats.clone(),
             backlog,
             room: room.clone(),
@@ -272,6 +278,7 @@ impl Recorder {
             max_rows: storage.max_rows,
             refused_warning: crate::clock::Throttle::new(Duration::from_secs(1)),
             row_cost: std::cell::Cell::new(INITIAL_ROW_COST),
+            unreleased_rows: std::cell::Cell::new(0),
         };
         let accountant = std::thread::Builder::new()
             .name("sluice-account".into())
@@ -1024,6 +1031,8 @@ struct Outage {
 /// The second stage: the backlog to the store, batch by batch.
 struct Writer {
     store: Arc<dyn Store>,
+    /// Its settlements queued by the accountant are applied when a burst is over.
+    limiter: Arc<Limiter>,
     stats: Arc<RecorderStats>,
     backlog: Arc<Backlog>,
     room: Arc<tokio::sync::Notify>,
@@ -1034,6 +1043,8 @@ struct Writer {
     refused_warning: crate::clock::Throttle,
     /// Seconds a row took to write lately (a moving average).
     row_cost: std::cell::Cell<f64>,
+    /// Rows written since the store's caches were last released.
+    unreleased_rows: std::cell::Cell<usize>,
 }
 
 impl Writer {
@@ -1055,8 +1066,11 @@ impl Writer {
         };
         while let Some(batch) = self.take() {
             let (through, taken) = (batch.through, batch.taken);
+            let rows = batch.rows.len();
             match self.write(batch) {
                 Ok(()) => {
+                    self.unreleased_rows
+                        .set(self.unreleased_rows.get().saturating_add(rows));
                     self.flushed(through, taken);
                     self.store_back(&mut outage);
                 }
@@ -1121,11 +1135,27 @@ impl Writer {
                 if state.stopping {
                     return None;
                 }
+                let burst = self.unreleased_rows.get() >= RELEASE_AFTER_ROWS;
                 state = self
                     .backlog
                     .ready
-                    .wait_timeout(state, RETENTION_EVERY)
+                    .wait_timeout(
+                        state,
+                        if burst {
+                            QUIET_RELEASE
+                        } else {
+                            RETENTION_EVERY
+                        },
+                    )
                     .map_or_else(|e| e.into_inner().0, |(s, _)| s);
+                if burst && state.is_empty() && !state.stopping {
+                    // The queue grew to hold the burst's rows and kept its room.
+                    state.rows.shrink_to_fit();
+                    // Not under the backlog's lock: submitters never wait for it.
+                    drop(state);
+                    self.release_caches();
+                    state = lock(&self.backlog);
+                }
                 continue;
             }
             let now = Instant::now();
@@ -1160,6 +1190,15 @@ impl Writer {
                 taken: state.taken,
             });
         }
+    }
+
+    /// The burst is over: the limiter's queued settlements are applied, and the store's
+    /// caches and the heap they and the burst's records freed go back (a trim takes milliseconds; this is the writer's thread, not a worker).
+    fn release_caches(&self) {
+        self.unreleased_rows.set(0);
+        self.limiter.apply_queued();
+        self.store.release_caches();
+        crate::sys::trim_heap();
     }
 
     /// Completes the flushes waiting for rows up to `through` that were made before the

@@ -391,6 +391,12 @@ impl Limiter {
         guard
     }
 
+    /// Applies the settlements queued since the last request took the lock: after a burst
+    /// of streams and no request since, they would hold their memory until the next one.
+    pub fn apply_queued(&self) {
+        drop(self.lock());
+    }
+
     /// Admits one request of `key` at `now`, counting it and reserving `reserve` in its
     /// own scope and its team's; or says which limit (the key's or its team's) refuses it.
     /// Both are checked and counted under one lock, so a team's limits are exact however

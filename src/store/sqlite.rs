@@ -139,6 +139,10 @@ const INDEX_BATCH: usize = 256;
 /// How often an idle indexer looks for new rows.
 const INDEX_POLL: Duration = Duration::from_millis(100);
 
+/// Rows indexed after which a caught-up indexer lets go of its connections' cached pages:
+/// a burst's worth, not a trickle, whose pages the next rounds would read back at once.
+pub const RELEASE_AFTER_ROWS: usize = 1_000;
+
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, end_user, cache, saved_cost";
@@ -224,8 +228,9 @@ fn connect(path: &str) -> anyhow::Result<Connection> {
     connection.pragma_update(None, "journal_size_limit", WAL_TRUNCATE_AT)?;
     // 16 MiB of page cache at most per connection (negative: KiB): the indexes' hot pages
     // stay in memory rather than being read back from the file at each batch. Each of the
-    // four connections fills its cache as the log grows and keeps it: 64 MiB held 70 MiB of
-    // a soak run's 117 MiB of heap after one minute.
+    // four connections fills its cache as the log grows and keeps it (64 MiB held 70 MiB of
+    // a soak run's 117 MiB of heap after one minute), until the writer or the indexer lets
+    // theirs go when a burst is over (`release_caches`, `RELEASE_AFTER_ROWS`).
     connection.pragma_update(None, "cache_size", -16_384)?;
     Ok(connection)
 }
@@ -356,13 +361,25 @@ fn index_in_background(log: &str, search: Connection, stop: Arc<AtomicBool>) -> 
             // Idle class: it takes only CPU time nothing else wants.
             crate::sys::set_thread_idle();
             let mut failing = false;
+            // Rows indexed since the connections' caches were last let go.
+            let mut indexed = 0;
             while !stop.load(Ordering::Relaxed) {
                 match index_round(&log, &search) {
-                    Ok(true) => {
+                    Ok(round) => {
                         failing = false;
-                        continue;
+                        indexed += round.rows;
+                        if round.more {
+                            continue;
+                        }
+                        // Caught up after a burst: the pages its rounds cached go back, so
+                        // the gateway's memory returns to idle (see `RELEASE_AFTER_ROWS`).
+                        if indexed >= RELEASE_AFTER_ROWS {
+                            indexed = 0;
+                            shrink(&log);
+                            shrink(&search);
+                            crate::sys::trim_heap();
+                        }
                     }
-                    Ok(false) => failing = false,
                     Err(error) => {
                         // Searches stay exact meanwhile (they scan what is not indexed).
                         if !failing {
@@ -380,8 +397,8 @@ fn index_in_background(log: &str, search: Connection, stop: Arc<AtomicBool>) -> 
 /// One round of the indexer: the next rows past its watermark indexed, or (for an index of
 /// another log, or after rowids were handed out again) the index started afresh, or the
 /// index rows of requests retention removed deleted; each in one short transaction on the
-/// index's file. Whether more is waiting.
-fn index_round(log: &Connection, search: &Connection) -> anyhow::Result<bool> {
+/// index's file.
+fn index_round(log: &Connection, search: &Connection) -> anyhow::Result<Round> {
     let (epoch, through): (i64, i64) = search.query_row(
         "SELECT epoch, indexed_through FROM search_state",
         [],
@@ -423,7 +440,10 @@ fn index_round(log: &Connection, search: &Connection) -> anyhow::Result<bool> {
         _ => false,
     };
     if !rebuild && !stale && rows.is_empty() {
-        return Ok(false);
+        return Ok(Round {
+            rows: 0,
+            more: false,
+        });
     }
     // Immediate: the state is read again under the write lock, so an indexer of another
     // process sharing this log (two gateways on one file) never indexes a row twice.
@@ -434,7 +454,10 @@ fn index_round(log: &Connection, search: &Connection) -> anyhow::Result<bool> {
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
     if now != (epoch, through) {
-        return Ok(true);
+        return Ok(Round {
+            rows: 0,
+            more: true,
+        });
     }
     if rebuild {
         tracing::info!("building the search index afresh");
@@ -464,7 +487,18 @@ fn index_round(log: &Connection, search: &Connection) -> anyhow::Result<bool> {
         params![log_epoch, through],
     )?;
     write.commit()?;
-    Ok(rebuild || stale || rows.len() == INDEX_BATCH)
+    Ok(Round {
+        rows: rows.len(),
+        more: rebuild || stale || rows.len() == INDEX_BATCH,
+    })
+}
+
+/// What one round of the indexer did.
+struct Round {
+    /// Rows it added to the index.
+    rows: usize,
+    /// Whether more is waiting.
+    more: bool,
 }
 
 impl SqliteStore {
@@ -1367,6 +1401,22 @@ impl Store for SqliteStore {
     fn ping(&self) -> anyhow::Result<()> {
         self.reader()?.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
+    }
+
+    fn release_caches(&self) {
+        let connection = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shrink(&connection);
+    }
+}
+
+/// Lets go of the pages `connection` keeps cached (up to `cache_size`); they are read back
+/// from the file, mostly from the kernel's page cache, when needed again.
+fn shrink(connection: &Connection) {
+    if let Err(error) = connection.execute_batch("PRAGMA shrink_memory;") {
+        tracing::debug!("cannot shrink SQLite's cache: {error}");
     }
 }
 
