@@ -627,12 +627,13 @@ pub struct Upstream {
 /// none waits for the server's `SETTINGS_MAX_CONCURRENT_STREAMS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http2Mode {
-    /// HTTP/2 when a TLS upstream offers it by ALPN; HTTP/1.1 on plain `http://`.
+    /// HTTP/2 when a TLS upstream offers it by ALPN; HTTP/1.1 on plain `http://`. The
+    /// default: public providers speak HTTP/2, and plain-http ones are left as they were.
+    #[default]
     Auto,
     /// HTTP/2 with prior knowledge on plain `http://` (h2c), for upstreams known to speak it.
     H2c,
-    /// HTTP/1.1 only, the default: a connection per stream in flight.
-    #[default]
+    /// HTTP/1.1 only: a connection per stream in flight.
     Off,
 }
 

@@ -2124,7 +2124,7 @@ upstreams:
             [
                 Http2Mode::H2c,
                 Http2Mode::Auto,
-                Http2Mode::Off,
+                Http2Mode::Auto,
                 Http2Mode::Off
             ]
         );
