@@ -344,6 +344,31 @@ async fn streams_past_an_upstreams_stream_limit_open_more_connections_instead_of
 }
 
 #[tokio::test]
+async fn over_tls_a_cold_burst_past_the_stream_limit_settles_on_one_connection_per_limit() {
+    let mock = tls_mock(MockOptions {
+        fault: Some(Fault::Stall),
+        max_streams: 4,
+        ..MockOptions::default()
+    })
+    .await;
+    let base = format!("https://localhost:{}", mock.addr.port());
+    let yaml = format!("{}    http2_streams: 4\n", config_for(&base, "auto"));
+    let gw = gateway(&yaml).await;
+    let held = held_streams(&gw, 20).await;
+    assert_eq!(gw.gateway.upstreams[0].http2_load(), Some((5, 20)));
+    // Handshakes raced before ALPN said h2 close as they end: 5 stay, one per 4 streams.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            mock.state.connections_open.load(Ordering::SeqCst) == 5
+        })
+        .await,
+        "{} connections open",
+        mock.state.connections_open.load(Ordering::SeqCst)
+    );
+    drop(held);
+}
+
+#[tokio::test]
 async fn a_bursts_extra_connections_close_when_idle_and_the_first_stays() {
     let (mock, gw) = limited_upstream(4, "200ms").await;
     let held = held_streams(&gw, 12).await;
