@@ -104,7 +104,11 @@ impl Http2Pool {
             return self.slot(&shard);
         }
         let mut more = self.more.write().unwrap_or_else(PoisonError::into_inner);
-        // Another exchange may have opened one while this waited for the lock.
+        // Another exchange may have opened one, or ended, while this waited for the lock.
+        if self.first.claim(self.streams) {
+            drop(more);
+            return self.slot(&self.first);
+        }
         if let Some(shard) = self.first_free(&more) {
             drop(more);
             return self.slot(&shard);
