@@ -19,8 +19,9 @@
 #                           # the open-loop rate sweep, direct, bare and full; its own
 #                           # table in target/bench/tail.md
 #   bench/run.sh --http2    # only HTTP/2: held streams to an upstream over HTTP/1.1 and
-#                           # h2c, and the listener over HTTP/1.1, h2c, TLS and h2 (about
-#                           # 3 minutes; its own table in target/bench/http2.md)
+#                           # h2c (and h2c to a mock allowing 100 streams per connection,
+#                           # on 19003), and the listener over HTTP/1.1, h2c, TLS and h2
+#                           # (about 4 minutes; its own table in target/bench/http2.md)
 #
 # sluice runs pinned to core 0 with one worker thread; the mock upstream and the load
 # generators share core 1, so the figures mean something on a 2-core machine.
@@ -401,14 +402,23 @@ tail_rows() {
 # h2c (upstream connections, open files, RSS, lost frames); (b) the listener over HTTP/1.1
 # and h2c, then with TLS over HTTP/1.1 and h2 (latency at c=1, req/s at 32 concurrent).
 if [ "$http2" = 1 ]; then
-  mock_stat() { curl -s http://127.0.0.1:19002/_mock/stats | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+  # A provider that allows 100 streams per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS):
+  # sluice must open more connections rather than queue streams. SLUICE_MOCK_BIN runs it
+  # from another build (an older sluice has no --max-streams).
+  taskset -c "$core_load" "${SLUICE_MOCK_BIN:-$sluice}" mock-upstream --listen 127.0.0.1:19003 --workers 1 --chunks 16 --interval 1s --max-streams 100 >/dev/null 2>&1 & pids+=($!)
+  wait_port 19003
+  mock_port=19002
+  mock_stat() { curl -s "http://127.0.0.1:$mock_port/_mock/stats" | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
   steps="1000 5000"; [ "$quick" = 1 ] && steps="1000"
-  for mode in off h2c; do
+  modes="off h2c h2c-limited"
+  for mode in $modes; do
+    mock_port=19002; upstream_http2=$mode
+    [ "$mode" = h2c-limited ] && { mock_port=19003; upstream_http2=h2c; }
     cat > "$work/h2-$mode.yaml" <<YAML
 server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0}
 access: {keys: [{name: bench, key: fk-bench-key-0001}]}
 upstreams:
-  - {name: held, base_url: 'http://127.0.0.1:19002', keys: [sk-bench-upstream-1], http2: '$mode'}
+  - {name: held, base_url: 'http://127.0.0.1:$mock_port', keys: [sk-bench-upstream-1], http2: '$upstream_http2'}
 storage: {url: none}
 log: {access: false}
 YAML
@@ -427,9 +437,13 @@ YAML
       after=$(mock_stat connections)
       R[h2.$mode.$count.rss]=$(( $(sort -n -k1 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f1) / 1024 ))
       R[h2.$mode.$count.fds]=$(sort -n -k2 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f2)
-      R[h2.$mode.$count.open]=$(sort -n -k3 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f3)
-      R[h2.$mode.$count.conns]=$((after - before))
+      # Less the stats request's own connection, open while it is answered.
+      R[h2.$mode.$count.open]=$(( $(sort -n -k3 "$work/h2-sample.$mode.$count" | tail -1 | cut -d' ' -f3) - 1 ))
+      # The mock counts every connection, its stats requests' too: the sampler's (one per
+      # line) and the one that read `after` are not sluice's.
+      R[h2.$mode.$count.conns]=$((after - before - 1 - $(wc -l < "$work/h2-sample.$mode.$count")))
       R[h2.$mode.$count.frames]="$(kv "$line" lost_frames)/$(kv "$line" reordered_frames)/$(kv "$line" failed)"
+      R[h2.$mode.$count.ttft]=$(awk -v us="$(kv "$line" ttft_p99_us)" 'BEGIN {printf "%.0f", us / 1000}')
       echo "   $line upstream_connections=${R[h2.$mode.$count.conns]} peak_open_upstream=${R[h2.$mode.$count.open]} peak_fds=${R[h2.$mode.$count.fds]} peak_rss_mib=${R[h2.$mode.$count.rss]}"
       sleep 2
     done
@@ -455,13 +469,13 @@ YAML
   {
     echo "sluice HTTP/2 — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; sluice on core $core_gw (--workers 1, log off), mocks and load on core $core_load."
     echo
-    echo "Held streams (16 chunks 1 s apart; clients on HTTP/1.1, one connection each) through sluice to the mock, by upstream \`http2\`:"
+    echo "Held streams (16 chunks 1 s apart; clients on HTTP/1.1, one connection each) through sluice to the mock, by upstream \`http2\` (h2c-limited: the mock allows 100 streams per connection, sluice's \`http2_streams\` is its default 100):"
     echo
-    echo "| streams | upstream http2 | upstream connections opened / peak open | sluice open files (peak) | sluice RSS peak (MiB) | lost / reordered frames / failed streams |"
-    echo "|---|---|---|---|---|---|"
+    echo "| streams | upstream http2 | upstream connections opened / peak open | sluice open files (peak) | sluice RSS peak (MiB) | first chunk p99 (ms) | lost / reordered frames / failed streams |"
+    echo "|---|---|---|---|---|---|---|"
     for count in $steps; do
-      for mode in off h2c; do
-        echo "| $count | $mode | ${R[h2.$mode.$count.conns]} / ${R[h2.$mode.$count.open]} | ${R[h2.$mode.$count.fds]} | ${R[h2.$mode.$count.rss]} | ${R[h2.$mode.$count.frames]} |"
+      for mode in $modes; do
+        echo "| $count | $mode | ${R[h2.$mode.$count.conns]} / ${R[h2.$mode.$count.open]} | ${R[h2.$mode.$count.fds]} | ${R[h2.$mode.$count.rss]} | ${R[h2.$mode.$count.ttft]} | ${R[h2.$mode.$count.frames]} |"
       done
     done
     echo

@@ -606,6 +606,13 @@ pub struct Upstream {
     pub limits: Limits,
     /// Which HTTP version sluice speaks to it (`http2:`).
     pub http2: Http2Mode,
+    /// Streams sluice opens at once on one HTTP/2 connection to it (`http2_streams:`,
+    /// default [`Upstream::HTTP2_STREAMS`]); the next exchange opens another connection
+    /// instead of waiting for a stream to end.
+    pub http2_streams: usize,
+    /// How long a connection beyond the first stays open with no stream (`http2_idle:`,
+    /// default [`Upstream::HTTP2_IDLE`]), so a burst's connections go away after it.
+    pub http2_idle: Duration,
     /// PEM certificates trusted for its TLS besides the public roots (`tls_ca:`), for an
     /// upstream behind a private CA; read when the config loads.
     pub tls_ca: Option<Vec<u8>>,
@@ -615,17 +622,18 @@ pub struct Upstream {
     pub idle_connections: usize,
 }
 
-/// How sluice speaks HTTP/2 to an upstream: many streams then share one connection.
+/// How sluice speaks HTTP/2 to an upstream: many streams then share a few connections,
+/// at most `http2_streams` on each (`upstream::Http2Pool` opens another past that, so
+/// none waits for the server's `SETTINGS_MAX_CONCURRENT_STREAMS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http2Mode {
-    /// HTTP/2 when a TLS upstream offers it by ALPN; HTTP/1.1 on plain `http://`.
+    /// HTTP/2 when a TLS upstream offers it by ALPN; HTTP/1.1 on plain `http://`. The
+    /// default: public providers speak HTTP/2, and plain-http ones are left as they were.
+    #[default]
     Auto,
     /// HTTP/2 with prior knowledge on plain `http://` (h2c), for upstreams known to speak it.
     H2c,
-    /// HTTP/1.1 only, the default: hyper's HTTP/2 pool keeps one connection per host and
-    /// queues requests past the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (often 100–250),
-    /// which would stall a gateway's thousands of long streams to one provider.
-    #[default]
+    /// HTTP/1.1 only: a connection per stream in flight.
     Off,
 }
 
@@ -649,6 +657,12 @@ impl Upstream {
     /// saturation, answered connections wait in the pool while the worker is busy. A
     /// burst's surplus is closed when it ends (`UpstreamRuntime::shed_idle_connections`, in the upstream module).
     pub const IDLE_CONNECTIONS: usize = 1024;
+    /// Streams per HTTP/2 connection unless `http2_streams` says otherwise: RFC 9113 asks
+    /// servers to allow at least 100, so no stream waits on a server that follows it.
+    pub const HTTP2_STREAMS: usize = 100;
+    /// How long a burst's further HTTP/2 connections outlive their last stream unless
+    /// `http2_idle` says otherwise: long enough for the next request of a steady load.
+    pub const HTTP2_IDLE: Duration = Duration::from_secs(30);
 
     /// Whether this upstream serves a client-facing model name.
     pub fn serves(&self, model: &str) -> bool {

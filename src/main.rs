@@ -76,6 +76,10 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// HTTP/2 streams one connection may carry at once (SETTINGS_MAX_CONCURRENT_STREAMS),
+        /// to play a provider that caps them.
+        #[arg(long, default_value_t = MockOptions::default().max_streams)]
+        max_streams: u32,
     },
 }
 
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
             name,
             protocol,
             workers,
+            max_streams,
         } => {
             init_tracing(log_format(None));
             let options = mock_options(chunks, &interval, fault.as_deref(), keys, record, name);
@@ -126,6 +131,7 @@ fn main() -> ExitCode {
                 })?;
                 Ok(MockOptions {
                     protocol,
+                    max_streams,
                     ..options
                 })
             });

@@ -127,6 +127,9 @@ pub struct MockOptions {
     /// `expires_in` of issued tokens, in seconds.
     pub token_ttl: u64,
     pub models: Vec<String>,
+    /// HTTP/2 streams one connection may carry at once (`SETTINGS_MAX_CONCURRENT_STREAMS`),
+    /// read when the mock starts: a small limit plays a provider that caps its streams.
+    pub max_streams: u32,
 }
 
 impl Default for MockOptions {
@@ -152,6 +155,7 @@ impl Default for MockOptions {
             ]
             .map(String::from)
             .to_vec(),
+            max_streams: MAX_STREAMS,
         }
     }
 }
@@ -300,10 +304,9 @@ pub async fn run(listener: TcpListener, state: Arc<MockState>) {
 /// Serves the mock on `listener` forever, over TLS when `tls` is given.
 pub async fn run_tls(listener: TcpListener, state: Arc<MockState>, tls: Option<Tls>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Many streams per connection: a benchmark holds thousands on one.
     builder
         .http2()
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(state.options().max_streams)
         .initial_connection_window_size(16 << 20);
     let builder = Arc::new(builder);
     loop {
@@ -339,7 +342,8 @@ pub async fn run_tls(listener: TcpListener, state: Arc<MockState>, tls: Option<T
     }
 }
 
-/// Streams one HTTP/2 connection to the mock may carry at once.
+/// Streams one HTTP/2 connection to the mock may carry at once unless told otherwise:
+/// many, since a benchmark holds thousands on one.
 const MAX_STREAMS: u32 = 100_000;
 
 /// Returned as a service error so hyper drops the connection (the `drop` fault).

@@ -1,10 +1,12 @@
 //! One upstream at run time: its HTTP client (connection pool, connect timeout, outbound
 //! proxy), its credentials (a key pool used in turn, or a token endpoint) and the health
 //! figures routing reads (requests in flight, time to first byte, cooldowns), handed to the
-//! router as plain numbers through [`Health`]. Over HTTP/2 (`http2:`) every stream to an
-//! upstream shares one connection; a WebSocket handshake, which needs a connection of its
-//! own, goes through a second, HTTP/1.1-only client.
+//! router as plain numbers through [`Health`]. Over HTTP/2 (`http2:`) streams to an
+//! upstream share a few connections, at most `http2_streams` on each ([`Http2Pool`]); a
+//! WebSocket handshake, which needs a connection of its own, goes through an
+//! HTTP/1.1-only client.
 
+pub mod http2;
 pub mod token;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,17 +20,20 @@ use crate::clock::now_ms;
 use crate::config::{Http2Mode, Upstream};
 use crate::protocol::UpstreamKind;
 use crate::pure::routing::Health;
+use crate::upstream::http2::{Http2Pool, StreamSlot};
 use crate::upstream::token::TokenCache;
 
 #[derive(Debug)]
 pub struct UpstreamRuntime {
     pub config: Upstream,
-    /// The client and its pool, replaced whole by [`Self::shed_idle_connections`]; read
-    /// by cloning a handle, never held across an await.
-    client: RwLock<reqwest::Client>,
-    /// HTTP/1.1 only, for WebSocket handshakes, when `client` may speak HTTP/2: an upgrade
-    /// takes over its connection, which an HTTP/2 stream cannot.
-    http1_client: RwLock<Option<reqwest::Client>>,
+    /// The client speaking HTTP/1.1 and its pool: every exchange's when the upstream is
+    /// not spoken to over HTTP/2, else WebSocket handshakes' only (an upgrade takes over
+    /// its connection, which an HTTP/2 stream cannot). Replaced whole by
+    /// [`Self::shed_idle_connections`]; read by cloning a handle, never held across an
+    /// await.
+    http1: RwLock<reqwest::Client>,
+    /// The HTTP/2 connections, when `http2:` may speak HTTP/2 to it.
+    http2: Option<Arc<Http2Pool>>,
     next_key: AtomicUsize,
     /// `Bearer <key>` for each key (the key alone for Azure's `api-key`), built once so
     /// the hot path only clones a handle.
@@ -52,41 +57,53 @@ pub struct UpstreamRuntime {
     key_cooldown_until: Vec<AtomicU64>,
 }
 
-/// Counts a request in flight on an upstream until dropped.
+/// Counts a request in flight on an upstream until dropped, and holds its HTTP/2 stream
+/// (if it took one) as long.
 #[derive(Debug)]
-pub struct InFlight(Arc<UpstreamRuntime>);
+pub struct InFlight {
+    upstream: Arc<UpstreamRuntime>,
+    _stream: Option<StreamSlot>,
+}
 
 impl InFlight {
     pub fn new(upstream: &Arc<UpstreamRuntime>) -> Self {
+        Self::holding(upstream, None)
+    }
+
+    /// Also holds `stream` (from [`UpstreamRuntime::lease`]) until the exchange ends.
+    pub fn holding(upstream: &Arc<UpstreamRuntime>, stream: Option<StreamSlot>) -> Self {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(upstream.clone())
+        Self {
+            upstream: upstream.clone(),
+            _stream: stream,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl UpstreamRuntime {
     pub fn new(config: Upstream) -> anyhow::Result<Self> {
         let name = config.name.clone();
-        let client =
-            build_client(&config, config.http2).with_context(|| format!("upstream {name}"))?;
         let may_speak_h2 = match config.http2 {
             Http2Mode::Off => false,
             Http2Mode::H2c => true,
             Http2Mode::Auto => config.base_url.starts_with("https://"),
         };
-        let http1_client = if may_speak_h2 {
-            Some(
-                build_client(&config, Http2Mode::Off)
-                    .with_context(|| format!("upstream {name}"))?,
-            )
+        let http2 = if may_speak_h2 {
+            Some(Arc::new(
+                Http2Pool::new(config.clone()).with_context(|| format!("upstream {name}"))?,
+            ))
         } else {
             None
         };
+        // Plain `http://` under `auto` speaks HTTP/1.1 too.
+        let http1 =
+            build_client(&config, Http2Mode::Off).with_context(|| format!("upstream {name}"))?;
         let (key_header, bearer) = UpstreamKind::of(&config).key_header();
         let auth_headers = config
             .keys
@@ -120,8 +137,8 @@ impl UpstreamRuntime {
             base_has_version: config.base_url.ends_with("/v1"),
             key_cooldown_until: config.keys.iter().map(|_| AtomicU64::new(0)).collect(),
             config,
-            client: RwLock::new(client),
-            http1_client: RwLock::new(http1_client),
+            http1: RwLock::new(http1),
+            http2,
             next_key: AtomicUsize::new(0),
             auth_headers,
             key_header,
@@ -138,49 +155,50 @@ impl UpstreamRuntime {
         self.auth_headers.len()
     }
 
-    /// The client for requests to this upstream (a handle: cheap to clone).
-    pub fn client(&self) -> reqwest::Client {
-        self.client
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// The client for one exchange with this upstream (a handle: cheap to clone) and,
+    /// over HTTP/2, the stream it takes on that client's connection: keep it until the
+    /// exchange ends (its answer's body included), so the connection counts it.
+    pub fn lease(&self) -> (reqwest::Client, Option<StreamSlot>) {
+        match &self.http2 {
+            Some(pool) => {
+                let (client, stream) = pool.lease();
+                (client, Some(stream))
+            }
+            None => (self.http1_client(), None),
+        }
     }
 
     /// The client for a request that asks to switch protocols (a WebSocket handshake):
     /// always HTTP/1.1.
     pub fn upgrade_client(&self) -> reqwest::Client {
-        let http1 = self
-            .http1_client
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        http1.unwrap_or_else(|| self.client())
+        self.http1_client()
     }
 
-    /// Closes the idle connections kept for this upstream, after a burst of streams: a
-    /// fresh client (an empty pool) takes the old one's place. Exchanges under way keep
-    /// their connections, which close when they end, instead of waiting in the pool for
-    /// its idle timeout with tens of KiB each (hyper's buffers). Steady traffic never gets
-    /// here, so it keeps its connections.
-    pub fn shed_idle_connections(&self) {
-        let fresh = build_client(&self.config, self.config.http2);
-        let fresh_http1 = self
-            .http1_client
+    fn http1_client(&self) -> reqwest::Client {
+        self.http1
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-            .then(|| build_client(&self.config, Http2Mode::Off));
-        match fresh {
-            Ok(client) => *self.client.write().unwrap_or_else(PoisonError::into_inner) = client,
+            .clone()
+    }
+
+    /// HTTP/2 connections open to this upstream and the exchanges they carry; `None` when
+    /// it is spoken to over HTTP/1.1.
+    pub fn http2_load(&self) -> Option<(usize, usize)> {
+        self.http2.as_ref().map(|pool| pool.load())
+    }
+
+    /// Closes the idle HTTP/1.1 connections kept for this upstream, after a burst of
+    /// streams: a fresh client (an empty pool) takes the old one's place. Exchanges under
+    /// way keep their connections, which close when they end, instead of waiting in the
+    /// pool for its idle timeout with tens of KiB each (hyper's buffers). Steady traffic
+    /// never gets here, so it keeps its connections. A burst's HTTP/2 connections close
+    /// by themselves (`http2_idle`).
+    pub fn shed_idle_connections(&self) {
+        match build_client(&self.config, Http2Mode::Off) {
+            Ok(client) => *self.http1.write().unwrap_or_else(PoisonError::into_inner) = client,
             Err(error) => {
                 tracing::debug!(upstream = %self.config.name, "cannot renew the client: {error:#}")
             }
-        }
-        if let Some(Ok(client)) = fresh_http1 {
-            *self
-                .http1_client
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = Some(client);
         }
     }
 
@@ -357,7 +375,13 @@ fn build_client(config: &Upstream, http2: Http2Mode) -> anyhow::Result<reqwest::
         .connect_timeout(config.timeouts.connect)
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(config.idle_connections)
+        // An HTTP/2 client keeps its one connection in the pool even with `idle_connections: 0`,
+        // or each exchange would open one.
+        .pool_max_idle_per_host(if http2 == Http2Mode::Off {
+            config.idle_connections
+        } else {
+            config.idle_connections.max(1)
+        })
         // A gateway relays redirects to the client instead of following them.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")));
@@ -413,6 +437,8 @@ mod tests {
             limits: Default::default(),
             http2: Default::default(),
             tls_ca: None,
+            http2_streams: crate::config::Upstream::HTTP2_STREAMS,
+            http2_idle: crate::config::Upstream::HTTP2_IDLE,
             idle_connections: 1024,
         }
     }

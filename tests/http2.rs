@@ -286,6 +286,110 @@ async fn many_streams_to_a_tls_upstream_negotiate_h2_and_share_one_connection() 
     );
 }
 
+/// A mock allowing `limit` streams per HTTP/2 connection whose streams send their first
+/// chunk and then hold, and a gateway speaking h2c to it with `http2_streams: limit`.
+async fn limited_upstream(limit: u32, idle: &str) -> (MockServer, TestGateway) {
+    let mock = mock_with(MockOptions {
+        fault: Some(Fault::Stall),
+        max_streams: limit,
+        ..MockOptions::default()
+    })
+    .await;
+    let yaml = format!(
+        "{}    http2_streams: {limit}\n    http2_idle: {idle}\n",
+        config_for(&mock.url(), "h2c")
+    );
+    (mock, gateway(&yaml).await)
+}
+
+/// Starts `count` streams at once and returns their bodies once each sent its first chunk:
+/// every one started, none waiting for another (none can end: they hold).
+async fn held_streams(
+    gw: &TestGateway,
+    count: usize,
+) -> Vec<impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>> {
+    let client = client();
+    let url = gw.url("/v1/chat/completions");
+    let requests = (0..count).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let response = chat(&client, &url, true).await;
+            assert_eq!(response.status(), 200);
+            let mut body = response.bytes_stream();
+            let first = body.next().await.expect("a first chunk").expect("chunk");
+            assert!(!first.is_empty());
+            body
+        }
+    });
+    // A stream queued behind the held ones would never start: a deadline, not a speed.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(requests),
+    )
+    .await
+    .expect("every stream started while the others were held")
+}
+
+#[tokio::test]
+async fn streams_past_an_upstreams_stream_limit_open_more_connections_instead_of_waiting() {
+    let (mock, gw) = limited_upstream(4, "1m").await;
+    let held = held_streams(&gw, 20).await;
+    assert_eq!(mock.state.streams_started.load(Ordering::SeqCst), 20);
+    assert_eq!(mock.state.streams_finished.load(Ordering::SeqCst), 0);
+    // 20 streams at 4 per connection: 5 connections, not 1 (queued) and not 20.
+    let connections = mock.state.connections.load(Ordering::SeqCst);
+    assert_eq!(connections, 5, "20 streams took {connections} connections");
+    assert_eq!(gw.gateway.upstreams[0].http2_load(), Some((5, 20)));
+    drop(held);
+}
+
+#[tokio::test]
+async fn over_tls_a_cold_burst_past_the_stream_limit_settles_on_one_connection_per_limit() {
+    let mock = tls_mock(MockOptions {
+        fault: Some(Fault::Stall),
+        max_streams: 4,
+        ..MockOptions::default()
+    })
+    .await;
+    let base = format!("https://localhost:{}", mock.addr.port());
+    let yaml = format!("{}    http2_streams: 4\n", config_for(&base, "auto"));
+    let gw = gateway(&yaml).await;
+    let held = held_streams(&gw, 20).await;
+    assert_eq!(gw.gateway.upstreams[0].http2_load(), Some((5, 20)));
+    // Handshakes raced before ALPN said h2 close as they end: 5 stay, one per 4 streams.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            mock.state.connections_open.load(Ordering::SeqCst) == 5
+        })
+        .await,
+        "{} connections open",
+        mock.state.connections_open.load(Ordering::SeqCst)
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_bursts_extra_connections_close_when_idle_and_the_first_stays() {
+    let (mock, gw) = limited_upstream(4, "200ms").await;
+    let held = held_streams(&gw, 12).await;
+    assert_eq!(mock.state.connections_open.load(Ordering::SeqCst), 3);
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            mock.state.connections_open.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "{} connections still open",
+        mock.state.connections_open.load(Ordering::SeqCst)
+    );
+    assert_eq!(gw.gateway.upstreams[0].http2_load(), Some((1, 0)));
+    // The connection kept serves the next request without a new one.
+    mock.set_fault(None);
+    let response = chat(&client(), &gw.url("/v1/chat/completions"), false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(mock.state.connections.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn a_client_gone_resets_its_upstream_stream_not_the_connection() {
     let mock = mock_with(MockOptions {

@@ -933,7 +933,7 @@ fn resolve_upstream(
     }
 
     let http2 = match raw.http2.as_deref().map(str::trim) {
-        None => Http2Mode::Off,
+        None => Http2Mode::default(),
         Some(text) => Http2Mode::parse(text).unwrap_or_else(|| {
             problems.push(Problem::new(
                 format!("{path}.http2"),
@@ -959,6 +959,26 @@ fn resolve_upstream(
             "h2c cannot pass an HTTP proxy, which forwards plain http as HTTP/1.1; use a socks5 proxy, or auto",
         ));
     }
+
+    let http2_streams = match raw.http2_streams {
+        None => Upstream::HTTP2_STREAMS,
+        Some(n) if (1..=10_000).contains(&n) => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            problems.push(Problem::new(
+                format!("{path}.http2_streams"),
+                format!("{n} is not between 1 and 10000"),
+            ));
+            Upstream::HTTP2_STREAMS
+        }
+    };
+    let http2_idle = duration_field(
+        raw.http2_idle.as_ref(),
+        &format!("{path}.http2_idle"),
+        "a duration like 30s",
+        |d| !d.is_zero(),
+        problems,
+    )
+    .unwrap_or(Upstream::HTTP2_IDLE);
 
     let tls_ca = raw
         .tls_ca
@@ -1024,6 +1044,8 @@ fn resolve_upstream(
         token,
         limits,
         http2,
+        http2_streams,
+        http2_idle,
         tls_ca,
         idle_connections: raw
             .idle_connections
@@ -2087,7 +2109,7 @@ mod tests {
 upstreams:
   - {{name: a, base_url: 'http://127.0.0.1:9', http2: h2c}}
   - {{name: b, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/ca.pem', http2: auto}}
-  - {{name: d, base_url: 'https://127.0.0.1:9'}}
+  - {{name: d, base_url: 'https://127.0.0.1:9', http2_streams: 250, http2_idle: 5s}}
   - {{name: c, base_url: 'https://127.0.0.1:9', http2: 'off'}}"
             ),
             &[],
@@ -2102,11 +2124,21 @@ upstreams:
             [
                 Http2Mode::H2c,
                 Http2Mode::Auto,
-                Http2Mode::Off,
+                Http2Mode::Auto,
                 Http2Mode::Off
             ]
         );
         assert!(config.upstreams[1].tls_ca.is_some());
+        let streams: Vec<(usize, Duration)> = config
+            .upstreams
+            .iter()
+            .map(|u| (u.http2_streams, u.http2_idle))
+            .collect();
+        let defaults = (Upstream::HTTP2_STREAMS, Upstream::HTTP2_IDLE);
+        assert_eq!(
+            streams,
+            [defaults, defaults, (250, Duration::from_secs(5)), defaults]
+        );
 
         let found = problems(&format!(
             "server: {{tls: {{cert: '{fixtures}/a.key', key: '{fixtures}/missing.key'}}, http2_max_streams: 0}}
@@ -2114,7 +2146,9 @@ upstreams:
   - {{name: a, base_url: 'https://127.0.0.1:9', http2: h2c}}
   - {{name: b, base_url: 'http://127.0.0.1:9', http2: h3}}
   - {{name: c, base_url: 'http://127.0.0.1:9', http2: h2c, proxy: 'http://127.0.0.1:3128'}}
-  - {{name: d, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/a.key'}}"
+  - {{name: d, base_url: 'https://127.0.0.1:9', tls_ca: '{fixtures}/a.key'}}
+  - {{name: e, base_url: 'https://127.0.0.1:9', http2_streams: 0, http2_idle: 0s}}
+  - {{name: f, base_url: 'https://127.0.0.1:9', http2_streams: 10001, http2_idle: soon}}"
         ));
         let expected = [
             "server.http2_max_streams: 0 is not between 1 and 10000",
@@ -2124,6 +2158,10 @@ upstreams:
             "upstreams[1].http2: \"h3\" is not one of auto, h2c, off",
             "upstreams[2].http2: h2c cannot pass an HTTP proxy",
             "upstreams[3].tls_ca: ",
+            "upstreams[4].http2_streams: 0 is not between 1 and 10000",
+            "upstreams[4].http2_idle: \"0s\" is not a duration like 30s",
+            "upstreams[5].http2_streams: 10001 is not between 1 and 10000",
+            "upstreams[5].http2_idle: \"soon\" is not a duration like 30s",
         ];
         for prefix in expected {
             assert!(

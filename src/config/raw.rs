@@ -146,6 +146,11 @@ pub struct RawUpstream {
     pub weight: Option<u32>,
     /// `auto` (ALPN on https), `h2c` (prior knowledge on http) or `off`.
     pub http2: Option<String>,
+    /// Streams sluice opens at once on one HTTP/2 connection to it; past that, another
+    /// connection.
+    pub http2_streams: Option<u32>,
+    /// How long a further HTTP/2 connection stays open without a stream.
+    pub http2_idle: Option<Scalar>,
     /// A PEM file of CA certificates trusted for this upstream besides the public roots.
     pub tls_ca: Option<String>,
     /// Idle connections kept open for reuse (HTTP/1.1 keep-alive); 0 keeps none.

@@ -95,7 +95,9 @@ async fn fetch(upstream: &UpstreamRuntime, caller: &Caller) -> Vec<Value> {
         Ok((path, query)) => upstream.url(&path, query.as_deref()),
         Err(_) => return Vec::new(),
     };
-    let mut request = upstream.client().get(url);
+    // The stream is held until the list is read.
+    let (client, _stream) = upstream.lease();
+    let mut request = client.get(url);
     match caller {
         Caller::Passthrough(value) => {
             request = request.header(header::AUTHORIZATION, value.clone())

@@ -22,6 +22,7 @@ use crate::protocol::translate;
 use crate::protocol::{UpstreamKind, anthropic};
 use crate::pure::routing::Choice;
 use crate::upstream::UpstreamRuntime;
+use crate::upstream::http2::StreamSlot;
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 const ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthropic-version");
@@ -54,6 +55,8 @@ pub struct Outgoing {
     pub request: reqwest::RequestBuilder,
     /// The generation of the token it carries, to invalidate it if refused.
     pub token_generation: Option<u64>,
+    /// Its HTTP/2 stream, to keep as long as the exchange (see [`UpstreamRuntime::lease`]).
+    pub stream: Option<StreamSlot>,
 }
 
 /// Builds the request for one try at `upstream`: the credential, the upstream's own
@@ -121,10 +124,10 @@ pub async fn outgoing(
     )?;
     let url = upstream.url(&path, query.as_deref());
     // A handshake needs a connection of its own: HTTP/1.1, whatever the upstream's `http2`.
-    let client = if x.websocket {
-        upstream.upgrade_client()
+    let (client, stream) = if x.websocket {
+        (upstream.upgrade_client(), None)
     } else {
-        upstream.client()
+        upstream.lease()
     };
     let mut request = client.request(x.parts.method.clone(), url).headers(headers);
     if let Some((body, _, _)) = translated {
@@ -154,6 +157,7 @@ pub async fn outgoing(
     Ok(Outgoing {
         request,
         token_generation,
+        stream,
     })
 }
 

@@ -90,14 +90,14 @@ pub async fn send_until_settled<'g>(
         state.tried.sent(choice);
         let started = Instant::now();
         let headers = state.headers_for_try();
-        let outgoing = send::outgoing(x, inbound, headers, upstream, choice).await?;
+        let mut outgoing = send::outgoing(x, inbound, headers, upstream, choice).await?;
         let sent = Sent {
             pooled: !matches!(x.caller, Caller::Passthrough(_)),
             with_key: choice.key.is_some(),
             // A 401 may be the token's expiry, once: not after a refresh.
             fresh_token_possible: !state.token_refreshed && outgoing.token_generation.is_some(),
         };
-        let in_flight = InFlight::new(upstream);
+        let in_flight = InFlight::holding(upstream, outgoing.stream.take());
         let outcome = send::send(x.gateway, upstream, choice, outgoing, sent).await;
         note_attempt(
             x,

@@ -153,6 +153,8 @@ mod tests {
             limits: Default::default(),
             http2: Default::default(),
             tls_ca: None,
+            http2_streams: crate::config::Upstream::HTTP2_STREAMS,
+            http2_idle: crate::config::Upstream::HTTP2_IDLE,
             idle_connections: 1024,
         }
     }

@@ -807,6 +807,8 @@ mod tests {
             },
             http2: Default::default(),
             tls_ca: None,
+            http2_streams: crate::config::Upstream::HTTP2_STREAMS,
+            http2_idle: crate::config::Upstream::HTTP2_IDLE,
             idle_connections: 1024,
         };
         assert_eq!(limiter.check_upstream(&upstream, T), None);
