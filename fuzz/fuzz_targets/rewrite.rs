@@ -42,6 +42,8 @@ fn upstream(model_map: HashMap<String, String>, field_aliases: Vec<(String, Stri
         http2: Default::default(),
         tls_ca: None,
         idle_connections: Upstream::IDLE_CONNECTIONS,
+        http2_streams: Upstream::HTTP2_STREAMS,
+        http2_idle: Upstream::HTTP2_IDLE,
     }
 }
 
