@@ -156,8 +156,8 @@ pub const MMAP_THRESHOLD: usize = 128 << 10;
 /// glibc move it. Why: glibc starts at 128 KiB but, whenever a mapped block larger than
 /// the threshold is freed, raises the threshold to that block's size (up to 32 MiB) and
 /// its trim threshold to twice that, for the rest of the process. sluice's accountant frees
-/// blocks of up to 4.3 MB while it loads the tokenizer's tables (first request), so from
-/// then on every block up to ~4.8 MB came out of the thread arenas, and freed ones stayed
+/// blocks of up to 4.8 MB while it loads the tokenizer's tables (first request), so from
+/// then on every block up to that size came out of the thread arenas, and freed ones stayed
 /// there (no trim below 9.6 MB free at the top): an arena grew by the first buffer of a
 /// new largest size and kept it, the soak run's one-time step of +1.3 to +2.3 MiB
 /// resident at minute 9 or 15. A fixed threshold turns that adjustment off (the trim
