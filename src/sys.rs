@@ -158,9 +158,9 @@ pub const MMAP_THRESHOLD: usize = 128 << 10;
 /// its trim threshold to twice that, for the rest of the process. sluice's accountant frees
 /// blocks of up to 4.8 MB while it loads the tokenizer's tables (first request), so from
 /// then on every block up to that size came out of the thread arenas, and freed ones stayed
-/// there (no trim below 9.6 MB free at the top): an arena grew by the first buffer of a
-/// new largest size and kept it, the soak run's one-time step of +1.3 to +2.3 MiB
-/// resident at minute 9 or 15. A fixed threshold turns that adjustment off (the trim
+/// there (no trim below 9.6 MB free at the top): an arena grew by what a load peak took
+/// and kept it, the soak run's one-time step of +1.3 to +2.3 MiB resident (minute 9 or 15,
+/// whenever the machine was busy). A fixed threshold turns that adjustment off (the trim
 /// threshold stays at its default too): blocks of 128 KiB and more are mapped and
 /// unmapped each time (none under steady traffic, strace showed). Call it first thing.
 /// Returns whether the allocator took it (`false` on other systems: nothing changes).
