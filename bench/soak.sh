@@ -12,10 +12,15 @@
 #   bench/soak.sh --minutes 3     # a short check (growth from minute 2)
 #   bench/soak.sh --rate 100      # another rate
 #   SLUICE_BIN=/tmp/sluice-before bench/soak.sh --minutes 12   # another build
+#   SOAK_PORT_GW=28000 SOAK_PORT_MOCK=29000 SOAK_OUT=/tmp/soak-a bench/soak.sh   # beside run.sh
 #
-# Everything listens on 127.0.0.1 (ports 18000 and 19000, as bench/run.sh: run it under
-# the CPU lock). sluice is pinned to core 0 with one worker, the mock and the client to
-# core 1. The output is also written to target/bench/soak.md.
+# Everything listens on 127.0.0.1: ports 18000 (sluice) and 19000 (the mock) by default,
+# as bench/run.sh, so run it under the ports lock then; SOAK_PORT_GW and SOAK_PORT_MOCK
+# choose others. sluice is pinned to core 0 with one worker, the mock and the client to
+# core 1. The output is also written to $SOAK_OUT/soak.md (default target/bench), and each
+# minute sluice's /proc/PID/status and smaps to $SOAK_OUT/soak-proc/; at the end the
+# mappings whose resident size grew after the warm-up are listed (which one stepped: the
+# heap, a thread's malloc arena, a stack, a file SQLite maps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -43,8 +48,14 @@ if [ -z "${SLUICE_BIN:-}" ]; then
 fi
 sluice=${SLUICE_BIN:-$root/target/release/sluice}
 client=${SLUICE_BENCH_BIN:-$root/target/release/sluice-bench}
-out=$root/target/bench
+out=${SOAK_OUT:-$root/target/bench}
+port_gw=${SOAK_PORT_GW:-18000}
+port_mock=${SOAK_PORT_MOCK:-19000}
+case "$port_gw$port_mock" in *[!0-9]*) echo "SOAK_PORT_GW and SOAK_PORT_MOCK take port numbers" >&2; exit 2 ;; esac
 mkdir -p "$out"
+proc_dir=$out/soak-proc
+rm -rf "$proc_dir"
+mkdir -p "$proc_dir"
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -67,36 +78,62 @@ wait_port() {
 }
 
 # Streams of 16 chunks 20 ms apart (about a third of a second each).
-taskset -c "$core_load" "$sluice" mock-upstream --listen 127.0.0.1:19000 --workers 1 --chunks 16 --interval 20ms \
+taskset -c "$core_load" "$sluice" mock-upstream --listen 127.0.0.1:$port_mock --workers 1 --chunks 16 --interval 20ms \
   >"$work/soak-mock.log" 2>&1 & pids+=($!)
-wait_port 19000
+wait_port $port_mock
 
 # The full configuration of bench/run.sh, with the access log on (its default) and a
 # second upstream for `gpt-4o`, which the client asks to fail.
 cat > "$work/soak.yaml" <<YAML
-server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0}
+server: {listen: 127.0.0.1:$port_gw, max_connections_per_ip: 0}
 access:
   keys: [{name: soak, key: fk-soak-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
 upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-soak-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
-  - {name: failing, base_url: 'http://127.0.0.1:19000', keys: [sk-soak-upstream-2], models: [gpt-4o], rpm: 100000000}
+  - {name: plain, base_url: 'http://127.0.0.1:$port_mock', keys: [sk-soak-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
+  - {name: failing, base_url: 'http://127.0.0.1:$port_mock', keys: [sk-soak-upstream-2], models: [gpt-4o], rpm: 100000000}
 storage: {url: 'sqlite://$work/soak.db', log_bodies: true}
 pricing: {gpt-4o-mini: {input: 0.15, output: 0.6}}
 YAML
 taskset -c "$core_gw" "$sluice" serve --workers 1 --config "$work/soak.yaml" >"$work/soak.log" 2>&1 & pid=$!
 pids+=("$pid")
-wait_port 18000
+wait_port $port_gw
+
+# Each minute (a little before the client's reading): where sluice's memory is, by mapping.
+(
+  minute=0
+  while kill -0 "$pid" 2>/dev/null; do
+    name=$(printf '%02d' "$minute")
+    cp "/proc/$pid/status" "$proc_dir/status-$name" 2>/dev/null || true
+    cp "/proc/$pid/smaps" "$proc_dir/smaps-$name" 2>/dev/null || true
+    minute=$((minute + 1))
+    sleep 60
+  done
+) & pids+=($!)
 
 echo "== soak: $minutes minutes at $rate req/s, sluice pid $pid (growth measured after minute $warmup)"
 {
   echo "sluice soak — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores; full config (SQLite log with bodies, access log), $rate req/s for $minutes minutes."
   echo "Mix per 20 requests: 10 plain, 4 streams (16 chunks 20 ms apart), 2 upstream 500s, 1 upstream 400, 1 stream cut by the upstream, 2 streams left by the client."
   echo
-  taskset -c "$core_load" "$client" soak --url http://127.0.0.1:18000 --key fk-soak-key-0001 \
+  taskset -c "$core_load" "$client" soak --url http://127.0.0.1:$port_gw --key fk-soak-key-0001 \
     --rate "$rate" --minutes "$minutes" --pid "$pid" --warmup-minutes "$warmup" --limit-kib 1024
 } | tee "$out/soak.md"
+# Resident KiB per mapping (start address, as the end moves when it grows; name) at the warm-up's end and at the end, and the
+# mappings that grew by 64 KiB or more.
+rss_by_mapping() {
+  awk '/^[0-9a-f]+-[0-9a-f]+ / { split($1, range, "-"); key = range[1] " " ($6 == "" ? "[anon]" : $6) }
+       /^Rss:/ { print key, $2 }' "$1"
+}
+last=$(ls "$proc_dir"/smaps-* 2>/dev/null | tail -1)
+first=$proc_dir/smaps-$(printf '%02d' "$warmup")
+if [ -n "$last" ] && [ -f "$first" ]; then
+  echo "resident growth by mapping from minute $warmup to ${last##*-} (KiB, >= 64):" | tee -a "$out/soak.md"
+  join -a 2 -e 0 -o 0,1.2,2.2 <(rss_by_mapping "$first" | awk '{print $1 "|" $2, $3}' | sort) \
+    <(rss_by_mapping "$last" | awk '{print $1 "|" $2, $3}' | sort) |
+    awk '$3 - $2 >= 64 { printf "  %s %d -> %d (+%d)\n", $1, $2, $3, $3 - $2 }' | tee -a "$out/soak.md"
+fi
 if ! kill -0 "$pid" 2>/dev/null; then
-  echo "sluice exited during the soak run (see target/bench/soak.log)" >&2
+  echo "sluice exited during the soak run (see $out/soak.log)" >&2
   exit 1
 fi
 grep -q ': PASS$' "$out/soak.md"

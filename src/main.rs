@@ -84,6 +84,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything allocates much: a block freed while the tokenizer loads would
+    // otherwise set glibc's mapping threshold for the process's life (see the function).
+    sluice::sys::fix_mmap_threshold(sluice::sys::MMAP_THRESHOLD);
     // A .env file in the working directory feeds the environment; real variables win.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
