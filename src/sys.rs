@@ -161,8 +161,9 @@ pub const MMAP_THRESHOLD: usize = 128 << 10;
 /// there (no trim below 9.6 MB free at the top): an arena grew by what a load peak took
 /// and kept it, the soak run's one-time step of +1.3 to +2.3 MiB resident (minute 9 or 15,
 /// whenever the machine was busy). A fixed threshold turns that adjustment off (the trim
-/// threshold stays at its default too): blocks of 128 KiB and more are mapped and
-/// unmapped each time (none under steady traffic, strace showed). Call it first thing.
+/// threshold stays at its default too): blocks of 128 KiB and more that find no free room
+/// in their thread's arena are mapped and unmapped each time (none under steady traffic,
+/// strace showed), and an arena keeps at most 128 KiB free at its top. Call it first thing.
 /// Returns whether the allocator took it (`false` on other systems: nothing changes).
 #[allow(unsafe_code)]
 pub fn fix_mmap_threshold(bytes: usize) -> bool {
