@@ -66,12 +66,9 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn new(upstream: &Arc<UpstreamRuntime>) -> Self {
-        Self::holding(upstream, None)
-    }
-
-    /// Also holds `stream` (from [`UpstreamRuntime::lease`]) until the exchange ends.
-    pub fn holding(upstream: &Arc<UpstreamRuntime>, stream: Option<StreamSlot>) -> Self {
+    /// Counts one exchange with `upstream`, holding `stream` (from
+    /// [`UpstreamRuntime::lease`]) until it ends.
+    pub fn new(upstream: &Arc<UpstreamRuntime>, stream: Option<StreamSlot>) -> Self {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
         Self {
             upstream: upstream.clone(),

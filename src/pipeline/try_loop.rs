@@ -97,7 +97,7 @@ pub async fn send_until_settled<'g>(
             // A 401 may be the token's expiry, once: not after a refresh.
             fresh_token_possible: !state.token_refreshed && outgoing.token_generation.is_some(),
         };
-        let in_flight = InFlight::holding(upstream, outgoing.stream.take());
+        let in_flight = InFlight::new(upstream, outgoing.stream.take());
         let outcome = send::send(x.gateway, upstream, choice, outgoing, sent).await;
         note_attempt(
             x,
