@@ -532,9 +532,10 @@ pub trait Store: Send + Sync {
     fn values(&self) -> anyhow::Result<Value>;
     /// Whether the store answers.
     fn ping(&self) -> anyhow::Result<()>;
-    /// The log went quiet after a burst of writes: memory the writer's caches filled (pages
-    /// of the log read back to update its indexes) goes back to the allocator. Without it a
-    /// burst of streams leaves tens of MiB held until the process ends.
+    /// The log went quiet after a burst of writes (at least [`BURST_ROWS`]): memory the
+    /// writer's caches filled (pages of the log read back to update its indexes) goes back
+    /// to the allocator. Without it a burst of streams leaves tens of MiB held until the
+    /// process ends.
     fn release_caches(&self) {}
     /// Remembers (or, with `upstream` empty, forgets) which upstream created objects.
     fn write_objects(&self, routes: &[ObjectRoute]) -> anyhow::Result<()> {
@@ -1315,12 +1316,20 @@ pub fn like_pattern(search: Option<&str>) -> Option<String> {
     Some(format!("%{escaped}%"))
 }
 
+/// Rows written (or indexed) since the caches were last let go after which the log's
+/// threads release them once quiet (`Store::release_caches`): a burst's worth, not a
+/// trickle, whose pages the next batches would read back at once.
+pub const BURST_ROWS: usize = 1_000;
+
+/// The SQLite file a storage URL names (`sqlite://PATH` or `sqlite:PATH`), if it names one.
+pub fn sqlite_path(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+}
+
 /// Opens the store a URL names.
 pub fn open(url: &str) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    {
+    if let Some(path) = sqlite_path(url) {
         return Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path)?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {

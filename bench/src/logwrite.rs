@@ -62,21 +62,27 @@ pub fn run(store: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
     result
 }
 
+/// A store, and the same store as SQLite when it is one.
+type Opened = (
+    std::sync::Arc<dyn sluice::store::Store>,
+    Option<std::sync::Arc<sluice::store::sqlite::SqliteStore>>,
+);
+
+/// The store a URL names, and a SQLite one also as itself: its search index follows the
+/// writer, and a benchmark waits for it (`search_backlog`) before it reads.
+pub fn open_store(url: &str) -> anyhow::Result<Opened> {
+    Ok(match sluice::store::sqlite_path(url) {
+        Some(path) => {
+            let sqlite = std::sync::Arc::new(sluice::store::sqlite::SqliteStore::open(path)?);
+            (sqlite.clone(), Some(sqlite))
+        }
+        None => (sluice::store::open(url)?, None),
+    })
+}
+
 fn write_rows(url: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
     let opening = Instant::now();
-    let sqlite = match url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    {
-        Some(path) => Some(std::sync::Arc::new(
-            sluice::store::sqlite::SqliteStore::open(path)?,
-        )),
-        None => None,
-    };
-    let store: std::sync::Arc<dyn sluice::store::Store> = match &sqlite {
-        Some(sqlite) => sqlite.clone(),
-        None => sluice::store::open(url)?,
-    };
+    let (store, sqlite) = open_store(url)?;
     let open_seconds = opening.elapsed().as_secs_f64();
     let now_ms = sluice::clock::unix_now_ms();
     let template = record(now_ms);

@@ -716,16 +716,7 @@ fn log_bench(db: &str, rows: usize) -> anyhow::Result<()> {
     };
     // A SQLite log is opened as itself too, to wait for its search index (which follows
     // the writer) before the searches are timed: they would scan the unindexed rows.
-    let sqlite_path = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"));
-    let (store, sqlite): (Arc<dyn sluice::store::Store>, _) = match sqlite_path {
-        Some(path) => {
-            let sqlite = Arc::new(sluice::store::sqlite::SqliteStore::open(path)?);
-            (sqlite.clone(), Some(sqlite))
-        }
-        None => (sluice::store::open(&url)?, None),
-    };
+    let (store, sqlite) = logwrite::open_store(&url)?;
     if rows == 0 {
         // Only the schema was wanted.
         return Ok(());

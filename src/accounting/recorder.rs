@@ -58,11 +58,10 @@ const INITIAL_ROW_COST: f64 = 200e-6;
 /// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
-/// After a burst of at least [`RELEASE_AFTER_ROWS`] rows, the log quiet for this long lets
+/// After a burst of at least [`crate::store::BURST_ROWS`] rows, the log quiet for this long lets
 /// its store's caches go (`Store::release_caches`) and the freed heap back to the system:
 /// the burst is over, and its pages would otherwise stay in memory for good.
 const QUIET_RELEASE: Duration = Duration::from_millis(500);
-const RELEASE_AFTER_ROWS: usize = 1_000;
 /// Back-off between tries while the store cannot be reached.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -1135,7 +1134,7 @@ impl Writer {
                 if state.stopping {
                     return None;
                 }
-                let burst = self.unreleased_rows.get() >= RELEASE_AFTER_ROWS;
+                let burst = self.unreleased_rows.get() >= crate::store::BURST_ROWS;
                 state = self
                     .backlog
                     .ready

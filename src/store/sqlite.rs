@@ -139,10 +139,6 @@ const INDEX_BATCH: usize = 256;
 /// How often an idle indexer looks for new rows.
 const INDEX_POLL: Duration = Duration::from_millis(100);
 
-/// Rows indexed after which a caught-up indexer lets go of its connections' cached pages:
-/// a burst's worth, not a trickle, whose pages the next rounds would read back at once.
-pub const RELEASE_AFTER_ROWS: usize = 1_000;
-
 const SUMMARY_COLUMNS: &str = "id, ts, client_ip, key_name, method, path, model, upstream_model, upstream, \
     upstream_key, status, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, total_tokens, cost, usage_source, \
     stream, error, tries, end_user, cache, saved_cost";
@@ -230,7 +226,7 @@ fn connect(path: &str) -> anyhow::Result<Connection> {
     // stay in memory rather than being read back from the file at each batch. Each of the
     // four connections fills its cache as the log grows and keeps it (64 MiB held 70 MiB of
     // a soak run's 117 MiB of heap after one minute), until the writer or the indexer lets
-    // theirs go when a burst is over (`release_caches`, `RELEASE_AFTER_ROWS`).
+    // theirs go when a burst is over (`release_caches`, [`super::BURST_ROWS`]).
     connection.pragma_update(None, "cache_size", -16_384)?;
     Ok(connection)
 }
@@ -372,8 +368,8 @@ fn index_in_background(log: &str, search: Connection, stop: Arc<AtomicBool>) -> 
                             continue;
                         }
                         // Caught up after a burst: the pages its rounds cached go back, so
-                        // the gateway's memory returns to idle (see `RELEASE_AFTER_ROWS`).
-                        if indexed >= RELEASE_AFTER_ROWS {
+                        // the gateway's memory returns to idle (see [`super::BURST_ROWS`]).
+                        if indexed >= super::BURST_ROWS {
                             indexed = 0;
                             shrink(&log);
                             shrink(&search);
