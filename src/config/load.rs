@@ -651,17 +651,9 @@ fn resolve_server(raw: RawServer, problems: &mut Vec<Problem>) -> Server {
         problems,
     )
     .unwrap_or(DEFAULT_BODY_TIMEOUT);
-    let http2_max_streams = match raw.http2_max_streams {
-        None => DEFAULT_HTTP2_MAX_STREAMS,
-        Some(n) if (1..=10_000).contains(&n) => n,
-        Some(n) => {
-            problems.push(Problem::new(
-                "server.http2_max_streams",
-                format!("{n} is not between 1 and 10000"),
-            ));
-            DEFAULT_HTTP2_MAX_STREAMS
-        }
-    };
+    let http2_max_streams =
+        stream_limit(raw.http2_max_streams, "server.http2_max_streams", problems)
+            .unwrap_or(DEFAULT_HTTP2_MAX_STREAMS);
     let tls = raw.tls.as_ref().and_then(|tls| resolve_tls(tls, problems));
     Server {
         listen,
@@ -960,17 +952,14 @@ fn resolve_upstream(
         ));
     }
 
-    let http2_streams = match raw.http2_streams {
-        None => Upstream::HTTP2_STREAMS,
-        Some(n) if (1..=10_000).contains(&n) => usize::try_from(n).unwrap_or(usize::MAX),
-        Some(n) => {
-            problems.push(Problem::new(
-                format!("{path}.http2_streams"),
-                format!("{n} is not between 1 and 10000"),
-            ));
-            Upstream::HTTP2_STREAMS
-        }
-    };
+    let http2_streams = stream_limit(
+        raw.http2_streams,
+        &format!("{path}.http2_streams"),
+        problems,
+    )
+    .map_or(Upstream::HTTP2_STREAMS, |n| {
+        usize::try_from(n).unwrap_or(usize::MAX)
+    });
     let http2_idle = duration_field(
         raw.http2_idle.as_ref(),
         &format!("{path}.http2_idle"),
@@ -1798,6 +1787,20 @@ fn resolve_headers(
 /// What a duration may be written as, for problems.
 const DURATION_UNITS: &str =
     "a number of seconds, or a number with a unit: ms, s, m, h or d (lowercase), like 30s or 1h30m";
+
+/// An HTTP/2 stream limit (`server.http2_max_streams`, an upstream's `http2_streams`): 1
+/// to 10,000. `None` when unset, or refused (the problem noted).
+fn stream_limit(value: Option<u32>, path: &str, problems: &mut Vec<Problem>) -> Option<u32> {
+    let n = value?;
+    if (1..=10_000).contains(&n) {
+        return Some(n);
+    }
+    problems.push(Problem::new(
+        path,
+        format!("{n} is not between 1 and 10000"),
+    ));
+    None
+}
 
 fn duration_field(
     value: Option<&Scalar>,
