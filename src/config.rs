@@ -769,7 +769,9 @@ pub fn parse_size(text: &str) -> Option<u64> {
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        // Not `from_secs_f64`: it panics on a number too large for a `Duration` (the
+        // config fuzzer's `cooldown: 3015555…`); negative, NaN and infinite are refused too.
+        return Duration::try_from_secs_f64(seconds).ok();
     }
     humantime::parse_duration(text).ok()
 }
@@ -798,6 +800,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
+        for refused in ["1e300", &"9".repeat(100), "-1", "NaN", "inf"] {
+            assert_eq!(parse_duration(refused), None, "{refused}");
+        }
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_duration("soon"), None);

@@ -174,16 +174,7 @@ impl TokenCache {
         let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| failed("the token is not a valid header".into()))?;
         header.set_sensitive(true);
-        let lifetime = source
-            .expires_in_path
-            .as_deref()
-            .and_then(|path| lookup(&answer, path))
-            .and_then(|v| {
-                v.as_f64()
-                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-            })
-            .filter(|secs| secs.is_finite() && *secs > 0.0)
-            .map_or(source.ttl, Duration::from_secs_f64);
+        let lifetime = lifetime(&answer, source.expires_in_path.as_deref()).unwrap_or(source.ttl);
         tracing::info!(lifetime = %humantime::format_duration(lifetime), "fetched a token");
         Ok((header, lifetime))
     }
@@ -200,9 +191,51 @@ pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
         })
 }
 
+/// The token's lifetime in seconds at `path` of the endpoint's answer (a number or a
+/// numeric string), if it gives a usable one. A lifetime too large for a `Duration` (an
+/// endpoint's `1e300`) would panic in `from_secs_f64`; it counts as none given, like zero,
+/// a negative number, NaN or infinity.
+fn lifetime(answer: &Value, path: Option<&str>) -> Option<Duration> {
+    let value = lookup(answer, path?)?;
+    let seconds = value
+        .as_f64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))?;
+    if seconds <= 0.0 {
+        return None;
+    }
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lifetime_too_large_or_not_a_number_counts_as_none_given() {
+        let answer = serde_json::json!({"a": 3600, "b": "90.5", "huge": 1e300, "huge_text": "1e300",
+            "zero": 0, "negative": -5, "nan": "NaN", "inf": "inf", "word": "soon"});
+        assert_eq!(
+            lifetime(&answer, Some("a")),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            lifetime(&answer, Some("b")),
+            Some(Duration::from_millis(90_500))
+        );
+        for path in [
+            "huge",
+            "huge_text",
+            "zero",
+            "negative",
+            "nan",
+            "inf",
+            "word",
+            "missing",
+        ] {
+            assert_eq!(lifetime(&answer, Some(path)), None, "{path}");
+        }
+        assert_eq!(lifetime(&answer, None), None);
+    }
 
     #[test]
     fn dotted_paths() {
