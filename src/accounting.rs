@@ -3,6 +3,7 @@
 //! ([`recorder`]), and limits and counters shared by several instances through Redis
 //! ([`shared`]).
 
+pub mod inbox;
 pub mod recorder;
 pub mod records;
 pub mod shared;

@@ -212,6 +212,7 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
         SHORT_SLICES.with(|asked| {
             if !asked.replace(true) {
                 sluice::sys::request_short_slices(sluice::sys::REQUEST_SLICE);
+                sluice::sys::register_request_thread();
             }
         });
     });

@@ -93,6 +93,155 @@ pub fn request_short_slices(slice: std::time::Duration) -> bool {
     }
 }
 
+/// Puts the calling thread in the batch scheduling class (`SCHED_BATCH`): its share of
+/// the CPU is an ordinary thread's, but waking it never preempts the thread on its core.
+/// For background threads woken by every request (the accountant, the log writer): each
+/// wake would otherwise switch a request thread out in the middle of its work, and leave
+/// it waiting behind whatever the scheduler runs next. Unlike the idle class, a thread may
+/// leave it again unprivileged. Returns whether the class was taken.
+#[allow(unsafe_code)]
+pub fn set_thread_batch() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; pid 0 is the
+        // calling thread.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
+/// The request threads (the runtime's workers) by thread id, which background threads
+/// step aside for ([`step_aside`]); its length tells a background thread its list is stale.
+static REQUEST_THREADS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+static REQUEST_THREADS_COUNT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// How long a background thread works before it looks whether a request thread waits for
+/// its core: a request waits at most about this long behind background work.
+pub const BACKGROUND_QUANTUM: std::time::Duration = std::time::Duration::from_micros(200);
+/// One pause of a background thread that found a request thread waiting.
+const STEP_ASIDE_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
+/// The most a background thread pauses per quantum: under saturation the request threads
+/// always wait, and the log must still get its share.
+const STEP_ASIDE_MOST: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Registers the calling thread as a request thread, which background threads step aside
+/// for. Called once by each of the runtime's worker threads.
+#[allow(unsafe_code)]
+pub fn register_request_thread() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let mut threads = REQUEST_THREADS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        threads.push(tid);
+        REQUEST_THREADS_COUNT.store(threads.len(), std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A background thread's view of the request threads: their `/proc` stat files, open.
+#[derive(Default)]
+struct Courtesy {
+    /// When the thread last looked (or paused).
+    since: Option<std::time::Instant>,
+    /// How many request threads `stats` covers.
+    known: usize,
+    stats: Vec<std::fs::File>,
+}
+
+thread_local! {
+    static COURTESY: std::cell::RefCell<Courtesy> = std::cell::RefCell::default();
+}
+
+/// Called by background threads between small pieces of work (a row written, a record
+/// accounted): once per [`BACKGROUND_QUANTUM`] of work, if a request thread waits for this
+/// thread's core, this thread sleeps until it got the core (at most [`STEP_ASIDE_MOST`]).
+/// Why: on a busy core the scheduler lets a background thread run on to the next tick (4 ms
+/// at 250 Hz) while a request thread that used its fair share waits, however low the
+/// background thread's priority or class; a request arriving then waits milliseconds.
+/// Sleeping is the one sure way to hand the core over. Cheap between looks (a clock read);
+/// a look reads each request thread's `/proc` stat (its state and its core).
+pub fn step_aside() {
+    COURTESY.with(|courtesy| {
+        if let Ok(mut courtesy) = courtesy.try_borrow_mut() {
+            courtesy.step();
+        }
+    });
+}
+
+impl Courtesy {
+    fn step(&mut self) {
+        let now = std::time::Instant::now();
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            return;
+        };
+        if now.duration_since(since) < BACKGROUND_QUANTUM {
+            return;
+        }
+        let mut paused = std::time::Duration::ZERO;
+        while paused < STEP_ASIDE_MOST && self.request_thread_waits() {
+            std::thread::sleep(STEP_ASIDE_PAUSE);
+            paused += STEP_ASIDE_PAUSE;
+        }
+        self.since = Some(std::time::Instant::now());
+    }
+
+    /// Whether a request thread is runnable on this thread's core (and so not running).
+    #[allow(unsafe_code)]
+    fn request_thread_waits(&mut self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::FileExt;
+            let count = REQUEST_THREADS_COUNT.load(std::sync::atomic::Ordering::Acquire);
+            if count != self.known {
+                let threads = REQUEST_THREADS
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                self.stats = threads
+                    .iter()
+                    .filter_map(|tid| {
+                        std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok()
+                    })
+                    .collect();
+                self.known = threads.len();
+            }
+            // SAFETY: sched_getcpu takes no arguments; -1 on failure.
+            let core = unsafe { libc::sched_getcpu() };
+            if core < 0 {
+                return false;
+            }
+            let mut buffer = [0u8; 512];
+            self.stats.iter().any(|stat| {
+                stat.read_at(&mut buffer, 0).is_ok_and(|read| {
+                    runnable_on(buffer.get(..read).unwrap_or_default()) == Some(core)
+                })
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+}
+
+/// The core a thread is runnable on, from its `/proc/…/stat` line, if its state is `R`
+/// (running or waiting to run); `None` otherwise.
+fn runnable_on(stat: &[u8]) -> Option<i32> {
+    // The name (field 2) is in parentheses and may hold anything: fields are counted from
+    // the last closing one. Field 3 is the state, field 39 the core.
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(stat.get(close + 1..)?).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    if fields.next()? != "R" {
+        return None;
+    }
+    fields.nth(35)?.parse().ok()
+}
+
 /// Free heap below which trimming is skipped. Under steady traffic the allocator's free
 /// memory is reused within milliseconds: handing it back would cost a pause of the worker
 /// (a `madvise` per page, 1.5–2.8 ms measured every 10 s at 2,000 req/s) and a page fault
@@ -247,6 +396,85 @@ mod tests {
         .join();
         // Any thread may enter the idle class, privileged or not.
         assert_eq!(policy.ok(), Some((true, libc::SCHED_IDLE)));
+    }
+
+    #[test]
+    fn a_runnable_thread_is_found_on_its_core() {
+        // A real line (a name with spaces and parentheses) with the core in field 39.
+        let mut fields: Vec<String> = (4..=52).map(|n| n.to_string()).collect();
+        fields[39 - 4] = "1".into();
+        let line = format!("4242 (tokio (rt) worker) R {}\n", fields.join(" "));
+        assert_eq!(runnable_on(line.as_bytes()), Some(1));
+        let sleeping = line.replace(") R ", ") S ");
+        assert_eq!(runnable_on(sleeping.as_bytes()), None);
+        assert_eq!(runnable_on(b"4242 (cut"), None);
+        assert_eq!(runnable_on(b"4242 (x) R 1 2"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_running_thread_reads_as_runnable_in_its_real_stat_line() {
+        let stat = std::fs::read("/proc/thread-self/stat").unwrap_or_default();
+        assert!(runnable_on(&stat).is_some_and(|core| core >= 0));
+    }
+
+    /// Pins the calling thread to `core`; `false` where the system refuses.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn pin_to(core: usize) -> bool {
+        // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity reads
+        // it for the calling thread (pid 0).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) == 0
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_background_thread_steps_aside_while_a_request_thread_waits_for_its_core() {
+        // A "request thread" that always wants the core, and this thread on the same core:
+        // whenever this one runs, the other is runnable there and not running.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tid_sender, tid) = std::sync::mpsc::channel();
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // SAFETY: gettid takes no arguments.
+                #[allow(unsafe_code)]
+                let _ = tid_sender.send((pin_to(0), unsafe { libc::gettid() }));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let Ok((pinned, tid)) = tid.recv() else {
+            panic!("the spinning thread did not start");
+        };
+        if !pinned || !pin_to(0) {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = spinner.join();
+            eprintln!("skipped: threads cannot be pinned here");
+            return;
+        }
+        let mut courtesy = Courtesy {
+            since: Some(std::time::Instant::now()),
+            known: REQUEST_THREADS_COUNT.load(std::sync::atomic::Ordering::Acquire),
+            stats: std::fs::File::open(format!("/proc/self/task/{tid}/stat"))
+                .into_iter()
+                .collect(),
+        };
+        let waits = courtesy.request_thread_waits();
+        // A quantum of work done: the next step looks, finds the spinner waiting, and sleeps.
+        courtesy.since = courtesy.since.map(|t| t - BACKGROUND_QUANTUM);
+        let started = std::time::Instant::now();
+        courtesy.step();
+        let paused = started.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = spinner.join();
+        assert!(waits, "the spinning thread reads as waiting for this core");
+        assert!(paused >= STEP_ASIDE_PAUSE, "stepped aside for {paused:?}");
     }
 
     #[test]

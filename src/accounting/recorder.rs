@@ -25,7 +25,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +33,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
+use crate::accounting::inbox::{InboxReader, InboxSender, inbox};
 use crate::accounting::records::{Attempt, CacheNote, Pending, TAIL};
 use crate::accounting::shared::Settlement;
 use crate::config::{Budget, Config, Overflow, Price, Storage, mask};
@@ -68,8 +68,6 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// With `overflow: backpressure`, how long a request waits for room in the log before it
 /// is refused (503 `log_backlog`).
 const ROOM_WAIT: Duration = Duration::from_secs(30);
-/// The writer's nice value: it yields a little to request handling, but is never starved.
-const WRITER_NICE: i32 = 0;
 
 /// Paths whose answers carry token usage: a fact of the client's protocol.
 pub fn counts_tokens(path: &str) -> bool {
@@ -197,7 +195,7 @@ impl RecordSink {
 /// The sending side of the log, cheap to clone into each response body.
 #[derive(Clone)]
 pub struct LogSink {
-    sender: Sender<Message>,
+    sender: InboxSender<Message>,
     pub stats: Arc<RecorderStats>,
     /// Bytes kept of each body.
     pub body_limit: usize,
@@ -248,7 +246,7 @@ impl Recorder {
     ) -> anyhow::Result<Self> {
         let storage: &Storage = &config.storage;
         restore_counters(store.as_ref(), &limiter)?;
-        let (sender, receiver) = channel();
+        let (sender, receiver) = inbox();
         let stats = Arc::new(RecorderStats::default());
         let catalog = Arc::new(RwLock::new(Arc::new(Catalog::of(config))));
         let room = Arc::new(tokio::sync::Notify::new());
@@ -351,14 +349,14 @@ impl Recorder {
     /// Waits until everything queued so far is written (or given up).
     pub async fn flush(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        if self.sink.sender.send(Message::Flush(done)).is_ok() {
+        if self.sink.sender.send(Message::Flush(done), true).is_ok() {
             let _ = wait.await;
         }
     }
 
     /// Writes what is queued and stops both stages. Later submissions are dropped.
     pub fn shutdown(&self) {
-        let _ = self.sink.sender.send(Message::Stop);
+        let _ = self.sink.sender.send(Message::Stop, true);
         let threads = match self.threads.lock() {
             Ok(mut threads) => std::mem::take(&mut *threads),
             Err(_) => Vec::new(),
@@ -413,7 +411,7 @@ impl LogSink {
         stats.unaccounted.fetch_add(1, Ordering::Relaxed);
         if self
             .sender
-            .send(Message::Record(Box::new(pending)))
+            .send(Message::Record(Box::new(pending)), false)
             .is_err()
         {
             stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
@@ -437,7 +435,7 @@ impl LogSink {
         stats.unaccounted.fetch_add(1, Ordering::Relaxed);
         if self
             .sender
-            .send(Message::Record(Box::new(pending)))
+            .send(Message::Record(Box::new(pending)), false)
             .is_err()
         {
             // The recorder has stopped (shutdown).
@@ -527,28 +525,49 @@ struct Accountant {
 impl Accountant {
     /// The accountant's loop: accounts every record as it arrives, passes flushes on to
     /// the writer, and at a stop accounts what was sent before it.
-    fn run(self, receiver: Receiver<Message>) {
-        loop {
-            match receiver.recv() {
-                Ok(Message::Record(pending)) => self.account(*pending),
-                Ok(Message::Flush(done)) => {
-                    let mut state = lock(&self.backlog);
-                    let (handed, taken) = (state.handed, state.taken);
-                    state.flushes.push((handed, taken, done));
-                    state.since.get_or_insert_with(Instant::now);
-                    self.backlog.ready.notify_one();
-                }
-                Ok(Message::Stop) | Err(_) => {
-                    // Everything sent before the stop is received already.
-                    while let Ok(Message::Record(pending)) = receiver.try_recv() {
+    fn run(self, mut inbox: InboxReader<Message>) {
+        // Woken by requests: in the batch class, a wake never switches a request thread
+        // out; the inbox wakes it about once a millisecond under load, not per record; and
+        // it steps aside for requests between records (`sys::step_aside`).
+        crate::sys::set_thread_batch();
+        let mut taken = Vec::new();
+        let mut stopped = false;
+        while !stopped && inbox.take(&mut taken) {
+            let mut messages = taken.drain(..);
+            while let Some(message) = messages.next() {
+                match message {
+                    Message::Record(pending) => {
                         self.account(*pending);
+                        crate::sys::step_aside();
                     }
-                    lock(&self.backlog).stopping = true;
-                    self.backlog.ready.notify_one();
-                    return;
+                    Message::Flush(done) => {
+                        let mut state = lock(&self.backlog);
+                        let (handed, taken) = (state.handed, state.taken);
+                        state.flushes.push((handed, taken, done));
+                        state.since.get_or_insert_with(Instant::now);
+                        self.backlog.ready.notify_one();
+                    }
+                    Message::Stop => {
+                        // Records sent before the inbox closed are accounted; later ones
+                        // are refused to their senders (counted as dropped there).
+                        let rest: Vec<Message> = messages.by_ref().collect();
+                        for message in rest.into_iter().chain(inbox.close()) {
+                            if let Message::Record(pending) = message {
+                                self.account(*pending);
+                            }
+                        }
+                        stopped = true;
+                    }
                 }
             }
         }
+        self.stop();
+    }
+
+    /// Every record is accounted: the writer finishes what is queued and stops.
+    fn stop(&self) {
+        lock(&self.backlog).stopping = true;
+        self.backlog.ready.notify_one();
     }
 
     fn catalog(&self) -> Arc<Catalog> {
@@ -1056,7 +1075,9 @@ impl Writer {
     /// The writer's loop: take a batch, write it (or wait out an outage), and apply
     /// retention every [`RETENTION_EVERY`]; ends once stopping with nothing left.
     fn run(self) {
-        crate::sys::set_thread_nice(WRITER_NICE);
+        // An ordinary share of the CPU, so the log keeps up at saturation; a wake never
+        // preempts a request, and the store steps aside between rows (`sys::step_aside`).
+        crate::sys::set_thread_batch();
         self.retain();
         let mut last_retention = Instant::now();
         let mut outage = Outage {
