@@ -159,18 +159,49 @@ thread_local! {
 
 /// Called by background threads between small pieces of work (a row written, a record
 /// accounted): once per [`BACKGROUND_QUANTUM`] of work, if a request thread waits for this
-/// thread's core, this thread sleeps until it got the core (at most [`STEP_ASIDE_MOST`]).
+/// thread's core, this thread sleeps until it got the core (at most 1 ms).
 /// Why: on a busy core the scheduler lets a background thread run on to the next tick (4 ms
 /// at 250 Hz) while a request thread that used its fair share waits, however low the
 /// background thread's priority or class; a request arriving then waits milliseconds.
-/// Sleeping is the one sure way to hand the core over. Cheap between looks (a clock read);
-/// a look reads each request thread's `/proc` stat (its state and its core).
+/// Sleeping is the one sure way to hand the core over. A thread that finds a request
+/// waiting leaves a notice for its core, and the other background threads there make way
+/// at their next call without a look of their own. Cheap between looks (a clock read and
+/// the core's notice); a look reads each request thread's `/proc` stat (state and core).
 pub fn step_aside() {
     COURTESY.with(|courtesy| {
         if let Ok(mut courtesy) = courtesy.try_borrow_mut() {
             courtesy.step();
         }
     });
+}
+
+/// Per core (modulo their number), until when background threads there make way without
+/// looking (nanoseconds on [`stepping_clock`]): one that found a request thread waiting
+/// says so, so the others do not each run a quantum before finding out themselves. The
+/// scheduler picks among the background threads while the request thread is not eligible.
+static STEPPING_ASIDE_UNTIL: [std::sync::atomic::AtomicU64; 64] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 64];
+
+/// How long a notice in [`STEPPING_ASIDE_UNTIL`] holds (two pauses), unless renewed.
+const STEPPING_ASIDE_NOTICE_NS: u64 = 100_000;
+
+/// Nanoseconds since the first call: the clock of [`STEPPING_ASIDE_UNTIL`].
+fn stepping_clock() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = EPOCH.get_or_init(std::time::Instant::now).elapsed();
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The calling thread's core, or `None` where it cannot tell.
+#[allow(unsafe_code)]
+fn current_core() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sched_getcpu takes no arguments; -1 on failure.
+        usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 impl Courtesy {
@@ -180,11 +211,26 @@ impl Courtesy {
             self.since = Some(now);
             return;
         };
-        if now.duration_since(since) < BACKGROUND_QUANTUM {
+        let slot =
+            current_core().map(|core| &STEPPING_ASIDE_UNTIL[core % STEPPING_ASIDE_UNTIL.len()]);
+        let mut paused = std::time::Duration::ZERO;
+        // Another background thread on this core found a request waiting: make way too.
+        while paused < STEP_ASIDE_MOST
+            && slot.is_some_and(|until| {
+                stepping_clock() < until.load(std::sync::atomic::Ordering::Relaxed)
+            })
+        {
+            std::thread::sleep(STEP_ASIDE_PAUSE);
+            paused += STEP_ASIDE_PAUSE;
+        }
+        if paused.is_zero() && now.duration_since(since) < BACKGROUND_QUANTUM {
             return;
         }
-        let mut paused = std::time::Duration::ZERO;
         while paused < STEP_ASIDE_MOST && self.request_thread_waits() {
+            if let Some(until) = slot {
+                let until_then = stepping_clock().saturating_add(STEPPING_ASIDE_NOTICE_NS);
+                until.fetch_max(until_then, std::sync::atomic::Ordering::Relaxed);
+            }
             std::thread::sleep(STEP_ASIDE_PAUSE);
             paused += STEP_ASIDE_PAUSE;
         }
@@ -211,11 +257,9 @@ impl Courtesy {
                     .collect();
                 self.known = threads.len();
             }
-            // SAFETY: sched_getcpu takes no arguments; -1 on failure.
-            let core = unsafe { libc::sched_getcpu() };
-            if core < 0 {
+            let Some(core) = current_core().and_then(|core| i32::try_from(core).ok()) else {
                 return false;
-            }
+            };
             let mut buffer = [0u8; 512];
             self.stats.iter().any(|stat| {
                 stat.read_at(&mut buffer, 0).is_ok_and(|read| {
