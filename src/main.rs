@@ -216,6 +216,9 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
             }
         });
     });
+    // Where each worker wakes, so the log's threads look only at those sharing their core
+    // (`sys::step_aside`).
+    builder.on_thread_unpark(sluice::sys::note_request_core);
     if let Some(workers) = workers.filter(|w| *w > 0) {
         builder.worker_threads(workers);
     }

@@ -117,6 +117,16 @@ pub fn set_thread_batch() -> bool {
 static REQUEST_THREADS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
 static REQUEST_THREADS_COUNT: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
+/// The core each request thread last woke on (by registration order; -1 unknown), so a
+/// background thread reads the `/proc` stat of only those that share its core: with a
+/// worker per core, reading them all at each look would cost a quantum on a large machine.
+static REQUEST_CORES: [std::sync::atomic::AtomicI32; 256] =
+    [const { std::sync::atomic::AtomicI32::new(-1) }; 256];
+
+thread_local! {
+    /// This request thread's place in [`REQUEST_CORES`].
+    static REQUEST_SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
 
 /// How long a background thread works before it looks whether a request thread waits for
 /// its core: a request waits at most about this long behind background work.
@@ -138,8 +148,19 @@ pub fn register_request_thread() {
         let mut threads = REQUEST_THREADS
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        REQUEST_SLOT.set(Some(threads.len()));
         threads.push(tid);
         REQUEST_THREADS_COUNT.store(threads.len(), std::sync::atomic::Ordering::Release);
+    }
+    note_request_core();
+}
+
+/// Notes the core the calling request thread runs on (a registered one; others: nothing).
+/// Called each time a worker wakes: a `getcpu` and a store.
+pub fn note_request_core() {
+    if let Some(slot) = REQUEST_SLOT.get().and_then(|slot| REQUEST_CORES.get(slot)) {
+        let core = current_core().and_then(|core| i32::try_from(core).ok());
+        slot.store(core.unwrap_or(-1), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -150,7 +171,8 @@ struct Courtesy {
     since: Option<std::time::Instant>,
     /// How many request threads `stats` covers.
     known: usize,
-    stats: Vec<std::fs::File>,
+    /// Each request thread's `/proc` stat with its place in [`REQUEST_CORES`].
+    stats: Vec<(usize, std::fs::File)>,
 }
 
 thread_local! {
@@ -251,8 +273,10 @@ impl Courtesy {
                     .clone();
                 self.stats = threads
                     .iter()
-                    .filter_map(|tid| {
-                        std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok()
+                    .enumerate()
+                    .filter_map(|(slot, tid)| {
+                        let stat = std::fs::File::open(format!("/proc/self/task/{tid}/stat"));
+                        stat.ok().map(|stat| (slot, stat))
                     })
                     .collect();
                 self.known = threads.len();
@@ -261,10 +285,15 @@ impl Courtesy {
                 return false;
             };
             let mut buffer = [0u8; 512];
-            self.stats.iter().any(|stat| {
-                stat.read_at(&mut buffer, 0).is_ok_and(|read| {
-                    runnable_on(buffer.get(..read).unwrap_or_default()) == Some(core)
-                })
+            self.stats.iter().any(|(slot, stat)| {
+                // A thread last seen on another core is not read (unknown: read).
+                let seen = REQUEST_CORES
+                    .get(*slot)
+                    .map_or(-1, |seen| seen.load(std::sync::atomic::Ordering::Relaxed));
+                (seen < 0 || seen == core)
+                    && stat.read_at(&mut buffer, 0).is_ok_and(|read| {
+                        runnable_on(buffer.get(..read).unwrap_or_default()) == Some(core)
+                    })
             })
         }
         #[cfg(not(target_os = "linux"))]
@@ -505,8 +534,10 @@ mod tests {
         let mut courtesy = Courtesy {
             since: Some(std::time::Instant::now()),
             known: REQUEST_THREADS_COUNT.load(std::sync::atomic::Ordering::Acquire),
+            // A place past the registry's: its core is unknown, so it is always read.
             stats: std::fs::File::open(format!("/proc/self/task/{tid}/stat"))
                 .into_iter()
+                .map(|stat| (usize::MAX, stat))
                 .collect(),
         };
         let waits = courtesy.request_thread_waits();
