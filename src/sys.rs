@@ -18,25 +18,46 @@ pub fn set_thread_nice(nice: i32) {
     let _ = nice;
 }
 
-/// Puts the calling thread in the idle scheduling class (`SCHED_IDLE`): it runs only when
-/// nothing else on its core wants to, and a waking request thread always preempts it at
-/// once, whatever slice it is in. For work that may wait indefinitely without harm (the
-/// search indexer: searches scan what it has not reached). Falls back to nice 19 where the
-/// class is refused. Returns whether the class was taken.
-#[allow(unsafe_code)]
+/// Puts the calling thread in the idle scheduling class (`SCHED_IDLE`): the least share of
+/// the CPU there is. For work that may wait indefinitely without harm (the search indexer:
+/// searches scan what it has not reached). Not a promise to yield at once: once picked (a
+/// request thread that just ran is not eligible under EEVDF) it runs to its next block or
+/// tick, which is why it also calls [`step_aside`]. Falls back to nice 19 where the class is
+/// refused. Returns whether the class was taken.
 pub fn set_thread_idle() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; pid 0 is the
-        // calling thread.
-        let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) };
-        if result == 0 {
-            return true;
-        }
+    if set_thread_policy(SchedPolicy::Idle) {
+        return true;
     }
     set_thread_nice(19);
     false
+}
+
+/// The scheduling classes sluice's threads take besides the ordinary one.
+#[derive(Clone, Copy)]
+enum SchedPolicy {
+    Idle,
+    Batch,
+}
+
+/// Puts the calling thread in `policy`; returns whether the kernel took it.
+#[allow(unsafe_code)]
+fn set_thread_policy(policy: SchedPolicy) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let policy = match policy {
+            SchedPolicy::Idle => libc::SCHED_IDLE,
+            SchedPolicy::Batch => libc::SCHED_BATCH,
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; pid 0 is the
+        // calling thread.
+        unsafe { libc::sched_setscheduler(0, policy, &raw const param) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = policy;
+        false
+    }
 }
 
 /// The time slice request-handling threads ask for (see [`request_short_slices`]): the
@@ -99,17 +120,8 @@ pub fn request_short_slices(slice: std::time::Duration) -> bool {
 /// wake would otherwise switch a request thread out in the middle of its work, and leave
 /// it waiting behind whatever the scheduler runs next. Unlike the idle class, a thread may
 /// leave it again unprivileged. Returns whether the class was taken.
-#[allow(unsafe_code)]
 pub fn set_thread_batch() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; pid 0 is the
-        // calling thread.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) == 0 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    false
+    set_thread_policy(SchedPolicy::Batch)
 }
 
 /// The request threads (the runtime's workers) by thread id, which background threads
@@ -233,8 +245,8 @@ impl Courtesy {
             self.since = Some(now);
             return;
         };
-        let slot =
-            current_core().map(|core| &STEPPING_ASIDE_UNTIL[core % STEPPING_ASIDE_UNTIL.len()]);
+        let core = current_core();
+        let slot = core.map(|core| &STEPPING_ASIDE_UNTIL[core % STEPPING_ASIDE_UNTIL.len()]);
         let mut paused = std::time::Duration::ZERO;
         // Another background thread on this core found a request waiting: make way too.
         while paused < STEP_ASIDE_MOST
@@ -248,7 +260,7 @@ impl Courtesy {
         if paused.is_zero() && now.duration_since(since) < BACKGROUND_QUANTUM {
             return;
         }
-        while paused < STEP_ASIDE_MOST && self.request_thread_waits() {
+        while paused < STEP_ASIDE_MOST && core.is_some_and(|core| self.request_thread_waits(core)) {
             if let Some(until) = slot {
                 let until_then = stepping_clock().saturating_add(STEPPING_ASIDE_NOTICE_NS);
                 until.fetch_max(until_then, std::sync::atomic::Ordering::Relaxed);
@@ -259,9 +271,8 @@ impl Courtesy {
         self.since = Some(std::time::Instant::now());
     }
 
-    /// Whether a request thread is runnable on this thread's core (and so not running).
-    #[allow(unsafe_code)]
-    fn request_thread_waits(&mut self) -> bool {
+    /// Whether a request thread is runnable on `core`, this thread's (and so not running).
+    fn request_thread_waits(&mut self, core: usize) -> bool {
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::fs::FileExt;
@@ -281,7 +292,7 @@ impl Courtesy {
                     .collect();
                 self.known = threads.len();
             }
-            let Some(core) = current_core().and_then(|core| i32::try_from(core).ok()) else {
+            let Ok(core) = i32::try_from(core) else {
                 return false;
             };
             let mut buffer = [0u8; 512];
@@ -297,7 +308,10 @@ impl Courtesy {
             })
         }
         #[cfg(not(target_os = "linux"))]
-        false
+        {
+            let _ = core;
+            false
+        }
     }
 }
 
@@ -540,7 +554,7 @@ mod tests {
                 .map(|stat| (usize::MAX, stat))
                 .collect(),
         };
-        let waits = courtesy.request_thread_waits();
+        let waits = current_core().is_some_and(|core| courtesy.request_thread_waits(core));
         // A quantum of work done: the next step looks, finds the spinner waiting, and sleeps.
         courtesy.since = courtesy.since.map(|t| t - BACKGROUND_QUANTUM);
         let started = std::time::Instant::now();

@@ -199,13 +199,8 @@ fn checkpoint_in_background(path: &str, stop: Arc<AtomicBool>) -> anyhow::Result
         .spawn(move || {
             // Its wakes never preempt a request (`sys::set_thread_batch`).
             crate::sys::set_thread_batch();
-            let mut last = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(CHECKPOINT_EVERY.min(Duration::from_millis(100)));
-                if last.elapsed() < CHECKPOINT_EVERY {
-                    continue;
-                }
-                last = Instant::now();
+                std::thread::sleep(CHECKPOINT_EVERY);
                 let frames = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
                     row.get::<_, i64>(1)
                 });
