@@ -147,6 +147,77 @@ async fn a_full_log_queue_sheds_rows_but_never_the_accounting() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_in_the_middle_of_a_load_writes_or_counts_every_record() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!(
+        "storage: {{url: 'sqlite://{}'}}\n",
+        dir.path().join("log.db").display()
+    );
+    let gw = Arc::new(gateway(&config(&mock, &storage)).await);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let (gw, answered) = (gw.clone(), answered.clone());
+        clients.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                let response = chat(&gw, "gpt-4o").await;
+                assert_eq!(response.status(), 200);
+                response.bytes().await.unwrap();
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // The log stops while records keep arriving: some queued in the accountant's inbox,
+    // some handed over after it closed.
+    while answered.load(Ordering::SeqCst) < 150 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopping = gw.clone();
+    tokio::task::spawn_blocking(move || stopping.gateway.shutdown())
+        .await
+        .unwrap();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let total = answered.load(Ordering::SeqCst) as u64;
+    assert_eq!(total, 400);
+    let recorder = gw.gateway.recorder.as_ref().unwrap();
+    let figures = || {
+        let stats = &recorder.stats;
+        (
+            stats.written.load(Ordering::SeqCst),
+            stats.dropped.load(Ordering::SeqCst),
+            stats.shed.load(Ordering::SeqCst),
+        )
+    };
+    // A record is handed over when its answer's body ends: the last ones just after.
+    for _ in 0..200 {
+        let (written, dropped, shed) = figures();
+        if written + dropped + shed == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (written, dropped, shed) = figures();
+    assert_eq!(
+        written + dropped + shed,
+        total,
+        "every answered request is written or counted as lost: {written} written, {dropped} dropped, {shed} shed"
+    );
+    assert!(
+        written >= 140,
+        "what came before the stop is written: {written}"
+    );
+    // What the log wrote is what the store holds, rows and counters alike.
+    assert_eq!(
+        recorder.store.list(&Default::default()).unwrap().total,
+        Some(written)
+    );
+    assert_eq!(persisted_requests(recorder.store.as_ref()), written);
+}
+
 #[tokio::test]
 async fn shed_bodies_keeps_the_rows_without_their_bodies_first() {
     let mock = mock().await;
