@@ -13,6 +13,20 @@ use sluice::gateway::{Current, Gateway};
 use sluice::mock::{self, Fault, MockOptions, MockProtocol};
 use tokio::net::TcpListener;
 
+/// mimalloc: a request thread never waits on a lock a log thread holds to free the
+/// request's record (see `sys::configure_allocator`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The allocator's settings, applied by the dynamic loader before `main` and before Rust's
+/// runtime allocates anything: mimalloc reads them when it makes its first arena.
+// SAFETY: the function placed in `.init_array` takes no arguments, touches no Rust runtime
+// state and only sets allocator options.
+#[allow(unsafe_code)]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = sluice::sys::configure_allocator;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
@@ -215,6 +229,8 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
                 sluice::sys::register_request_thread();
             }
         });
+        // A burst's memory goes back once the worker is idle (`sys::collect_when_idle`).
+        sluice::sys::collect_when_idle();
     });
     // Where each worker wakes, so the log's threads look only at those sharing their core
     // (`sys::step_aside`).

@@ -1321,6 +1321,12 @@ pub fn like_pattern(search: Option<&str>) -> Option<String> {
 /// trickle, whose pages the next batches would read back at once.
 pub const BURST_ROWS: usize = 1_000;
 
+/// How long the log's threads wait with no new row, after a burst of [`BURST_ROWS`], before
+/// they let their caches go and trim the heap: the burst is over, and its pages would
+/// otherwise stay in memory for good. Never under steady traffic: a trim locks each of the
+/// allocator's arenas in turn (the request threads' too) while it walks them, ~1 ms.
+pub const QUIET_RELEASE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The SQLite file a storage URL names (`sqlite://PATH` or `sqlite:PATH`), if it names one.
 pub fn sqlite_path(url: &str) -> Option<&str> {
     url.strip_prefix("sqlite://")

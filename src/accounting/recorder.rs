@@ -43,6 +43,7 @@ use crate::observe::metrics::LogGauges;
 use crate::pure::limits::{Limiter, Period, Usage, key_scope, team_scope, upstream_scope};
 use crate::pure::shape::Shaper;
 use crate::pure::usage::{self, Reply, TokenUsage, UsageSource};
+use crate::store::QUIET_RELEASE;
 use crate::store::{CounterDelta, LogRecord, Store};
 
 /// Queued body bytes past which records keep only a tail of their bodies.
@@ -58,10 +59,6 @@ const INITIAL_ROW_COST: f64 = 200e-6;
 /// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
-/// After a burst of at least [`crate::store::BURST_ROWS`] rows, the log quiet for this long lets
-/// its store's caches go (`Store::release_caches`) and the freed heap back to the system:
-/// the burst is over, and its pages would otherwise stay in memory for good.
-const QUIET_RELEASE: Duration = Duration::from_millis(500);
 /// Back-off between tries while the store cannot be reached.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -1075,9 +1072,11 @@ impl Writer {
     /// The writer's loop: take a batch, write it (or wait out an outage), and apply
     /// retention every [`RETENTION_EVERY`]; ends once stopping with nothing left.
     fn run(self) {
-        // An ordinary share of the CPU, so the log keeps up at saturation; a wake never
-        // preempts a request, and the store steps aside between rows (`sys::step_aside`).
-        crate::sys::set_thread_batch();
+        // Idle class: a request waking on its core switches it out at once, even inside
+        // a commit (the one long call, which cannot step aside); the store steps aside
+        // between rows (`sys::step_aside`). On a saturated core it gets little, and rows past
+        // `storage.queue` are shed (counted), as before.
+        crate::sys::set_thread_idle();
         self.retain();
         let mut last_retention = Instant::now();
         let mut outage = Outage {

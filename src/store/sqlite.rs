@@ -197,8 +197,9 @@ fn checkpoint_in_background(path: &str, stop: Arc<AtomicBool>) -> anyhow::Result
     std::thread::Builder::new()
         .name("sluice-checkpoint".into())
         .spawn(move || {
-            // Its wakes never preempt a request (`sys::set_thread_batch`).
-            crate::sys::set_thread_batch();
+            // Idle class: a checkpoint copies up to a few MiB in one call, which a request
+            // waking on this core must not wait out (`sys::set_thread_idle`).
+            crate::sys::set_thread_idle();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(CHECKPOINT_EVERY);
                 let frames = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
@@ -367,19 +368,28 @@ fn index_in_background(log: &str, search: Connection, stop: Arc<AtomicBool>) -> 
             // Idle class: it takes only CPU time nothing else wants.
             crate::sys::set_thread_idle();
             let mut failing = false;
-            // Rows indexed since the connections' caches were last let go.
+            // Rows indexed since the connections' caches were last let go, and when the
+            // last of them was.
             let mut indexed = 0;
+            let mut last_row = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 match index_round(&log, &search) {
                     Ok(round) => {
                         failing = false;
                         indexed += round.rows;
+                        if round.rows > 0 {
+                            last_row = Instant::now();
+                        }
                         if round.more {
                             continue;
                         }
-                        // Caught up after a burst: the pages its rounds cached go back, so
-                        // the gateway's memory returns to idle (see [`super::BURST_ROWS`]).
-                        if indexed >= super::BURST_ROWS {
+                        // Caught up, and quiet, after a burst: the pages its rounds cached go
+                        // back, so the gateway's memory returns to idle (see
+                        // [`super::BURST_ROWS`]). Caught up alone is every round under steady
+                        // traffic, where a trim would stall the request threads.
+                        if indexed >= super::BURST_ROWS
+                            && last_row.elapsed() >= super::QUIET_RELEASE
+                        {
                             indexed = 0;
                             shrink(&log);
                             shrink(&search);
