@@ -48,8 +48,13 @@ enum SchedPolicy {
 }
 
 /// Puts the calling thread in `policy`; returns whether the kernel took it.
-#[allow(unsafe_code)]
 fn set_thread_policy(policy: SchedPolicy) -> bool {
+    set_policy_of(0, policy)
+}
+
+/// Puts thread `tid` (0: the calling one) in `policy`; returns whether the kernel took it.
+#[allow(unsafe_code)]
+fn set_policy_of(tid: i32, policy: SchedPolicy) -> bool {
     #[cfg(target_os = "linux")]
     {
         let policy = match policy {
@@ -57,15 +62,171 @@ fn set_thread_policy(policy: SchedPolicy) -> bool {
             SchedPolicy::Batch => libc::SCHED_BATCH,
         };
         let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; pid 0 is the
-        // calling thread.
-        unsafe { libc::sched_setscheduler(0, policy, &raw const param) == 0 }
+        // SAFETY: sched_setscheduler reads `param`, a valid sched_param; a thread id of
+        // this process (or 0, the calling thread) names the thread to change.
+        unsafe { libc::sched_setscheduler(tid, policy, &raw const param) == 0 }
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = policy;
+        let _ = (tid, policy);
         false
     }
+}
+
+/// The calling thread's id (0 where there is none to tell).
+#[allow(unsafe_code)]
+fn current_thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        unsafe { libc::gettid() }
+    }
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// Whether this process may take a thread out of the idle class again: the kernel allows
+/// it with `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 or more (`ulimit -e 20`), not
+/// otherwise. Asked once, of a thread started for the question.
+fn idle_class_is_reversible() -> bool {
+    static REVERSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REVERSIBLE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("sluice-probe".into())
+            .spawn(|| set_thread_policy(SchedPolicy::Idle) && set_thread_policy(SchedPolicy::Batch))
+            .ok()
+            .and_then(|probe| probe.join().ok())
+            .unwrap_or(false)
+    })
+}
+
+/// Threads that run in the idle class while the log keeps up and in the batch class while
+/// it is behind ([`idle_while_keeping_up`], [`log_behind`]).
+struct CatchUp {
+    members: std::sync::Mutex<CatchUpMembers>,
+    /// `CatchUpMembers::behind`, read without the lock on every record.
+    behind: std::sync::atomic::AtomicU8,
+}
+
+struct CatchUpMembers {
+    threads: Vec<i32>,
+    /// Which parts of the log say they are behind ([`LogPart`] bits).
+    behind: u8,
+}
+
+/// The parts of the log that each tell whether they are behind ([`log_behind`]).
+#[derive(Clone, Copy)]
+pub enum LogPart {
+    /// Records wait for the accountant.
+    Accountant = 1,
+    /// Rows wait for the writer.
+    Writer = 2,
+}
+
+impl CatchUp {
+    const fn new() -> Self {
+        CatchUp {
+            members: std::sync::Mutex::new(CatchUpMembers {
+                threads: Vec::new(),
+                behind: 0,
+            }),
+            behind: std::sync::atomic::AtomicU8::new(0),
+        }
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, CatchUpMembers> {
+        self.members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn join(&'static self) -> CatchUpMember {
+        if !idle_class_is_reversible() {
+            set_thread_batch();
+            return CatchUpMember {
+                group: self,
+                tid: None,
+            };
+        }
+        let tid = current_thread_id();
+        let mut members = self.members();
+        members.threads.push(tid);
+        set_thread_policy(if members.behind != 0 {
+            SchedPolicy::Batch
+        } else {
+            SchedPolicy::Idle
+        });
+        CatchUpMember {
+            group: self,
+            tid: Some(tid),
+        }
+    }
+
+    fn is_behind(&self) -> bool {
+        self.behind.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    fn set_behind(&self, part: LogPart, behind: bool) {
+        let bit = part as u8;
+        let was = self.behind.load(std::sync::atomic::Ordering::Relaxed);
+        if (was & bit != 0) == behind {
+            return;
+        }
+        let mut members = self.members();
+        let before = members.behind;
+        members.behind = if behind { before | bit } else { before & !bit };
+        self.behind
+            .store(members.behind, std::sync::atomic::Ordering::Relaxed);
+        if (before != 0) == (members.behind != 0) {
+            return;
+        }
+        let policy = if members.behind != 0 {
+            SchedPolicy::Batch
+        } else {
+            SchedPolicy::Idle
+        };
+        for &tid in &members.threads {
+            set_policy_of(tid, policy);
+        }
+    }
+}
+
+/// The log's writer and WAL checkpointer.
+static LOG_CATCH_UP: CatchUp = CatchUp::new();
+
+/// Puts the calling thread (the log writer, the WAL checkpointer) in the idle class while
+/// the log keeps up, so a request waking on its core switches it out at once even inside
+/// a long call (a commit, a checkpoint's copy); and in the batch class, an ordinary share
+/// of the CPU, while the log is behind ([`log_behind`]), so on a saturated core it still
+/// writes and the counters a `kill -9` could lose stay a moment's worth. Where the idle
+/// class cannot be left again (no `CAP_SYS_NICE`, no `RLIMIT_NICE` of 20: `ulimit -e 20`)
+/// the thread stays in the batch class, as before. The thread leaves the group when the
+/// returned guard is dropped (before it ends: its id may be reused).
+pub fn idle_while_keeping_up() -> CatchUpMember {
+    LOG_CATCH_UP.join()
+}
+
+/// A thread's place in the catch-up group ([`idle_while_keeping_up`]).
+pub struct CatchUpMember {
+    group: &'static CatchUp,
+    tid: Option<i32>,
+}
+
+impl Drop for CatchUpMember {
+    fn drop(&mut self) {
+        if let Some(tid) = self.tid {
+            self.group.members().threads.retain(|&member| member != tid);
+        }
+    }
+}
+
+/// Says whether a part of the log is behind (records waiting longer than it should let
+/// them) or caught up again. While any part is behind, the group's threads are in the
+/// batch class ([`idle_while_keeping_up`]) and no log thread steps aside for requests
+/// ([`step_aside`]): on a saturated core the log takes its ordinary share, so what a
+/// `kill -9` loses stays a moment's worth. Cheap when nothing changes: one atomic read.
+pub fn log_behind(part: LogPart, behind: bool) {
+    LOG_CATCH_UP.set_behind(part, behind);
 }
 
 /// The time slice request-handling threads ask for (see [`request_short_slices`]): the
@@ -248,6 +409,12 @@ fn current_core() -> Option<usize> {
 
 impl Courtesy {
     fn step(&mut self) {
+        // Behind, the log takes its ordinary share: a saturated core always has a request
+        // waiting, and making way for it would let the log fall further behind.
+        if LOG_CATCH_UP.is_behind() {
+            self.since = None;
+            return;
+        }
         let now = std::time::Instant::now();
         let Some(since) = self.since else {
             self.since = Some(now);
@@ -363,6 +530,8 @@ pub fn free_heap_bytes() -> Option<usize> {
 /// Returns freed heap memory to the operating system when there is enough of it (glibc
 /// keeps it otherwise, so a gateway's resident size would stay at its peak after a burst
 /// of streams); returns whether it trimmed. Under steady load it leaves the heap alone.
+/// "Enough" is read from glibc's heap (SQLite's caches); Rust's own, in mimalloc, goes
+/// back as its threads free and collect it ([`collect_when_idle`]).
 #[allow(unsafe_code)]
 pub fn release_free_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -467,6 +636,8 @@ pub const MMAP_THRESHOLD: usize = 128 << 10;
 /// threshold stays at its default too): blocks of 128 KiB and more that find no free room
 /// in their thread's arena are mapped and unmapped each time (none under steady traffic,
 /// strace showed), and an arena keeps at most 128 KiB free at its top. Call it first thing.
+/// Since Rust's allocations moved to mimalloc ([`configure_allocator`]) it governs only
+/// what C code allocates through glibc (SQLite's caches), which can grow the same way.
 /// Returns whether the allocator took it (`false` on other systems: nothing changes).
 #[allow(unsafe_code)]
 pub fn fix_mmap_threshold(bytes: usize) -> bool {
@@ -667,6 +838,50 @@ mod tests {
         })
         .join()
         .unwrap_or(0)
+    }
+
+    /// The scheduling policy of thread `tid`.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn policy_of(tid: i32) -> i32 {
+        // SAFETY: sched_getscheduler takes a thread id and returns its policy.
+        unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_log_threads_leave_the_idle_class_while_behind_and_return_once_caught_up() {
+        static GROUP: CatchUp = CatchUp::new();
+        let (ready, joined) = std::sync::mpsc::channel();
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let member = std::thread::spawn(move || {
+            let membership = GROUP.join();
+            let _ = ready.send(current_thread_id());
+            let _ = finished.recv();
+            drop(membership);
+        });
+        let Ok(tid) = joined.recv() else {
+            panic!("the member did not start");
+        };
+        if idle_class_is_reversible() {
+            assert_eq!(policy_of(tid), libc::SCHED_IDLE, "keeping up: idle class");
+            GROUP.set_behind(LogPart::Writer, true);
+            assert_eq!(policy_of(tid), libc::SCHED_BATCH, "behind: batch class");
+            GROUP.set_behind(LogPart::Accountant, true);
+            GROUP.set_behind(LogPart::Writer, false);
+            assert_eq!(policy_of(tid), libc::SCHED_BATCH, "one part still behind");
+            GROUP.set_behind(LogPart::Accountant, false);
+            assert_eq!(policy_of(tid), libc::SCHED_IDLE, "caught up: idle again");
+        } else {
+            // Unprivileged: the idle class could not be left, so it is never entered.
+            assert_eq!(policy_of(tid), libc::SCHED_BATCH);
+        }
+        let _ = finish.send(());
+        assert!(member.join().is_ok());
+        assert!(
+            GROUP.members().threads.is_empty(),
+            "a thread leaves the group when done"
+        );
     }
 
     #[allow(unsafe_code)]

@@ -58,6 +58,14 @@ const BATCH_TIME: Duration = Duration::from_millis(20);
 const INITIAL_ROW_COST: f64 = 200e-6;
 /// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
+/// Waiting rows older than this mean the writer is behind: it leaves the idle class for
+/// the batch one until it has caught up (`sys::log_behind`), so what a `kill -9` loses stays
+/// a moment's worth on a saturated core.
+const CATCH_UP_AFTER: Duration = Duration::from_millis(50);
+/// Records taken at once from the accountant's inbox that mean it is behind: it comes back
+/// within a millisecond, so this many waiting is far past any steady rate it keeps up with
+/// (`sys::log_behind`).
+const ACCOUNTANT_BEHIND_AT: usize = 1_024;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// Back-off between tries while the store cannot be reached.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -530,6 +538,12 @@ impl Accountant {
         let mut taken = Vec::new();
         let mut stopped = false;
         while !stopped && inbox.take(&mut taken) {
+            // A long queue means records wait: the log takes its ordinary share until the
+            // accountant is through a short one again (`sys::log_behind`).
+            crate::sys::log_behind(
+                crate::sys::LogPart::Accountant,
+                taken.len() >= ACCOUNTANT_BEHIND_AT,
+            );
             let mut messages = taken.drain(..);
             while let Some(message) = messages.next() {
                 match message {
@@ -706,11 +720,22 @@ impl Accountant {
             state.handed += 1;
         }
         self.stats.unaccounted.fetch_sub(1, Ordering::Relaxed);
-        if state.since.is_none() {
-            state.since = Some(Instant::now());
-            self.backlog.ready.notify_one();
-        } else if state.rows.len() >= BATCH {
-            self.backlog.ready.notify_one();
+        let behind = match state.since {
+            None => {
+                state.since = Some(Instant::now());
+                self.backlog.ready.notify_one();
+                false
+            }
+            Some(since) => {
+                if state.rows.len() >= BATCH {
+                    self.backlog.ready.notify_one();
+                }
+                since.elapsed() >= CATCH_UP_AFTER
+            }
+        };
+        drop(state);
+        if behind {
+            crate::sys::log_behind(crate::sys::LogPart::Writer, true);
         }
     }
 
@@ -1035,6 +1060,8 @@ struct Batch {
     through: u64,
     /// Its number among the batches taken: it completes only flushes made before it.
     taken: u64,
+    /// Whether it took every row waiting: the log has caught up.
+    drained: bool,
 }
 
 /// The writer's view of a store it cannot reach: the next back-off, and since when.
@@ -1072,11 +1099,12 @@ impl Writer {
     /// The writer's loop: take a batch, write it (or wait out an outage), and apply
     /// retention every [`RETENTION_EVERY`]; ends once stopping with nothing left.
     fn run(self) {
-        // Idle class: a request waking on its core switches it out at once, even inside
-        // a commit (the one long call, which cannot step aside); the store steps aside
-        // between rows (`sys::step_aside`). On a saturated core it gets little, and rows past
-        // `storage.queue` are shed (counted), as before.
-        crate::sys::set_thread_idle();
+        // Idle class while the log keeps up: a request waking on its core switches it out
+        // at once, even inside a commit (the one long call, which cannot step aside); the
+        // store steps aside between rows (`sys::step_aside`). Batch class while the log
+        // is behind (the accountant says so, `CATCH_UP_AFTER`), so a saturated core still
+        // gives it its share.
+        let _class = crate::sys::idle_while_keeping_up();
         self.retain();
         let mut last_retention = Instant::now();
         let mut outage = Outage {
@@ -1084,6 +1112,9 @@ impl Writer {
             since: None,
         };
         while let Some(batch) = self.take() {
+            if batch.drained {
+                crate::sys::log_behind(crate::sys::LogPart::Writer, false);
+            }
             let (through, taken) = (batch.through, batch.taken);
             let rows = batch.rows.len();
             match self.write(batch) {
@@ -1207,6 +1238,7 @@ impl Writer {
                 counters,
                 through,
                 taken: state.taken,
+                drained: state.rows.is_empty(),
             });
         }
     }

@@ -197,9 +197,11 @@ fn checkpoint_in_background(path: &str, stop: Arc<AtomicBool>) -> anyhow::Result
     std::thread::Builder::new()
         .name("sluice-checkpoint".into())
         .spawn(move || {
-            // Idle class: a checkpoint copies up to a few MiB in one call, which a request
-            // waking on this core must not wait out (`sys::set_thread_idle`).
-            crate::sys::set_thread_idle();
+            // Idle class while the log keeps up: a checkpoint copies up to a few MiB in one
+            // call, which a request waking on this core must not wait out; batch class
+            // while the log is behind, so the WAL does not grow on a saturated core
+            // (`sys::idle_while_keeping_up`).
+            let _class = crate::sys::idle_while_keeping_up();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(CHECKPOINT_EVERY);
                 let frames = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
