@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long the reader lets records gather while they keep coming: what a record's
 /// accounting may lag behind its request (limits reserve ahead, so none is passed).
@@ -33,6 +33,8 @@ enum Reader {
 
 struct State<T> {
     queue: Vec<T>,
+    /// When the oldest message queued arrived.
+    oldest: Option<Instant>,
     reader: Reader,
     /// No more messages are taken (the reader stopped).
     closed: bool,
@@ -72,6 +74,8 @@ pub struct InboxReader<T> {
     shared: Arc<Shared<T>>,
     /// Whether the last wait found messages: then the next one gathers rather than parks.
     traffic: bool,
+    /// How long the oldest message of the last take had waited.
+    waited: Duration,
 }
 
 /// A new inbox without a bound (its senders bound what they queue): its sender and reader.
@@ -84,6 +88,7 @@ pub fn bounded_inbox<T>(capacity: usize) -> (InboxSender<T>, InboxReader<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: Vec::new(),
+            oldest: None,
             reader: Reader::Busy,
             closed: false,
         }),
@@ -98,6 +103,7 @@ pub fn bounded_inbox<T>(capacity: usize) -> (InboxSender<T>, InboxReader<T>) {
         InboxReader {
             shared,
             traffic: false,
+            waited: Duration::ZERO,
         },
     )
 }
@@ -131,6 +137,9 @@ impl<T> InboxSender<T> {
         if state.queue.len() >= self.shared.capacity {
             return Err(Refused::Full(message));
         }
+        if state.queue.is_empty() {
+            state.oldest = Some(Instant::now());
+        }
         state.queue.push(message);
         let wake = match state.reader {
             Reader::Busy => false,
@@ -155,6 +164,10 @@ impl<T> InboxReader<T> {
         loop {
             if !state.queue.is_empty() {
                 std::mem::swap(&mut state.queue, into);
+                self.waited = state
+                    .oldest
+                    .take()
+                    .map_or(Duration::ZERO, |at| at.elapsed());
                 state.reader = Reader::Busy;
                 self.traffic = true;
                 return true;
@@ -182,6 +195,12 @@ impl<T> InboxReader<T> {
         }
     }
 
+    /// How long the oldest message of the last [`take`](Self::take) had waited: how far
+    /// behind the reader is.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
     /// Takes no more messages: later sends get theirs back. Returns what was still queued.
     pub fn close(&mut self) -> Vec<T> {
         let mut state = self.shared.lock();
@@ -193,6 +212,27 @@ impl<T> InboxReader<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_take_tells_how_long_its_oldest_message_waited() {
+        let (sender, mut reader) = inbox();
+        assert!(sender.send(1, false).is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(sender.send(2, false).is_ok());
+        let mut taken = Vec::new();
+        assert!(reader.take(&mut taken));
+        assert_eq!(taken, vec![1, 2]);
+        assert!(
+            reader.waited() >= Duration::from_millis(30),
+            "the first one's wait counts"
+        );
+        assert!(sender.send(3, false).is_ok());
+        assert!(reader.take(&mut taken));
+        assert!(
+            reader.waited() < Duration::from_millis(30),
+            "a fresh queue starts anew"
+        );
+    }
 
     #[test]
     fn messages_arrive_in_order_and_all_at_once() {

@@ -58,14 +58,11 @@ const BATCH_TIME: Duration = Duration::from_millis(20);
 const INITIAL_ROW_COST: f64 = 200e-6;
 /// How long the writer lets a batch gather: what a `kill -9` can lose of the log.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
-/// Waiting rows older than this mean the writer is behind: it leaves the idle class for
-/// the batch one until it has caught up (`sys::log_behind`), so what a `kill -9` loses stays
-/// a moment's worth on a saturated core.
-const CATCH_UP_AFTER: Duration = Duration::from_millis(50);
-/// Records taken at once from the accountant's inbox that mean it is behind: it comes back
-/// within a millisecond, so this many waiting is far past any steady rate it keeps up with
-/// (`sys::log_behind`).
-const ACCOUNTANT_BEHIND_AT: usize = 1_024;
+/// Records or rows waiting longer than this mean the log is behind: its threads leave the
+/// idle class for the batch one and stop stepping aside until it has caught up
+/// (`sys::log_behind`), so what a `kill -9` loses stays a moment's worth on a saturated
+/// core. Past [`BATCH_WAIT`] with room for one batch's write.
+const CATCH_UP_AFTER: Duration = Duration::from_millis(25);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// Back-off between tries while the store cannot be reached.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -538,11 +535,11 @@ impl Accountant {
         let mut taken = Vec::new();
         let mut stopped = false;
         while !stopped && inbox.take(&mut taken) {
-            // A long queue means records wait: the log takes its ordinary share until the
-            // accountant is through a short one again (`sys::log_behind`).
+            // Records that waited long mean it is behind: the log takes its ordinary share
+            // until they wait no longer (`sys::log_behind`).
             crate::sys::log_behind(
                 crate::sys::LogPart::Accountant,
-                taken.len() >= ACCOUNTANT_BEHIND_AT,
+                inbox.waited() >= CATCH_UP_AFTER,
             );
             let mut messages = taken.drain(..);
             while let Some(message) = messages.next() {
