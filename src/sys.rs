@@ -553,6 +553,8 @@ pub fn release_free_memory() -> bool {
 pub fn trim_heap() -> bool {
     // SAFETY: mi_collect takes a flag and touches only the allocator's own state.
     unsafe { libmimalloc_sys::mi_collect(true) };
+    // Each request thread's heap is collected by that thread, the next time it parks.
+    COLLECT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: malloc_trim takes an integer and touches only the allocator's own state.
@@ -597,6 +599,10 @@ const MI_OPTION_COUNT: libmimalloc_sys::mi_option_t = 47;
 /// ([`collect_when_idle`]).
 const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Bumped by [`trim_heap`] (a burst is over): each request thread collects its heap in full
+/// the next time it parks.
+static COLLECT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Called when a request thread runs out of work: at most every 100 ms, its
 /// freed pages (and blocks other threads freed for it) go back to the system. mimalloc
 /// purges a freed page only from a later call of its owning thread, and a worker idle
@@ -605,18 +611,25 @@ const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_millis(100)
 /// never parks.
 #[allow(unsafe_code)]
 pub fn collect_when_idle() {
-    thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+        static SEEN_EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let epoch = COLLECT_EPOCH.load(std::sync::atomic::Ordering::Relaxed);
+    // After a burst, in full: what the thread keeps for reuse goes back too.
+    let force = SEEN_EPOCH.replace(epoch) != epoch;
     LAST.with(|last| {
         let now = std::time::Instant::now();
-        if last
-            .get()
-            .is_some_and(|at| now.duration_since(at) < COLLECT_EVERY)
+        if !force
+            && last
+                .get()
+                .is_some_and(|at| now.duration_since(at) < COLLECT_EVERY)
         {
             return;
         }
         last.set(Some(now));
         // SAFETY: mi_collect takes a flag and touches only the allocator's own state.
-        unsafe { libmimalloc_sys::mi_collect(false) };
+        unsafe { libmimalloc_sys::mi_collect(force) };
     });
 }
 
