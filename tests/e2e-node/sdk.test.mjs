@@ -135,10 +135,12 @@ for (const kind of UPSTREAM_KINDS) {
     });
 
     test('usage is in the log', async () => {
+      // The log is written off the hot path, in batches: wait for every row checked below.
       const rows = await eventually(async () => {
         const log = await gateway.log();
         const ok = log.filter((row) => row.status === 200 && row.path === '/v1/chat/completions');
-        return ok.length >= 4 ? log : null;
+        const refused = log.some((row) => row.status === 401) && log.some((row) => row.status === 429);
+        return ok.length >= 4 && refused ? log : null;
       });
       assert.ok(rows, 'the answered requests were logged');
       const answered = rows.filter((row) => row.status === 200);
