@@ -26,12 +26,13 @@ pub fn set_thread_nice(nice: i32) {
 /// the log writer's SQLite commit, the WAL checkpoint's copy, the search index's merge,
 /// each up to milliseconds, during which a request thread waking on the same core would
 /// otherwise wait. The price is the share: against a request thread that never sleeps (a
-/// saturated core) it gets almost nothing, so such a thread must bound its backlog (the
-/// writer sheds rows past `storage.queue`, counted). Once picked while a request thread
+/// saturated core) it gets almost nothing: the search indexer may wait (searches scan
+/// what it has not reached); the log writer and the checkpointer take the batch class
+/// while the log is behind ([`idle_while_keeping_up`]). Once picked while a request thread
 /// waits without having woken (EEVDF does not run a thread ahead of its share) it runs to its
 /// next block or tick, hence [`step_aside`] as well. Entering the class needs no privilege;
-/// leaving it does, so a thread enters it for good. Falls back to nice 19 where the class
-/// is refused. Returns whether the class was taken.
+/// leaving it needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20. Falls back to nice 19 where
+/// the class is refused. Returns whether the class was taken.
 pub fn set_thread_idle() -> bool {
     if set_thread_policy(SchedPolicy::Idle) {
         return true;
