@@ -107,6 +107,10 @@ struct CatchUp {
     members: std::sync::Mutex<CatchUpMembers>,
     /// `CatchUpMembers::behind`, read without the lock on every record.
     behind: std::sync::atomic::AtomicU8,
+    /// When a part last said it was behind ([`stepping_clock`]'s nanoseconds).
+    raised_at: std::sync::atomic::AtomicU64,
+    /// How long after that the group stays in the batch class, caught up or not.
+    hold: std::time::Duration,
 }
 
 struct CatchUpMembers {
@@ -124,14 +128,20 @@ pub enum LogPart {
     Writer = 2,
 }
 
+/// How long the log stays in the batch class after a part last said it was behind: a
+/// saturated core keeps it there rather than flipping it back to idle at every drain.
+pub const CATCH_UP_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl CatchUp {
-    const fn new() -> Self {
+    const fn new(hold: std::time::Duration) -> Self {
         CatchUp {
             members: std::sync::Mutex::new(CatchUpMembers {
                 threads: Vec::new(),
                 behind: 0,
             }),
             behind: std::sync::atomic::AtomicU8::new(0),
+            raised_at: std::sync::atomic::AtomicU64::new(0),
+            hold,
         }
     }
 
@@ -169,8 +179,20 @@ impl CatchUp {
 
     fn set_behind(&self, part: LogPart, behind: bool) {
         let bit = part as u8;
+        if behind {
+            self.raised_at
+                .store(stepping_clock(), std::sync::atomic::Ordering::Relaxed);
+        }
         let was = self.behind.load(std::sync::atomic::Ordering::Relaxed);
         if (was & bit != 0) == behind {
+            return;
+        }
+        // Caught up only once nothing said behind for a while: on a saturated core the
+        // log would otherwise fall back to the idle class each time it drains, starve,
+        // and fall behind again, flipping class every few milliseconds.
+        let since_raised = stepping_clock()
+            .saturating_sub(self.raised_at.load(std::sync::atomic::Ordering::Relaxed));
+        if !behind && u128::from(since_raised) < self.hold.as_nanos() {
             return;
         }
         let mut members = self.members();
@@ -193,7 +215,7 @@ impl CatchUp {
 }
 
 /// The log's writer and WAL checkpointer.
-static LOG_CATCH_UP: CatchUp = CatchUp::new();
+static LOG_CATCH_UP: CatchUp = CatchUp::new(CATCH_UP_HOLD);
 
 /// Puts the calling thread (the log writer, the WAL checkpointer) in the idle class while
 /// the log keeps up, so a request waking on its core switches it out at once even inside
@@ -862,7 +884,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn the_log_threads_leave_the_idle_class_while_behind_and_return_once_caught_up() {
-        static GROUP: CatchUp = CatchUp::new();
+        const HOLD: std::time::Duration = std::time::Duration::from_millis(50);
+        static GROUP: CatchUp = CatchUp::new(HOLD);
         let (ready, joined) = std::sync::mpsc::channel();
         let (finish, finished) = std::sync::mpsc::channel::<()>();
         let member = std::thread::spawn(move || {
@@ -882,7 +905,24 @@ mod tests {
             GROUP.set_behind(LogPart::Writer, false);
             assert_eq!(policy_of(tid), libc::SCHED_BATCH, "one part still behind");
             GROUP.set_behind(LogPart::Accountant, false);
-            assert_eq!(policy_of(tid), libc::SCHED_IDLE, "caught up: idle again");
+            assert_eq!(
+                policy_of(tid),
+                libc::SCHED_BATCH,
+                "caught up just now: held in the batch class"
+            );
+            std::thread::sleep(HOLD);
+            GROUP.set_behind(LogPart::Writer, false);
+            assert_eq!(
+                policy_of(tid),
+                libc::SCHED_BATCH,
+                "the accountant still behind"
+            );
+            GROUP.set_behind(LogPart::Accountant, false);
+            assert_eq!(
+                policy_of(tid),
+                libc::SCHED_IDLE,
+                "caught up a while: idle again"
+            );
         } else {
             // Unprivileged: the idle class could not be left, so it is never entered.
             assert_eq!(policy_of(tid), libc::SCHED_BATCH);
