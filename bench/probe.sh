@@ -24,24 +24,8 @@ cfg=$1; rate=$2; secs=$3
 S=${SLUICE_BIN:-$root/target/release/sluice}
 B=${SLUICE_BENCH_BIN:-$root/target/release/sluice-bench}
 w=$(mktemp -d)
-cat > $w/bare.yaml <<YAML
-server: {listen: 127.0.0.1:18100, max_connections_per_ip: 0}
-access: {keys: [{name: bench, key: fk-bench-key-0001}]}
-upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19100', keys: [sk-bench-upstream-1]}
-storage: {url: none}
-log: {access: false}
-YAML
-cat > $w/full.yaml <<YAML
-server: {listen: 127.0.0.1:18100, max_connections_per_ip: 0}
-access:
-  keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
-upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19100', keys: [sk-bench-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
-  - {name: other, base_url: 'http://127.0.0.1:19100', keys: [sk-bench-upstream-2], models: [gpt-4o], rpm: 100000000}
-storage: {url: 'sqlite://$w/full.db', log_bodies: true}
-pricing: {gpt-4o-mini: {input: 0.15, output: 0.6}}
-YAML
+. "$root/bench/configs.sh"
+write_bench_configs "$w" 18100 19100
 sed -e "s|storage: .*|storage: {url: none}|" $w/full.yaml > $w/nolog.yaml
 ( cat $w/nolog.yaml; echo "log: {access: false}" ) > $w/noacc.yaml
 sed -e "s|log_bodies: true|log_bodies: false|" $w/full.yaml > $w/nobody.yaml

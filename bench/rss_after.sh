@@ -6,7 +6,7 @@
 # does not), and the growth from idle of each kind of mapping: mimalloc's arenas (Rust's
 # heap), glibc's heap and arenas (SQLite's), the binary's pages, the rest.
 #
-#   bench/rss_after.sh CONFIG [COUNT] [REPEAT]    # CONFIG: bare or full; 10000 1
+#   bench/rss_after.sh CONFIG [COUNT] [REPEAT]    # CONFIG: bare or full (bench/configs.sh); 10000 1
 #
 # SLUICE_BIN / SLUICE_BENCH_BIN pick other builds; GDB=1 also prints glibc's
 # malloc_stats() (in use against kept per arena) at idle and after, through gdb. Run it
@@ -19,23 +19,8 @@ S=${SLUICE_BIN:-$root/target/release/sluice}
 B=${SLUICE_BENCH_BIN:-$root/target/release/sluice-bench}
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 w=$(mktemp -d)
-cat > "$w/bare.yaml" <<YAML
-server: {listen: 127.0.0.1:18100, max_connections_per_ip: 0}
-access: {keys: [{name: bench, key: fk-bench-key-0001}]}
-upstreams:
-  - {name: held, base_url: 'http://127.0.0.1:19102', keys: [sk-bench-upstream-1]}
-storage: {url: none}
-log: {access: false}
-YAML
-cat > "$w/full.yaml" <<YAML
-server: {listen: 127.0.0.1:18100, max_connections_per_ip: 0}
-access:
-  keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
-upstreams:
-  - {name: held, base_url: 'http://127.0.0.1:19102', keys: [sk-bench-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
-storage: {url: 'sqlite://$w/full.db', log_bodies: true}
-pricing: {gpt-4o-mini: {input: 0.15, output: 0.6}}
-YAML
+. "$root/bench/configs.sh"
+write_bench_configs "$w" 18100 19102
 taskset -c 1 "$S" mock-upstream --listen 127.0.0.1:19102 --workers 1 --chunks 16 --interval 1s >/dev/null 2>&1 & mock=$!
 taskset -c 0 "$S" serve --workers 1 --config "$w/$cfg.yaml" >"$w/sluice.log" 2>&1 & gw=$!
 trap 'kill $mock $gw 2>/dev/null; sleep 0.3; rm -rf "$w"' EXIT

@@ -113,26 +113,9 @@ as_anthropic() {
 
 busy_poll=${BENCH_BUSY_POLL:-0}
 poll_window=300us
-# A bare proxy: no request log, no access log. `full` has both on, as by default.
-cat > "$work/bare.yaml" <<YAML
-server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: $busy_poll}
-access: {keys: [{name: bench, key: fk-bench-key-0001}]}
-upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1]}
-storage: {url: none}
-log: {access: false}
-YAML
-# Same port numbers as bare for each mock, with routing by model, limits and the log on.
-cat > "$work/full.yaml" <<YAML
-server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0, busy_poll: $busy_poll}
-access:
-  keys: [{name: bench, key: fk-bench-key-0001, rpm: 100000000, rpd: 1000000000, tpm: 100000000000}]
-upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1], models: [gpt-4o-mini], rpm: 100000000}
-  - {name: other, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-2], models: [gpt-4o], rpm: 100000000}
-storage: {url: 'sqlite://$work/full.db', log_bodies: true}
-pricing: {gpt-4o-mini: {input: 0.15, output: 0.6}}
-YAML
+# bare and full (bench/configs.sh), the same port numbers for each mock.
+. "$root/bench/configs.sh"
+write_bench_configs "$work" 18000 19000 ", busy_poll: $busy_poll"
 
 declare -A R
 kv() { sed -n "s/.*\b$2=\([^ ]*\).*/\1/p" <<<"$1"; }

@@ -36,14 +36,8 @@ wait_port() {
 
 "$sluice" mock-upstream --listen 127.0.0.1:19000 --workers 1 >/dev/null 2>&1 & pids+=($!)
 wait_port 19000
-cat > "$work/bare.yaml" <<YAML
-server: {listen: 127.0.0.1:18000, max_connections_per_ip: 0}
-access: {keys: [{name: bench, key: fk-bench-key-0001}]}
-upstreams:
-  - {name: plain, base_url: 'http://127.0.0.1:19000', keys: [sk-bench-upstream-1]}
-storage: {url: none}
-log: {access: false}
-YAML
+. bench/configs.sh
+write_bench_configs "$work" 18000 19000
 
 openai_body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
 anthropic_body='{"model":"gpt-4o-mini","max_tokens":256,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
